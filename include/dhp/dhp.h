@@ -1,0 +1,93 @@
+/* dhp: constant-time, bit-deterministic FlashAttention for NVIDIA Hopper (sm_90a).
+ *
+ * Plain C API. Every entry point returns a dhp_status; on failure dhp_last_error() gives one sentence
+ * that names the offending argument and what was expected. No exceptions, exit or abort cross this
+ * boundary. Tensors are DLPack DLTensors in FlashAttention's layout (batch, seqlen, heads, head_dim)
+ * with a contiguous last dimension; work runs on the caller's stream; nothing is allocated on the hot path.
+ *
+ * Validation happens before anything is launched: on any error, no kernel runs and no output is touched. */
+#ifndef DHP_DHP_H_
+#define DHP_DHP_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dhp/dlpack.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Same type as cuda_runtime_api.h's cudaStream_t, so callers may pass theirs without a cast. */
+struct CUstream_st;
+typedef struct CUstream_st* cudaStream_t;
+
+#if defined(_WIN32)
+#define DHP_API __declspec(dllimport)
+#else
+#define DHP_API __attribute__((visibility("default")))
+#endif
+
+typedef enum dhp_status {
+  DHP_SUCCESS = 0,
+  DHP_ERROR_INVALID_VALUE = 1,  /* a shape, stride, alignment, option or pointer is wrong */
+  DHP_ERROR_INVALID_DTYPE = 2,  /* an element type is not supported or does not match */
+  DHP_ERROR_UNSUPPORTED = 3,    /* valid request, but not on this device / build (e.g. not sm_90) */
+  DHP_ERROR_CUDA = 4,           /* the CUDA runtime or driver reported an error */
+} dhp_status;
+
+/* The sentence describing the last failure on the calling thread ("" after a success). */
+DHP_API const char* dhp_last_error(void);
+
+/* "MAJOR.MINOR.PATCH" */
+DHP_API const char* dhp_version(void);
+
+/* How this library was built, as one JSON object: {"version", "cuda", "arch", "dtypes", "head_dims"}. */
+DHP_API const char* dhp_build_info(void);
+
+/* Number of visible CUDA devices; *count = 0 (and DHP_SUCCESS) when there is no GPU or driver. */
+DHP_API dhp_status dhp_device_count(int* count);
+
+typedef struct dhp_device_info {
+  char name[256];
+  int compute_major;
+  int compute_minor;
+  int multiprocessors;
+  int supported; /* 1 when dhp's kernels run on this device (sm_90) */
+} dhp_device_info;
+
+DHP_API dhp_status dhp_get_device_info(int device, dhp_device_info* info);
+
+typedef struct dhp_attention_options {
+  int causal;          /* 0: full attention; 1: causal mask aligned to the bottom-right corner */
+  float softmax_scale; /* 0: use 1/sqrt(head_dim); otherwise a positive finite number */
+} dhp_attention_options;
+
+#define DHP_ATTENTION_OPTIONS_DEFAULT {0, 0.0f}
+
+/* out = softmax(q k^T * scale [+ causal mask]) v, per (batch, query head); kv head = q head / (heads_q / heads_kv).
+ *
+ *   q   (batch, seqlen_q, heads_q,  head_dim)  bf16 or fp16
+ *   k   (batch, seqlen_k, heads_kv, head_dim)  same dtype as q
+ *   v   (batch, seqlen_k, heads_kv, head_dim)  same dtype as q
+ *   out (batch, seqlen_q, heads_q,  head_dim)  same dtype as q; must not overlap q, k, v or lse
+ *   lse (batch, heads_q, seqlen_q) float32, or NULL: log-sum-exp of the scaled scores per query row
+ *
+ * head_dim is 64, 128 or 256; heads_q % heads_kv == 0. A query row that sees no key (causal with
+ * seqlen_q > seqlen_k) gets out = 0 and lse = -inf. All tensors on the same CUDA device, an sm_90 GPU.
+ * Strides are free within TMA's rules: last dimension contiguous, other strides multiples of 16 bytes,
+ * base pointers 16-byte aligned. batch == 0 or seqlen_q == 0 is a valid empty call that launches nothing. */
+DHP_API dhp_status dhp_attention_forward(const DLTensor* q, const DLTensor* k, const DLTensor* v,
+                                         DLTensor* out, DLTensor* lse,
+                                         const dhp_attention_options* options, cudaStream_t stream);
+
+/* The same validation as dhp_attention_forward, device checks included, without launching anything. */
+DHP_API dhp_status dhp_attention_forward_check(const DLTensor* q, const DLTensor* k, const DLTensor* v,
+                                               const DLTensor* out, const DLTensor* lse,
+                                               const dhp_attention_options* options);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DHP_DHP_H_ */

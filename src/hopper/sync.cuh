@@ -1,0 +1,56 @@
+// Synchronisation and register-budget primitives: mbarriers (through CCCL's cuda::ptx), named barriers
+// and setmaxnreg (inline PTX: cuda::ptx has no wrapper for them).
+#pragma once
+
+#include <cuda/ptx>
+
+#include <cstdint>
+
+namespace dhp::hopper {
+
+// mbarrier.init.shared::cta.b64 [PTX 9.7.13.15.9]
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  cuda::ptx::mbarrier_init(bar, arrivals);
+}
+
+// fence.mbarrier_init.release.cluster: makes initialised barriers visible to the async proxy (TMA).
+__device__ __forceinline__ void fence_barrier_init() {
+  cuda::ptx::fence_mbarrier_init(cuda::ptx::sem_release, cuda::ptx::scope_cluster);
+}
+
+// mbarrier.arrive.shared::cta.b64 (release, CTA scope), one arrival.
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) { (void)cuda::ptx::mbarrier_arrive(bar); }
+
+// mbarrier.arrive.expect_tx: announce `bytes` of asynchronous transfer, then arrive once.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  (void)cuda::ptx::mbarrier_arrive_expect_tx(cuda::ptx::sem_release, cuda::ptx::scope_cta,
+                                             cuda::ptx::space_shared, bar, bytes);
+}
+
+// Spins on mbarrier.try_wait.parity until the phase with this parity has completed. The loop's length
+// follows timing only (how long the producer takes), never tensor values.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  while (!cuda::ptx::mbarrier_try_wait_parity(bar, parity)) {
+  }
+}
+
+// bar.sync id, threads [PTX 9.7.13.1]: named barrier over `threads` (multiple of 32) threads.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// setmaxnreg.dec.sync.aligned.u32 [PTX 9.7.19.5]: give registers back to the CTA pool (warpgroup-wide).
+template <int Regs>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  static_assert(Regs >= 24 && Regs <= 256 && Regs % 8 == 0, "setmaxnreg takes 24..256 in steps of 8");
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs));
+}
+
+// setmaxnreg.inc.sync.aligned.u32: take registers from the CTA pool (blocks until they are free).
+template <int Regs>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  static_assert(Regs >= 24 && Regs <= 256 && Regs % 8 == 0, "setmaxnreg takes 24..256 in steps of 8");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs));
+}
+
+}  // namespace dhp::hopper

@@ -1,0 +1,43 @@
+// Tensor Memory Accelerator copies (cp.async.bulk.tensor) through CCCL's cuda::ptx, for the 4-d
+// (head_dim, seqlen, heads, batch) tensor maps the attention kernels use. Issued by one thread.
+#pragma once
+
+#include <cuda.h>
+#include <cuda/ptx>
+
+#include <cstdint>
+
+namespace dhp::hopper {
+
+// prefetch.param.tensormap [PTX 9.7.9.15]: warm the descriptor cache for a __grid_constant__ map.
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
+  asm volatile("prefetch.param.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: global box -> shared,
+// completion counted in bytes on `bar`. Out-of-bounds elements are zero-filled.
+__device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint64_t* bar) {
+  const int32_t coords[4] = {c0, c1, c2, c3};
+  cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_cluster, cuda::ptx::space_global, dst, map, coords, bar);
+}
+
+// cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group: shared box -> global; out-of-bounds
+// elements are not written.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void* src, int c0, int c1, int c2,
+                                             int c3) {
+  const int32_t coords[4] = {c0, c1, c2, c3};
+  cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords, src);
+}
+
+// cp.async.bulk.commit_group
+__device__ __forceinline__ void tma_store_commit() { cuda::ptx::cp_async_bulk_commit_group(); }
+
+// cp.async.bulk.wait_group.read 0: the shared source of every committed store has been read.
+__device__ __forceinline__ void tma_store_wait_read() { cuda::ptx::cp_async_bulk_wait_group_read(cuda::ptx::n32_t<0>{}); }
+
+// fence.proxy.async.shared::cta: ordinary shared-memory stores become visible to the async proxy
+// (TMA store, wgmma) once followed by a barrier.
+__device__ __forceinline__ void fence_view_async_shared() { cuda::ptx::fence_proxy_async(cuda::ptx::space_shared); }
+
+}  // namespace dhp::hopper

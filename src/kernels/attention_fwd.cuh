@@ -1,0 +1,320 @@
+// Forward attention, sm_90a: O = softmax(Q K^T * scale [+ causal mask]) V, plus the row log-sum-exp.
+//
+// One CTA computes one block_m x head_dim output tile of one (batch, query head). Warp specialisation:
+//   warpgroup 0 (producer): one thread issues TMA loads — Q once, then K and V blocks into a ring of
+//     `stages` shared-memory slots, each slot guarded by a full/empty mbarrier pair per operand;
+//     the warpgroup gives registers back (setmaxnreg.dec).
+//   warpgroups 1..C (consumers): each owns 64 query rows. Per key block: S = Q K^T (wgmma, both operands
+//     in shared memory), release K, mask by position, online softmax in fp32 with exp2, rescale O,
+//     O += P V (wgmma with P from registers), release V. Finally O / rowsum goes to shared memory (over
+//     the warpgroup's own Q rows) and out via TMA store; the LSE is stored directly.
+// Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first.
+//
+// Constant time: trip counts, addresses and the masking branch depend only on shapes, options and
+// block indices; masking, -inf rows and NaN/inf values go through selects. Out-of-range rows and keys
+// are zero-filled by TMA on load and clipped by TMA on store.
+//
+// Shared memory: every operand tile is stored as head_dim/64 boxes of [rows][64] elements with the
+// 128-byte swizzle, each box 1024-byte aligned — the layout TMA writes and the wgmma descriptors read.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "error.h"
+#include "hopper/sync.cuh"
+#include "hopper/tma.cuh"
+#include "hopper/wgmma.cuh"
+#include "kernels/fwd_config.h"
+#include "kernels/softmax.cuh"
+#include "params.h"
+#include "tma.h"
+
+namespace dhp::kernels {
+
+struct FwdKernelParams {
+  CUtensorMap q, k, v, out;  // 4-d (head_dim, seqlen, heads, batch) maps, 64-column boxes
+  float* lse;                // nullptr: not written
+  int64_t lse_stride_batch, lse_stride_head, lse_stride_seq;
+  int seqlen_q, seqlen_k;
+  int q_heads_per_kv;
+  int causal;
+  float scale_log2;  // softmax_scale * log2(e)
+};
+
+enum class FwdBarrier : int {
+  kSyncThreads = 0,   // reserved: __syncthreads
+  kEpilogueFirst = 1  // + consumer index: a consumer warpgroup's own 128 threads
+};
+
+template <class T, int HeadDim>
+struct FwdKernel {
+  static constexpr FwdConfig kCfg = fwd_config(HeadDim);
+  static constexpr int kBlockM = kCfg.block_m;
+  static constexpr int kBlockN = kCfg.block_n;
+  static constexpr int kStages = kCfg.stages;
+  static constexpr int kConsumers = kCfg.consumer_warpgroups;
+  static constexpr int kBoxes = HeadDim / 64;              // 64-column (128-byte) boxes per row
+  static constexpr int kWgRows = 64;                       // query rows per consumer warpgroup
+  static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
+  static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
+  static constexpr uint32_t kQBytes = kCfg.tile_bytes(kBlockM, sizeof(T));
+  static constexpr uint32_t kKVBytes = kCfg.tile_bytes(kBlockN, sizeof(T));
+
+  struct alignas(1024) Smem {
+    alignas(1024) uint8_t q[kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
+    alignas(1024) uint8_t k[kStages][kBoxes][kBoxBytesKV];
+    alignas(1024) uint8_t v[kStages][kBoxes][kBoxBytesKV];
+    alignas(8) uint64_t q_full;
+    uint64_t k_full[kStages], k_empty[kStages];
+    uint64_t v_full[kStages], v_empty[kStages];
+  };
+  static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
+  static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
+  static_assert(kBoxBytesKV % 1024 == 0 && kBoxBytesQ % 1024 == 0, "boxes must keep 1024-byte alignment");
+
+  // Number of key blocks the CTA's rows can see; masked blocks are the first `masked` of the backward order.
+  __device__ static int key_blocks(const FwdKernelParams& p, int m_block) {
+    const int all = (p.seqlen_k + kBlockN - 1) / kBlockN;
+    if (!p.causal) return all;
+    const int64_t last_col = int64_t(m_block + 1) * kBlockM - 1 + p.seqlen_k - p.seqlen_q;
+    return last_col < 0 ? 0 : int(min(int64_t(all), last_col / kBlockN + 1));
+  }
+
+  __device__ static bool block_needs_mask(const FwdKernelParams& p, int m_block, int n_block) {
+    const int64_t block_end = int64_t(n_block + 1) * kBlockN;
+    const int64_t first_row_limit = int64_t(m_block) * kBlockM + p.seqlen_k - p.seqlen_q;
+    return block_end > p.seqlen_k || (p.causal && block_end - 1 > first_row_limit);
+  }
+
+  __device__ static void produce(const FwdKernelParams& p, Smem& s, int m_block, int head, int batch,
+                                 int n_blocks) {
+    const int kv_head = head / p.q_heads_per_kv;
+    hopper::mbarrier_arrive_expect_tx(&s.q_full, kQBytes);
+    for (int wg = 0; wg < kConsumers; ++wg)
+      for (int b = 0; b < kBoxes; ++b)
+        hopper::tma_load_4d(s.q[wg][b], &p.q, b * 64, m_block * kBlockM + wg * kWgRows, head, batch, &s.q_full);
+
+    for (int it = 0; it < n_blocks; ++it) {
+      const int n_block = n_blocks - 1 - it;
+      const int stage = it % kStages;
+      const uint32_t phase = (it / kStages) & 1;
+      hopper::mbarrier_wait(&s.k_empty[stage], phase ^ 1);
+      hopper::mbarrier_arrive_expect_tx(&s.k_full[stage], kKVBytes);
+      for (int b = 0; b < kBoxes; ++b)
+        hopper::tma_load_4d(s.k[stage][b], &p.k, b * 64, n_block * kBlockN, kv_head, batch, &s.k_full[stage]);
+      hopper::mbarrier_wait(&s.v_empty[stage], phase ^ 1);
+      hopper::mbarrier_arrive_expect_tx(&s.v_full[stage], kKVBytes);
+      for (int b = 0; b < kBoxes; ++b)
+        hopper::tma_load_4d(s.v[stage][b], &p.v, b * 64, n_block * kBlockN, kv_head, batch, &s.v_full[stage]);
+    }
+  }
+
+  // S = Q K^T over head_dim in k16 steps: K-major operands, +32 B per step inside a box, next box after 4.
+  __device__ static void qk_gemm(float (&acc_s)[kBlockN / 2], uint32_t q_base, uint32_t k_base) {
+#pragma unroll
+    for (int t = 0; t < HeadDim / 16; ++t) {
+      const uint32_t k_off = (t % 4) * 32;
+      const uint64_t a = hopper::SmemDescriptor{q_base + (t / 4) * kBoxBytesQ + k_off, 16, 1024}.encode();
+      const uint64_t b = hopper::SmemDescriptor{k_base + (t / 4) * kBoxBytesKV + k_off, 16, 1024}.encode();
+      hopper::mma_ss<T, kBlockN, 0>(acc_s, a, b, t > 0);
+    }
+  }
+
+  // O += P V over the key block in k16 steps: V is N-major (head_dim contiguous): LBO = box stride,
+  // SBO = 8 rows, +16 rows (2048 B) per step.
+  __device__ static void pv_gemm(float (&acc_o)[HeadDim / 2], const uint32_t (&p)[kBlockN / 16][4],
+                                 uint32_t v_base) {
+#pragma unroll
+    for (int t = 0; t < kBlockN / 16; ++t) {
+      const uint64_t b = hopper::SmemDescriptor{v_base + t * 2048, kBoxBytesKV, 1024}.encode();
+      hopper::mma_rs<T, HeadDim, 1>(acc_o, p[t], b, 1);
+    }
+  }
+
+  __device__ static void consume(const FwdKernelParams& p, Smem& s, int consumer, int m_block, int head,
+                                 int batch, int n_blocks) {
+    using FragS = AccFragment<kBlockN>;
+    using FragO = AccFragment<HeadDim>;
+    const int t = threadIdx.x % 128;
+    const int lane = t % 32;
+    const int wg_row0 = m_block * kBlockM + consumer * kWgRows;
+    const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
+    const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(s.q[consumer][0]));
+
+    float acc_o[HeadDim / 2];
+#pragma unroll
+    for (int i = 0; i < HeadDim / 2; ++i) acc_o[i] = 0.f;
+    OnlineSoftmax softmax(p.scale_log2);
+
+    hopper::mbarrier_wait(&s.q_full, 0);
+    for (int it = 0; it < n_blocks; ++it) {
+      const int n_block = n_blocks - 1 - it;
+      const int stage = it % kStages;
+      const uint32_t phase = (it / kStages) & 1;
+
+      float acc_s[kBlockN / 2];
+      hopper::mbarrier_wait(&s.k_full[stage], phase);
+      hopper::wgmma_fence();
+      qk_gemm(acc_s, q_base, static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])));
+      hopper::wgmma_commit();
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_s);
+      hopper::mbarrier_arrive(&s.k_empty[stage]);
+
+      if (block_needs_mask(p, m_block, n_block)) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = wg_row0 + row_in_wg + 8 * h;
+          const int64_t limit = p.causal ? min(int64_t(p.seqlen_k), row + 1 + p.seqlen_k - p.seqlen_q)
+                                         : int64_t(p.seqlen_k);
+          const int limit_in_block = int(max(int64_t(-1), min(int64_t(kBlockN), limit - int64_t(n_block) * kBlockN)));
+#pragma unroll
+          for (int i = 0; i < FragS::kRegs; ++i)
+            if (FragS::row_half(i) == h) acc_s[i] = FragS::col(i, lane) < limit_in_block ? acc_s[i] : -INFINITY;
+        }
+      }
+
+      float rescale[2];
+      softmax.step<kBlockN>(acc_s, rescale);
+#pragma unroll
+      for (int i = 0; i < FragO::kRegs; ++i) acc_o[i] *= rescale[FragO::row_half(i)];
+      uint32_t p_frag[kBlockN / 16][4];
+#pragma unroll
+      for (int k = 0; k < kBlockN / 16; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) p_frag[k][j] = hopper::pack2<T>(acc_s[8 * k + 2 * j], acc_s[8 * k + 2 * j + 1]);
+
+      hopper::mbarrier_wait(&s.v_full[stage], phase);
+      hopper::wgmma_fence();
+      pv_gemm(acc_o, p_frag, static_cast<uint32_t>(__cvta_generic_to_shared(s.v[stage][0])));
+      hopper::wgmma_commit();
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_o);
+      hopper::mbarrier_arrive(&s.v_empty[stage]);
+    }
+
+    float inv_sum[2], lse[2];
+    softmax.finish(inv_sum, lse);
+
+    // O tile -> this warpgroup's Q boxes (no longer read), in the 128B-swizzled layout TMA stores from:
+    // 16-byte chunk c of row r lives at chunk c ^ (r % 8).
+#pragma unroll
+    for (int i = 0; i < FragO::kRegs; i += 2) {
+      const int h = FragO::row_half(i);
+      const int row = row_in_wg + 8 * h;
+      const int col = FragO::col(i, lane);
+      const int box = col / 64;
+      const int chunk = (col % 64) / 8;
+      uint8_t* dst = s.q[consumer][box] + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
+      *reinterpret_cast<uint32_t*>(dst) = hopper::pack2<T>(acc_o[i] * inv_sum[h], acc_o[i + 1] * inv_sum[h]);
+    }
+    hopper::fence_view_async_shared();
+    hopper::named_barrier_sync(int(FwdBarrier::kEpilogueFirst) + consumer, 128);
+    if (t == 0 && wg_row0 < p.seqlen_q) {
+      for (int b = 0; b < kBoxes; ++b) hopper::tma_store_4d(&p.out, s.q[consumer][b], b * 64, wg_row0, head, batch);
+      hopper::tma_store_commit();
+    }
+
+    if (p.lse != nullptr && lane % 4 == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = wg_row0 + row_in_wg + 8 * h;
+        if (row < p.seqlen_q)
+          p.lse[batch * p.lse_stride_batch + head * p.lse_stride_head + row * p.lse_stride_seq] = lse[h];
+      }
+    }
+    if (t == 0 && wg_row0 < p.seqlen_q) hopper::tma_store_wait_read();
+  }
+};
+
+template <class T, int HeadDim>
+__global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
+    attention_fwd_kernel(const __grid_constant__ FwdKernelParams p) {
+  using K = FwdKernel<T, HeadDim>;
+  extern __shared__ uint8_t smem_raw[];
+  auto& s = *reinterpret_cast<typename K::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    hopper::mbarrier_init(&s.q_full, 1);
+    for (int i = 0; i < K::kStages; ++i) {
+      hopper::mbarrier_init(&s.k_full[i], 1);
+      hopper::mbarrier_init(&s.v_full[i], 1);
+      hopper::mbarrier_init(&s.k_empty[i], 128 * K::kConsumers);
+      hopper::mbarrier_init(&s.v_empty[i], 128 * K::kConsumers);
+    }
+    hopper::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // Heaviest causal tiles (most key blocks) start first.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int n_blocks = K::key_blocks(p, m_block);
+
+  if (warpgroup == 0) {
+    hopper::setmaxnreg_dec<K::kCfg.producer_regs>();
+    if (threadIdx.x == 0) {
+      hopper::prefetch_tensormap(&p.q);
+      hopper::prefetch_tensormap(&p.k);
+      hopper::prefetch_tensormap(&p.v);
+      K::produce(p, s, m_block, head, batch, n_blocks);
+    }
+  } else {
+    hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
+    K::consume(p, s, warpgroup - 1, m_block, head, batch, n_blocks);
+  }
+}
+
+template <class T>
+constexpr DType dtype_of() {
+  return std::is_same_v<T, __nv_bfloat16> ? DType::bf16 : DType::fp16;
+}
+
+template <DType DT, int HeadDim>
+dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
+  using T = std::conditional_t<DT == DType::bf16, __nv_bfloat16, __half>;
+  using K = FwdKernel<T, HeadDim>;
+
+  FwdKernelParams kp{};
+  const TensorMapShape q_shape{HeadDim, prm.seqlen_q, prm.heads_q, prm.batch};
+  const TensorMapShape kv_shape{HeadDim, prm.seqlen_k, prm.heads_kv, prm.batch};
+  dhp_status st;
+  if ((st = encode_tensor_map(&kp.q, DT, prm.q, q_shape, prm.q_stride, K::kWgRows, "q")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.k, DT, prm.k, kv_shape, prm.k_stride, K::kBlockN, "k")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.v, DT, prm.v, kv_shape, prm.v_stride, K::kBlockN, "v")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.out, DT, prm.out, q_shape, prm.out_stride, K::kWgRows, "out")) != DHP_SUCCESS)
+    return st;
+  kp.lse = prm.lse;
+  kp.lse_stride_batch = prm.lse_stride_batch;
+  kp.lse_stride_head = prm.lse_stride_head;
+  kp.lse_stride_seq = prm.lse_stride_seq;
+  kp.seqlen_q = prm.seqlen_q;
+  kp.seqlen_k = prm.seqlen_k;
+  kp.q_heads_per_kv = prm.heads_q / prm.heads_kv;
+  kp.causal = prm.causal ? 1 : 0;
+  constexpr float kLog2e = 1.4426950408889634f;
+  kp.scale_log2 = prm.softmax_scale * kLog2e;
+
+  auto kernel = attention_fwd_kernel<T, HeadDim>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(K::kSmemBytes));
+  if (err != cudaSuccess)
+    return fail(DHP_ERROR_CUDA, "could not reserve %zu bytes of shared memory for the forward kernel: %s",
+                K::kSmemBytes, cudaGetErrorString(err));
+
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3((prm.seqlen_q + K::kBlockM - 1) / K::kBlockM, prm.heads_q, prm.batch);
+  config.blockDim = dim3(K::kCfg.threads());
+  config.dynamicSmemBytes = K::kSmemBytes;
+  config.stream = stream;
+  err = cudaLaunchKernelEx(&config, kernel, kp);
+  if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "forward kernel launch failed: %s", cudaGetErrorString(err));
+  return succeed();
+}
+
+}  // namespace dhp::kernels

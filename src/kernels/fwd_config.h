@@ -1,0 +1,34 @@
+// Tile configuration of the forward kernel, as data: one plain struct chosen by head_dim.
+#pragma once
+
+namespace dhp::kernels {
+
+struct FwdConfig {
+  int head_dim;
+  int block_m;              // query rows per CTA: 64 per consumer warpgroup
+  int block_n;              // keys per pipeline stage
+  int stages;               // K/V shared-memory ring depth
+  int consumer_warpgroups;  // warpgroups running wgmma + softmax (a producer warpgroup comes on top)
+  int producer_regs;        // setmaxnreg budget of the TMA producer warpgroup
+  int consumer_regs;        // setmaxnreg budget of each consumer warpgroup
+
+  constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
+  constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
+};
+
+constexpr FwdConfig fwd_config(int head_dim) {
+  // head_dim 256 halves block_n so that O (128 fp32 registers per thread) plus S fit the consumer budget.
+  return head_dim == 64    ? FwdConfig{64, 128, 128, 3, 2, 40, 232}
+         : head_dim == 128 ? FwdConfig{128, 128, 128, 2, 2, 40, 232}
+                           : FwdConfig{256, 128, 64, 2, 2, 40, 232};
+}
+
+constexpr bool fwd_config_valid(const FwdConfig& c) {
+  return c.block_m == 64 * c.consumer_warpgroups && c.block_n % 16 == 0 && c.head_dim % 64 == 0 &&
+         c.stages >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
+}
+
+static_assert(fwd_config_valid(fwd_config(64)) && fwd_config_valid(fwd_config(128)) &&
+              fwd_config_valid(fwd_config(256)));
+
+}  // namespace dhp::kernels

@@ -1,0 +1,82 @@
+// Online softmax over wgmma accumulator fragments, in fp32 with exp2, branch-free.
+//
+// A consumer warpgroup holds a 64 x N tile; thread t (warp w = t/32, g = (t%32)/4, q = t%4) holds rows
+// 16w+g and 16w+g+8 ("row halves" 0 and 1), N/4 values of each. Register i of an m64nN f32 accumulator
+// sits at row half (i/2)%2, column 8*(i/4) + 2q + i%2. A row's four owners are the lanes of one quad.
+//
+// Rows that have seen no key yet have max = -inf. Every step that would compute -inf - (-inf) selects
+// a zero shift instead, so such rows keep probabilities and sums of exactly 0 without a branch.
+#pragma once
+
+#include <cmath>
+
+#include "hopper/math.cuh"
+
+namespace dhp::kernels {
+
+template <int N>
+struct AccFragment {
+  static constexpr int kRegs = N / 2;
+  __device__ static constexpr int row_half(int i) { return (i >> 1) & 1; }
+  __device__ static int col(int i, int lane) { return 8 * (i >> 2) + 2 * (lane & 3) + (i & 1); }
+};
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+struct OnlineSoftmax {
+  float row_max[2];  // raw (unscaled) running maximum of each row half
+  float row_sum[2];  // this thread's share of the running sum of exp2
+  float scale_log2;  // softmax_scale * log2(e)
+
+  __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.f;
+  }
+
+  // Turns raw scores s (masked entries -inf) into unnormalised probabilities in place, and returns in
+  // `rescale` the factor by which each row half's earlier output accumulator must be multiplied.
+  template <int N>
+  __device__ __forceinline__ void step(float (&s)[N / 2], float (&rescale)[2]) {
+    using Frag = AccFragment<N>;
+    float new_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int i = 0; i < Frag::kRegs; ++i) new_max[Frag::row_half(i)] = fmaxf(new_max[Frag::row_half(i)], s[i]);
+    float shift[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      new_max[h] = quad_max(new_max[h]);
+      shift[h] = new_max[h] == -INFINITY ? 0.f : new_max[h] * scale_log2;
+      rescale[h] = hopper::exp2_approx(row_max[h] * scale_log2 - shift[h]);
+      row_max[h] = new_max[h];
+      row_sum[h] *= rescale[h];
+    }
+#pragma unroll
+    for (int i = 0; i < Frag::kRegs; ++i) {
+      const int h = Frag::row_half(i);
+      s[i] = hopper::exp2_approx(fmaf(s[i], scale_log2, -shift[h]));
+      row_sum[h] += s[i];
+    }
+  }
+
+  // After the last step: 1/sum per row half (0 for rows that saw no key) and the natural-log LSE
+  // (-inf for such rows). NaN sums stay NaN.
+  __device__ __forceinline__ void finish(float (&inv_sum)[2], float (&lse)[2]) {
+    constexpr float kLn2 = 0.69314718055994530942f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float sum = quad_sum(row_sum[h]);
+      inv_sum[h] = sum == 0.f ? 0.f : 1.f / sum;
+      lse[h] = sum == 0.f ? -INFINITY : (row_max[h] * scale_log2 + log2f(sum)) * kLn2;
+    }
+  }
+};
+
+}  // namespace dhp::kernels
