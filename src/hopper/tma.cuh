@@ -9,9 +9,10 @@
 
 namespace dhp::hopper {
 
-// prefetch.param.tensormap [PTX 9.7.9.15]: warm the descriptor cache for a __grid_constant__ map.
+// prefetch.tensormap [PTX 9.7.9.15]: warm the descriptor cache; `map` is a generic address (of a
+// __grid_constant__ parameter here), so no state space is named.
 __device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
-  asm volatile("prefetch.param.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
 // cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: global box -> shared,
