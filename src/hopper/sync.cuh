@@ -39,6 +39,11 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// bar.arrive id, threads: arrive on a named barrier without waiting.
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // setmaxnreg.dec.sync.aligned.u32 [PTX 9.7.19.5]: give registers back to the CTA pool (warpgroup-wide).
 template <int Regs>
 __device__ __forceinline__ void setmaxnreg_dec() {

@@ -4,10 +4,12 @@
 //   warpgroup 0 (producer): one thread issues TMA loads — Q once, then K and V blocks into a ring of
 //     `stages` shared-memory slots, each slot guarded by a full/empty mbarrier pair per operand;
 //     the warpgroup gives registers back (setmaxnreg.dec).
-//   warpgroups 1..C (consumers): each owns 64 query rows. Per key block: S = Q K^T (wgmma, both operands
+//   warpgroups 1..2 (consumers): each owns 64 query rows. Per key block: S = Q K^T (wgmma, both operands
 //     in shared memory), release K, mask by position, online softmax in fp32 with exp2, rescale O,
-//     O += P V (wgmma with P from registers), release V. Finally O / rowsum goes to shared memory (over
-//     the warpgroup's own Q rows) and out via TMA store; the LSE is stored directly.
+//     O += P V (wgmma with P from registers), release V. The QK^T of the next block is issued with the
+//     PV of the current one, and the two warpgroups alternate their GEMM issue (named barriers), so
+//     softmax work overlaps tensor-core work. Finally O / rowsum goes to shared memory (over the
+//     warpgroup's own Q rows) and out via TMA store; the LSE is stored directly.
 // Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first.
 //
 // Constant time: trip counts, addresses and the masking branch depend only on shapes, options and
@@ -46,8 +48,26 @@ struct FwdKernelParams {
 };
 
 enum class FwdBarrier : int {
-  kSyncThreads = 0,   // reserved: __syncthreads
-  kEpilogueFirst = 1  // + consumer index: a consumer warpgroup's own 128 threads
+  kSyncThreads = 0,    // reserved: __syncthreads
+  kEpilogueFirst = 1,  // + consumer index: a consumer warpgroup's own 128 threads
+  kTurnFirst = 3,      // + consumer index: "your turn to issue GEMMs", both consumer warpgroups (256 threads)
+};
+
+// Two consumer warpgroups take turns issuing GEMMs. Each turn is wait(own barrier) -> issue -> pass
+// (arrive on the other's barrier). Warpgroup 1 opens by passing once, so warpgroup 0 goes first, and
+// skips its pass after its last turn, so every arrival is matched by a wait. Both warpgroups run the
+// same number of turns (the CTA's key-block count + 1), a function of shapes only.
+struct GemmTurns {
+  int me;
+  static constexpr int kThreads = 256;
+  __device__ int barrier(int who) const { return int(FwdBarrier::kTurnFirst) + who; }
+  __device__ void first() const {
+    if (me == 1) hopper::named_barrier_arrive(barrier(0), kThreads);
+  }
+  __device__ void wait() const { hopper::named_barrier_sync(barrier(me), kThreads); }
+  __device__ void pass(bool last) const {
+    if (!(last && me == 1)) hopper::named_barrier_arrive(barrier(me ^ 1), kThreads);
+  }
 };
 
 template <class T, int HeadDim>
@@ -75,6 +95,7 @@ struct FwdKernel {
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
   static_assert(kBoxBytesKV % 1024 == 0 && kBoxBytesQ % 1024 == 0, "boxes must keep 1024-byte alignment");
+  static_assert(kConsumers == 2, "GemmTurns alternates exactly two consumer warpgroups");
 
   // Number of key blocks the CTA's rows can see; masked blocks are the first `masked` of the backward order.
   __device__ static int key_blocks(const FwdKernelParams& p, int m_block) {
@@ -149,52 +170,96 @@ struct FwdKernel {
 #pragma unroll
     for (int i = 0; i < HeadDim / 2; ++i) acc_o[i] = 0.f;
     OnlineSoftmax softmax(p.scale_log2);
+    float acc_s[kBlockN / 2];
+    uint32_t p_frag[kBlockN / 16][4];
+    GemmTurns turns{consumer};
 
-    hopper::mbarrier_wait(&s.q_full, 0);
-    for (int it = 0; it < n_blocks; ++it) {
-      const int n_block = n_blocks - 1 - it;
-      const int stage = it % kStages;
-      const uint32_t phase = (it / kStages) & 1;
-
-      float acc_s[kBlockN / 2];
-      hopper::mbarrier_wait(&s.k_full[stage], phase);
-      hopper::wgmma_fence();
-      qk_gemm(acc_s, q_base, static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])));
-      hopper::wgmma_commit();
-      hopper::wgmma_wait<0>();
-      hopper::fence_registers(acc_s);
-      hopper::mbarrier_arrive(&s.k_empty[stage]);
-
+    // Masks key block `n_block` of S by position, then runs the softmax step on it.
+    auto mask_and_softmax = [&](int n_block, float (&rescale)[2]) {
       if (block_needs_mask(p, m_block, n_block)) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t row = wg_row0 + row_in_wg + 8 * h;
           const int64_t limit = p.causal ? min(int64_t(p.seqlen_k), row + 1 + p.seqlen_k - p.seqlen_q)
                                          : int64_t(p.seqlen_k);
-          const int limit_in_block = int(max(int64_t(-1), min(int64_t(kBlockN), limit - int64_t(n_block) * kBlockN)));
+          const int limit_in_block =
+              int(max(int64_t(-1), min(int64_t(kBlockN), limit - int64_t(n_block) * kBlockN)));
 #pragma unroll
           for (int i = 0; i < FragS::kRegs; ++i)
             if (FragS::row_half(i) == h) acc_s[i] = FragS::col(i, lane) < limit_in_block ? acc_s[i] : -INFINITY;
         }
       }
-
-      float rescale[2];
       softmax.step<kBlockN>(acc_s, rescale);
-#pragma unroll
-      for (int i = 0; i < FragO::kRegs; ++i) acc_o[i] *= rescale[FragO::row_half(i)];
-      uint32_t p_frag[kBlockN / 16][4];
+    };
+    auto pack_p = [&] {
 #pragma unroll
       for (int k = 0; k < kBlockN / 16; ++k)
 #pragma unroll
         for (int j = 0; j < 4; ++j) p_frag[k][j] = hopper::pack2<T>(acc_s[8 * k + 2 * j], acc_s[8 * k + 2 * j + 1]);
+    };
+    auto k_smem = [&](int stage) { return static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])); };
+    auto v_smem = [&](int stage) { return static_cast<uint32_t>(__cvta_generic_to_shared(s.v[stage][0])); };
 
-      hopper::mbarrier_wait(&s.v_full[stage], phase);
+    auto rescale_o = [&](const float (&rescale)[2]) {
+#pragma unroll
+      for (int i = 0; i < FragO::kRegs; ++i) acc_o[i] *= rescale[FragO::row_half(i)];
+    };
+
+    // Pipeline, per warpgroup: S(j+1) = Q K(j+1)^T and O += P(j) V(j) are issued together; the softmax of
+    // S(j+1) runs while the tensor cores do P(j) V(j), and its O rescale is applied just before the next
+    // PV. Across the two warpgroups, GemmTurns makes them issue their GEMMs in alternation, so one
+    // warpgroup's softmax hides under the other's GEMMs.
+    hopper::mbarrier_wait(&s.q_full, 0);
+    if (n_blocks > 0) {
+      float rescale[2];
+      turns.first();
+      hopper::mbarrier_wait(&s.k_full[0], 0);
+      turns.wait();
       hopper::wgmma_fence();
-      pv_gemm(acc_o, p_frag, static_cast<uint32_t>(__cvta_generic_to_shared(s.v[stage][0])));
+      qk_gemm(acc_s, q_base, k_smem(0));
       hopper::wgmma_commit();
+      turns.pass(false);
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_s);
+      hopper::mbarrier_arrive(&s.k_empty[0]);
+      mask_and_softmax(n_blocks - 1, rescale);
+      pack_p();
+
+      for (int it = 1; it < n_blocks; ++it) {
+        const int stage = it % kStages, prev = (it - 1) % kStages;
+        const uint32_t phase = (it / kStages) & 1, prev_phase = ((it - 1) / kStages) & 1;
+        hopper::mbarrier_wait(&s.k_full[stage], phase);
+        hopper::mbarrier_wait(&s.v_full[prev], prev_phase);
+        turns.wait();
+        hopper::wgmma_fence();
+        qk_gemm(acc_s, q_base, k_smem(stage));
+        hopper::wgmma_commit();
+        rescale_o(rescale);
+        hopper::wgmma_fence();
+        pv_gemm(acc_o, p_frag, v_smem(prev));
+        hopper::wgmma_commit();
+        turns.pass(false);
+        hopper::wgmma_wait<1>();
+        hopper::fence_registers(acc_s);
+        hopper::mbarrier_arrive(&s.k_empty[stage]);
+        mask_and_softmax(n_blocks - 1 - it, rescale);
+        hopper::wgmma_wait<0>();
+        hopper::fence_registers(acc_o);
+        hopper::mbarrier_arrive(&s.v_empty[prev]);
+        pack_p();
+      }
+
+      const int last = (n_blocks - 1) % kStages;
+      hopper::mbarrier_wait(&s.v_full[last], ((n_blocks - 1) / kStages) & 1);
+      turns.wait();
+      rescale_o(rescale);
+      hopper::wgmma_fence();
+      pv_gemm(acc_o, p_frag, v_smem(last));
+      hopper::wgmma_commit();
+      turns.pass(true);
       hopper::wgmma_wait<0>();
       hopper::fence_registers(acc_o);
-      hopper::mbarrier_arrive(&s.v_empty[stage]);
+      hopper::mbarrier_arrive(&s.v_empty[last]);
     }
 
     float inv_sum[2], lse[2];
