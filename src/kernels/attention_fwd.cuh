@@ -4,11 +4,11 @@
 //   warpgroup 0 (producer): one thread issues TMA loads — Q once, then K and V blocks into a ring of
 //     `stages` shared-memory slots, each slot guarded by a full/empty mbarrier pair per operand;
 //     the warpgroup gives registers back (setmaxnreg.dec).
-//   warpgroups 1..2 (consumers): each owns 64 query rows. Per key block: S = Q K^T (wgmma, both operands
+//   warpgroups 1..C (consumers): each owns 64 query rows. Per key block: S = Q K^T (wgmma, both operands
 //     in shared memory), release K, mask by position, online softmax in fp32 with exp2, rescale O,
 //     O += P V (wgmma with P from registers), release V. The QK^T of the next block is issued with the
-//     PV of the current one, and the two warpgroups alternate their GEMM issue (named barriers), so
-//     softmax work overlaps tensor-core work. Finally O / rowsum goes to shared memory (over the
+//     PV of the current one, and the warpgroups take turns issuing GEMMs (named barriers), so one's
+//     softmax overlaps the others' tensor-core work. Finally O / rowsum goes to shared memory (over the
 //     warpgroup's own Q rows) and out via TMA store; the LSE is stored directly.
 // Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first.
 //
@@ -50,23 +50,25 @@ struct FwdKernelParams {
 enum class FwdBarrier : int {
   kSyncThreads = 0,    // reserved: __syncthreads
   kEpilogueFirst = 1,  // + consumer index: a consumer warpgroup's own 128 threads
-  kTurnFirst = 3,      // + consumer index: "your turn to issue GEMMs", both consumer warpgroups (256 threads)
+  kTurnFirst = 5,      // + consumer index: "your turn to issue GEMMs" (this warpgroup + the one before)
 };
 
-// Two consumer warpgroups take turns issuing GEMMs. Each turn is wait(own barrier) -> issue -> pass
-// (arrive on the other's barrier). Warpgroup 1 opens by passing once, so warpgroup 0 goes first, and
-// skips its pass after its last turn, so every arrival is matched by a wait. Both warpgroups run the
-// same number of turns (the CTA's key-block count + 1), a function of shapes only.
+// Consumer warpgroups take turns issuing GEMMs, round robin. Each turn is wait(own barrier) -> issue ->
+// pass (arrive on the next one's barrier). The last warpgroup opens by passing once, so warpgroup 0
+// goes first, and skips its pass after its final turn, so every arrival is matched by a wait. All
+// warpgroups run the same number of turns (the CTA's key-block count + 1), a function of shapes only.
+template <int kWarpgroups>
 struct GemmTurns {
   int me;
   static constexpr int kThreads = 256;
-  __device__ int barrier(int who) const { return int(FwdBarrier::kTurnFirst) + who; }
+  static_assert(int(FwdBarrier::kTurnFirst) + kWarpgroups <= 16, "16 named barriers per CTA");
+  __device__ static int barrier(int who) { return int(FwdBarrier::kTurnFirst) + who; }
   __device__ void first() const {
-    if (me == 1) hopper::named_barrier_arrive(barrier(0), kThreads);
+    if (me == kWarpgroups - 1) hopper::named_barrier_arrive(barrier(0), kThreads);
   }
   __device__ void wait() const { hopper::named_barrier_sync(barrier(me), kThreads); }
   __device__ void pass(bool last) const {
-    if (!(last && me == 1)) hopper::named_barrier_arrive(barrier(me ^ 1), kThreads);
+    if (!(last && me == kWarpgroups - 1)) hopper::named_barrier_arrive(barrier((me + 1) % kWarpgroups), kThreads);
   }
 };
 
@@ -95,7 +97,8 @@ struct FwdKernel {
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
   static_assert(kBoxBytesKV % 1024 == 0 && kBoxBytesQ % 1024 == 0, "boxes must keep 1024-byte alignment");
-  static_assert(kConsumers == 2, "GemmTurns alternates exactly two consumer warpgroups");
+  static_assert(kConsumers >= 2 && int(FwdBarrier::kEpilogueFirst) + kConsumers <= int(FwdBarrier::kTurnFirst),
+                "named-barrier ids of the epilogue and the GEMM turns must not overlap");
 
   // Number of key blocks the CTA's rows can see; masked blocks are the first `masked` of the backward order.
   __device__ static int key_blocks(const FwdKernelParams& p, int m_block) {
@@ -172,7 +175,7 @@ struct FwdKernel {
     OnlineSoftmax softmax(p.scale_log2);
     float acc_s[kBlockN / 2];
     uint32_t p_frag[kBlockN / 16][4];
-    GemmTurns turns{consumer};
+    GemmTurns<kConsumers> turns{consumer};
 
     // Masks key block `n_block` of S by position, then runs the softmax step on it.
     auto mask_and_softmax = [&](int n_block, float (&rescale)[2]) {
@@ -207,8 +210,8 @@ struct FwdKernel {
 
     // Pipeline, per warpgroup: S(j+1) = Q K(j+1)^T and O += P(j) V(j) are issued together; the softmax of
     // S(j+1) runs while the tensor cores do P(j) V(j), and its O rescale is applied just before the next
-    // PV. Across the two warpgroups, GemmTurns makes them issue their GEMMs in alternation, so one
-    // warpgroup's softmax hides under the other's GEMMs.
+    // PV. Across warpgroups, GemmTurns makes them issue their GEMMs in turn, so one warpgroup's softmax
+    // hides under the others' GEMMs.
     hopper::mbarrier_wait(&s.q_full, 0);
     if (n_blocks > 0) {
       float rescale[2];

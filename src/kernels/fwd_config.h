@@ -17,10 +17,12 @@ struct FwdConfig {
 };
 
 constexpr FwdConfig fwd_config(int head_dim) {
-  // head_dim 256 halves block_n so that O (128 fp32 registers per thread) plus S fit the consumer budget.
-  return head_dim == 64    ? FwdConfig{64, 128, 128, 3, 2, 40, 232}
-         : head_dim == 128 ? FwdConfig{128, 128, 128, 2, 2, 40, 232}
-                           : FwdConfig{256, 128, 64, 2, 2, 40, 232};
+  // Per head_dim, the largest key block whose S, P and O fragments fit the consumer register budget
+  // and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax, so a third
+  // consumer warpgroup gives the tensor cores more independent work.
+  return head_dim == 64    ? FwdConfig{64, 192, 128, 2, 3, 32, 160}
+         : head_dim == 128 ? FwdConfig{128, 128, 176, 2, 2, 24, 240}
+                           : FwdConfig{256, 128, 80, 2, 2, 24, 240};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {

@@ -1,0 +1,504 @@
+// The C API: argument validation, device checks and dispatch to the forward launcher.
+//
+// Validation runs in a fixed order, one category at a time over all tensors (pointers, device, dtype, rank,
+// shapes, strides, extents, aliasing, options) and calls no CUDA function until the device checks at the
+// end, so every rejection is testable on a machine without a GPU. Messages name the argument and what was
+// expected. Nothing here allocates or throws: sentences are formatted into fixed buffers.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include "build_info.h"
+#include "dhp/dhp.h"
+#include "error.h"
+#include "params.h"
+
+namespace dhp {
+namespace {
+
+constexpr int64_t kMaxDim = int64_t{1} << 31;              // FwdParams holds sizes as int
+constexpr int64_t kMaxGridDim = 65535;                      // batch and heads_q index grid.y / grid.z
+constexpr int64_t kTmaMaxStrideBytes = int64_t{1} << 40;    // cuTensorMapEncodeTiled: globalStrides < 2^40
+constexpr int64_t kTmaAlignBytes = 16;                      // TMA: global base address and strides
+constexpr int kHeadDimStep = 8, kMaxHeadDimListed = 512;    // candidates probed to list the built head dims
+constexpr int kCachedDevices = 64;
+
+enum Bshd { kBatch, kSeq, kHeads, kHeadDim };  // dims of q, k, v, out
+enum Lse { kLseBatch, kLseHeads, kLseSeq };   // dims of lse
+
+// A short formatted string in a fixed buffer.
+struct Text {
+  char s[160];
+};
+
+Text dtype_text(DLDataType t) {
+  static const char* const kCodes[] = {"int", "uint", "float", "handle", "bfloat", "complex", "bool"};
+  Text out;
+  const char* code = t.code < sizeof(kCodes) / sizeof(kCodes[0]) ? kCodes[t.code] : "code?";
+  if (t.lanes == 1) {
+    std::snprintf(out.s, sizeof(out.s), "%s%u", code, unsigned{t.bits});
+  } else {
+    std::snprintf(out.s, sizeof(out.s), "%s%ux%u", code, unsigned{t.bits}, unsigned{t.lanes});
+  }
+  return out;
+}
+
+Text device_text(DLDevice d) {
+  Text out;
+  const char* type = d.device_type == kDLCPU           ? "cpu"
+                     : d.device_type == kDLCUDA        ? "cuda"
+                     : d.device_type == kDLCUDAHost    ? "cuda_host"
+                     : d.device_type == kDLCUDAManaged ? "cuda_managed"
+                                                       : nullptr;
+  if (type) {
+    std::snprintf(out.s, sizeof(out.s), "%s:%d", type, static_cast<int>(d.device_id));
+  } else {
+    std::snprintf(out.s, sizeof(out.s), "device_type %d:%d", static_cast<int>(d.device_type),
+                  static_cast<int>(d.device_id));
+  }
+  return out;
+}
+
+// "(2, 128, 8, 64)"
+Text dims_text(const int64_t* dims, int n) {
+  Text out;
+  int len = std::snprintf(out.s, sizeof(out.s), "(");
+  for (int i = 0; i < n; ++i) {
+    len += std::snprintf(out.s + len, sizeof(out.s) - len, "%s%" PRId64, i ? ", " : "", dims[i]);
+  }
+  std::snprintf(out.s + len, sizeof(out.s) - len, ")");
+  return out;
+}
+
+// "64, 128 or 256": the head dims this build holds kernels for.
+Text head_dims_text(DType dtype) {
+  Text out{};
+  int found[kMaxHeadDimListed / kHeadDimStep], n = 0;
+  for (int d = kHeadDimStep; d <= kMaxHeadDimListed; d += kHeadDimStep) {
+    if (forward_variant_exists(dtype, d)) found[n++] = d;
+  }
+  if (n == 0) std::snprintf(out.s, sizeof(out.s), "one this build holds (it has none for this dtype)");
+  int len = 0;
+  for (int i = 0; i < n; ++i) {
+    const char* sep = i == 0 ? "" : i + 1 == n ? " or " : ", ";
+    len += std::snprintf(out.s + len, sizeof(out.s) - len, "%s%d", sep, found[i]);
+  }
+  return out;
+}
+
+bool is_bf16(DLDataType t) { return t.code == kDLBfloat && t.bits == 16 && t.lanes == 1; }
+bool is_fp16(DLDataType t) { return t.code == kDLFloat && t.bits == 16 && t.lanes == 1; }
+bool is_fp32(DLDataType t) { return t.code == kDLFloat && t.bits == 32 && t.lanes == 1; }
+bool same_dtype(DLDataType a, DLDataType b) { return a.code == b.code && a.bits == b.bits && a.lanes == b.lanes; }
+
+// One tensor argument and what validation derives from it.
+struct Arg {
+  const char* name;
+  const DLTensor* t;
+  bool bshd;  // (batch, seqlen, heads, head_dim); otherwise lse (batch, heads_q, seqlen_q)
+
+  int rank() const { return bshd ? 4 : 3; }
+  int64_t dim(int i) const { return t->shape[i]; }
+  int64_t elem_bytes() const { return t->dtype.bits / 8; }
+  int64_t given_stride(int i) const { return t->strides ? t->strides[i] : stride[i]; }
+  bool empty() const { return std::any_of(t->shape, t->shape + rank(), [](int64_t d) { return d == 0; }); }
+
+  // Filled in order by the stages below.
+  int64_t stride[4] = {};  // elements; a dimension of size <= 1 gets its compact stride (its own is ignored)
+  uintptr_t base = 0;      // data + byte_offset
+  uintptr_t end = 0;       // one past the last byte; end == base when empty
+};
+
+dhp_status check_present(const Arg& a) {
+  if (!a.t) return fail(DHP_ERROR_INVALID_VALUE, "%s is NULL: expected a DLTensor", a.name);
+  return DHP_SUCCESS;
+}
+
+dhp_status check_device(const Arg& a, const Arg& q) {
+  const DLDevice d = a.t->device;
+  if (d.device_type != kDLCUDA) {
+    return fail(DHP_ERROR_INVALID_VALUE, "%s.device=%s: expected a CUDA device tensor (kDLCUDA)", a.name,
+                device_text(d).s);
+  }
+  if (d.device_id < 0) {
+    return fail(DHP_ERROR_INVALID_VALUE, "%s.device=%s: the device id must be >= 0", a.name, device_text(d).s);
+  }
+  if (d.device_id != q.t->device.device_id) {
+    return fail(DHP_ERROR_INVALID_VALUE, "%s.device=%s: expected %s, the device of q", a.name, device_text(d).s,
+                device_text(q.t->device).s);
+  }
+  return DHP_SUCCESS;
+}
+
+dhp_status check_dtype(const Arg& a, const Arg& q) {
+  const DLDataType t = a.t->dtype;
+  if (!a.bshd) {
+    if (is_fp32(t)) return DHP_SUCCESS;
+    return fail(DHP_ERROR_INVALID_DTYPE, "%s.dtype=%s: expected float32", a.name, dtype_text(t).s);
+  }
+  if (&a == &q) {
+    if (is_bf16(t) || is_fp16(t)) return DHP_SUCCESS;
+    return fail(DHP_ERROR_INVALID_DTYPE, "%s.dtype=%s: expected bfloat16 or float16", a.name, dtype_text(t).s);
+  }
+  if (same_dtype(t, q.t->dtype)) return DHP_SUCCESS;
+  return fail(DHP_ERROR_INVALID_DTYPE, "%s.dtype=%s: expected %s, the same as q", a.name, dtype_text(t).s,
+              dtype_text(q.t->dtype).s);
+}
+
+dhp_status check_rank(const Arg& a) {
+  if (a.t->ndim != a.rank()) {
+    return fail(DHP_ERROR_INVALID_VALUE, "%s.ndim=%d: expected %d dimensions %s", a.name, a.t->ndim, a.rank(),
+                a.bshd ? "(batch, seqlen, heads, head_dim)" : "(batch, heads_q, seqlen_q)");
+  }
+  if (!a.t->shape) return fail(DHP_ERROR_INVALID_VALUE, "%s.shape is NULL: expected %d sizes", a.name, a.rank());
+  for (int i = 0; i < a.rank(); ++i) {
+    if (a.dim(i) < 0 || a.dim(i) >= kMaxDim) {
+      return fail(DHP_ERROR_INVALID_VALUE, "%s.shape[%d]=%" PRId64 ": sizes must be in [0, 2^31)", a.name, i,
+                  a.dim(i));
+    }
+  }
+  if (!a.t->data && !a.empty()) {
+    return fail(DHP_ERROR_INVALID_VALUE, "%s.data is NULL: a non-empty tensor needs a device pointer", a.name);
+  }
+  return DHP_SUCCESS;
+}
+
+dhp_status check_shape(const Arg& a, const int64_t* want, const char* what) {
+  if (std::equal(want, want + a.rank(), a.t->shape)) return DHP_SUCCESS;
+  return fail(DHP_ERROR_INVALID_VALUE, "%s.shape=%s: expected %s, %s", a.name, dims_text(a.t->shape, a.rank()).s,
+              dims_text(want, a.rank()).s, what);
+}
+
+// Resolves strides (NULL: compact row-major) and checks TMA's rules; lse only needs non-negative strides.
+dhp_status check_strides(Arg& a) {
+  const int n = a.rank();
+  int64_t compact = 1;
+  for (int i = n - 1; i >= 0; --i) {
+    const int64_t stride = a.t->strides ? a.t->strides[i] : compact;
+    const bool last = a.bshd && i == n - 1;
+    if (a.dim(i) <= 1) {
+      a.stride[i] = compact;  // never stepped: any given value is fine, and a compact one suits TMA
+    } else if (last && stride != 1) {
+      return fail(DHP_ERROR_INVALID_VALUE, "%s.strides[%d]=%" PRId64
+                  ": the last dimension must be contiguous (stride 1)", a.name, i, stride);
+    } else if (stride < 0) {
+      return fail(DHP_ERROR_INVALID_VALUE, "%s.strides[%d]=%" PRId64 ": strides must be non-negative", a.name, i,
+                  stride);
+    } else if (a.bshd && !last && stride % (kTmaAlignBytes / a.elem_bytes()) != 0) {
+      return fail(DHP_ERROR_INVALID_VALUE, "%s.strides[%d]=%" PRId64
+                  ": expected a multiple of %" PRId64 " elements (16 bytes, for TMA)", a.name, i, stride,
+                  kTmaAlignBytes / a.elem_bytes());
+    } else if (a.bshd && stride >= kTmaMaxStrideBytes / a.elem_bytes()) {
+      return fail(DHP_ERROR_INVALID_VALUE, "%s.strides[%d]=%" PRId64 ": expected less than 2^40 bytes (TMA limit)",
+                  a.name, i, stride);
+    } else {
+      a.stride[i] = stride;
+    }
+    if (__builtin_mul_overflow(compact, std::max<int64_t>(a.dim(i), 1), &compact)) compact = INT64_MAX;
+  }
+  a.base = reinterpret_cast<uintptr_t>(a.t->data) + a.t->byte_offset;
+  const int64_t align = a.bshd ? kTmaAlignBytes : a.elem_bytes();
+  if (a.base % align != 0) {
+    return fail(DHP_ERROR_INVALID_VALUE, "%s.data+byte_offset=0x%" PRIxPTR ": expected a %" PRId64
+                "-byte aligned address", a.name, a.base, align);
+  }
+  return DHP_SUCCESS;
+}
+
+// The byte range [base, end) the tensor spans, checked for 64-bit overflow, and (for outputs) that no two
+// elements share an address: sorted by stride, each dimension must step over everything inside it.
+dhp_status check_extent(Arg& a, bool written) {
+  if (a.empty()) {
+    a.end = a.base;
+    return DHP_SUCCESS;
+  }
+  int64_t last = 0, bytes = 0;
+  bool overflow = false;
+  for (int i = 0; i < a.rank(); ++i) {
+    int64_t term = 0;
+    overflow |= __builtin_mul_overflow(a.dim(i) - 1, a.stride[i], &term);
+    overflow |= __builtin_add_overflow(last, term, &last);
+  }
+  overflow |= __builtin_add_overflow(last, 1, &last) || __builtin_mul_overflow(last, a.elem_bytes(), &bytes);
+  overflow |= a.base > UINTPTR_MAX - static_cast<uint64_t>(bytes);
+  if (overflow) {
+    return fail(DHP_ERROR_INVALID_VALUE, "%s.shape=%s: the tensor's byte extent overflows 64 bits", a.name,
+                dims_text(a.t->shape, a.rank()).s);
+  }
+  a.end = a.base + static_cast<uint64_t>(bytes);
+  if (!written) return DHP_SUCCESS;
+
+  int order[4], n = 0;  // the dimensions of size > 1, by increasing stride (insertion sort)
+  for (int i = 0; i < a.rank(); ++i) {
+    if (a.dim(i) <= 1) continue;
+    int j = n++;
+    for (; j > 0 && a.stride[order[j - 1]] > a.stride[i]; --j) order[j] = order[j - 1];
+    order[j] = i;
+  }
+  int64_t inner = 1;  // elements spanned by the dimensions already visited
+  for (int j = 0; j < n; ++j) {
+    const int i = order[j];
+    if (a.stride[i] < inner) {
+      int64_t given[4];
+      for (int d = 0; d < a.rank(); ++d) given[d] = a.given_stride(d);
+      return fail(DHP_ERROR_INVALID_VALUE, "%s.strides=%s: elements of %s overlap each other; expected a "
+                  "non-overlapping layout", a.name, dims_text(given, a.rank()).s, a.name);
+    }
+    inner = a.stride[i] * a.dim(i);  // <= the byte extent, so no overflow
+  }
+  return DHP_SUCCESS;
+}
+
+dhp_status check_disjoint(const Arg& written, const Arg& other) {
+  const bool overlap = written.base < written.end && other.base < other.end && written.base < other.end &&
+                       other.base < written.end;
+  if (!overlap) return DHP_SUCCESS;
+  return fail(DHP_ERROR_INVALID_VALUE, "%s overlaps %s in memory: %s must not share memory with %s", written.name,
+              other.name, written.name,
+              written.bshd ? "q, k, v or lse" : "q, k or v");
+}
+
+dhp_status check_options(const dhp_attention_options& o) {
+  if (o.causal != 0 && o.causal != 1) {
+    return fail(DHP_ERROR_INVALID_VALUE, "options.causal=%d: expected 0 or 1", o.causal);
+  }
+  if (!(std::isfinite(o.softmax_scale) && o.softmax_scale >= 0.0f)) {
+    return fail(DHP_ERROR_INVALID_VALUE, "options.softmax_scale=%g: expected 0 (for 1/sqrt(head_dim)) or a "
+                "positive finite number", static_cast<double>(o.softmax_scale));
+  }
+  return DHP_SUCCESS;
+}
+
+// cudaGetDeviceCount, leaving no error behind in the runtime's per-thread state; *count = 0 on failure.
+cudaError_t device_count(int* count) {
+  *count = 0;
+  const cudaError_t e = cudaGetDeviceCount(count);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    *count = 0;
+  }
+  return e;
+}
+
+// Errors that mean "this machine has no usable GPU", which is not a failure of the call that asked.
+bool no_gpu(cudaError_t e) {
+  return e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver || e == cudaErrorStubLibrary;
+}
+
+dhp_status check_device_runs_dhp(int device) {
+  int count = 0;
+  if (const cudaError_t e = device_count(&count)) {
+    return fail(no_gpu(e) ? DHP_ERROR_UNSUPPORTED : DHP_ERROR_CUDA, "no CUDA device is usable "
+                "(cudaGetDeviceCount: %s): dhp needs an sm_90 GPU (H100/H200) and its driver", cudaGetErrorString(e));
+  }
+  if (device >= count) {
+    return fail(DHP_ERROR_INVALID_VALUE, "q.device=cuda:%d: only %d CUDA device%s visible", device, count,
+                count == 1 ? " is" : "s are");
+  }
+  // compute capability as major * 10 + minor; 0 = not looked up yet
+  static std::atomic<int> cached_cc[kCachedDevices];
+  int cc = device < kCachedDevices ? cached_cc[device].load(std::memory_order_relaxed) : 0;
+  if (cc == 0) {
+    int major = 0, minor = 0;
+    cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      return fail(DHP_ERROR_CUDA, "device %d: cudaDeviceGetAttribute failed: %s", device, cudaGetErrorString(err));
+    }
+    cc = major * 10 + minor;
+    if (device < kCachedDevices) cached_cc[device].store(cc, std::memory_order_relaxed);
+  }
+  if (cc == 90) return DHP_SUCCESS;
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
+    cudaGetLastError();
+    std::snprintf(prop.name, sizeof(prop.name), "unknown");
+  }
+  return fail(DHP_ERROR_UNSUPPORTED, "device %d (%s) is sm_%d: dhp needs an sm_90 GPU (H100/H200)", device,
+              prop.name, cc);
+}
+
+// The result of validating a forward request.
+struct Forward {
+  FwdParams params;
+  int device;
+  bool empty;  // batch == 0 or seqlen_q == 0: valid, nothing to launch
+};
+
+BshdStrides bshd_strides(const Arg& a) { return {a.stride[kBatch], a.stride[kSeq], a.stride[kHeads]}; }
+
+dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTensor* v_t, const DLTensor* out_t,
+                            const DLTensor* lse_t, const dhp_attention_options* options, Forward* fwd) {
+  Arg args[] = {{"q", q_t, true}, {"k", k_t, true}, {"v", v_t, true}, {"out", out_t, true}, {"lse", lse_t, false}};
+  Arg &q = args[0], &k = args[1], &v = args[2], &out = args[3], &lse = args[4];
+  const int n = lse_t ? 5 : 4;
+  const auto each = [&](auto&& check) -> dhp_status {
+    for (Arg* a = args; a != args + n; ++a) {
+      if (const dhp_status s = check(*a)) return s;
+    }
+    return DHP_SUCCESS;
+  };
+
+  if (dhp_status s = each(check_present)) return s;
+  if (!options) {
+    return fail(DHP_ERROR_INVALID_VALUE, "options is NULL: expected a dhp_attention_options "
+                "(DHP_ATTENTION_OPTIONS_DEFAULT for the defaults)");
+  }
+  if (dhp_status s = each([&](const Arg& a) { return check_device(a, q); })) return s;
+  if (dhp_status s = each([&](const Arg& a) { return check_dtype(a, q); })) return s;
+  if (dhp_status s = each(check_rank)) return s;
+
+  const int64_t batch = q.dim(kBatch), seqlen_q = q.dim(kSeq), heads_q = q.dim(kHeads), head_dim = q.dim(kHeadDim);
+  const int64_t seqlen_k = k.dim(kSeq), heads_kv = k.dim(kHeads);
+  const int64_t k_want[] = {batch, seqlen_k, heads_kv, head_dim};
+  const int64_t lse_want[] = {batch, heads_q, seqlen_q};
+  if (dhp_status s = check_shape(k, k_want, "the batch size and head_dim of q")) return s;
+  if (dhp_status s = check_shape(v, k.t->shape, "the shape of k")) return s;
+  if (dhp_status s = check_shape(out, q.t->shape, "the shape of q")) return s;
+  if (lse_t) {
+    if (dhp_status s = check_shape(lse, lse_want, "(batch, heads_q, seqlen_q) of q")) return s;
+  }
+
+  const DType dtype = is_bf16(q.t->dtype) ? DType::bf16 : DType::fp16;
+  if (!forward_variant_exists(dtype, static_cast<int>(head_dim))) {
+    return fail(DHP_ERROR_INVALID_VALUE, "q.shape[3]=%" PRId64 ": head_dim must be %s", head_dim,
+                head_dims_text(dtype).s);
+  }
+  if (heads_q < 1) return fail(DHP_ERROR_INVALID_VALUE, "q.shape[2]=%" PRId64 ": heads_q must be >= 1", heads_q);
+  if (heads_kv < 1) return fail(DHP_ERROR_INVALID_VALUE, "k.shape[2]=%" PRId64 ": heads_kv must be >= 1", heads_kv);
+  if (heads_q % heads_kv != 0) {
+    return fail(DHP_ERROR_INVALID_VALUE, "q.shape[2]=%" PRId64 ": heads_q must be a multiple of heads_kv=%" PRId64
+                " (k.shape[2])", heads_q, heads_kv);
+  }
+  if (seqlen_k < 1) return fail(DHP_ERROR_INVALID_VALUE, "k.shape[1]=%" PRId64 ": seqlen_k must be >= 1", seqlen_k);
+  if (batch > kMaxGridDim) {
+    return fail(DHP_ERROR_INVALID_VALUE, "q.shape[0]=%" PRId64 ": batch must be <= %" PRId64, batch, kMaxGridDim);
+  }
+  if (heads_q > kMaxGridDim) {
+    return fail(DHP_ERROR_INVALID_VALUE, "q.shape[2]=%" PRId64 ": heads_q must be <= %" PRId64, heads_q,
+                kMaxGridDim);
+  }
+
+  if (dhp_status s = each(check_strides)) return s;
+  if (dhp_status s = each([&](Arg& a) { return check_extent(a, &a == &out || &a == &lse); })) return s;
+  for (const Arg* input : {&q, &k, &v}) {
+    if (dhp_status s = check_disjoint(out, *input)) return s;
+  }
+  if (lse_t) {
+    if (dhp_status s = check_disjoint(out, lse)) return s;
+    for (const Arg* input : {&q, &k, &v}) {
+      if (dhp_status s = check_disjoint(lse, *input)) return s;
+    }
+  }
+  if (dhp_status s = check_options(*options)) return s;
+
+  fwd->device = q.t->device.device_id;
+  if (dhp_status s = check_device_runs_dhp(fwd->device)) return s;
+
+  fwd->empty = batch == 0 || seqlen_q == 0;
+  FwdParams& p = fwd->params;
+  p.dtype = dtype;
+  p.head_dim = static_cast<int>(head_dim);
+  p.batch = static_cast<int>(batch);
+  p.seqlen_q = static_cast<int>(seqlen_q);
+  p.seqlen_k = static_cast<int>(seqlen_k);
+  p.heads_q = static_cast<int>(heads_q);
+  p.heads_kv = static_cast<int>(heads_kv);
+  p.q = reinterpret_cast<const void*>(q.base);
+  p.k = reinterpret_cast<const void*>(k.base);
+  p.v = reinterpret_cast<const void*>(v.base);
+  p.out = reinterpret_cast<void*>(out.base);
+  p.lse = lse_t ? reinterpret_cast<float*>(lse.base) : nullptr;
+  p.q_stride = bshd_strides(q);
+  p.k_stride = bshd_strides(k);
+  p.v_stride = bshd_strides(v);
+  p.out_stride = bshd_strides(out);
+  p.lse_stride_batch = lse_t ? lse.stride[kLseBatch] : 0;
+  p.lse_stride_head = lse_t ? lse.stride[kLseHeads] : 0;
+  p.lse_stride_seq = lse_t ? lse.stride[kLseSeq] : 0;
+  p.causal = options->causal == 1;
+  p.softmax_scale = options->softmax_scale != 0.0f ? options->softmax_scale
+                                                   : 1.0f / std::sqrt(static_cast<float>(head_dim));
+  return DHP_SUCCESS;
+}
+
+}  // namespace
+}  // namespace dhp
+
+extern "C" {
+
+const char* dhp_version(void) { return DHP_VERSION_STRING; }
+
+const char* dhp_build_info(void) { return DHP_BUILD_INFO_JSON; }
+
+dhp_status dhp_device_count(int* count) {
+  if (!count) return dhp::fail(DHP_ERROR_INVALID_VALUE, "count is NULL: expected a pointer to an int");
+  const cudaError_t e = dhp::device_count(count);
+  if (e != cudaSuccess && !dhp::no_gpu(e)) {
+    return dhp::fail(DHP_ERROR_CUDA, "cudaGetDeviceCount failed: %s", cudaGetErrorString(e));
+  }
+  return dhp::succeed();
+}
+
+dhp_status dhp_get_device_info(int device, dhp_device_info* info) {
+  if (!info) return dhp::fail(DHP_ERROR_INVALID_VALUE, "info is NULL: expected a pointer to a dhp_device_info");
+  int count = 0;
+  if (dhp_status s = dhp_device_count(&count)) return s;
+  if (device < 0 || device >= count) {
+    return dhp::fail(DHP_ERROR_INVALID_VALUE, "device=%d: expected 0 <= device < %d, the number of visible CUDA "
+                     "devices", device, count);
+  }
+  cudaDeviceProp prop{};
+  const cudaError_t e = cudaGetDeviceProperties(&prop, device);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return dhp::fail(DHP_ERROR_CUDA, "device %d: cudaGetDeviceProperties failed: %s", device,
+                     cudaGetErrorString(e));
+  }
+  *info = dhp_device_info{};
+  std::snprintf(info->name, sizeof(info->name), "%s", prop.name);
+  info->compute_major = prop.major;
+  info->compute_minor = prop.minor;
+  info->multiprocessors = prop.multiProcessorCount;
+  info->supported = prop.major == 9 && prop.minor == 0;
+  return dhp::succeed();
+}
+
+dhp_status dhp_attention_forward_check(const DLTensor* q, const DLTensor* k, const DLTensor* v, const DLTensor* out,
+                                       const DLTensor* lse, const dhp_attention_options* options) {
+  dhp::Forward fwd{};
+  if (dhp_status s = dhp::validate_forward(q, k, v, out, lse, options, &fwd)) return s;
+  return dhp::succeed();
+}
+
+dhp_status dhp_attention_forward(const DLTensor* q, const DLTensor* k, const DLTensor* v, DLTensor* out,
+                                 DLTensor* lse, const dhp_attention_options* options, cudaStream_t stream) {
+  dhp::Forward fwd{};
+  if (dhp_status s = dhp::validate_forward(q, k, v, out, lse, options, &fwd)) return s;
+  if (fwd.empty) return dhp::succeed();
+
+  int current = 0;
+  cudaError_t e = cudaGetDevice(&current);
+  if (e == cudaSuccess && current != fwd.device) e = cudaSetDevice(fwd.device);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return dhp::fail(DHP_ERROR_CUDA, "cannot make device %d current: %s", fwd.device, cudaGetErrorString(e));
+  }
+  dhp_status status = dhp::launch_forward(fwd.params, stream);
+  if (current != fwd.device) {
+    e = cudaSetDevice(current);
+    if (e != cudaSuccess && status == DHP_SUCCESS) {
+      cudaGetLastError();
+      status = dhp::fail(DHP_ERROR_CUDA, "cannot restore device %d as current: %s", current, cudaGetErrorString(e));
+    }
+  }
+  return status == DHP_SUCCESS ? dhp::succeed() : status;
+}
+
+}  // extern "C"
