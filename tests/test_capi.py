@@ -1,0 +1,81 @@
+"""The C API tests of tests/cpp, built with CMake against the *installed* dhp package.
+
+This is the find_package proof: a separate CMake project finds dhp through the CMake package inside the
+wheel (dhp_DIR = `python -m dhp --cmake-dir`), links a C++ validation test and a plain C consumer, and ctest
+runs them. None of it needs a GPU.
+"""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_CPP = Path(__file__).resolve().parent / "cpp"
+
+
+def dhp_prefix() -> Path:
+    """Install prefix of the dhp wheel: the installed package directory (holds lib/, include/, lib/cmake/dhp)."""
+    spec = importlib.util.find_spec("dhp")  # locates the package without importing it
+    assert spec is not None and spec.submodule_search_locations, "dhp is not installed: pip install '.[test]'"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cmake_dir_from_cli():
+    """`python -m dhp --cmake-dir`, or None where the package has no such command."""
+    if not (dhp_prefix() / "__main__.py").is_file():
+        return None
+    out = subprocess.run([sys.executable, "-m", "dhp", "--cmake-dir"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def cmake_dir() -> Path:
+    """dhp's CMake package directory (dhpConfig.cmake)."""
+    return cmake_dir_from_cli() or dhp_prefix() / "lib" / "cmake" / "dhp"
+
+
+def test_wheel_layout():
+    prefix = dhp_prefix()
+    for rel in ["lib/libdhp.so", "include/dhp/dhp.h", "include/dhp/dlpack.h", "lib/cmake/dhp/dhpConfig.cmake",
+                "lib/cmake/dhp/dhpConfigVersion.cmake", "lib/cmake/dhp/dhpTargets.cmake"]:
+        assert (prefix / rel).is_file(), f"the installed package lacks {rel} (under {prefix})"
+    assert list(prefix.glob("_C*.so")), f"the installed package lacks the extension module _C (under {prefix})"
+
+
+def test_cmake_dir_cli():
+    from_cli = cmake_dir_from_cli()
+    if from_cli is None:
+        pytest.skip("dhp has no __main__ (python -m dhp --cmake-dir) yet")
+    assert from_cli.resolve() == (dhp_prefix() / "lib" / "cmake" / "dhp").resolve()
+
+
+def _tool(*names):
+    for name in names:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_capi_ctest(tmp_path):
+    cmake = _tool("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not on PATH")
+    ctest = _tool(str(Path(cmake).with_name("ctest")), "ctest")
+    if _tool(os.environ.get("CC"), "cc", "gcc", "clang") is None or _tool(os.environ.get("CXX"), "c++", "g++",
+                                                                          "clang++") is None:
+        pytest.skip("no C/C++ compiler on PATH (cc, c++)")
+
+    build = tmp_path / "build"
+    steps = [
+        [cmake, "-S", str(TESTS_CPP), "-B", str(build), f"-Ddhp_DIR={cmake_dir()}", "-DCMAKE_BUILD_TYPE=Release"],
+        [cmake, "--build", str(build), "--parallel", "2"],
+        [ctest, "--test-dir", str(build), "--output-on-failure", "--verbose"],
+    ]
+    for cmd in steps:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        print(result.stdout, result.stderr, sep="\n")
+        assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    assert "100% tests passed" in result.stdout

@@ -1,0 +1,230 @@
+"""dhp.attention forward on the GPU (torch) against the float64 reference, with FlashAttention's error rule.
+
+Every compiled (dtype, head_dim) x causal x GQA ratio x seqlen pair; outputs poisoned with NaN beforehand.
+Then layouts, explicit scales, every output written (NaN-poisoned lse), bit determinism and error paths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import dhp
+from dhp import reference
+
+SEQLENS = [
+    (1, 1), (17, 17), (128, 128), (1000, 1000), (4097, 4097),
+    (113, 203), (239, 1), (799, 3), (1, 239), (1023, 1024),
+]
+HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
+
+
+def _randn(torch, shape, dtype, generator):
+    return torch.randn(shape, dtype=dtype, device="cuda", generator=generator)
+
+
+def _inputs(torch, dtype_name, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, seed=0):
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    q = _randn(torch, (batch, seqlen_q, heads_q, head_dim), dtype, generator)
+    k = _randn(torch, (batch, seqlen_k, heads_kv, head_dim), dtype, generator)
+    v = _randn(torch, (batch, seqlen_k, heads_kv, head_dim), dtype, generator)
+    return q, k, v
+
+
+def _bits(torch, t):
+    """The raw bytes of a tensor, for bitwise comparison (NaN == NaN)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def assert_bitwise_equal(torch, a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert torch.equal(_bits(torch, a), _bits(torch, b)), "results differ bit for bit"
+
+
+def check_against_reference(torch, q, k, v, out, lse, causal, softmax_scale):
+    """out and lse from dhp against the float64 reference; the error budget is FlashAttention's."""
+    ref_out, ref_lse = reference.attention_reference(q, k, v, causal, softmax_scale)
+    budget = reference.error_budget(q, k, v, causal, softmax_scale, ref_out, ref_lse)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+    assert not torch.isnan(out).any(), "NaN in out"
+    assert not torch.isnan(lse).any(), "NaN in lse"
+    error = reference.max_abs_error(out, ref_out, ref_lse)
+    assert error <= budget, f"max abs error {error:.3e} > budget {budget:.3e}"
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse is -inf exactly on the rows that see no key"
+    assert (out.permute(0, 2, 1, 3)[empty] == 0).all(), "rows that see no key are 0"
+    finite = ~empty
+    lse_error = (lse[finite].double() - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    assert lse_error <= 1e-3 + 1e-4 * ref_lse[finite].abs().max().item(), f"lse error {lse_error:.3e}"
+
+
+def run_and_check(torch, q, k, v, causal, softmax_scale=None):
+    """Poisoned out= path and default path: both checked, and identical to the bit."""
+    poisoned = torch.full(q.shape, math.nan, dtype=q.dtype, device=q.device)
+    out, lse = dhp.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True, out=poisoned)
+    assert out is poisoned
+    check_against_reference(torch, q, k, v, out, lse, causal, softmax_scale)
+    out2, lse2 = dhp.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
+    assert out2.is_contiguous() and out2.device == q.device
+    assert_bitwise_equal(torch, out, out2)
+    assert_bitwise_equal(torch, lse, lse2)
+    assert_bitwise_equal(torch, out, dhp.attention(q, k, v, causal=causal, softmax_scale=softmax_scale))
+    return out, lse
+
+
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=[f"sq{a}_sk{b}" for a, b in SEQLENS])
+@pytest.mark.parametrize("heads", list(HEADS.values()), ids=list(HEADS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_matches_reference(torch_cuda, dtype_name, head_dim, causal, heads, seqlens):
+    torch = torch_cuda
+    seqlen_q, seqlen_k = seqlens
+    batch = 2 if max(seqlens) <= 1024 else 1
+    q, k, v = _inputs(torch, dtype_name, batch, seqlen_q, seqlen_k, *heads, head_dim, seed=seqlen_q + seqlen_k)
+    with torch.no_grad():
+        run_and_check(torch, q, k, v, causal)
+
+
+@pytest.mark.parametrize("layout", ["sliced_head_dim", "bhsd_transposed"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_strided_inputs_and_output(torch_cuda, dtype_name, head_dim, layout, causal):
+    torch = torch_cuda
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    batch, seqlen_q, seqlen_k, heads_q, heads_kv = 2, 300, 257, 4, 2
+
+    def make(seqlen, heads):
+        if layout == "sliced_head_dim":  # a view of the first half of a larger head dimension
+            return _randn(torch, (batch, seqlen, heads, 2 * head_dim), dtype, generator)[..., :head_dim]
+        return _randn(torch, (batch, heads, seqlen, head_dim), dtype, generator).transpose(1, 2)
+
+    q, k, v = make(seqlen_q, heads_q), make(seqlen_k, heads_kv), make(seqlen_k, heads_kv)
+    assert not q.is_contiguous()
+    out = torch.full((batch, heads_q, seqlen_q, head_dim), math.nan, dtype=dtype, device="cuda").transpose(1, 2)
+    with torch.no_grad():
+        result, lse = dhp.attention(q, k, v, causal=causal, return_lse=True, out=out)
+        assert result is out
+        check_against_reference(torch, q, k, v, out, lse, causal, None)
+        assert_bitwise_equal(torch, out, dhp.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal))
+
+
+@pytest.mark.parametrize("softmax_scale", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_explicit_softmax_scale(torch_cuda, dtype_name, head_dim, softmax_scale, causal):
+    torch = torch_cuda
+    q, k, v = _inputs(torch, dtype_name, 2, 333, 400, 4, 2, head_dim, seed=3)
+    with torch.no_grad():
+        run_and_check(torch, q, k, v, causal, softmax_scale)
+
+
+@pytest.mark.parametrize("seqlens", [(239, 17), (64, 64), (17, 239)], ids=lambda s: f"sq{s[0]}_sk{s[1]}")
+def test_every_output_element_is_written(torch_cuda, ext, dtype_name, head_dim, seqlens):
+    """out and lse poisoned with NaN, through the binding; causal with seqlen_q > seqlen_k has rows with no key."""
+    torch = torch_cuda
+    q, k, v = _inputs(torch, dtype_name, 2, *seqlens, 4, 2, head_dim, seed=11)
+    out = torch.full(q.shape, math.nan, dtype=q.dtype, device="cuda")
+    lse = torch.full((2, 4, seqlens[0]), math.nan, dtype=torch.float32, device="cuda")
+    ext.forward(q, k, v, out, lse, True, 0.0, torch.cuda.current_stream().cuda_stream)
+    check_against_reference(torch, q, k, v, out, lse, True, None)
+
+
+def test_bit_determinism(torch_cuda, dtype_name, head_dim):
+    torch = torch_cuda
+    q, k, v = _inputs(torch, dtype_name, 2, 2048, 2048, 8, 2, head_dim, seed=5)
+    with torch.no_grad():
+        for causal in (False, True):
+            first, first_lse = dhp.attention(q, k, v, causal=causal, return_lse=True)
+            for _ in range(3):
+                again, again_lse = dhp.attention(q, k, v, causal=causal, return_lse=True)
+                assert_bitwise_equal(torch, first, again)
+                assert_bitwise_equal(torch, first_lse, again_lse)
+
+
+def test_batch_invariance(torch_cuda, dtype_name, head_dim):
+    """A sequence's outputs do not depend on the rest of the batch."""
+    torch = torch_cuda
+    q, k, v = _inputs(torch, dtype_name, 4, 777, 777, 4, 4, head_dim, seed=9)
+    with torch.no_grad():
+        whole, whole_lse = dhp.attention(q, k, v, causal=True, return_lse=True)
+        one, one_lse = dhp.attention(q[2:3], k[2:3], v[2:3], causal=True, return_lse=True)
+    assert_bitwise_equal(torch, whole[2:3], one)
+    assert_bitwise_equal(torch, whole_lse[2:3], one_lse)
+
+
+@pytest.mark.parametrize("shape", [(0, 16, 2), (2, 0, 2)], ids=["batch0", "seqlen_q0"])
+def test_empty_calls(torch_cuda, shape):
+    torch = torch_cuda
+    batch, seqlen_q, heads = shape
+    q = torch.empty(batch, seqlen_q, heads, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(batch, 16, heads, 128, dtype=torch.bfloat16, device="cuda")
+    out, lse = dhp.attention(q, k, k, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (batch, heads, seqlen_q)
+
+
+# Errors: the C sentence reaches Python as the right exception, and no output is touched.
+
+
+def _bf16(torch, *shape):
+    return torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+
+
+def assert_rejected(torch, error, q, k, v, match=None):
+    out = torch.full(q.shape, math.nan, dtype=q.dtype, device=q.device)
+    with pytest.raises(error, match=match) as caught:
+        dhp.attention(q, k, v, out=out)
+    assert str(caught.value)
+    assert torch.isnan(out).all(), "a rejected call touched out"
+
+
+def test_error_bad_head_dim(torch_cuda):
+    q = _bf16(torch_cuda, 1, 16, 2, 96)
+    assert_rejected(torch_cuda, ValueError, q, q, q, match="head_dim")
+
+
+def test_error_mismatched_dtypes(torch_cuda):
+    q = _bf16(torch_cuda, 1, 16, 2, 128)
+    assert_rejected(torch_cuda, TypeError, q, q.half(), q, match="k")
+
+
+def test_error_unsupported_dtype(torch_cuda):
+    q = _bf16(torch_cuda, 1, 16, 2, 128).float()
+    assert_rejected(torch_cuda, TypeError, q, q, q)
+
+
+def test_error_out_aliases_q(torch_cuda):
+    torch = torch_cuda
+    q, k = _bf16(torch, 1, 16, 2, 128), _bf16(torch, 1, 16, 2, 128)
+    before = q.clone()
+    with pytest.raises(ValueError, match="out"):
+        dhp.attention(q, k, k, out=q)
+    assert_bitwise_equal(torch, q, before)
+
+
+def test_error_misaligned(torch_cuda):
+    """The first element sliced off a larger last dimension: data 2 bytes off 16, strides not multiples of 8."""
+    q = _bf16(torch_cuda, 1, 64, 2, 128)
+    k = _bf16(torch_cuda, 1, 64, 2, 129)[..., 1:]
+    assert k.shape == q.shape and k.stride()[2] % 8 != 0
+    assert_rejected(torch_cuda, ValueError, q, k, q)
+
+
+def test_error_gqa_not_divisible(torch_cuda):
+    q, k = _bf16(torch_cuda, 1, 16, 3, 128), _bf16(torch_cuda, 1, 16, 2, 128)
+    assert_rejected(torch_cuda, ValueError, q, k, k, match="heads")
+
+
+def test_error_cpu_tensor(torch_cuda):
+    q = _bf16(torch_cuda, 1, 16, 2, 128).cpu()
+    with pytest.raises(ValueError, match="CUDA"):
+        dhp.attention(q, q, q)
+
+
+def test_error_requires_grad(torch_cuda):
+    torch = torch_cuda
+    q = _bf16(torch, 1, 16, 2, 128).requires_grad_()
+    with pytest.raises(NotImplementedError, match="backward"):
+        dhp.attention(q, q, q)
+    with torch.no_grad():
+        dhp.attention(q, q, q)

@@ -1,0 +1,147 @@
+"""The machine code of the installed libdhp.so, read with cuobjdump (no GPU needed).
+
+- every kernel: registers / stack / shared / local memory, printed as a table (pytest -s shows it), and no
+  local memory or stack (a spill would be both slow and a data-dependent memory access pattern risk);
+- every variant of the build (dhp_build_info) has its kernels, and their SASS holds HGMMA (wgmma) and
+  UTMALDG (TMA loads);
+- the library exports only the C API and needs neither libcuda nor a shared CUDA runtime.
+
+cuobjdump comes from PATH, /usr/local/cuda*/bin or the pip packages nvidia-cuda-cuobjdump and
+nvidia-cuda-nvdisasm (cuobjdump -sass runs nvdisasm).
+"""
+
+import ctypes
+import functools
+import glob
+import json
+import os
+import re
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_capi import dhp_prefix
+
+
+def libdhp() -> Path:
+    path = dhp_prefix() / "lib" / "libdhp.so"
+    assert path.is_file(), f"{path} is missing"
+    return path
+
+
+def find_tool(name):
+    """A CUDA binary tool: PATH, then CUDA_HOME / /usr/local/cuda*, then pip's nvidia/*/bin in site-packages."""
+    if shutil.which(name):
+        return shutil.which(name)
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *sorted(glob.glob("/usr/local/cuda*"))]
+    sites = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    candidates = [f"{h}/bin/{name}" for h in homes if h] + [
+        c for s in sites if s for c in sorted(glob.glob(f"{s}/nvidia/*/bin/{name}"))]
+    return next((c for c in candidates if os.access(c, os.X_OK)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def cuobjdump(*args) -> str:
+    tool = find_tool("cuobjdump")
+    if tool is None:
+        pytest.skip("cuobjdump not found (PATH, /usr/local/cuda*/bin, pip install nvidia-cuda-cuobjdump)")
+    env = dict(os.environ)
+    nvdisasm = find_tool("nvdisasm")
+    if nvdisasm:
+        env["PATH"] = os.pathsep.join([str(Path(nvdisasm).parent), env.get("PATH", "")])
+    result = subprocess.run([tool, *args, str(libdhp())], capture_output=True, text=True, env=env)
+    if "nvdisasm" in result.stderr and result.returncode != 0:
+        pytest.skip(f"cuobjdump needs nvdisasm (pip install nvidia-cuda-nvdisasm): {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def build_info() -> dict:
+    lib = ctypes.CDLL(str(libdhp()))
+    lib.dhp_build_info.restype = ctypes.c_char_p
+    return json.loads(lib.dhp_build_info())
+
+
+def built_variants():
+    info = build_info()
+    return [(dt, hd) for dt in info["dtypes"] for hd in info["head_dims"]]
+
+
+def variant_of(source):
+    """(dtype, head_dim) of a generated instance file fwd_<dtype>_hd<head_dim>.cu, else None."""
+    m = re.search(r"fwd_(\w+)_hd(\d+)\.cu$", source or "")
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def sections(dump):
+    """cuobjdump output split per embedded cubin: [(identifier = source file, text)]."""
+    parts = re.split(r"^Fatbin elf code:\s*$", dump, flags=re.M)[1:]
+    identifiers = [re.search(r"^identifier = (.*)$", p, re.M) for p in parts]
+    return [(m.group(1).strip() if m else "", p) for m, p in zip(identifiers, parts)]
+
+
+def kernels():
+    """One row per kernel: name, source, variant and its resource counts."""
+    rows = []
+    for source, text in sections(cuobjdump("--dump-resource-usage")):
+        for name, usage in re.findall(r"^\s*Function (\S+):\s*\n\s*(.*)$", text, re.M):
+            counts = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", usage)}
+            rows.append({"name": name, "source": source, "variant": variant_of(source), **counts})
+    return rows
+
+
+def demangle(names):
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return names
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    return out if len(out) == len(names) else names
+
+
+def test_kernel_resources():
+    rows = kernels()
+    names = demangle([r["name"] for r in rows])
+    print(f"\n{'variant':<12} {'REG':>4} {'STACK':>6} {'SHARED':>7} {'LOCAL':>6}  kernel")
+    for r, name in zip(rows, names):
+        variant = f"{r['variant'][0]} hd{r['variant'][1]}" if r["variant"] else Path(r["source"]).name
+        print(f"{variant:<12} {r['REG']:>4} {r['STACK']:>6} {r['SHARED']:>7} {r['LOCAL']:>6}  {name}")
+
+    assert rows, "libdhp.so holds no kernels"
+    spills = [(name, r["LOCAL"], r["STACK"]) for r, name in zip(rows, names) if r["LOCAL"] or r["STACK"]]
+    assert not spills, f"kernels with local memory / stack (name, LOCAL, STACK): {spills}"
+    missing = set(built_variants()) - {r["variant"] for r in rows}
+    assert not missing, f"built variants without a kernel in libdhp.so: {sorted(missing)}"
+
+
+def test_sass_has_wgmma_and_tma():
+    per_variant = {variant_of(source): text for source, text in sections(cuobjdump("-sass"))}
+    for variant in built_variants():
+        sass = per_variant.get(variant)
+        assert sass is not None, f"no SASS for variant {variant}"
+        for op in ("HGMMA", "UTMALDG"):
+            assert re.search(rf"\b{op}\b", sass), f"variant {variant}: no {op} in its SASS"
+
+
+def test_exports_only_the_c_api():
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) not found")
+    out = subprocess.run([nm, "-D", "--defined-only", str(libdhp())], capture_output=True, text=True, check=True)
+    symbols = [line.split()[-1] for line in out.stdout.splitlines() if line.strip()]
+    linker_symbols = {"_init", "_fini", "_edata", "_end", "__bss_start"}
+    assert "dhp_attention_forward" in symbols
+    assert [s for s in symbols if not s.startswith("dhp_") and s not in linker_symbols] == []
+
+
+def test_needs_no_cuda_libraries():
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) not found")
+    out = subprocess.run([readelf, "-d", str(libdhp())], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
+    assert needed, out
+    assert not [n for n in needed if n.startswith(("libcuda", "libcudart"))], needed
