@@ -23,6 +23,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -370,7 +371,15 @@ dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   kp.scale_log2 = prm.softmax_scale * kLog2e;
 
   auto kernel = attention_fwd_kernel<T, HeadDim>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(K::kSmemBytes));
+  // The shared-memory opt-in is a per-device setting of the kernel: made once per device (bit = ordinal).
+  static std::atomic<uint64_t> smem_reserved{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  const uint64_t device_bit = device < 64 ? uint64_t{1} << device : 0;
+  if (err == cudaSuccess && !(smem_reserved.load(std::memory_order_acquire) & device_bit)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(K::kSmemBytes));
+    if (err == cudaSuccess) smem_reserved.fetch_or(device_bit, std::memory_order_release);
+  }
   if (err != cudaSuccess)
     return fail(DHP_ERROR_CUDA, "could not reserve %zu bytes of shared memory for the forward kernel: %s",
                 K::kSmemBytes, cudaGetErrorString(err));
