@@ -1,15 +1,18 @@
 """python -m dhp.bench: dhp's forward beside torch SDPA's cuDNN and flash (FA2) backends, in one run.
 
-Every case times the three on the same inputs: warm-up first, then --reps runs, each with the L2 cache flushed
-before it (the same flush for every side) and CUDA events around the call alone; the median counts. Runs are
-enqueued back to back and synchronized once at the end; a GPU-side spin queued before each flush keeps the
-GPU behind the host, so the events time the kernels, not a call's host overhead. TFLOP/s = 4·batch·heads_q·seqlen_q·
-seqlen_k·head_dim / time, halved for causal. A backend that refuses a case gets None.
+Every case times the backends on the same inputs: warm-up first, then --reps runs, each with the L2 cache
+flushed before it (the same flush for every side) and CUDA events around the call alone; the median counts,
+and the spread of the runs (min, quartiles, max) is kept beside it. Runs are enqueued back to back and
+synchronized once at the end; a GPU-side spin queued before each flush keeps the GPU behind the host, so the
+events time the kernels, not a call's host overhead. TFLOP/s = 4·batch·heads_q·seqlen_q·seqlen_k·head_dim /
+time, halved for causal. A backend that refuses a case gets None.
 
 Cases: the build's dtypes and head_dims, seqlen 512..16k with batch·seqlen = 16k and heads·head_dim = 2048,
-causal and not, plus GQA (32 q heads, 8 kv heads, head_dim 128, seqlen 4k). --quick runs a small subset.
+causal and not, plus GQA (32 q heads, 8 kv heads, head_dim 128, seqlen 4k). --quick runs a small subset;
+--dtypes, --head-dims, --seqlens, --causal and --backends narrow the run (dhp always runs: ratios need it).
 
-    python -m dhp.bench [--quick] [--reps 30] [--out results.json]
+    python -m dhp.bench [--quick] [--reps 30] [--out results.json] [--plot results.png]
+    python -m dhp.bench --plot-from results.json --plot results.png      # redraw, no GPU needed
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -33,11 +37,19 @@ WIDTH = 2048  # heads * head_dim
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (1024, 4096)
 GQA_HEADS = (32, 8)
+GQA_SEQLEN = 4096
 BACKENDS = ("dhp", "cudnn", "fa2")
 LABELS = {"dhp": "dhp", "cudnn": "cuDNN", "fa2": "FA2"}
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16"}
+ALL_DTYPES = ("bfloat16", "float16")
+ALL_HEAD_DIMS = (64, 128, 256)
+CAUSAL_CHOICES = {"both": (False, True), "no": (False,), "yes": (True,)}
+# Seqlen buckets of the summary (the issue's targets are stated per bucket); bounds inclusive.
+BUCKETS = (("512-2k", 512, 2048), ("4k+", 4096, math.inf))
 FLUSH_BYTES = 256 << 20  # five times an H100's 50 MB L2
 SPIN_CYCLES = 400_000  # ~0.2 ms of GPU time queued ahead of each timed call
+SCHEMA = 2  # 1: environment, settings, rows, geomean; 2 adds rows[].spread, geomean_by and schema
 
 
 @dataclass(frozen=True)
@@ -63,24 +75,92 @@ class Case:
         return f"{short} d{self.head_dim} b{self.batch} s{self.seqlen} {heads}{mask}"
 
 
-def cases(dtypes, head_dims, quick=False) -> list[Case]:
+def cases(dtypes, head_dims, quick=False, seqlens=None, causal="both") -> list[Case]:
+    """The case family for these dtypes and head_dims: FlashAttention's shapes at every seqlen, plus GQA.
+
+    quick narrows to the first dtype, head_dim 128 (if present) and seqlens 1k, 4k; explicit seqlens win.
+    causal: "both", "yes" or "no". The GQA cases come with head_dim 128 when seqlen 4k is in the run.
+    """
     if quick:
         dtypes = list(dtypes)[:1]
         head_dims = [128] if 128 in head_dims else list(head_dims)[:1]
-    seqlens = QUICK_SEQLENS if quick else SEQLENS
+    seqlens = tuple(seqlens) if seqlens else QUICK_SEQLENS if quick else SEQLENS
+    masks = CAUSAL_CHOICES[causal]
     result = [
-        Case(dtype, d, TOKENS // s, s, WIDTH // d, WIDTH // d, causal)
+        Case(dtype, d, max(1, TOKENS // s), s, WIDTH // d, WIDTH // d, mask)
         for dtype in dtypes
         for d in head_dims
         for s in seqlens
-        for causal in (False, True)
+        for mask in masks
     ]
-    if 128 in head_dims:
+    if 128 in head_dims and GQA_SEQLEN in seqlens:
         hq, hkv = GQA_HEADS
         result += [
-            Case(dtype, 128, TOKENS // 4096, 4096, hq, hkv, causal) for dtype in dtypes for causal in (False, True)
+            Case(dtype, 128, TOKENS // GQA_SEQLEN, GQA_SEQLEN, hq, hkv, mask) for dtype in dtypes for mask in masks
         ]
     return result
+
+
+def select_cases(build_dtypes, build_head_dims, *, dtypes=None, head_dims=None, seqlens=None, causal="both",
+                 quick=False) -> list[Case]:
+    """The cases of a run: the build's variants narrowed by the filters (None: no filter).
+
+    --quick narrows only what the filters leave open. ValueError names a dtype or head_dim not in the build.
+    """
+    for kind, wanted, built in (("dtype", dtypes, build_dtypes), ("head_dim", head_dims, build_head_dims)):
+        missing = [w for w in wanted or () if w not in built]
+        if missing:
+            shown = ", ".join(SHORT_DTYPES.get(b, str(b)) for b in built)
+            raise ValueError(f"{kind} {', '.join(map(str, missing))} not in this build (it has {shown})")
+    chosen_dtypes = [d for d in build_dtypes if d in dtypes] if dtypes else list(build_dtypes)
+    chosen_dims = [d for d in build_head_dims if d in head_dims] if head_dims else list(build_head_dims)
+    if quick and not dtypes:
+        chosen_dtypes = chosen_dtypes[:1]
+    if quick and not head_dims:
+        chosen_dims = [128] if 128 in chosen_dims else chosen_dims[:1]
+    if not seqlens:
+        seqlens = QUICK_SEQLENS if quick else SEQLENS
+    return cases(chosen_dtypes, chosen_dims, seqlens=sorted(set(seqlens)), causal=causal)
+
+
+def parse_dtypes(text: str) -> list[str]:
+    """"bf16,fp16" -> ["bfloat16", "float16"] (also takes bfloat16, float16, half)."""
+    names = []
+    for item in _items(text):
+        if item.lower() not in DTYPE_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown dtype {item!r} (use bf16, fp16)")
+        names.append(DTYPE_NAMES[item.lower()])
+    return names
+
+
+def parse_ints(text: str) -> list[int]:
+    """"512,1k,4096" -> [512, 1024, 4096]; a k suffix means 1024."""
+    values = []
+    for item in _items(text):
+        try:
+            value = int(item[:-1]) * 1024 if item.lower().endswith("k") else int(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {item!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be positive: {item!r}")
+        values.append(value)
+    return values
+
+
+def parse_backends(text: str) -> list[str]:
+    """"cudnn" -> ["dhp", "cudnn"]: dhp always runs, order is BACKENDS'."""
+    wanted = {item.lower() for item in _items(text)}
+    unknown = wanted - set(BACKENDS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {', '.join(sorted(unknown))} (use {','.join(BACKENDS)})")
+    return [b for b in BACKENDS if b == "dhp" or b in wanted]
+
+
+def _items(text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("empty list")
+    return items
 
 
 def make_inputs(torch, case: Case):
@@ -114,13 +194,13 @@ def _sdpa_call(torch, backend_name, case, q, k, v):
     return call
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flush_buffer(torch, device: int):
     return torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=f"cuda:{device}")
 
 
-def time_ms(torch, fn, reps=30, warmup=5) -> float:
-    """Median milliseconds of fn() over reps runs, each after an L2 flush, on the current stream."""
+def time_runs(torch, fn, reps=30, warmup=5) -> list[float]:
+    """Milliseconds of each of reps runs of fn(), each after an L2 flush, on the current stream."""
     flush = _flush_buffer(torch, torch.cuda.current_device())
     for _ in range(warmup):
         fn()
@@ -134,14 +214,24 @@ def time_ms(torch, fn, reps=30, warmup=5) -> float:
         fn()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return [start.elapsed_time(end) for start, end in events]
 
 
-def measure(torch, case: Case, backends=BACKENDS, reps=30, warmup=5) -> dict:
-    """{backend: median ms or None (refused)} for one case, all backends on the same inputs."""
+def time_ms(torch, fn, reps=30, warmup=5) -> float:
+    """Median milliseconds of fn() over reps runs, each after an L2 flush, on the current stream."""
+    return statistics.median(time_runs(torch, fn, reps, warmup))
+
+
+def measure_runs(torch, case: Case, backends=BACKENDS, reps=30, warmup=5, on_backend=None) -> dict:
+    """{backend: [ms of each timed run] or None (refused)} for one case, all backends on the same inputs.
+
+    on_backend(name), if given, is called before each backend is timed (the progress display).
+    """
     q, k, v = make_inputs(torch, case)
-    times = {}
+    runs = {}
     for name in backends:
+        if on_backend is not None:
+            on_backend(name)
         fn = _dhp_call(torch, case, q, k, v) if name == "dhp" else _sdpa_call(torch, name, case, q, k, v)
         if name != "dhp":
             try:  # a peer that cannot run the case raises on its first call
@@ -150,20 +240,60 @@ def measure(torch, case: Case, backends=BACKENDS, reps=30, warmup=5) -> dict:
                     fn()
                 torch.cuda.synchronize()
             except RuntimeError:
-                times[name] = None
+                runs[name] = None
                 continue
-        times[name] = time_ms(torch, fn, reps, warmup)
-    return times
+        runs[name] = time_runs(torch, fn, reps, warmup)
+    return runs
 
 
-def make_row(case: Case, times: dict) -> dict:
+def measure(torch, case: Case, backends=BACKENDS, reps=30, warmup=5) -> dict:
+    """{backend: median ms or None (refused)} for one case, all backends on the same inputs."""
+    return medians(measure_runs(torch, case, backends, reps, warmup))
+
+
+def medians(runs: dict) -> dict:
+    return {name: None if values is None else statistics.median(values) for name, values in runs.items()}
+
+
+def spread_of(values) -> dict | None:
+    """min, quartiles (p25, p75) and max of the timed runs, in ms; None for a refused backend."""
+    if not values:
+        return None
+    values = sorted(values)
+    if len(values) == 1:
+        p25 = p75 = values[0]
+    else:
+        p25, _, p75 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"min": values[0], "p25": p25, "p75": p75, "max": values[-1]}
+
+
+def make_row(case: Case, times: dict, spread: dict | None = None) -> dict:
+    """One result row: times {backend: median ms or None}; spread {backend: spread_of(runs)}, if known."""
     tflops = {name: None if ms is None else case.flops / (ms * 1e-3) / 1e12 for name, ms in times.items()}
     ratios = {
         f"dhp/{peer}": None if tflops.get(peer) is None or tflops.get("dhp") is None else tflops["dhp"] / tflops[peer]
         for peer in times
         if peer != "dhp"
     }
-    return {"case": case.name, **asdict(case), "flops": case.flops, "ms": times, "tflops": tflops, "ratios": ratios}
+    row = {"case": case.name, **asdict(case), "flops": case.flops, "ms": times, "tflops": tflops, "ratios": ratios}
+    if spread is not None:
+        row["spread"] = spread
+    return row
+
+
+def row_from_runs(case: Case, runs: dict) -> dict:
+    return make_row(case, medians(runs), {name: spread_of(values) for name, values in runs.items()})
+
+
+def noise(row: dict) -> float | None:
+    """The largest interquartile range of the row's backends, as a fraction of that backend's median."""
+    spreads = row.get("spread") or {}
+    values = [
+        (s["p75"] - s["p25"]) / row["ms"][name]
+        for name, s in spreads.items()
+        if s is not None and row["ms"].get(name)
+    ]
+    return max(values) if values else None
 
 
 def _cell(value, fmt) -> str:
@@ -173,23 +303,149 @@ def _cell(value, fmt) -> str:
 def format_header(backends=BACKENDS) -> str:
     peers = [b for b in backends if b != "dhp"]
     cols = "".join(f"{LABELS[b]:>9}" for b in backends) + "".join(f"{'/' + LABELS[p]:>9}" for p in peers)
-    return f"{'case (TFLOP/s)':<36}{cols}"
+    return f"{'case (TFLOP/s)':<36}{cols}{'iqr%':>7}"
 
 
 def format_row(row: dict, backends=BACKENDS) -> str:
     peers = [b for b in backends if b != "dhp"]
     cols = "".join(f"{_cell(row['tflops'].get(b), '.1f'):>9}" for b in backends)
     cols += "".join(f"{_cell(row['ratios'].get(f'dhp/{p}'), '.2f'):>9}" for p in peers)
-    return f"{row['case']:<36}{cols}"
+    spread = noise(row)
+    return f"{row['case']:<36}{cols}{_cell(None if spread is None else 100 * spread, '.1f'):>7}"
+
+
+def _geomean(values) -> float | None:
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
 def geomean_ratios(rows: list[dict]) -> dict:
+    """{"dhp/peer": geometric mean of that ratio over the rows (None where no row has it)}."""
     keys = {key for row in rows for key in row["ratios"]}
+    return {key: _geomean(row["ratios"].get(key) for row in rows) for key in sorted(keys)}
+
+
+def variant_of(row: dict) -> str:
+    """The summary group of a row: "bf16 d128", or "bf16 d128 gqa" for the GQA cases."""
+    name = f"{SHORT_DTYPES.get(row['dtype'], row['dtype'])} d{row['head_dim']}"
+    return name + (" gqa" if row["heads_q"] != row["heads_kv"] else "")
+
+
+def bucket_of(seqlen: int) -> str | None:
+    return next((label for label, low, high in BUCKETS if low <= seqlen <= high), None)
+
+
+def geomean_by(rows: list[dict]) -> dict:
+    """{variant or "all": {bucket or "all": {"dhp/peer": geomean}}}: each variant and all rows, split by seqlen
+    bucket (BUCKETS) and over all seqlens. ["all"]["all"] is the overall geometric mean."""
+    groups = sorted({variant_of(row) for row in rows}, key=lambda v: (v.split()[0], int(v.split()[1][1:]), v))
     result = {}
-    for key in sorted(keys):
-        values = [row["ratios"][key] for row in rows if row["ratios"].get(key)]
-        result[key] = math.exp(sum(map(math.log, values)) / len(values)) if values else None
+    for group in [*groups, "all"]:
+        members = [row for row in rows if group == "all" or variant_of(row) == group]
+        result[group] = {}
+        for label, _, _ in BUCKETS:
+            inside = [row for row in members if bucket_of(row["seqlen"]) == label]
+            if inside:
+                result[group][label] = geomean_ratios(inside)
+        result[group]["all"] = geomean_ratios(members)
     return result
+
+
+def format_summary(by: dict) -> list[str]:
+    """The geometric-mean table: one line per variant (and all), ratio columns per seqlen bucket."""
+    buckets = [label for label, _, _ in BUCKETS if any(label in cols for cols in by.values())] + ["all"]
+    keys = sorted({key for cols in by.values() for ratios in cols.values() for key in ratios})
+    peers = ["/" + LABELS.get(key.split("/", 1)[1], key.split("/", 1)[1]) for key in keys]
+    width = 8 * len(keys) + 2
+    lines = [
+        f"{'geomean dhp/peer, by seqlen':<28}" + "".join(f"{b:>{width}}" for b in buckets),
+        f"{'':<28}" + "".join("  " + "".join(f"{p:>8}" for p in peers) for _ in buckets),
+    ]
+    for group, cols in by.items():
+        cells = "".join(
+            "  " + "".join(f"{_cell(cols.get(b, {}).get(key), '.3f'):>8}" for key in keys) for b in buckets
+        )
+        lines.append(f"{group:<28}{cells}")
+    return lines
+
+
+def results_backends(rows: list[dict]) -> list[str]:
+    present = {name for row in rows for name in row["tflops"]}
+    return [b for b in BACKENDS if b in present] + sorted(present - set(BACKENDS))
+
+
+def load_results(path) -> dict:
+    """A results JSON (any schema version), with geomean and geomean_by filled in where it predates them."""
+    with open(path) as f:
+        results = json.load(f)
+    rows = results.get("rows", [])
+    results.setdefault("environment", {})
+    results.setdefault("settings", {})
+    results.setdefault("geomean", geomean_ratios(rows))
+    results.setdefault("geomean_by", geomean_by(rows))
+    return results
+
+
+def print_results(results: dict, stream=None) -> None:
+    """The table and the geometric-mean summary of a results dict (as main prints them after a run)."""
+    stream = stream or sys.stdout
+    rows = results["rows"]
+    backends = results_backends(rows)
+    print(format_header(backends), file=stream)
+    for row in rows:
+        print(format_row(row, backends), file=stream)
+    print_summary(results, stream)
+
+
+def print_summary(results: dict, stream=None) -> None:
+    stream = stream or sys.stdout
+    print(file=stream)
+    for line in format_summary(results["geomean_by"]):
+        print(line, file=stream)
+    means = results["geomean"]
+    print("geometric mean: " + ", ".join(f"{key} {_cell(value, '.3f')}" for key, value in means.items()), file=stream)
+
+
+class Progress:
+    """`[12/76] bf16 d128 b4 s4096 h16 causal: cudnn (1:02 elapsed, ~2:40 left)` on stderr.
+
+    On a terminal the line is rewritten in place (and names the backend being timed); otherwise one line per
+    case. clear() wipes it before the table writes a row, so the two never mix on one terminal.
+    """
+
+    def __init__(self, total: int, stream=None, tty: bool | None = None):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self.started = time.monotonic()
+        self.shown = False
+
+    def show(self, index: int, text: str, backend: str | None = None, done: int | None = None) -> None:
+        """index: 1-based case number; done: cases finished (for the estimate; default index - 1)."""
+        if backend is not None and not self.tty:
+            return
+        done = index - 1 if done is None else done
+        elapsed = time.monotonic() - self.started
+        timing = f" ({_clock(elapsed)} elapsed"
+        timing += f", ~{_clock(elapsed / done * (self.total - done))} left)" if done else ")"
+        line = f"[{index}/{self.total}] {text}" + (f": {backend}" if backend else " ...") + timing
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line)
+            self.shown = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
 
 
 def _nvidia_smi_driver() -> str | None:
@@ -231,13 +487,79 @@ def environment(torch) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dhp.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small subset: one dtype, head_dim 128, 1k and 4k")
+def make_results(env: dict, settings: dict, rows: list[dict]) -> dict:
+    """The JSON document: environment, settings, rows (with spread), geomean (overall), geomean_by."""
+    return {"schema": SCHEMA, "environment": env, "settings": settings, "rows": rows,
+            "geomean": geomean_ratios(rows), "geomean_by": geomean_by(rows)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dhp.bench", description=__doc__.split("\n\n")[0],
+        epilog="Lists are comma-separated. Progress goes to stderr, the table to stdout.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a small subset: one dtype, head_dim 128, seqlen 1k and 4k (filters given win)")
+    parser.add_argument("--dtypes", type=parse_dtypes, metavar="LIST", help="e.g. bf16,fp16 (default: the build's)")
+    parser.add_argument("--head-dims", type=parse_ints, metavar="LIST", help="e.g. 64,128 (default: the build's)")
+    parser.add_argument("--seqlens", type=parse_ints, metavar="LIST",
+                        help=f"e.g. 512,4k (default: {','.join(map(str, SEQLENS))}); batch = {TOKENS} // seqlen")
+    parser.add_argument("--causal", choices=tuple(CAUSAL_CHOICES), default="both", help="masks to run (both)")
+    parser.add_argument("--backends", type=parse_backends, default=list(BACKENDS), metavar="LIST",
+                        help="peers beside dhp: cudnn,fa2 (dhp always runs)")
     parser.add_argument("--reps", type=int, default=30, help="timed runs per backend and case (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
-    parser.add_argument("--out", metavar="PATH", help="also write environment and rows as JSON")
+    parser.add_argument("--out", metavar="PATH.json", help="also write environment, settings and rows as JSON")
+    parser.add_argument("--plot", metavar="PATH.png", help="also draw TFLOP/s against seqlen (needs matplotlib)")
+    parser.add_argument("--plot-from", metavar="PATH.json",
+                        help="no run: print the table of a saved JSON and draw --plot (default: PATH.png) from it")
+    parser.add_argument("--list", action="store_true", help="print the cases the filters select and exit")
+    return parser
+
+
+def _replot(args) -> int:
+    from . import bench_plot
+
+    results = load_results(args.plot_from)
+    print_results(results)
+    target = args.plot or args.plot_from.removesuffix(".json") + ".png"
+    bench_plot.plot(results, target)
+    print(f"wrote {target}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.reps < 1 or args.warmup < 0:
+        parser.error("--reps must be at least 1 and --warmup at least 0")
+    if args.plot_from:
+        return _replot(args)
+    if args.plot:
+        from . import bench_plot
+
+        try:
+            bench_plot.require_matplotlib()
+        except ImportError as error:  # before the run, not after it
+            parser.error(str(error))
+
+    if _native.available():
+        build_dtypes, build_head_dims = _native.variants()
+    elif args.list:
+        build_dtypes, build_head_dims = list(ALL_DTYPES), list(ALL_HEAD_DIMS)
+    else:
+        print(f"dhp.bench: {_native_error()}", file=sys.stderr)
+        return 2
+    try:
+        run_cases = select_cases(build_dtypes, build_head_dims, dtypes=args.dtypes, head_dims=args.head_dims,
+                                 seqlens=args.seqlens, causal=args.causal, quick=args.quick)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.list:
+        for case in run_cases:
+            print(case.name)
+        print(f"{len(run_cases)} cases; backends {','.join(args.backends)}")
+        return 0
 
     try:
         import torch
@@ -251,22 +573,51 @@ def main(argv=None) -> int:
     env = environment(torch)
     print(f"{env['device']}, driver {env['driver']}, torch {env['torch']} (CUDA {env['torch_cuda']}), "
           f"cuDNN {env['cudnn']}, dhp {env['dhp']}")
-    dtypes, head_dims = _native.variants()
-    print(format_header())
+    backends = args.backends
+    print(format_header(backends), flush=True)
+    progress = Progress(len(run_cases))
     rows = []
-    with torch.no_grad():
-        for case in cases(dtypes, head_dims, quick=args.quick):
-            rows.append(make_row(case, measure(torch, case, BACKENDS, args.reps, args.warmup)))
-            print(format_row(rows[-1]), flush=True)
-    means = geomean_ratios(rows)
-    print("geometric mean: " + ", ".join(f"{key} {_cell(value, '.3f')}" for key, value in means.items()))
+    interrupted = False
+    try:
+        with torch.no_grad():
+            for index, case in enumerate(run_cases, 1):
+                progress.show(index, case.name)
+                runs = measure_runs(torch, case, backends, args.reps, args.warmup,
+                                    on_backend=lambda name, i=index, c=case: progress.show(i, c.name, name))
+                rows.append(row_from_runs(case, runs))
+                progress.clear()
+                print(format_row(rows[-1], backends), flush=True)
+    except KeyboardInterrupt:
+        progress.clear()
+        interrupted = True
+        print(f"interrupted after {len(rows)} of {len(run_cases)} cases", file=sys.stderr)
+    if not rows:
+        return 130
+    settings = {
+        "reps": args.reps, "warmup": args.warmup, "quick": args.quick, "flush_bytes": FLUSH_BYTES,
+        "spin_cycles": SPIN_CYCLES, "backends": backends, "dtypes": args.dtypes, "head_dims": args.head_dims,
+        "seqlens": args.seqlens, "causal": args.causal, "cases": len(run_cases), "interrupted": interrupted,
+    }
+    results = make_results(env, settings, rows)
+    print_summary(results)
     if args.out:
-        settings = {"reps": args.reps, "warmup": args.warmup, "quick": args.quick, "flush_bytes": FLUSH_BYTES,
-                    "spin_cycles": SPIN_CYCLES}
         with open(args.out, "w") as f:
-            json.dump({"environment": env, "settings": settings, "rows": rows, "geomean": means}, f, indent=1)
+            json.dump(results, f, indent=1)
         print(f"wrote {args.out}")
-    return 0
+    if args.plot:
+        from . import bench_plot
+
+        bench_plot.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 130 if interrupted else 0
+
+
+def _native_error() -> str:
+    try:
+        _native.ext()
+    except ImportError as error:
+        return str(error)
+    return "dhp._C is not available"
 
 
 if __name__ == "__main__":

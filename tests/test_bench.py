@@ -1,0 +1,401 @@
+"""dhp.bench without a GPU, torch or the compiled module: cases and filters, arithmetic, table, JSON, plot.
+
+The timing itself needs a GPU and is exercised by running `python -m dhp.bench` there; everything around it
+(what runs, how rows, ratios and geometric means are computed, how they print, how the JSON reads back and
+how a plot is redrawn from it) runs here. Only the plot tests need matplotlib, and skip without it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import dhp
+import pytest
+from dhp import bench
+
+COMMITTED = Path(__file__).resolve().parent.parent / "bench" / "results" / "2026-11-25-h100.json"
+
+
+def _fake_native(dtypes=("bfloat16", "float16"), head_dims=(64, 128, 256)):
+    return SimpleNamespace(available=lambda: True, variants=lambda: (list(dtypes), list(head_dims)))
+
+
+def _row(dtype="bfloat16", head_dim=128, seqlen=4096, causal=False, heads=None, ms=None, runs=None):
+    heads_q, heads_kv = heads or (bench.WIDTH // head_dim,) * 2
+    case = bench.Case(dtype, head_dim, bench.TOKENS // seqlen, seqlen, heads_q, heads_kv, causal)
+    if runs is not None:
+        return bench.row_from_runs(case, runs)
+    return bench.make_row(case, ms or {"dhp": 1.0, "cudnn": 1.1, "fa2": 2.0})
+
+
+def _synthetic_results(spread=True) -> dict:
+    rows = []
+    for dtype in ("bfloat16", "float16"):
+        for head_dim in (64, 128):
+            for seqlen in (512, 1024, 4096, 8192):
+                for causal in (False, True):
+                    scale = seqlen / 1024 * (0.5 if causal else 1.0)
+                    runs = {"dhp": [scale * t for t in (1.0, 1.02, 0.99)],
+                            "cudnn": [scale * t for t in (1.1, 1.12, 1.09)],
+                            "fa2": None if head_dim == 64 and seqlen == 8192 else [2.0 * scale] * 3}
+                    rows.append(_row(dtype, head_dim, seqlen, causal, runs=runs))
+    rows.append(_row("bfloat16", 128, 4096, False, heads=(32, 8), runs={"dhp": [1.0], "cudnn": [1.1], "fa2": [2.0]}))
+    if not spread:
+        for row in rows:
+            row.pop("spread", None)
+    env = {"device": "NVIDIA H100 80GB HBM3", "driver": "580.159.04", "torch": "2.11.0", "cudnn": 91900,
+           "dhp": "0.1.0", "date": "2026-11-25T16:29:17+00:00"}
+    return bench.make_results(env, {"reps": 3, "warmup": 1}, rows)
+
+
+# --- imports -------------------------------------------------------------------------------------------------
+
+def test_import_needs_neither_torch_nor_matplotlib():
+    package_root = str(Path(dhp.__file__).resolve().parent.parent)
+    code = ("import sys, dhp.bench, dhp.bench_plot; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+# --- cases and filters ---------------------------------------------------------------------------------------
+
+def test_default_cases_are_the_papers_family_plus_gqa():
+    all_cases = bench.cases(["bfloat16", "float16"], [64, 128, 256])
+    assert len(all_cases) == 2 * 3 * 6 * 2 + 2 * 2  # dtypes x head_dims x seqlens x masks, + GQA
+    assert len(set(all_cases)) == len(all_cases)
+    for case in all_cases:
+        assert case.batch * case.seqlen == bench.TOKENS
+        if case.heads_q == case.heads_kv:
+            assert case.heads_q * case.head_dim == bench.WIDTH
+    gqa = [c for c in all_cases if c.heads_q != c.heads_kv]
+    assert {(c.dtype, c.head_dim, c.seqlen, c.heads_q, c.heads_kv) for c in gqa} == {
+        ("bfloat16", 128, 4096, 32, 8), ("float16", 128, 4096, 32, 8)}
+
+
+def test_quick_is_a_small_subset():
+    quick = bench.cases(["bfloat16", "float16"], [64, 128, 256], quick=True)
+    assert [c.name for c in quick] == [
+        "bf16 d128 b16 s1024 h16", "bf16 d128 b16 s1024 h16 causal",
+        "bf16 d128 b4 s4096 h16", "bf16 d128 b4 s4096 h16 causal",
+        "bf16 d128 b4 s4096 h32/8", "bf16 d128 b4 s4096 h32/8 causal",
+    ]
+    assert bench.select_cases(["bfloat16", "float16"], [64, 128, 256], quick=True) == quick
+
+
+def test_filters_narrow_the_run():
+    built = (["bfloat16", "float16"], [64, 128, 256])
+    chosen = bench.select_cases(*built, dtypes=["float16"], head_dims=[64, 256], seqlens=[2048, 512], causal="yes")
+    assert {c.dtype for c in chosen} == {"float16"}
+    assert {c.head_dim for c in chosen} == {64, 256}
+    assert [c.seqlen for c in chosen if c.head_dim == 64] == [512, 2048]  # sorted
+    assert all(c.causal for c in chosen)
+    assert not [c for c in chosen if c.heads_q != c.heads_kv]  # no head_dim 128: no GQA
+    assert len(chosen) == 1 * 2 * 2 * 1
+
+    no_gqa = bench.select_cases(*built, head_dims=[128], seqlens=[1024], causal="no")
+    assert [c.name for c in no_gqa] == ["bf16 d128 b16 s1024 h16", "fp16 d128 b16 s1024 h16"]  # 4k not in run
+    odd = bench.select_cases(*built, dtypes=["bfloat16"], head_dims=[64], seqlens=[3000, 32768], causal="no")
+    assert [(c.batch, c.seqlen) for c in odd] == [(5, 3000), (1, 32768)]  # batch = 16k // seqlen, at least 1
+
+
+def test_quick_fills_only_what_the_filters_leave_open():
+    built = (["bfloat16", "float16"], [64, 128, 256])
+    chosen = bench.select_cases(*built, dtypes=["float16"], quick=True)
+    assert {(c.dtype, c.head_dim) for c in chosen} == {("float16", 128)}
+    assert {c.seqlen for c in chosen} == set(bench.QUICK_SEQLENS)
+    chosen = bench.select_cases(*built, head_dims=[64], seqlens=[8192], quick=True)
+    assert [c.name for c in chosen] == ["bf16 d64 b2 s8192 h32", "bf16 d64 b2 s8192 h32 causal"]
+
+
+def test_filters_outside_the_build_are_refused():
+    with pytest.raises(ValueError, match="head_dim 96 not in this build"):
+        bench.select_cases(["bfloat16"], [64, 128], head_dims=[96])
+    with pytest.raises(ValueError, match="dtype float16 not in this build"):
+        bench.select_cases(["bfloat16"], [64, 128], dtypes=["float16"])
+
+
+def test_parsers():
+    assert bench.parse_dtypes("bf16, fp16") == ["bfloat16", "float16"]
+    assert bench.parse_dtypes("bfloat16,half") == ["bfloat16", "float16"]
+    assert bench.parse_ints("512,1k,4096,16K") == [512, 1024, 4096, 16384]
+    assert bench.parse_backends("fa2") == ["dhp", "fa2"]
+    assert bench.parse_backends("fa2,dhp,cudnn") == ["dhp", "cudnn", "fa2"]
+    for parse, text in ((bench.parse_dtypes, "fp32"), (bench.parse_ints, "12x"), (bench.parse_ints, "0"),
+                        (bench.parse_backends, "xformers"), (bench.parse_ints, ",")):
+        with pytest.raises(Exception, match=r"unknown|whole|positive|empty"):
+            parse(text)
+
+
+def test_cli_list_and_bad_filters(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_native", _fake_native(("bfloat16",), (64, 128)))
+    assert bench.main(["--list", "--head-dims", "128", "--seqlens", "4k", "--backends", "cudnn"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["bf16 d128 b4 s4096 h16", "bf16 d128 b4 s4096 h16 causal", "bf16 d128 b4 s4096 h32/8",
+                   "bf16 d128 b4 s4096 h32/8 causal", "4 cases; backends dhp,cudnn"]
+    for argv in (["--list", "--dtypes", "fp16"], ["--list", "--head-dims", "256"], ["--causal", "maybe"],
+                 ["--reps", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2
+
+
+def test_cli_without_torch_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_native", _fake_native())
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert bench.main(["--quick"]) == 2
+    assert "needs torch" in capsys.readouterr().err
+
+
+def test_cli_run_writes_table_json_and_plot(monkeypatch, tmp_path, capsys):
+    """The run loop with the GPU parts replaced: progress, table, summary, JSON and plot from one command."""
+    import contextlib
+
+    fake_torch = SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: True), no_grad=contextlib.nullcontext)
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    monkeypatch.setattr(bench, "_native", _fake_native())
+    monkeypatch.setattr(bench, "environment", lambda torch: {"device": "GPU", "driver": "1", "torch": "2",
+                                                             "torch_cuda": "13", "cudnn": 91900, "dhp": "0"})
+    timed = []
+
+    def fake_runs(torch, case, backends, reps, warmup, on_backend=None):
+        for name in backends:
+            on_backend(name)
+        timed.append((case.name, tuple(backends), reps, warmup))
+        return {name: [case.seqlen / 1000 * (1.0 if name == "dhp" else 1.2)] * reps for name in backends}
+
+    monkeypatch.setattr(bench, "measure_runs", fake_runs)
+    out_json = tmp_path / "run.json"
+    argv = ["--dtypes", "fp16", "--head-dims", "64", "--seqlens", "512,4k", "--backends", "cudnn", "--reps", "4",
+            "--warmup", "2", "--out", str(out_json)]
+    plotting = bool(_has_matplotlib())
+    if plotting:
+        argv += ["--plot", str(tmp_path / "run.png")]
+    assert bench.main(argv) == 0
+    assert timed == [(name, ("dhp", "cudnn"), 4, 2) for name in (
+        "fp16 d64 b32 s512 h32", "fp16 d64 b32 s512 h32 causal", "fp16 d64 b4 s4096 h32",
+        "fp16 d64 b4 s4096 h32 causal")]
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 4 and captured.err.startswith("[1/4] fp16 d64 b32 s512 h32 ...")
+    lines = captured.out.splitlines()
+    assert lines[1] == bench.format_header(["dhp", "cudnn"])
+    assert lines[2].startswith("fp16 d64 b32 s512 h32 ") and lines[2].split()[-2:] == ["1.20", "0.0"]
+    results = bench.load_results(out_json)
+    assert results["settings"]["backends"] == ["dhp", "cudnn"] and results["settings"]["seqlens"] == [512, 4096]
+    assert results["geomean"] == {"dhp/cudnn": pytest.approx(1.2)}
+    assert set(results["geomean_by"]) == {"fp16 d64", "all"}
+    assert results["rows"][0]["spread"]["dhp"] == {"min": 0.512, "p25": 0.512, "p75": 0.512, "max": 0.512}
+    if plotting:
+        _assert_png(tmp_path / "run.png")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- arithmetic ----------------------------------------------------------------------------------------------
+
+def test_flops_tflops_and_ratios():
+    case = bench.Case("bfloat16", 128, 4, 4096, 16, 16, False)
+    assert case.flops == 4.0 * 4 * 16 * 4096 * 4096 * 128
+    causal = bench.Case("bfloat16", 128, 4, 4096, 16, 16, True)
+    assert causal.flops == case.flops / 2
+    row = bench.make_row(case, {"dhp": 1.0, "cudnn": 1.25, "fa2": None})
+    assert row["tflops"]["dhp"] == pytest.approx(case.flops / 1e-3 / 1e12)
+    assert row["tflops"]["cudnn"] == pytest.approx(row["tflops"]["dhp"] / 1.25)
+    assert row["tflops"]["fa2"] is None
+    assert row["ratios"] == {"dhp/cudnn": pytest.approx(1.25), "dhp/fa2": None}
+    assert "spread" not in row  # the form dhp's self-check (python -m dhp) uses
+    for key in ("case", "dtype", "head_dim", "batch", "seqlen", "heads_q", "heads_kv", "causal", "flops", "ms"):
+        assert key in row
+
+
+def test_spread_and_medians():
+    assert bench.spread_of([5.0, 1.0, 3.0, 2.0, 4.0]) == {"min": 1.0, "p25": 2.0, "p75": 4.0, "max": 5.0}
+    assert bench.spread_of([2.5]) == {"min": 2.5, "p25": 2.5, "p75": 2.5, "max": 2.5}
+    assert bench.spread_of(None) is None
+    assert bench.medians({"dhp": [3.0, 1.0, 2.0], "fa2": None}) == {"dhp": 2.0, "fa2": None}
+    row = _row(runs={"dhp": [1.1, 0.9, 1.0, 1.2, 1.0], "cudnn": [2.0, 2.0, 2.0, 2.4, 1.6], "fa2": None})
+    assert row["ms"] == {"dhp": 1.0, "cudnn": 2.0, "fa2": None}
+    assert row["spread"]["cudnn"] == {"min": 1.6, "p25": 2.0, "p75": 2.0, "max": 2.4}
+    assert row["spread"]["fa2"] is None
+    assert row["ratios"]["dhp/cudnn"] == pytest.approx(2.0)
+    assert bench.noise(row) == pytest.approx(0.1)  # dhp's IQR 1.0..1.1 over its median 1.0
+    assert bench.noise(_row()) is None
+
+
+def test_geomean_ratios():
+    rows = [_row(ms={"dhp": 1.0, "cudnn": 2.0, "fa2": None}), _row(ms={"dhp": 2.0, "cudnn": 1.0, "fa2": 4.0}),
+            _row(ms={"dhp": 1.0, "cudnn": 8.0, "fa2": 8.0})]
+    means = bench.geomean_ratios(rows)
+    assert means["dhp/cudnn"] == pytest.approx((2.0 * 0.5 * 8.0) ** (1 / 3))
+    assert means["dhp/fa2"] == pytest.approx(math.sqrt(2.0 * 8.0))  # the refused case is left out
+    assert bench.geomean_ratios([_row(ms={"dhp": 1.0, "fa2": None})]) == {"dhp/fa2": None}
+
+
+def test_geomean_by_variant_and_seqlen_bucket():
+    rows = [
+        _row("bfloat16", 64, 512, ms={"dhp": 1.0, "cudnn": 0.5}),  # ratio 0.5
+        _row("bfloat16", 64, 2048, ms={"dhp": 1.0, "cudnn": 2.0}),  # 2.0
+        _row("bfloat16", 64, 8192, ms={"dhp": 1.0, "cudnn": 1.21}),  # 1.21
+        _row("float16", 128, 4096, ms={"dhp": 1.0, "cudnn": 1.1}),  # 1.1
+        _row("float16", 128, 4096, heads=(32, 8), ms={"dhp": 1.0, "cudnn": 0.9}),  # 0.9, GQA group
+        _row("float16", 128, 256, ms={"dhp": 1.0, "cudnn": 3.0}),  # 3.0, outside every bucket
+    ]
+    by = bench.geomean_by(rows)
+    assert list(by) == ["bf16 d64", "fp16 d128", "fp16 d128 gqa", "all"]
+    assert by["bf16 d64"]["512-2k"]["dhp/cudnn"] == pytest.approx(1.0)
+    assert by["bf16 d64"]["4k+"]["dhp/cudnn"] == pytest.approx(1.21)
+    assert by["bf16 d64"]["all"]["dhp/cudnn"] == pytest.approx(1.21 ** (1 / 3))
+    assert "512-2k" not in by["fp16 d128 gqa"]
+    assert by["fp16 d128"]["all"]["dhp/cudnn"] == pytest.approx(math.sqrt(1.1 * 3.0))
+    assert by["all"]["4k+"]["dhp/cudnn"] == pytest.approx((1.21 * 1.1 * 0.9) ** (1 / 3))
+    assert by["all"]["all"] == bench.geomean_ratios(rows)
+    assert bench.bucket_of(512) == "512-2k" and bench.bucket_of(2048) == "512-2k"
+    assert bench.bucket_of(4096) == "4k+" and bench.bucket_of(3000) is None
+
+
+# --- output --------------------------------------------------------------------------------------------------
+
+def test_table_formatting():
+    row = _row(runs={"dhp": [1.0, 1.0, 1.2], "cudnn": [1.25] * 3, "fa2": None})
+    header, line = bench.format_header(), bench.format_row(row)
+    assert len(header) == len(line)
+    assert header.split() == ["case", "(TFLOP/s)", "dhp", "cuDNN", "FA2", "/cuDNN", "/FA2", "iqr%"]
+    cells = line[36:].split()
+    assert cells[0] == f"{row['tflops']['dhp']:.1f}" and cells[2] == "-"
+    assert cells[3:] == ["1.25", "-", "10.0"]
+    assert line.startswith(row["case"])
+    two = bench.format_row(row, ["dhp", "cudnn"])
+    assert len(two) == len(bench.format_header(["dhp", "cudnn"]))
+    assert two[36:].split()[-2:] == ["1.25", "10.0"]
+
+
+def test_summary_formatting():
+    results = _synthetic_results()
+    lines = bench.format_summary(results["geomean_by"])
+    assert lines[0].split()[-3:] == ["512-2k", "4k+", "all"]
+    assert lines[1].split() == ["/cuDNN", "/FA2"] * 3
+    by_name = {line[:28].strip(): line[28:].split() for line in lines[2:]}
+    assert list(by_name) == list(results["geomean_by"])
+    assert by_name["all"][4] == f"{results['geomean']['dhp/cudnn']:.3f}"
+    assert by_name["bf16 d128 gqa"] == ["-", "-", "1.100", "2.000", "1.100", "2.000"]  # no 512-2k case
+    out = io.StringIO()
+    bench.print_results(results, out)
+    assert out.getvalue().count("\n") == 1 + len(results["rows"]) + 1 + len(lines) + 1
+
+
+def test_progress_display():
+    plain = io.StringIO()
+    progress = bench.Progress(3, plain, tty=False)
+    progress.show(1, "bf16 d128 b4 s4096 h16")
+    progress.show(1, "bf16 d128 b4 s4096 h16", "cudnn")  # off a terminal: one line per case only
+    progress.clear()
+    progress.show(2, "bf16 d128 b4 s4096 h16 causal")
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("[1/3] bf16 d128 b4 s4096 h16 ... (0:00 elapsed)")
+    assert lines[1].startswith("[2/3] bf16 d128 b4 s4096 h16 causal ...") and "left)" in lines[1]
+    term = io.StringIO()
+    progress = bench.Progress(3, term, tty=True)
+    progress.show(1, "case one")
+    progress.show(1, "case one", "fa2")
+    progress.clear()
+    text = term.getvalue()
+    assert "\n" not in text
+    assert text.count("\r\x1b[K") == 3 and "[1/3] case one: fa2" in text
+    assert bench._clock(3725) == "1:02:05" and bench._clock(61.4) == "1:01"
+
+
+def test_json_round_trip(tmp_path):
+    results = _synthetic_results()
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    loaded = bench.load_results(path)
+    assert loaded == json.loads(json.dumps(results))
+    assert loaded["schema"] == bench.SCHEMA
+    assert set(loaded) >= {"environment", "settings", "rows", "geomean", "geomean_by"}
+    assert all(set(row["spread"]) == set(row["ms"]) for row in loaded["rows"])
+
+
+def test_old_json_without_spread_or_summary_loads(tmp_path):
+    results = _synthetic_results(spread=False)
+    old = {key: results[key] for key in ("environment", "settings", "rows", "geomean")}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = bench.load_results(path)
+    assert loaded["geomean_by"] == json.loads(json.dumps(results["geomean_by"]))
+    assert "-" == bench.format_row(loaded["rows"][0]).split()[-1]  # no spread: no noise figure
+
+
+@pytest.mark.skipif(not COMMITTED.exists(), reason="bench/results not in this tree")
+def test_committed_results_load():
+    loaded = bench.load_results(COMMITTED)
+    assert len(loaded["rows"]) == 76
+    assert loaded["geomean_by"]["all"]["all"]["dhp/cudnn"] == pytest.approx(loaded["geomean"]["dhp/cudnn"])
+    assert set(loaded["geomean_by"]) >= {"bf16 d64", "bf16 d128", "bf16 d256", "fp16 d128 gqa", "all"}
+
+
+# --- plot ----------------------------------------------------------------------------------------------------
+
+def _assert_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_from_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    source = tmp_path / "small.json"
+    source.write_text(json.dumps(_synthetic_results()))
+    target = tmp_path / "small-plot.png"
+    assert bench.main(["--plot-from", str(source), "--plot", str(target)]) == 0
+    _assert_png(target)
+    out = capsys.readouterr().out
+    assert "bf16 d64 b32 s512 h32" in out and f"wrote {target}" in out
+    assert bench.main(["--plot-from", str(source)]) == 0  # default target: the JSON's name, .png
+    _assert_png(tmp_path / "small.png")
+
+
+@pytest.mark.skipif(not COMMITTED.exists(), reason="bench/results not in this tree")
+def test_plot_from_committed_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "h100.png"
+    assert bench.main(["--plot-from", str(COMMITTED), "--plot", str(target)]) == 0
+    _assert_png(target)
+
+
+def test_plot_pieces():
+    from dhp import bench_plot
+
+    rows = _synthetic_results()["rows"]
+    assert bench_plot.panels(rows) == (["bfloat16", "float16"], [64, 128])
+    x, y = bench_plot.series(rows, "bfloat16", 64, "fa2", False)
+    assert x == [512, 1024, 4096]  # 8192 refused; the GQA row is not on the line
+    assert y == sorted(y, reverse=True) or len(y) == 3
+    assert bench_plot.seqlen_label(16384) == "16k" and bench_plot.seqlen_label(3000) == "3000"
+    assert bench_plot.cudnn_version(91900) == "9.19.0" and bench_plot.cudnn_version(8902) == "8.9.2"
+    title = bench_plot.title({"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-25T16:29:17+00:00", "cudnn": 91900})
+    assert title.splitlines() == ["Attention forward, NVIDIA H100 80GB HBM3, 2026-11-25", "cuDNN 9.19.0"]
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "_native", _fake_native())
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--quick", "--plot", "x.png"])
+    assert exit_info.value.code == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
