@@ -4,7 +4,7 @@
 
 namespace dhp {
 namespace kernels {
-template <DType DT, int HeadDim>
+template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& params, cudaStream_t stream);
 }  // namespace kernels
 
@@ -13,11 +13,13 @@ namespace {
 struct FwdVariant {
   DType dtype;
   int head_dim;
-  dhp_status (*run)(const FwdParams&, cudaStream_t);
+  dhp_status (*run_full)(const FwdParams&, cudaStream_t);
+  dhp_status (*run_causal)(const FwdParams&, cudaStream_t);
 };
 
 // The build's variant list (CMake's DHP_DTYPES x DHP_HEAD_DIMS), one line per compiled instance.
-#define DHP_FWD_VARIANT(dt, hd) FwdVariant{DType::dt, hd, &kernels::run_forward<DType::dt, hd>},
+#define DHP_FWD_VARIANT(dt, hd) \
+  FwdVariant{DType::dt, hd, &kernels::run_forward<DType::dt, hd, false>, &kernels::run_forward<DType::dt, hd, true>},
 constexpr FwdVariant kFwdVariants[] = {
 #include "fwd_variants.inc"
 };
@@ -38,7 +40,7 @@ dhp_status launch_forward(const FwdParams& params, cudaStream_t stream) {
   if (v == nullptr)
     return fail(DHP_ERROR_UNSUPPORTED, "head_dim=%d: no forward kernel was built for this dtype and head_dim",
                 params.head_dim);
-  return v->run(params, stream);
+  return (params.causal ? v->run_causal : v->run_full)(params, stream);
 }
 
 }  // namespace dhp

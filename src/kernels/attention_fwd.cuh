@@ -50,7 +50,6 @@ struct FwdKernelParams {
   int seqlen_q, seqlen_k;
   int heads_q, q_heads_per_kv;
   int num_m_blocks, num_tiles;
-  int causal;
   float scale_log2;  // softmax_scale * log2(e)
 };
 
@@ -79,9 +78,9 @@ struct GemmTurns {
   }
 };
 
-template <class T, int HeadDim>
+template <class T, int HeadDim, bool Causal>
 struct FwdKernel {
-  static constexpr FwdConfig kCfg = fwd_config(HeadDim);
+  static constexpr FwdConfig kCfg = fwd_config(HeadDim, Causal);
   static constexpr int kBlockM = kCfg.block_m;
   static constexpr int kBlockN = kCfg.block_n;
   static constexpr int kStages = kCfg.stages;
@@ -137,7 +136,7 @@ struct FwdKernel {
   // Number of key blocks the tile's rows can see (a function of shapes and m_block only).
   __device__ static int key_blocks(const FwdKernelParams& p, int m_block) {
     const int all = (p.seqlen_k + kBlockN - 1) / kBlockN;
-    if (!p.causal) return all;
+    if (!Causal) return all;
     const int64_t last_col = int64_t(m_block + 1) * kBlockM - 1 + p.seqlen_k - p.seqlen_q;
     return last_col < 0 ? 0 : int(min(int64_t(all), last_col / kBlockN + 1));
   }
@@ -145,7 +144,7 @@ struct FwdKernel {
   __device__ static bool block_needs_mask(const FwdKernelParams& p, int m_block, int n_block) {
     const int64_t block_end = int64_t(n_block + 1) * kBlockN;
     const int64_t first_row_limit = int64_t(m_block) * kBlockM + p.seqlen_k - p.seqlen_q;
-    return block_end > p.seqlen_k || (p.causal && block_end - 1 > first_row_limit);
+    return block_end > p.seqlen_k || (Causal && block_end - 1 > first_row_limit);
   }
 
   __device__ static void produce(const FwdKernelParams& p, Smem& s) {
@@ -241,7 +240,7 @@ struct FwdKernel {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t row = wg_row0 + row_in_wg + 8 * h;
-          const int64_t limit = p.causal ? min(int64_t(p.seqlen_k), row + 1 + p.seqlen_k - p.seqlen_q)
+          const int64_t limit = Causal ? min(int64_t(p.seqlen_k), row + 1 + p.seqlen_k - p.seqlen_q)
                                          : int64_t(p.seqlen_k);
           const int limit_in_block =
               int(max(int64_t(-1), min(int64_t(kBlockN), limit - int64_t(n_block) * kBlockN)));
@@ -360,10 +359,10 @@ struct FwdKernel {
   }
 };
 
-template <class T, int HeadDim>
-__global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
+template <class T, int HeadDim, bool Causal>
+__global__ void __launch_bounds__(fwd_config(HeadDim, Causal).threads(), 1)
     attention_fwd_kernel(const __grid_constant__ FwdKernelParams p) {
-  using K = FwdKernel<T, HeadDim>;
+  using K = FwdKernel<T, HeadDim, Causal>;
   extern __shared__ uint8_t smem_raw[];
   auto& s = *reinterpret_cast<typename K::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
@@ -395,10 +394,10 @@ __global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
   }
 }
 
-template <DType DT, int HeadDim>
+template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   using T = std::conditional_t<DT == DType::bf16, __nv_bfloat16, __half>;
-  using K = FwdKernel<T, HeadDim>;
+  using K = FwdKernel<T, HeadDim, Causal>;
 
   FwdKernelParams kp{};
   const TensorMapShape q_shape{HeadDim, prm.seqlen_q, prm.heads_q, prm.batch};
@@ -425,11 +424,10 @@ dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
                 prm.batch, prm.heads_q, prm.seqlen_q, K::kBlockM, (long long)num_tiles);
   kp.num_m_blocks = int(num_m_blocks);
   kp.num_tiles = int(num_tiles);
-  kp.causal = prm.causal ? 1 : 0;
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = prm.softmax_scale * kLog2e;
 
-  auto kernel = attention_fwd_kernel<T, HeadDim>;
+  auto kernel = attention_fwd_kernel<T, HeadDim, Causal>;
   // The shared-memory opt-in is a per-device setting of the kernel: made once per device (bit = ordinal).
   static std::atomic<uint64_t> smem_reserved{0};
   int device = 0;
@@ -455,7 +453,7 @@ dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   // has one CTA per tile and the hardware hands tiles, heaviest of each head first, to SMs as they free
   // up. The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(prm.causal ? num_tiles : std::min(num_tiles, int64_t{multiprocessors})));
+  config.gridDim = dim3(unsigned(Causal ? num_tiles : std::min(num_tiles, int64_t{multiprocessors})));
   config.blockDim = dim3(K::kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;
