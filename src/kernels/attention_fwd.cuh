@@ -80,7 +80,7 @@ struct GemmTurns {
 
 template <class T, int HeadDim, bool Causal>
 struct FwdKernel {
-  static constexpr FwdConfig kCfg = fwd_config(HeadDim, Causal);
+  static constexpr FwdConfig kCfg = fwd_config(HeadDim);
   static constexpr int kBlockM = kCfg.block_m;
   static constexpr int kBlockN = kCfg.block_n;
   static constexpr int kStages = kCfg.stages;
@@ -360,7 +360,7 @@ struct FwdKernel {
 };
 
 template <class T, int HeadDim, bool Causal>
-__global__ void __launch_bounds__(fwd_config(HeadDim, Causal).threads(), 1)
+__global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
     attention_fwd_kernel(const __grid_constant__ FwdKernelParams p) {
   using K = FwdKernel<T, HeadDim, Causal>;
   extern __shared__ uint8_t smem_raw[];

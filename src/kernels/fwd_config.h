@@ -16,15 +16,16 @@ struct FwdConfig {
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
 };
 
-constexpr FwdConfig fwd_config(int head_dim, bool causal) {
+constexpr FwdConfig fwd_config(int head_dim) {
   // Per head_dim, the largest key block whose S, P and O fragments fit the consumer register budget
   // and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax, so a third
-  // consumer warpgroup gives the tensor cores more independent work. Causal head_dim 128 uses 128-key
-  // blocks: the blocks that straddle the diagonal are computed in full and masked, and 176 wastes more
-  // there (measured on an H100, bf16 causal: +12% at seqlen 512, +8% at 1k, equal at 4k). At head_dim 64
-  // the same change (192 -> 128 query rows) gained 8% at 512 but lost 8% at 4k, so it was not taken.
+  // consumer warpgroup gives the tensor cores more independent work. Causal kernels (compiled apart,
+  // with the mask at compile time) use the same tiles: measured on an H100 (bf16/fp16, 2026-11-25),
+  // smaller causal tiles waste less work on the diagonal but lose on long sequences (d128 with 128-key
+  // blocks: +8-11% at seqlen 512-1k, -2% at 8k, -7-12% at 16k; d64 with 128 query rows: +8% at 512,
+  // -8% at 4k), and long sequences win the tie.
   return head_dim == 64    ? FwdConfig{64, 192, 128, 2, 3, 32, 160}
-         : head_dim == 128 ? FwdConfig{128, 128, causal ? 128 : 176, 2, 2, 24, 240}
+         : head_dim == 128 ? FwdConfig{128, 128, 176, 2, 2, 24, 240}
                            : FwdConfig{256, 128, 80, 2, 2, 24, 240};
 }
 
@@ -33,8 +34,7 @@ constexpr bool fwd_config_valid(const FwdConfig& c) {
          c.stages >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
 }
 
-static_assert(fwd_config_valid(fwd_config(64, false)) && fwd_config_valid(fwd_config(128, false)) &&
-              fwd_config_valid(fwd_config(256, false)) && fwd_config_valid(fwd_config(64, true)) &&
-              fwd_config_valid(fwd_config(128, true)) && fwd_config_valid(fwd_config(256, true)));
+static_assert(fwd_config_valid(fwd_config(64)) && fwd_config_valid(fwd_config(128)) &&
+              fwd_config_valid(fwd_config(256)));
 
 }  // namespace dhp::kernels
