@@ -257,11 +257,26 @@ struct FwdKernel {
 #pragma unroll
         for (int j = 0; j < 4; ++j) p_frag[k][j] = hopper::pack2<T>(acc_s[8 * k + 2 * j], acc_s[8 * k + 2 * j + 1]);
     };
-    auto k_smem = [&](int stage) { return static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])); };
-    auto v_smem = [&](int stage) { return static_cast<uint32_t>(__cvta_generic_to_shared(s.v[stage][0])); };
     auto rescale_o = [&](const float (&rescale)[2]) {
 #pragma unroll
       for (int i = 0; i < FragO::kRegs; ++i) acc_o[i] *= rescale[FragO::row_half(i)];
+    };
+    // Each issue is one wgmma group: fence (registers touched since), the k16 steps, commit.
+    auto issue_qk = [&](int stage) {
+      hopper::wgmma_fence();
+      qk_gemm(acc_s, q_base, static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])));
+      hopper::wgmma_commit();
+    };
+    auto issue_pv = [&](int stage) {
+      hopper::wgmma_fence();
+      pv_gemm(acc_o, p_frag, static_cast<uint32_t>(__cvta_generic_to_shared(s.v[stage][0])));
+      hopper::wgmma_commit();
+    };
+    // After every wgmma group has completed: O is final for this block, and V's slot goes back.
+    auto retire_pv = [&](int stage) {
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_o);
+      hopper::mbarrier_arrive(&s.v_empty[stage]);
     };
 
     // Pipeline, per warpgroup: S(j+1) = Q K(j+1)^T and O += P(j) V(j) are issued together; the softmax of
@@ -274,9 +289,7 @@ struct FwdKernel {
       turns.first();
       hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
       turns.wait();
-      hopper::wgmma_fence();
-      qk_gemm(acc_s, q_base, k_smem(ring.stage()));
-      hopper::wgmma_commit();
+      issue_qk(ring.stage());
       turns.pass(false);
       hopper::wgmma_wait<0>();
       hopper::fence_registers(acc_s);
@@ -290,34 +303,24 @@ struct FwdKernel {
         hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
         hopper::mbarrier_wait(&s.v_full[prev.stage()], prev.phase());
         turns.wait();
-        hopper::wgmma_fence();
-        qk_gemm(acc_s, q_base, k_smem(ring.stage()));
-        hopper::wgmma_commit();
+        issue_qk(ring.stage());
         rescale_o(rescale);
-        hopper::wgmma_fence();
-        pv_gemm(acc_o, p_frag, v_smem(prev.stage()));
-        hopper::wgmma_commit();
+        issue_pv(prev.stage());
         turns.pass(false);
         hopper::wgmma_wait<1>();
         hopper::fence_registers(acc_s);
         hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
         mask_and_softmax(n_blocks - 1 - it, rescale);
-        hopper::wgmma_wait<0>();
-        hopper::fence_registers(acc_o);
-        hopper::mbarrier_arrive(&s.v_empty[prev.stage()]);
+        retire_pv(prev.stage());
         pack_p();
       }
 
       hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
       turns.wait();
       rescale_o(rescale);
-      hopper::wgmma_fence();
-      pv_gemm(acc_o, p_frag, v_smem(ring.stage()));
-      hopper::wgmma_commit();
+      issue_pv(ring.stage());
       turns.pass(true);
-      hopper::wgmma_wait<0>();
-      hopper::fence_registers(acc_o);
-      hopper::mbarrier_arrive(&s.v_empty[ring.stage()]);
+      retire_pv(ring.stage());
     }
 
     float inv_sum[2], lse[2];
