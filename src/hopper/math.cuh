@@ -16,6 +16,20 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// rcp.approx.ftz.f32 [PTX 9.7.3.13]: 1/x in one MUFU.RCP, no slow path for huge, tiny, inf or NaN x.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// lg2.approx.ftz.f32 [PTX 9.7.3.20]: log2(x) in one MUFU.LG2; lg2(+0) = -inf.
+__device__ __forceinline__ float log2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Packs two floats into one 32-bit register of two 16-bit values (lo = first), round to nearest even.
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {

@@ -67,14 +67,15 @@ struct OnlineSoftmax {
   }
 
   // After the last step: 1/sum per row half (0 for rows that saw no key) and the natural-log LSE
-  // (-inf for such rows). NaN sums stay NaN.
+  // (-inf for such rows). NaN sums stay NaN. Approximate reciprocal and log2 (one MUFU op each): IEEE
+  // division and log2f branch to slow paths on inf/NaN/huge sums, a value-dependent branch.
   __device__ __forceinline__ void finish(float (&inv_sum)[2], float (&lse)[2]) {
     constexpr float kLn2 = 0.69314718055994530942f;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const float sum = quad_sum(row_sum[h]);
-      inv_sum[h] = sum == 0.f ? 0.f : 1.f / sum;
-      lse[h] = sum == 0.f ? -INFINITY : (row_max[h] * scale_log2 + log2f(sum)) * kLn2;
+      inv_sum[h] = sum == 0.f ? 0.f : hopper::rcp_approx(sum);
+      lse[h] = sum == 0.f ? -INFINITY : (row_max[h] * scale_log2 + hopper::log2_approx(sum)) * kLn2;
     }
   }
 };
