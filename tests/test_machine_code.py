@@ -12,19 +12,18 @@ nvidia-cuda-nvdisasm (cuobjdump -sass runs nvdisasm).
 
 import ctypes
 import functools
-import glob
 import json
 import os
 import re
 import shutil
-import site
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from test_capi import dhp_prefix
+
+from dhp.audit.disasm import find_cuda_tool
 
 
 def libdhp() -> Path:
@@ -33,24 +32,13 @@ def libdhp() -> Path:
     return path
 
 
-def find_tool(name):
-    """A CUDA binary tool: PATH, then CUDA_HOME / /usr/local/cuda*, then pip's nvidia/*/bin in site-packages."""
-    if shutil.which(name):
-        return shutil.which(name)
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), *sorted(glob.glob("/usr/local/cuda*"))]
-    sites = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
-    candidates = [f"{h}/bin/{name}" for h in homes if h] + [
-        c for s in sites if s for c in sorted(glob.glob(f"{s}/nvidia/*/bin/{name}"))]
-    return next((c for c in candidates if os.access(c, os.X_OK)), None)
-
-
 @functools.lru_cache(maxsize=None)
 def cuobjdump(*args) -> str:
-    tool = find_tool("cuobjdump")
+    tool = find_cuda_tool("cuobjdump")
     if tool is None:
         pytest.skip("cuobjdump not found (PATH, /usr/local/cuda*/bin, pip install nvidia-cuda-cuobjdump)")
     env = dict(os.environ)
-    nvdisasm = find_tool("nvdisasm")
+    nvdisasm = find_cuda_tool("nvdisasm")
     if nvdisasm:
         env["PATH"] = os.pathsep.join([str(Path(nvdisasm).parent), env.get("PATH", "")])
     result = subprocess.run([tool, *args, str(libdhp())], capture_output=True, text=True, env=env)
