@@ -4,8 +4,12 @@
     python -m dhp.audit sass --lib PATH           another build of the library
     python -m dhp.audit sass --sass DUMP          a saved `cuobjdump -sass` listing
     python -m dhp.audit sass --json OUT.json      also write the verdicts as JSON
+    python -m dhp.audit counters [--quick]        Nsight Compute counters across input classes (GPU, ncu)
+    python -m dhp.audit timing [--quick] [--peers] fixed-vs-random / fixed-vs-class Welch t (GPU)
+    python -m dhp.audit determinism               repeated runs, two streams, concurrent load, batches (GPU)
 
-Exit status: 0 every kernel passes, 1 some kernel fails, 2 the check could not run (no tool, no kernels).
+Every check takes --json OUT.json. Exit status: 0 pass, 1 fail, 2 the check could not run (no tool, no
+kernels, no GPU, no torch), with a sentence saying why.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import sass
+from . import counters, determinism, sass, timing
 from .disasm import ToolMissing, disassemble
 
 
@@ -55,8 +59,54 @@ def main(argv=None) -> int:
     source.add_argument("--lib", type=Path, help="library to disassemble (default: the installed libdhp.so)")
     source.add_argument("--sass", type=Path, help="a saved `cuobjdump -sass` listing instead of a library")
     p.add_argument("--json", type=Path, help="write the verdicts to this JSON file")
+
+    def variant_filters(p):
+        p.add_argument("--dtypes", help="comma list of dtypes to check (default: every compiled one)")
+        p.add_argument("--head-dims", help="comma list of head_dims to check (default: every compiled one)")
+
+    p = checks.add_parser("counters", help="ncu counter invariance across input classes (GPU, ncu)")
+    variant_filters(p)
+    p.add_argument("--quick", action="store_true", help="first variant and first shape only")
+    p.add_argument("--order", help=f"launch order of classes (default {','.join(counters.DEFAULT_ORDER)}; "
+                                   "random runs are the noise baseline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the verdicts and every counter to this JSON file")
+
+    p = checks.add_parser("timing", help="fixed-vs-random and fixed-vs-class Welch t-tests (GPU)")
+    variant_filters(p)
+    p.add_argument("--launches", type=int, default=10_000, help="launches per class (default 10000)")
+    p.add_argument("--quick", action="store_true", help="one variant, non-causal, at most 1000 launches per class")
+    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
+    p.add_argument("--peers", action="store_true", help="also time torch SDPA's cuDNN and flash backends")
+    p.add_argument("--pool", type=int, default=8, help="buffers per class, used round robin (default 8)")
+    p.add_argument("--batch", type=int, default=500, help="launches between synchronisations (default 500)")
+    p.add_argument("--spin", type=int, default=100_000, help="GPU spin cycles ahead of each launch")
+    p.add_argument("--block", type=int, default=1000, help="launches of each class alone, for clocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the t statistics, clocks and settings to this JSON file")
+
+    p = checks.add_parser("determinism", help="bitwise determinism and batch invariance (GPU)")
+    variant_filters(p)
+    p.add_argument("--repeats", type=int, default=20, help="repeated runs per check (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write every check's result to this JSON file")
+
+    p = checks.add_parser("_run-case", help="internal: the child process that the counters check profiles")
+    p.add_argument("--dtype", required=True)
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--shape", required=True, help="batch,seqlen,heads_q,heads_kv")
+    p.add_argument("--order", required=True, help="comma list of input classes, one launch each")
+    p.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
-    return {"sass": _sass}[args.check](args)
+    return {"sass": _sass, "counters": counters.run, "timing": timing.run, "determinism": determinism.run,
+            "_run-case": _run_case}[args.check](args)
+
+
+def _run_case(args) -> int:
+    shape = tuple(int(x) for x in args.shape.split(","))
+    return counters.run_child(args.dtype, args.head_dim, args.causal, shape, args.order.split(","), args.seed)
 
 
 if __name__ == "__main__":
