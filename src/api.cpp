@@ -1,4 +1,4 @@
-// The C API: argument validation, device checks and dispatch to the forward launcher.
+// The C API: argument validation, device checks and dispatch to the forward and backward launchers.
 //
 // Validation runs in a fixed order, one category at a time over all tensors (pointers, device, dtype, rank,
 // shapes, strides, extents, aliasing, options) and calls no CUDA function until the device checks at the
@@ -16,6 +16,7 @@
 #include "build_info.h"
 #include "dhp/dhp.h"
 #include "error.h"
+#include "memory_check.h"
 #include "params.h"
 
 namespace dhp {
@@ -258,9 +259,8 @@ dhp_status check_disjoint(const Arg& written, const Arg& other) {
   const bool overlap = written.base < written.end && other.base < other.end && written.base < other.end &&
                        other.base < written.end;
   if (!overlap) return DHP_SUCCESS;
-  return fail(DHP_ERROR_INVALID_VALUE, "%s overlaps %s in memory: %s must not share memory with %s", written.name,
-              other.name, written.name,
-              written.bshd ? "q, k, v or lse" : "q, k or v");
+  return fail(DHP_ERROR_INVALID_VALUE, "%s overlaps %s in memory: an output must not share memory with any other "
+              "argument", written.name, other.name);
 }
 
 dhp_status check_options(const dhp_attention_options& o) {
@@ -324,8 +324,12 @@ dhp_status check_device_runs_dhp(int device) {
               prop.name, cc);
 }
 
-// The result of validating a forward request.
-struct Forward {
+// The per-tensor device check, after check_device_runs_dhp (it calls the driver): the tensor's bytes
+// [base, end), known after check_extent, must not lie in compressible memory.
+dhp_status check_memory(const Arg& a) { return check_not_compressible(a.name, a.base, a.end); }
+
+// What validating a request yields: the shared problem description, the device, and whether the call is empty.
+struct Validated {
   FwdParams params;
   int device;
   bool empty;  // batch == 0 or seqlen_q == 0: valid, nothing to launch
@@ -333,14 +337,16 @@ struct Forward {
 
 BshdStrides bshd_strides(const Arg& a) { return {a.stride[kBatch], a.stride[kSeq], a.stride[kHeads]}; }
 
-dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTensor* v_t, const DLTensor* out_t,
-                            const DLTensor* lse_t, const dhp_attention_options* options, Forward* fwd) {
-  Arg args[] = {{"q", q_t, true}, {"k", k_t, true}, {"v", v_t, true}, {"out", out_t, true}, {"lse", lse_t, false}};
-  Arg &q = args[0], &k = args[1], &v = args[2], &out = args[3], &lse = args[4];
-  const int n = lse_t ? 5 : 4;
+// The checks every request shares, over args = {q, k, v, ...}: q, k and v first; every other (batch, seqlen,
+// heads, head_dim) tensor takes q's shape (`like_k`: k's); lse tensors take (batch, heads_q, seqlen_q). Tensors
+// marked `written` must not overlap themselves or any other argument. Fills `out` with the problem, q, k, v.
+template <int N>
+dhp_status validate_request(Arg (&args)[N], int n, const bool (&written)[N], const bool (&like_k)[N],
+                            const dhp_attention_options* options, Validated* out) {
+  Arg &q = args[0], &k = args[1], &v = args[2];
   const auto each = [&](auto&& check) -> dhp_status {
-    for (Arg* a = args; a != args + n; ++a) {
-      if (const dhp_status s = check(*a)) return s;
+    for (int i = 0; i < n; ++i) {
+      if (const dhp_status s = check(args[i])) return s;
     }
     return DHP_SUCCESS;
   };
@@ -359,10 +365,12 @@ dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTe
   const int64_t k_want[] = {batch, seqlen_k, heads_kv, head_dim};
   const int64_t lse_want[] = {batch, heads_q, seqlen_q};
   if (dhp_status s = check_shape(k, k_want, "the batch size and head_dim of q")) return s;
-  if (dhp_status s = check_shape(v, k.t->shape, "the shape of k")) return s;
-  if (dhp_status s = check_shape(out, q.t->shape, "the shape of q")) return s;
-  if (lse_t) {
-    if (dhp_status s = check_shape(lse, lse_want, "(batch, heads_q, seqlen_q) of q")) return s;
+  for (int i = 2; i < n; ++i) {
+    Arg& a = args[i];
+    const dhp_status s = !a.bshd    ? check_shape(a, lse_want, "(batch, heads_q, seqlen_q) of q")
+                         : like_k[i] ? check_shape(a, k.t->shape, "the shape of k")
+                                     : check_shape(a, q.t->shape, "the shape of q");
+    if (s) return s;
   }
 
   const DType dtype = is_bf16(q.t->dtype) ? DType::bf16 : DType::fp16;
@@ -386,23 +394,23 @@ dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTe
   }
 
   if (dhp_status s = each(check_strides)) return s;
-  if (dhp_status s = each([&](Arg& a) { return check_extent(a, &a == &out || &a == &lse); })) return s;
-  for (const Arg* input : {&q, &k, &v}) {
-    if (dhp_status s = check_disjoint(out, *input)) return s;
+  for (int i = 0; i < n; ++i) {
+    if (dhp_status s = check_extent(args[i], written[i])) return s;
   }
-  if (lse_t) {
-    if (dhp_status s = check_disjoint(out, lse)) return s;
-    for (const Arg* input : {&q, &k, &v}) {
-      if (dhp_status s = check_disjoint(lse, *input)) return s;
+  for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n && written[i]; ++j) {
+      if (j == i) continue;
+      if (dhp_status s = check_disjoint(args[i], args[j])) return s;
     }
   }
   if (dhp_status s = check_options(*options)) return s;
 
-  fwd->device = q.t->device.device_id;
-  if (dhp_status s = check_device_runs_dhp(fwd->device)) return s;
+  out->device = q.t->device.device_id;
+  if (dhp_status s = check_device_runs_dhp(out->device)) return s;
+  if (dhp_status s = each(check_memory)) return s;
 
-  fwd->empty = batch == 0 || seqlen_q == 0;
-  FwdParams& p = fwd->params;
+  out->empty = batch == 0 || seqlen_q == 0;
+  FwdParams& p = out->params;
   p.dtype = dtype;
   p.head_dim = static_cast<int>(head_dim);
   p.batch = static_cast<int>(batch);
@@ -413,19 +421,169 @@ dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTe
   p.q = reinterpret_cast<const void*>(q.base);
   p.k = reinterpret_cast<const void*>(k.base);
   p.v = reinterpret_cast<const void*>(v.base);
-  p.out = reinterpret_cast<void*>(out.base);
-  p.lse = lse_t ? reinterpret_cast<float*>(lse.base) : nullptr;
   p.q_stride = bshd_strides(q);
   p.k_stride = bshd_strides(k);
   p.v_stride = bshd_strides(v);
-  p.out_stride = bshd_strides(out);
-  p.lse_stride_batch = lse_t ? lse.stride[kLseBatch] : 0;
-  p.lse_stride_head = lse_t ? lse.stride[kLseHeads] : 0;
-  p.lse_stride_seq = lse_t ? lse.stride[kLseSeq] : 0;
   p.causal = options->causal == 1;
   p.softmax_scale = options->softmax_scale != 0.0f ? options->softmax_scale
                                                    : 1.0f / std::sqrt(static_cast<float>(head_dim));
   return DHP_SUCCESS;
+}
+
+void set_out_lse(FwdParams& p, const Arg& out, const Arg* lse) {
+  p.out = reinterpret_cast<void*>(out.base);
+  p.out_stride = bshd_strides(out);
+  p.lse = lse ? reinterpret_cast<float*>(lse->base) : nullptr;
+  p.lse_stride_batch = lse ? lse->stride[kLseBatch] : 0;
+  p.lse_stride_head = lse ? lse->stride[kLseHeads] : 0;
+  p.lse_stride_seq = lse ? lse->stride[kLseSeq] : 0;
+}
+
+dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTensor* v_t, const DLTensor* out_t,
+                            const DLTensor* lse_t, const dhp_attention_options* options, Validated* fwd) {
+  Arg args[] = {{"q", q_t, true}, {"k", k_t, true}, {"v", v_t, true}, {"out", out_t, true}, {"lse", lse_t, false}};
+  constexpr bool written[] = {false, false, false, true, true};
+  constexpr bool like_k[] = {false, false, true, false, false};
+  if (dhp_status s = validate_request(args, lse_t ? 5 : 4, written, like_k, options, fwd)) return s;
+  set_out_lse(fwd->params, args[3], lse_t ? &args[4] : nullptr);
+  return DHP_SUCCESS;
+}
+
+// Scratch memory of the backward: checked like a tensor argument (present, on q's device, aligned, large enough,
+// not overlapping any tensor).
+dhp_status check_workspace(const void* workspace, size_t bytes, size_t needed, const Arg* args, int n, int device) {
+  if (bytes < needed) {
+    return fail(DHP_ERROR_INVALID_VALUE, "workspace_bytes=%zu: expected at least %zu "
+                "(dhp_attention_backward_workspace_size)", bytes, needed);
+  }
+  if (needed == 0) return DHP_SUCCESS;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
+  if (!workspace) return fail(DHP_ERROR_INVALID_VALUE, "workspace is NULL: expected %zu bytes of device memory", needed);
+  if (base % kWorkspaceAlign != 0) {
+    return fail(DHP_ERROR_INVALID_VALUE, "workspace=0x%" PRIxPTR ": expected a %zu-byte aligned address", base,
+                kWorkspaceAlign);
+  }
+  for (int i = 0; i < n; ++i) {
+    const Arg& a = args[i];
+    if (a.base < a.end && base < a.end && a.base < base + needed) {
+      return fail(DHP_ERROR_INVALID_VALUE, "workspace overlaps %s in memory: expected separate scratch memory",
+                  a.name);
+    }
+  }
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, workspace);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return fail(DHP_ERROR_INVALID_VALUE, "workspace=0x%" PRIxPTR ": not a CUDA allocation (%s)", base,
+                cudaGetErrorString(e));
+  }
+  if (attr.type != cudaMemoryTypeDevice || attr.device != device) {
+    return fail(DHP_ERROR_INVALID_VALUE, "workspace=0x%" PRIxPTR ": expected device memory of cuda:%d, the device "
+                "of q", base, device);
+  }
+  return DHP_SUCCESS;
+}
+
+// The problem size behind dhp_attention_backward_workspace_size: q's and k's dtype and shape checked as a
+// backward call would (no device pointers needed), then the scratch size for them.
+dhp_status shape_only_problem(const DLTensor* q_t, const DLTensor* k_t, const dhp_attention_options* options,
+                              size_t* bytes) {
+  Arg q{"q", q_t, true}, k{"k", k_t, true};
+  for (const Arg* a : {&q, &k}) {
+    if (dhp_status s = check_present(*a)) return s;
+  }
+  if (!options) {
+    return fail(DHP_ERROR_INVALID_VALUE, "options is NULL: expected a dhp_attention_options "
+                "(DHP_ATTENTION_OPTIONS_DEFAULT for the defaults)");
+  }
+  for (const Arg* a : {&q, &k}) {
+    if (dhp_status s = check_dtype(*a, q)) return s;
+    if (a->t->ndim != 4 || !a->t->shape) {
+      return fail(DHP_ERROR_INVALID_VALUE, "%s.ndim=%d: expected 4 dimensions (batch, seqlen, heads, head_dim)",
+                  a->name, a->t->ndim);
+    }
+    for (int i = 0; i < 4; ++i) {
+      if (a->dim(i) < 0 || a->dim(i) >= kMaxDim) {
+        return fail(DHP_ERROR_INVALID_VALUE, "%s.shape[%d]=%" PRId64 ": sizes must be in [0, 2^31)", a->name, i,
+                    a->dim(i));
+      }
+    }
+  }
+  if (dhp_status s = check_options(*options)) return s;
+  FwdParams p{};
+  p.dtype = is_bf16(q_t->dtype) ? DType::bf16 : DType::fp16;
+  p.batch = static_cast<int>(q.dim(kBatch));
+  p.seqlen_q = static_cast<int>(q.dim(kSeq));
+  p.heads_q = static_cast<int>(q.dim(kHeads));
+  p.head_dim = static_cast<int>(q.dim(kHeadDim));
+  p.seqlen_k = static_cast<int>(k.dim(kSeq));
+  p.heads_kv = static_cast<int>(k.dim(kHeads));
+  p.causal = options->causal == 1;
+  if (!backward_variant_exists(p.dtype, p.head_dim)) {
+    return fail(DHP_ERROR_UNSUPPORTED, "q.shape[3]=%d: this build has no backward kernel for head_dim %d",
+                p.head_dim, p.head_dim);
+  }
+  *bytes = backward_workspace_bytes(p);
+  return DHP_SUCCESS;
+}
+
+// The backward's request: q, k, v, out, dout, lse in; dq, dk, dv out; plus the workspace.
+struct Backward {
+  Validated v;
+  BwdParams params;
+};
+
+dhp_status validate_backward(const DLTensor* q_t, const DLTensor* k_t, const DLTensor* v_t, const DLTensor* out_t,
+                             const DLTensor* dout_t, const DLTensor* lse_t, const DLTensor* dq_t,
+                             const DLTensor* dk_t, const DLTensor* dv_t, const dhp_attention_options* options,
+                             const void* workspace, size_t workspace_bytes, Backward* bwd) {
+  Arg args[] = {{"q", q_t, true},     {"k", k_t, true},       {"v", v_t, true},
+                {"out", out_t, true}, {"dout", dout_t, true}, {"lse", lse_t, false},
+                {"dq", dq_t, true},   {"dk", dk_t, true},     {"dv", dv_t, true}};
+  constexpr bool written[] = {false, false, false, false, false, false, true, true, true};
+  constexpr bool like_k[] = {false, false, true, false, false, false, false, true, true};
+  if (dhp_status s = validate_request(args, 9, written, like_k, options, &bwd->v)) return s;
+  FwdParams& f = bwd->v.params;
+  set_out_lse(f, args[3], &args[5]);
+  if (!backward_variant_exists(f.dtype, f.head_dim)) {
+    return fail(DHP_ERROR_UNSUPPORTED, "q.shape[3]=%d: this build has no backward kernel for head_dim %d",
+                f.head_dim, f.head_dim);
+  }
+  const size_t needed = backward_workspace_bytes(f);
+  if (dhp_status s = check_workspace(workspace, workspace_bytes, needed, args, 9, bwd->v.device)) return s;
+  BwdParams& b = bwd->params;
+  b.fwd = f;
+  b.dout = reinterpret_cast<const void*>(args[4].base);
+  b.dout_stride = bshd_strides(args[4]);
+  b.dq = reinterpret_cast<void*>(args[6].base);
+  b.dk = reinterpret_cast<void*>(args[7].base);
+  b.dv = reinterpret_cast<void*>(args[8].base);
+  b.dq_stride = bshd_strides(args[6]);
+  b.dk_stride = bshd_strides(args[7]);
+  b.dv_stride = bshd_strides(args[8]);
+  b.workspace = const_cast<void*>(workspace);
+  return DHP_SUCCESS;
+}
+
+// Runs `launch` with the tensors' device current, restoring the caller's afterwards.
+template <class Launch>
+dhp_status on_device(int device, Launch&& launch) {
+  int current = 0;
+  cudaError_t e = cudaGetDevice(&current);
+  if (e == cudaSuccess && current != device) e = cudaSetDevice(device);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return fail(DHP_ERROR_CUDA, "cannot make device %d current: %s", device, cudaGetErrorString(e));
+  }
+  dhp_status status = launch();
+  if (current != device) {
+    e = cudaSetDevice(current);
+    if (e != cudaSuccess && status == DHP_SUCCESS) {
+      cudaGetLastError();
+      status = fail(DHP_ERROR_CUDA, "cannot restore device %d as current: %s", current, cudaGetErrorString(e));
+    }
+  }
+  return status == DHP_SUCCESS ? succeed() : status;
 }
 
 }  // namespace
@@ -472,33 +630,48 @@ dhp_status dhp_get_device_info(int device, dhp_device_info* info) {
 
 dhp_status dhp_attention_forward_check(const DLTensor* q, const DLTensor* k, const DLTensor* v, const DLTensor* out,
                                        const DLTensor* lse, const dhp_attention_options* options) {
-  dhp::Forward fwd{};
+  dhp::Validated fwd{};
   if (dhp_status s = dhp::validate_forward(q, k, v, out, lse, options, &fwd)) return s;
   return dhp::succeed();
 }
 
 dhp_status dhp_attention_forward(const DLTensor* q, const DLTensor* k, const DLTensor* v, DLTensor* out,
                                  DLTensor* lse, const dhp_attention_options* options, cudaStream_t stream) {
-  dhp::Forward fwd{};
+  dhp::Validated fwd{};
   if (dhp_status s = dhp::validate_forward(q, k, v, out, lse, options, &fwd)) return s;
   if (fwd.empty) return dhp::succeed();
+  return dhp::on_device(fwd.device, [&] { return dhp::launch_forward(fwd.params, stream); });
+}
 
-  int current = 0;
-  cudaError_t e = cudaGetDevice(&current);
-  if (e == cudaSuccess && current != fwd.device) e = cudaSetDevice(fwd.device);
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    return dhp::fail(DHP_ERROR_CUDA, "cannot make device %d current: %s", fwd.device, cudaGetErrorString(e));
-  }
-  dhp_status status = dhp::launch_forward(fwd.params, stream);
-  if (current != fwd.device) {
-    e = cudaSetDevice(current);
-    if (e != cudaSuccess && status == DHP_SUCCESS) {
-      cudaGetLastError();
-      status = dhp::fail(DHP_ERROR_CUDA, "cannot restore device %d as current: %s", current, cudaGetErrorString(e));
-    }
-  }
-  return status == DHP_SUCCESS ? dhp::succeed() : status;
+dhp_status dhp_attention_backward_workspace_size(const DLTensor* q, const DLTensor* k,
+                                                 const dhp_attention_options* options, size_t* bytes) {
+  if (!bytes) return dhp::fail(DHP_ERROR_INVALID_VALUE, "bytes is NULL: expected a pointer to a size_t");
+  *bytes = 0;
+  if (dhp_status s = dhp::shape_only_problem(q, k, options, bytes)) return s;
+  return dhp::succeed();
+}
+
+dhp_status dhp_attention_backward_check(const DLTensor* q, const DLTensor* k, const DLTensor* v, const DLTensor* out,
+                                        const DLTensor* dout, const DLTensor* lse, const DLTensor* dq,
+                                        const DLTensor* dk, const DLTensor* dv, const dhp_attention_options* options,
+                                        const void* workspace, size_t workspace_bytes) {
+  dhp::Backward bwd{};
+  if (dhp_status s = dhp::validate_backward(q, k, v, out, dout, lse, dq, dk, dv, options, workspace,
+                                            workspace_bytes, &bwd))
+    return s;
+  return dhp::succeed();
+}
+
+dhp_status dhp_attention_backward(const DLTensor* q, const DLTensor* k, const DLTensor* v, const DLTensor* out,
+                                  const DLTensor* dout, const DLTensor* lse, DLTensor* dq, DLTensor* dk, DLTensor* dv,
+                                  const dhp_attention_options* options, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream) {
+  dhp::Backward bwd{};
+  if (dhp_status s = dhp::validate_backward(q, k, v, out, dout, lse, dq, dk, dv, options, workspace,
+                                            workspace_bytes, &bwd))
+    return s;
+  if (bwd.params.fwd.batch == 0) return dhp::succeed();  // seqlen_q == 0 still zeroes dk and dv
+  return dhp::on_device(bwd.v.device, [&] { return dhp::launch_backward(bwd.params, stream); });
 }
 
 }  // extern "C"

@@ -2,6 +2,7 @@
 // already validated. Kernels and launchers never see DLPack.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "dhp/dhp.h"
@@ -45,5 +46,29 @@ dhp_status launch_forward(const FwdParams& params, cudaStream_t stream);
 
 // Whether this build holds a forward kernel for (dtype, head_dim).
 bool forward_variant_exists(DType dtype, int head_dim);
+
+// The backward's request: the forward's problem (q, k, v, out, lse as inputs) plus dout, the gradients and the
+// caller's scratch memory.
+struct BwdParams {
+  FwdParams fwd;
+  const void* dout;
+  void* dq;
+  void* dk;
+  void* dv;
+  BshdStrides dout_stride, dq_stride, dk_stride, dv_stride;
+  void* workspace;  // backward_workspace_bytes(fwd) bytes, kWorkspaceAlign-aligned
+};
+
+constexpr size_t kWorkspaceAlign = 256;
+
+// Whether this build holds a backward kernel for (dtype, head_dim).
+bool backward_variant_exists(DType dtype, int head_dim);
+
+// Scratch bytes the backward needs; depends on batch, heads_q, seqlen_q, head_dim only. A multiple of
+// kWorkspaceAlign; 0 when batch or seqlen_q is 0.
+size_t backward_workspace_bytes(const FwdParams& params);
+
+// Launches the backward kernels for validated params on `stream` (the current device must be the tensors').
+dhp_status launch_backward(const BwdParams& params, cudaStream_t stream);
 
 }  // namespace dhp

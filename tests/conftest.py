@@ -4,7 +4,8 @@
   DHP_REQUIRE_EXT=1 (set it wherever the wheel was built and installed: then a missing module fails).
 - `torch_cuda`, `cupy_cuda`, `jax_cuda`: the framework module, once a supported GPU (sm_90) is visible to it;
   otherwise the test skips and says why. GPU tests never fail for lack of a GPU and never pass without one.
-- `dtype_name`, `head_dim`: parametrized from the build's variant list (dhp.build_info()).
+- `dtype_name`, `head_dim`: parametrized from the build's variant list (dhp.build_info()); in tests marked
+  `backward`, `head_dim` takes the head dims the build has a backward for ("backward_head_dims").
 """
 
 from __future__ import annotations
@@ -18,18 +19,26 @@ import pytest  # noqa: E402
 
 ALL_DTYPES = ["bfloat16", "float16"]
 ALL_HEAD_DIMS = [64, 128, 256]
+ALL_BACKWARD_HEAD_DIMS = [64, 128]
 
 
-def _variants():
+def _variants(backward: bool):
     from dhp import _native
 
-    if not _native.available():
-        return ALL_DTYPES, ALL_HEAD_DIMS  # collected anyway; the tests skip through `ext`
-    return _native.variants()
+    if not _native.available():  # collected anyway; the tests skip through `ext`
+        return ALL_DTYPES, ALL_BACKWARD_HEAD_DIMS if backward else ALL_HEAD_DIMS
+    dtypes, head_dims = _native.variants()
+    if backward:
+        head_dims = sorted(int(d) for d in _native.build_info().get("backward_head_dims", []))
+    return dtypes, head_dims
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "backward: runs the backward; head_dim takes the backward's head dims")
 
 
 def pytest_generate_tests(metafunc):
-    dtypes, head_dims = _variants()
+    dtypes, head_dims = _variants(metafunc.definition.get_closest_marker("backward") is not None)
     if "dtype_name" in metafunc.fixturenames:
         metafunc.parametrize("dtype_name", dtypes)
     if "head_dim" in metafunc.fixturenames:

@@ -1,12 +1,17 @@
 """The dynamic audits (counters, timing, determinism) and their input classes: the parts that run without a GPU.
 
 CPU: input classes, ncu raw-CSV parsing and the counter verdict on hand-written fixtures (tests/fixtures/ncu),
-the timing schedule and verdict on synthetic timings, the determinism hashing and verdict, the CLI's exit 2.
-GPU: each tool end to end, quick settings; skipped without a Hopper GPU (and ncu for the counters).
+the case plan (forward, and backward where compiled), the timing schedule, settings, pools, host-bound check and
+verdict on synthetic timings, the determinism hashing, poison, batching and verdict, the CLI's exit 2.
+GPU: each tool end to end, quick settings, and the backward paths alone; skipped without a Hopper GPU (and ncu
+for the counters).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +58,42 @@ def test_input_classes_are_deterministic_and_distinct():
         inputs.class_array("denormal", (2,), "bfloat16", 0)
 
 
+def test_dout_is_its_own_draw_of_the_class():
+    shape = (1, 8, 2, 64)
+    q = inputs.class_array("random", shape, "bfloat16", seed=3, index=2, tensor=0)
+    dout = inputs.class_array("random", shape, "bfloat16", seed=3, index=2, tensor=inputs.DOUT_TENSOR)
+    assert inputs.DOUT_TENSOR not in (0, 1, 2) and not np.array_equal(q, dout)
+    nan = inputs.class_array("nan", shape, "float16", seed=3, tensor=inputs.DOUT_TENSOR)
+    assert np.isnan(nan).sum() == 1
+
+
+def test_dout_torch_on_cpu():
+    torch = pytest.importorskip("torch")
+    dout = inputs.dout_torch(torch, "huge", (1, 4, 2, 64), "float16", "cpu", seed=1)
+    expected = inputs.class_array("huge", (1, 4, 2, 64), "float16", 1, 0, inputs.DOUT_TENSOR)
+    assert dout.dtype == torch.float16 and np.array_equal(dout.float().numpy(), expected.astype(np.float16))
+
+
+# The plan of cases: forward everywhere, backward where compiled
+
+
+def test_plan_has_the_backward_only_where_compiled():
+    cases = inputs.plan(["bfloat16", "float16"], [64, 128, 256], [64, 128])
+    assert len(cases) == 2 * 3 * 2 + 2 * 2 * 2
+    assert {c["head_dim"] for c in cases if c["pass"] == "bwd"} == {64, 128}
+    names = [c["name"] for c in cases]
+    assert "bfloat16 d128 bwd causal" in names and "float16 d256 fwd full" in names
+    assert "float16 d256 bwd full" not in names
+    assert len(set(names)) == len(names)
+    assert [c["pass"] for c in inputs.plan(["bfloat16"], [64], [64], causals=(False,))] == ["fwd", "bwd"]
+    assert inputs.plan(["bfloat16"], [256], [64], passes=("bwd",)) == []
+
+
+def test_selected_passes():
+    assert inputs.selected_passes(None) == inputs.selected_passes("both") == ("fwd", "bwd")
+    assert inputs.selected_passes("bwd") == ("bwd",)
+
+
 # ncu CSV and the counter verdict
 
 
@@ -80,23 +121,31 @@ def test_waitloop_classification():
     assert counters.is_waitloop("sass__inst_executed_per_opcode_with_modifier_all[SYNCS.PHASECHK.TRANS64.TRYWAIT]")
     assert counters.is_waitloop("sass__inst_executed_per_opcode[SYNCS]")
     assert not counters.is_waitloop("sass__inst_executed_per_opcode_with_modifier_all[SYNCS.ARRIVE.TRANS64.A1T0]")
-    assert not counters.is_waitloop("sass__inst_executed_per_opcode[BRA]")
+    assert counters.is_waitloop("sass__inst_executed_per_opcode[BRA]")  # executed once per spin iteration
+    assert counters.is_waitloop("sass__inst_executed_per_opcode_with_modifier_all[LDG.E.STRONG.GPU]")
+    assert not counters.is_waitloop("sass__inst_executed_per_opcode_with_modifier_all[LDG.E.128]")
+    assert not counters.is_waitloop("sass__inst_executed_per_opcode[FFMA]")
     assert not counters.is_waitloop("smsp__inst_executed.sum")
+
+
+FIXTURE_ORDER = ("random", "zeros", "ones", "huge", "random", "tiny", "nan", "inf", "random")  # of the CSVs
 
 
 def _judge_fixture(name):
     rows = counters.parse_raw_csv((FIXTURES / name).read_text())
-    return counters.judge(counters.assign_classes(rows, counters.DEFAULT_ORDER))
+    return counters.judge(counters.assign_classes(rows, FIXTURE_ORDER))
 
 
 def test_judge_pass_fixture():
     j = _judge_fixture("raw_pass.csv")
     assert j["verdict"] == "pass", j["reason"]
     op = "sass__inst_executed_per_opcode_with_modifier_all"
-    # Drifting sectors, the wait loop's count and what it drags along are set apart, not compared.
-    assert {"dram__sectors_read.sum", "smsp__inst_executed.sum", op, f"{op}[BRA]"} <= set(j["timing_dependent"])
-    assert list(j["waitloop"]) == [f"{op}[SYNCS.PHASECHK.TRANS64.TRYWAIT]"]
-    assert {f"{op}[FFMA]", f"{op}[HGMMA.64x128x16.F32.BF16]", "derived:BRA-minus-waitloop"} <= set(j["checked"])
+    # Drifting sectors, the wait loop's count and what it drags along are set apart, not compared; the totals
+    # that count wait-loop iterations are listed apart when per-opcode counts are there.
+    assert {"dram__sectors_read.sum", op} <= set(j["timing_dependent"])
+    assert "smsp__inst_executed.sum" in j["wait_affected"]
+    assert set(j["waitloop"]) == {f"{op}[SYNCS.PHASECHK.TRANS64.TRYWAIT]", f"{op}[BRA]"}
+    assert {f"{op}[FFMA]", f"{op}[HGMMA.64x128x16.F32.BF16]", "derived:BRA-minus-spins"} <= set(j["checked"])
     assert not j["differences"]
 
 
@@ -110,6 +159,36 @@ def test_judge_leak_fixture():
     nan = next(d for d in j["differences"] if d["counter"] == f"{op}[FFMA]")
     assert (nan["value"], nan["baseline"]) == (1048576 + 64, 1048576)
     assert "nan" in counters.report([{"name": "case", "judgement": j}])
+
+
+def test_flag_spin_is_set_apart():
+    op = "sass__inst_executed_per_opcode_with_modifier_all"
+
+    def run(spins, ffma):
+        return {f"{op}[LDG.E.STRONG.GPU]": spins, f"{op}[ISETP.NE.AND]": 10 + spins, f"{op}[BRA]": 5 + spins,
+                f"{op}[YIELD]": spins, f"{op}[CCTL.IVALL]": spins, f"{op}[FFMA]": ffma}
+
+    j = counters.judge([("random", run(3, 100)), ("random", run(7, 100)), ("zeros", run(1, 100))])
+    assert j["verdict"] == "pass", j
+    assert {"derived:ISETP.NE.AND-minus-spins", "derived:BRA-minus-spins", f"{op}[FFMA]"} <= set(j["checked"])
+    assert f"{op}[ISETP.NE.AND]" in j["waitloop"]
+    j = counters.judge([("random", run(3, 100)), ("random", run(7, 100)), ("nan", run(1, 101))])
+    assert j["verdict"] == "fail" and j["differences"][0]["counter"] == f"{op}[FFMA]"
+
+
+def test_judge_timing_from_other_cases():
+    runs = [("random", {"a.sum": 1}), ("random", {"a.sum": 1}), ("zeros", {"a.sum": 2})]
+    assert counters.judge(runs)["verdict"] == "fail"
+    j = counters.judge(runs, timing=frozenset({"a.sum"}))
+    assert j["verdict"] == "error" and "a.sum" in j["timing_dependent"]
+
+
+def test_judge_only_requested_metrics():
+    runs = [("random", {"a.sum": 1, "a.max": 5, "dev__attr": 3}), ("random", {"a.sum": 1, "a.max": 5, "dev__attr": 3}),
+            ("zeros", {"a.sum": 1, "a.max": 4, "dev__attr": 3})]
+    assert counters.judge(runs)["verdict"] == "fail"  # a.max moved
+    j = counters.judge(runs, metrics=["a.sum"])
+    assert j["verdict"] == "pass" and j["checked"] == ["a.sum"]
 
 
 def test_judge_needs_a_baseline_and_a_stable_counter():
@@ -167,6 +246,47 @@ def test_analyse_finds_a_shifted_class():
     assert "LEAK" in table and "unavailable: nope" in table
 
 
+def _args(**overrides):
+    values = {"launches": 10_000, "block": 1000, "quick": False, "causal": "both", "spin": 100_000,
+              "bwd_spin": None, "passes": "both"}
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def test_timing_settings():
+    full = timing.settings(_args(), ["bfloat16", "float16"], [64, 128, 256], [64, 128])
+    assert len(full["cases"]) == 20 and full["launches"] == 10_000 and full["block"] == 1000
+    assert full["spin"] == {"fwd": 100_000, "bwd": 300_000}
+    quick = timing.settings(_args(quick=True), ["bfloat16", "float16"], [64, 128, 256], [64, 128])
+    assert [c["name"] for c in quick["cases"]] == ["bfloat16 d128 fwd full", "bfloat16 d128 bwd full"]
+    assert quick["launches"] == timing.QUICK_LAUNCHES <= 1000 and quick["block"] == timing.QUICK_BLOCK
+    assert timing.settings(_args(quick=True, launches=300), ["bfloat16"], [64, 128], [64])["launches"] == 300
+    only = timing.settings(_args(passes="bwd", causal="true", bwd_spin=7), ["float16"], [64, 256], [64])
+    assert [c["name"] for c in only["cases"]] == ["float16 d64 bwd causal"] and only["spin"]["bwd"] == 7
+
+
+def test_pool_draws():
+    assert timing.pool_draws("random", 3) == [("random", 0, False), ("random", 1, False), ("random", 2, False)]
+    assert timing.pool_draws("fixed", 2) == [("random", timing.FIXED_INDEX, False),
+                                             ("random", timing.FIXED_INDEX, True)]
+    assert timing.FIXED_INDEX >= 8  # apart from the random pool's draws
+    assert timing.pool_draws("nan", 3) == [("nan", 0, False), ("nan", 0, True), ("nan", 0, True)]
+
+
+def test_host_bound():
+    fed = {"enqueue_ms": 20.0, "gpu_span_ms": 60.0}  # the GPU ran long after the host was done: a backlog
+    starved = {"enqueue_ms": 50.0, "gpu_span_ms": 50.2}  # the GPU followed the host
+    assert timing.host_bound([fed, fed]) == 0
+    assert timing.host_bound([fed, starved, starved]) == 2
+    assert timing.host_bound([{"first": 0}]) == 0  # batches without the measure (older JSON)
+
+
+def test_timing_report_names_the_pass():
+    result = timing.analyse(_synthetic())
+    table = timing.report([{"name": "bfloat16 d128 bwd full", "impls": {"dhp": {"analysis": result}}}])
+    assert "bfloat16 d128 bwd full" in table and "fixed vs random" in table
+
+
 # Determinism: hashing and verdict
 
 
@@ -195,6 +315,37 @@ def test_batch_layouts_hold_the_target_once():
     assert {len(b) for _, b in layouts} == {1, 3, 8}
     assert all(b.count(0) == 1 for _, b in layouts)
     assert len({b.index(0) for _, b in layouts if len(b) == 8}) == 3  # first, middle, last
+    specials = {e for _, b in layouts for e in b if isinstance(e, str)}
+    assert specials == set(determinism.SPECIAL_NEIGHBOURS) <= set(inputs.CLASSES)
+
+
+def test_backward_verdict_names_its_gradients():
+    ref = {"dq": "a", "dk": "b", "dv": "c"}
+    check = determinism.compare("streams", "stream 2", ref, {"dq": "a", "dk": "x", "dv": "y"})
+    assert check["differing"] == ["dk", "dv"]
+    assert "dk, dv differ" in determinism.report([{"name": "float16 d64 bwd causal", "checks": [check]}])
+    assert set(determinism.OUTPUTS) == set(inputs.PASSES)
+
+
+def test_poison_differs_from_the_reference_and_between_calls():
+    assert math.isnan(determinism.poison(0))
+    later = [determinism.poison(i) for i in range(1, 65)]
+    assert len(set(later)) == 64 and all(x == int(x) and 1 <= x <= 64 for x in later)  # exact in bf16/fp16
+    assert determinism.poison(1) != determinism.poison(2)
+    bytes_ = [determinism.workspace_byte(i) for i in range(256)]
+    assert len(set(bytes_)) == 256 and all(0 <= b < 256 for b in bytes_)
+
+
+def test_batch_inputs_put_the_target_where_the_layout_says():
+    rng = np.random.default_rng(0)
+    sequences = {key: {"q": rng.standard_normal((1, 5, 4, 8)), "lse": rng.standard_normal((1, 4, 5))}
+                 for key in [*range(determinism.POOL), *determinism.SPECIAL_NEIGHBOURS]}
+    for _, layout in determinism.batch_layouts():
+        batch = determinism.batch_inputs(sequences, layout, np.concatenate)
+        assert batch["q"].shape == (len(layout), 5, 4, 8) and batch["lse"].shape == (len(layout), 4, 5)
+        position = layout.index(0)
+        for name in ("q", "lse"):
+            assert determinism.tensor_digest(batch[name][position]) == determinism.tensor_digest(sequences[0][name])
 
 
 # CLI
@@ -228,6 +379,49 @@ def test_timing_quick_on_gpu(torch_cuda, tmp_path):
                            "--block", "50", "--json", str(out)], check=False, capture_output=True, text=True, timeout=1200)
     assert done.returncode in (0, 1), done.stdout + done.stderr  # too few launches for a verdict to mean much
     assert out.is_file()
+
+
+def _backward_dims_or_skip():
+    dims = inputs.backward_head_dims()
+    if not dims:
+        pytest.skip("this build has no backward (build_info lists no backward_head_dims)")
+    return dims
+
+
+def test_determinism_backward_on_gpu(torch_cuda, tmp_path):
+    dims = _backward_dims_or_skip()
+    out = tmp_path / "determinism-bwd.json"
+    done = subprocess.run([sys.executable, "-m", "dhp.audit", "determinism", "--pass", "bwd", "--repeats", "2",
+                           "--head-dims", str(dims[0]), "--json", str(out)],
+                          check=False, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads(out.read_text())
+    assert document["cases"] and all(c["pass"] == "backward" and c["outputs"] == ["dq", "dk", "dv"]
+                                     for c in document["cases"])
+    case = document["cases"][0]
+    assert {c["check"] for c in case["checks"]} == {"repeat", "streams", "load", "batch"}
+    assert len(case["checks"]) == 2 + 2 + 2 + len(determinism.batch_layouts())
+    assert " bwd " in done.stdout
+
+
+def test_timing_backward_quick_on_gpu(torch_cuda, tmp_path):
+    _backward_dims_or_skip()
+    out = tmp_path / "timing-bwd.json"
+    done = subprocess.run([sys.executable, "-m", "dhp.audit", "timing", "--quick", "--pass", "bwd", "--peers",
+                           "--launches", "200", "--block", "20", "--json", str(out)],
+                          check=False, capture_output=True, text=True, timeout=1200)
+    if done.returncode == 2 and "no case to time" in done.stderr:
+        pytest.skip("the quick variant's head_dim has no backward in this build")
+    assert done.returncode in (0, 1), done.stdout + done.stderr  # too few launches for a verdict to mean much
+    document = json.loads(out.read_text())
+    assert document["cases"] and all(c["pass"] == "backward" for c in document["cases"])
+    for case in document["cases"]:
+        assert set(case["impls"]) == {"dhp", "cudnn", "flash"}
+        dhp_result = case["impls"]["dhp"]
+        assert dhp_result["analysis"]["classes"]["fixed"]["n"] == 200
+        assert all("gpu_span_ms" in b for b in dhp_result["batches"])
+        for peer in ("cudnn", "flash"):  # measured, or a sentence why not
+            assert "analysis" in case["impls"][peer] or case["impls"][peer]["error"]
 
 
 def test_counters_quick_on_gpu(torch_cuda, tmp_path):

@@ -119,6 +119,8 @@ def test_predicated_store_is_the_store_itself():
     ("clean.sass", "clean_loop_counter_reuse"),  # flow sensitivity: R2 counts the loop, then holds data
     ("clean.sass", "clean_hgmma_softmax"),
     ("clean.sass", "clean_waterfall_loop"),  # known P1 = true on entry; leaks.sass has it from data
+    ("clean.sass", "clean_same_guard_address"),  # @!P1 MOV R10.. then @!P1 STG [R10.64]: the new, public address
+    ("clean.sass", "clean_flag_wait"),  # spin on an ld.acquire.gpu flag (LDG.E.STRONG.GPU): public
 ])
 def test_clean_kernels_pass(fixture, kernel):
     verdict = verdicts(fixture)[kernel]
@@ -136,10 +138,18 @@ def test_clean_kernels_pass(fixture, kernel):
     ("leak_waterfall_on_data", [(0x100, "memory", "address depends on tainted UR8, UR10"),
                                 (0x110, "branch", "branch taken or not by tainted P1")]),
     ("unanalysable_external_call", [(0x30, "unanalysable", "target is not in this kernel")]),
+    ("leak_other_guard_address", [(0x80, "memory", "address depends on tainted R10, R11")]),
+    ("leak_spin_on_weak_load", [(0x50, "branch", "branch taken or not by tainted P0")]),
 ])
 def test_hand_written_leaks(kernel, expected):
     verdict = verdicts("leaks.sass")[kernel]
     assert [(v.address, v.rule, v.reason) for v in verdict.violations] == expected, sass.report([verdict])
+
+
+def test_flag_reads_are_listed():
+    notes = verdicts("clean.sass")["clean_flag_wait"].notes
+    assert notes == ["reads a synchronisation flag at 0x0030 (LDG.E.STRONG.GPU R2, desc[UR4][R4.64]): public, "
+                     "listed for review"]
 
 
 def test_shared_memory_becomes_a_source():
@@ -152,7 +162,7 @@ def test_cli_exit_status_and_json(tmp_path, capsys):
     out = tmp_path / "verdicts.json"
     assert main(["sass", "--sass", str(FIXTURES / "clean.sass"), "--json", str(out)]) == 0
     document = json.loads(out.read_text())
-    assert document["verdict"] == "pass" and len(document["kernels"]) == 3
+    assert document["verdict"] == "pass" and len(document["kernels"]) == 5
     assert main(["sass", "--sass", str(FIXTURES / "leaks.sass"), "--json", str(out)]) == 1
     kernels = {k["name"]: k for k in json.loads(out.read_text())["kernels"]}
     violation = kernels["leak_guarded_overwrite"]["violations"][0]

@@ -2,7 +2,8 @@
 
 The timing itself needs a GPU and is exercised by running `python -m dhp.bench` there; everything around it
 (what runs, how rows, ratios and geometric means are computed, how they print, how the JSON reads back and
-how a plot is redrawn from it) runs here. Only the plot tests need matplotlib, and skip without it.
+how a plot is redrawn from it) runs here. Only the plot tests need matplotlib, and skip without it. The GPU tests
+at the end (what the backward's timed calls compute and launch) skip without a supported GPU.
 """
 
 from __future__ import annotations
@@ -23,30 +24,39 @@ from dhp import bench
 COMMITTED = Path(__file__).resolve().parent.parent / "bench" / "results" / "2026-11-25a-h100.json"  # schema 1: the oldest committed results
 
 
-def _fake_native(dtypes=("bfloat16", "float16"), head_dims=(64, 128, 256)):
-    return SimpleNamespace(available=lambda: True, variants=lambda: (list(dtypes), list(head_dims)))
+def _fake_native(dtypes=("bfloat16", "float16"), head_dims=(64, 128, 256), backward_head_dims=(64, 128)):
+    return SimpleNamespace(available=lambda: True, variants=lambda: (list(dtypes), list(head_dims)),
+                           build_info=lambda: {"backward_head_dims": list(backward_head_dims)})
 
 
-def _row(dtype="bfloat16", head_dim=128, seqlen=4096, causal=False, heads=None, ms=None, runs=None):
+def _row(dtype="bfloat16", head_dim=128, seqlen=4096, causal=False, heads=None, ms=None, runs=None,
+         direction="fwd"):
     heads_q, heads_kv = heads or (bench.WIDTH // head_dim,) * 2
-    case = bench.Case(dtype, head_dim, bench.TOKENS // seqlen, seqlen, heads_q, heads_kv, causal)
+    case = bench.Case(dtype, head_dim, bench.TOKENS // seqlen, seqlen, heads_q, heads_kv, causal, direction)
     if runs is not None:
         return bench.row_from_runs(case, runs)
     return bench.make_row(case, ms or {"dhp": 1.0, "cudnn": 1.1, "fa2": 2.0})
 
 
-def _synthetic_results(spread=True) -> dict:
+def _synthetic_results(spread=True, backward=False) -> dict:
+    """bf16 and fp16 at head_dim 64 and 128, four seqlens, plus one GQA row; backward=True adds the same rows
+    for the backward (dhp a bit slower against cuDNN there) and forward rows at head_dim 256 (no backward)."""
     rows = []
-    for dtype in ("bfloat16", "float16"):
-        for head_dim in (64, 128):
-            for seqlen in (512, 1024, 4096, 8192):
-                for causal in (False, True):
-                    scale = seqlen / 1024 * (0.5 if causal else 1.0)
-                    runs = {"dhp": [scale * t for t in (1.0, 1.02, 0.99)],
-                            "cudnn": [scale * t for t in (1.1, 1.12, 1.09)],
-                            "fa2": None if head_dim == 64 and seqlen == 8192 else [2.0 * scale] * 3}
-                    rows.append(_row(dtype, head_dim, seqlen, causal, runs=runs))
-    rows.append(_row("bfloat16", 128, 4096, False, heads=(32, 8), runs={"dhp": [1.0], "cudnn": [1.1], "fa2": [2.0]}))
+    directions = ("fwd", "bwd") if backward else ("fwd",)
+    for direction in directions:
+        head_dims = (64, 128, 256) if backward and direction == "fwd" else (64, 128)
+        for dtype in ("bfloat16", "float16"):
+            for head_dim in head_dims:
+                for seqlen in (512, 1024, 4096, 8192):
+                    for causal in (False, True):
+                        scale = seqlen / 1024 * (0.5 if causal else 1.0) * (2.5 if direction == "bwd" else 1.0)
+                        slower = 1.2 if direction == "bwd" else 1.0
+                        runs = {"dhp": [scale * slower * t for t in (1.0, 1.02, 0.99)],
+                                "cudnn": [scale * t for t in (1.1, 1.12, 1.09)],
+                                "fa2": None if head_dim == 64 and seqlen == 8192 else [2.0 * scale] * 3}
+                        rows.append(_row(dtype, head_dim, seqlen, causal, runs=runs, direction=direction))
+        rows.append(_row("bfloat16", 128, 4096, False, heads=(32, 8), runs={"dhp": [1.0], "cudnn": [1.1], "fa2": [2.0]},
+                         direction=direction))
     if not spread:
         for row in rows:
             row.pop("spread", None)
@@ -125,6 +135,42 @@ def test_filters_outside_the_build_are_refused():
         bench.select_cases(["bfloat16"], [64, 128], dtypes=["float16"])
 
 
+def test_backward_cases_follow_the_forwards_for_the_backward_head_dims():
+    built = (["bfloat16", "float16"], [64, 128, 256])
+    both = bench.select_cases(*built, direction="both", backward_head_dims=[64, 128])
+    forward = bench.select_cases(*built)  # the default of the function: forward only
+    assert both[:len(forward)] == forward
+    backward = both[len(forward):]
+    assert {c.direction for c in forward} == {"fwd"} and {c.direction for c in backward} == {"bwd"}
+    assert {c.head_dim for c in backward} == {64, 128}
+    assert [c.name for c in backward] == [c.name + " bwd" for c in forward if c.head_dim != 256]
+    assert len(backward) == 2 * 2 * 6 * 2 + 2 * 2  # dtypes x backward head_dims x seqlens x masks, + GQA
+    assert bench.select_cases(*built, direction="bwd", backward_head_dims=[64, 128]) == backward
+
+    quick = bench.select_cases(*built, quick=True, direction="both", backward_head_dims=[64, 128])
+    assert [c.name for c in quick] == [
+        "bf16 d128 b16 s1024 h16", "bf16 d128 b16 s1024 h16 causal",
+        "bf16 d128 b4 s4096 h16", "bf16 d128 b4 s4096 h16 causal",
+        "bf16 d128 b4 s4096 h32/8", "bf16 d128 b4 s4096 h32/8 causal",
+        "bf16 d128 b16 s1024 h16 bwd", "bf16 d128 b16 s1024 h16 causal bwd",
+        "bf16 d128 b4 s4096 h16 bwd", "bf16 d128 b4 s4096 h16 causal bwd",
+        "bf16 d128 b4 s4096 h32/8 bwd", "bf16 d128 b4 s4096 h32/8 causal bwd",
+    ]
+    only_64 = bench.select_cases(*built, quick=True, direction="bwd", backward_head_dims=[64])
+    assert {(c.head_dim, c.direction) for c in only_64} == {(64, "bwd")}  # quick takes 128 only where it exists
+
+    # A head_dim without a backward: forward only under "both", refused under "bwd".
+    wide = bench.select_cases(*built, head_dims=[256], seqlens=[1024], direction="both", backward_head_dims=[64, 128])
+    assert [c.name for c in wide] == ["bf16 d256 b16 s1024 h8", "bf16 d256 b16 s1024 h8 causal",
+                                      "fp16 d256 b16 s1024 h8", "fp16 d256 b16 s1024 h8 causal"]
+    with pytest.raises(ValueError, match=r"head_dim 256 not in this build \(its backward has 64, 128\)"):
+        bench.select_cases(*built, head_dims=[256], direction="bwd", backward_head_dims=[64, 128])
+    assert bench.select_cases(*built, direction="bwd", backward_head_dims=[]) == []
+    # The backward's inputs come from dhp's forward: a backward head_dim without a forward is not run.
+    chosen = bench.select_cases(["bfloat16"], [64], direction="bwd", backward_head_dims=[64, 96])
+    assert {c.head_dim for c in chosen} == {64}
+
+
 def test_parsers():
     assert bench.parse_dtypes("bf16, fp16") == ["bfloat16", "float16"]
     assert bench.parse_dtypes("bfloat16,half") == ["bfloat16", "float16"]
@@ -141,10 +187,13 @@ def test_cli_list_and_bad_filters(monkeypatch, capsys):
     monkeypatch.setattr(bench, "_native", _fake_native(("bfloat16",), (64, 128)))
     assert bench.main(["--list", "--head-dims", "128", "--seqlens", "4k", "--backends", "cudnn"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out == ["bf16 d128 b4 s4096 h16", "bf16 d128 b4 s4096 h16 causal", "bf16 d128 b4 s4096 h32/8",
-                   "bf16 d128 b4 s4096 h32/8 causal", "4 cases; backends dhp,cudnn"]
+    forward = ["bf16 d128 b4 s4096 h16", "bf16 d128 b4 s4096 h16 causal", "bf16 d128 b4 s4096 h32/8",
+               "bf16 d128 b4 s4096 h32/8 causal"]
+    assert out == forward + [name + " bwd" for name in forward] + ["8 cases; backends dhp,cudnn"]  # both: default
+    assert bench.main(["--list", "--head-dims", "128", "--seqlens", "4k", "--direction", "fwd"]) == 0
+    assert capsys.readouterr().out.splitlines() == forward + ["4 cases; backends dhp,cudnn,fa2"]
     for argv in (["--list", "--dtypes", "fp16"], ["--list", "--head-dims", "256"], ["--causal", "maybe"],
-                 ["--reps", "0"]):
+                 ["--reps", "0"], ["--direction", "sideways"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
         assert exit_info.value.code == 2
@@ -176,27 +225,46 @@ def test_cli_run_writes_table_json_and_plot(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(bench, "measure_runs", fake_runs)
     out_json = tmp_path / "run.json"
-    argv = ["--dtypes", "fp16", "--head-dims", "64", "--seqlens", "512,4k", "--backends", "cudnn", "--reps", "4",
-            "--warmup", "2", "--out", str(out_json)]
+    base = ["--dtypes", "fp16", "--head-dims", "64", "--seqlens", "512,4k", "--backends", "cudnn", "--reps", "4",
+            "--warmup", "2"]
+    argv = base + ["--out", str(out_json)]
     plotting = bool(_has_matplotlib())
     if plotting:
         argv += ["--plot", str(tmp_path / "run.png")]
     assert bench.main(argv) == 0
-    assert timed == [(name, ("dhp", "cudnn"), 4, 2) for name in (
-        "fp16 d64 b32 s512 h32", "fp16 d64 b32 s512 h32 causal", "fp16 d64 b4 s4096 h32",
-        "fp16 d64 b4 s4096 h32 causal")]
+    forward = ["fp16 d64 b32 s512 h32", "fp16 d64 b32 s512 h32 causal", "fp16 d64 b4 s4096 h32",
+               "fp16 d64 b4 s4096 h32 causal"]
+    assert timed == [(name, ("dhp", "cudnn"), 4, 2) for name in forward + [n + " bwd" for n in forward]]
     captured = capsys.readouterr()
-    assert captured.err.count("\n") == 4 and captured.err.startswith("[1/4] fp16 d64 b32 s512 h32 ...")
+    assert captured.err.count("\n") == 8 and captured.err.startswith("[1/8] fp16 d64 b32 s512 h32 ...")
     lines = captured.out.splitlines()
     assert lines[1] == bench.format_header(["dhp", "cudnn"])
     assert lines[2].startswith("fp16 d64 b32 s512 h32 ") and lines[2].split()[-2:] == ["1.20", "0.0"]
+    assert lines[6].startswith("fp16 d64 b32 s512 h32 bwd ") and lines[6].split()[-2:] == ["1.20", "0.0"]
+    assert any(line.startswith("geometric mean: dhp/cudnn 1.200 (forward dhp/cudnn 1.200; backward") for line in lines)
     results = bench.load_results(out_json)
+    assert results["schema"] == bench.SCHEMA
     assert results["settings"]["backends"] == ["dhp", "cudnn"] and results["settings"]["seqlens"] == [512, 4096]
+    assert results["settings"]["direction"] == "both"
+    assert [row["direction"] for row in results["rows"]] == ["fwd"] * 4 + ["bwd"] * 4
+    assert results["rows"][4]["flops"] == 2.5 * results["rows"][0]["flops"]
     assert results["geomean"] == {"dhp/cudnn": pytest.approx(1.2)}
-    assert set(results["geomean_by"]) == {"fp16 d64", "all"}
+    assert list(results["geomean_by"]) == ["fp16 d64", "all fwd", "fp16 d64 bwd", "all bwd", "all"]
     assert results["rows"][0]["spread"]["dhp"] == {"min": 0.512, "p25": 0.512, "p75": 0.512, "max": 0.512}
     if plotting:
         _assert_png(tmp_path / "run.png")
+
+    timed.clear()  # one direction: the run, rows and summary of before the backward
+    assert bench.main(base + ["--direction", "fwd"]) == 0
+    assert [name for name, *_ in timed] == forward
+    timed.clear()
+    assert bench.main(base + ["--direction", "bwd"]) == 0
+    assert [name for name, *_ in timed] == [n + " bwd" for n in forward]
+    out = capsys.readouterr().out
+    assert "(forward" not in out and "fp16 d64 bwd" in out
+    with pytest.raises(SystemExit):  # no backward at head_dim 256 (in the fake build)
+        bench.main(["--direction", "bwd", "--head-dims", "256"])
+    assert "its backward has 64, 128" in capsys.readouterr().err
 
 
 def _has_matplotlib() -> bool:
@@ -222,6 +290,21 @@ def test_flops_tflops_and_ratios():
     assert "spread" not in row  # the form dhp's self-check (python -m dhp) uses
     for key in ("case", "dtype", "head_dim", "batch", "seqlen", "heads_q", "heads_kv", "causal", "flops", "ms"):
         assert key in row
+
+
+def test_backward_flops_are_two_and_a_half_forwards():
+    forward = bench.Case("bfloat16", 128, 4, 4096, 16, 16, False)
+    backward = bench.Case("bfloat16", 128, 4, 4096, 16, 16, False, "bwd")
+    assert backward.flops == 2.5 * forward.flops == 2.5 * 4.0 * 4 * 16 * 4096 * 4096 * 128
+    causal = bench.Case("bfloat16", 128, 4, 4096, 16, 16, True, "bwd")
+    assert causal.flops == backward.flops / 2
+    gqa = bench.Case("float16", 128, 4, 4096, 32, 8, False, "bwd")
+    assert gqa.flops == 2.5 * 4.0 * 4 * 32 * 4096 * 4096 * 128  # counted over the query heads
+    row = bench.make_row(causal, {"dhp": 2.0, "cudnn": 1.0})
+    assert row["direction"] == "bwd" and row["case"] == "bf16 d128 b4 s4096 h16 causal bwd"
+    assert row["tflops"]["dhp"] == pytest.approx(causal.flops / 2e-3 / 1e12)
+    assert row["ratios"] == {"dhp/cudnn": pytest.approx(0.5)}
+    assert bench.make_row(forward, {"dhp": 1.0})["direction"] == "fwd"
 
 
 def test_spread_and_medians():
@@ -269,6 +352,28 @@ def test_geomean_by_variant_and_seqlen_bucket():
     assert bench.bucket_of(4096) == "4k+" and bench.bucket_of(3000) is None
 
 
+def test_geomean_by_direction():
+    rows = [
+        _row("bfloat16", 128, 1024, ms={"dhp": 1.0, "cudnn": 2.0}),  # fwd 2.0
+        _row("bfloat16", 128, 4096, ms={"dhp": 1.0, "cudnn": 0.5}),  # fwd 0.5
+        _row("bfloat16", 64, 4096, ms={"dhp": 1.0, "cudnn": 0.8}, direction="bwd"),  # bwd 0.8
+        _row("bfloat16", 128, 4096, ms={"dhp": 1.0, "cudnn": 0.9}, direction="bwd"),  # bwd 0.9
+        _row("bfloat16", 128, 4096, heads=(32, 8), ms={"dhp": 1.0, "cudnn": 1.25}, direction="bwd"),  # bwd 1.25
+    ]
+    assert [bench.variant_of(row) for row in rows] == ["bf16 d128", "bf16 d128", "bf16 d64 bwd", "bf16 d128 bwd",
+                                                       "bf16 d128 gqa bwd"]
+    by = bench.geomean_by(rows[::-1])  # the order of the groups does not follow the rows'
+    assert list(by) == ["bf16 d128", "all fwd", "bf16 d64 bwd", "bf16 d128 bwd", "bf16 d128 gqa bwd", "all bwd", "all"]
+    assert by["all fwd"]["all"]["dhp/cudnn"] == pytest.approx(1.0)
+    assert by["all fwd"]["4k+"]["dhp/cudnn"] == pytest.approx(0.5)
+    assert by["all bwd"]["all"]["dhp/cudnn"] == pytest.approx((0.8 * 0.9 * 1.25) ** (1 / 3))
+    assert "512-2k" not in by["all bwd"]
+    assert by["all"]["all"] == bench.geomean_ratios(rows)
+    old = {key: value for key, value in rows[0].items() if key != "direction"}  # a row of schema 1 or 2
+    assert bench.direction_of(old) == "fwd" and bench.variant_of(old) == "bf16 d128"
+    assert list(bench.geomean_by([old, rows[1]])) == ["bf16 d128", "all"]
+
+
 # --- output --------------------------------------------------------------------------------------------------
 
 def test_table_formatting():
@@ -297,6 +402,28 @@ def test_summary_formatting():
     out = io.StringIO()
     bench.print_results(results, out)
     assert out.getvalue().count("\n") == 1 + len(results["rows"]) + 1 + len(lines) + 1
+
+
+def test_summary_with_both_directions():
+    results = _synthetic_results(backward=True)
+    lines = bench.format_summary(results["geomean_by"])
+    names = [line[:28].strip() for line in lines[2:]]
+    assert names == ["bf16 d64", "bf16 d128", "bf16 d128 gqa", "bf16 d256", "fp16 d64", "fp16 d128", "fp16 d256",
+                     "all fwd", "bf16 d64 bwd", "bf16 d128 bwd", "bf16 d128 gqa bwd", "fp16 d64 bwd", "fp16 d128 bwd",
+                     "all bwd", "all"]
+    by_name = {line[:28].strip(): line[28:].split() for line in lines[2:]}
+    assert by_name["all bwd"][4] == f"{results['geomean_by']['all bwd']['all']['dhp/cudnn']:.3f}"
+    assert results["geomean_by"]["all bwd"]["all"]["dhp/cudnn"] < results["geomean_by"]["all fwd"]["all"]["dhp/cudnn"]
+    out = io.StringIO()
+    bench.print_results(results, out)
+    text = out.getvalue()
+    assert "bf16 d128 b4 s4096 h32/8 bwd" in text
+    last = text.splitlines()[-1]
+    assert last.startswith("geometric mean: dhp/cudnn ")
+    assert "(forward dhp/cudnn " in last and "; backward dhp/cudnn " in last
+    table = text.splitlines()[1:1 + len(results["rows"])]
+    assert [line.split()[0:5] for line in table] == [row["case"].split()[0:5] for row in results["rows"]]
+    assert all(len(line) == len(table[0]) for line in table)  # the longest case names fit the case column
 
 
 def test_progress_display():
@@ -342,12 +469,37 @@ def test_old_json_without_spread_or_summary_loads(tmp_path):
     assert "-" == bench.format_row(loaded["rows"][0]).split()[-1]  # no spread: no noise figure
 
 
+def test_json_round_trip_with_the_backward(tmp_path):
+    results = _synthetic_results(backward=True)
+    path = tmp_path / "both.json"
+    path.write_text(json.dumps(results, indent=1))
+    loaded = bench.load_results(path)
+    assert loaded == json.loads(json.dumps(results))
+    backward = [row for row in loaded["rows"] if row["direction"] == "bwd"]
+    assert len(backward) == 2 * 2 * 4 * 2 + 1 and {row["head_dim"] for row in backward} == {64, 128}
+    assert all(row["case"].endswith(" bwd") for row in backward)
+
+
+def test_json_before_the_backward_reads_as_forward(tmp_path):
+    results = _synthetic_results()
+    for row in results["rows"]:
+        del row["direction"]
+    results["schema"] = 2
+    path = tmp_path / "schema2.json"
+    path.write_text(json.dumps(results))
+    loaded = bench.load_results(path)
+    assert {row["direction"] for row in loaded["rows"]} == {"fwd"}
+    assert loaded["geomean_by"] == json.loads(json.dumps(results["geomean_by"]))
+    assert bench.geomean_by(loaded["rows"]) == loaded["geomean_by"]
+
+
 @pytest.mark.skipif(not COMMITTED.exists(), reason="bench/results not in this tree")
 def test_committed_results_load():
     loaded = bench.load_results(COMMITTED)
     assert len(loaded["rows"]) == 76
     assert loaded["geomean_by"]["all"]["all"]["dhp/cudnn"] == pytest.approx(loaded["geomean"]["dhp/cudnn"])
     assert set(loaded["geomean_by"]) >= {"bf16 d64", "bf16 d128", "bf16 d256", "fp16 d128 gqa", "all"}
+    assert {row["direction"] for row in loaded["rows"]} == {"fwd"}
 
 
 # --- plot ----------------------------------------------------------------------------------------------------
@@ -392,6 +544,42 @@ def test_plot_pieces():
     assert title.splitlines() == ["Attention forward, NVIDIA H100 80GB HBM3, 2026-11-25", "cuDNN 9.19.0"]
 
 
+def test_plot_with_the_backward(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    source = tmp_path / "both.json"
+    source.write_text(json.dumps(_synthetic_results(backward=True)))
+    target = tmp_path / "both.png"
+    assert bench.main(["--plot-from", str(source), "--plot", str(target)]) == 0
+    _assert_png(target)
+    assert "bf16 d64 b32 s512 h32 causal bwd" in capsys.readouterr().out
+    only = _synthetic_results(backward=True)
+    only["rows"] = [row for row in only["rows"] if row["direction"] == "bwd"]
+    from dhp import bench_plot
+
+    bench_plot.plot(only, str(tmp_path / "bwd.png"))  # a backward-only run
+    _assert_png(tmp_path / "bwd.png")
+
+
+def test_plot_pieces_with_the_backward():
+    from dhp import bench_plot
+
+    rows = _synthetic_results(backward=True)["rows"]
+    assert bench_plot.directions(rows) == ["fwd", "bwd"]
+    assert bench_plot.panels(rows) == (["bfloat16", "float16"], [64, 128, 256])
+    assert bench_plot.panels(rows, "bwd") == (["bfloat16", "float16"], [64, 128])
+    x, y = bench_plot.series(rows, "bfloat16", 128, "dhp", True, "bwd")
+    x_fwd, y_fwd = bench_plot.series(rows, "bfloat16", 128, "dhp", True)
+    assert x == x_fwd == [512, 1024, 4096, 8192]
+    assert all(b < f for b, f in zip(y, y_fwd))  # the synthetic backward runs at 1/1.2 of the forward's rate
+    assert bench_plot.series(rows, "bfloat16", 256, "dhp", False, "bwd") == ([], [])
+    old = [{key: value for key, value in row.items() if key != "direction"}
+           for row in rows if row["direction"] == "fwd"]
+    assert bench_plot.directions(old) == ["fwd"]
+    assert bench_plot.series(old, "bfloat16", 128, "dhp", True) == (x_fwd, y_fwd)
+    title = bench_plot.title({"device": "NVIDIA H100 80GB HBM3"}, ["fwd", "bwd"])
+    assert title == "Attention forward and backward, NVIDIA H100 80GB HBM3"
+
+
 def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
     monkeypatch.setattr(bench, "_native", _fake_native())
     monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -399,3 +587,111 @@ def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
         bench.main(["--quick", "--plot", "x.png"])
     assert exit_info.value.code == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+# --- GPU: what the backward's timed calls compute and launch -------------------------------------------------
+
+def _backward_case(ext, causal, heads):
+    backward_dims = json.loads(ext.build_info()).get("backward_head_dims", [])
+    if not backward_dims:
+        pytest.skip("this build has no backward")
+    head_dim = 128 if 128 in backward_dims else backward_dims[0]
+    return bench.Case("bfloat16", head_dim, 2, 1024, heads[0], heads[1], causal, "bwd")
+
+
+def _profile(torch, fn) -> tuple[list[str], list[str]]:
+    """(GPU kernels, memsets and copies; aten ops on the host) of one call of fn, by name."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    gpu = [e.name for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+    ops = [e.name for e in events if getattr(e, "device_type", None) == DeviceType.CPU and e.name.startswith("aten::")]
+    return gpu, ops
+
+
+def _relative_error(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_calls_compute_the_same_gradients_and_launch_only_the_backward(torch_cuda, ext, causal, heads):
+    """Every side's timed backward call gets the same q, k, v, dout and computes the same gradients (so the
+    timed work is the same), and launches backward kernels only: no forward recompute, no layout copy."""
+    torch = torch_cuda
+    case = _backward_case(ext, causal, heads)
+    torch.manual_seed(0)
+    q, k, v = bench.make_inputs(torch, case)
+    dout = torch.randn_like(q)
+    with torch.no_grad():  # as in the benchmark's run loop
+        mine = [t.clone() for t in bench.timed_call(torch, "dhp", case, q, k, v, dout)()]
+        kernels, _ = _profile(torch, bench.timed_call(torch, "dhp", case, q, k, v, dout))
+        assert kernels and not [n for n in kernels if "fwd" in n.lower()], kernels
+        assert any("attention_bwd" in n for n in kernels), kernels
+        for peer in ("cudnn", "fa2"):
+            try:
+                fn = bench.timed_call(torch, peer, case, q, k, v, dout)
+                theirs = fn()
+                torch.cuda.synchronize()
+            except RuntimeError:  # the benchmark records a refusal as None
+                continue
+            for name, a, b in zip(("dq", "dk", "dv"), mine, theirs):
+                assert a.shape == b.shape, (peer, name)
+                assert _relative_error(a, b) < 0.03, (peer, name, _relative_error(a, b))
+            kernels, ops = _profile(torch, fn)
+            assert kernels, peer
+            forward = [n for n in kernels if any(w in n.lower() for w in ("fwd", "fprop", "forward"))]
+            assert not forward, (peer, kernels)
+            # The SDPA ops seen on the host (where the profiler follows autograd's thread) are backward ops.
+            sdpa = [n for n in ops if "scaled_dot_product" in n or "flash_attention" in n or "cudnn_attention" in n]
+            assert all("backward" in n for n in sdpa), (peer, sdpa)
+            if heads[0] == heads[1]:  # GQA may legitimately reduce dk, dv over the group; MHA copies nothing
+                assert not [n for n in kernels if "copy" in n.lower()], (peer, kernels)
+
+
+def test_measure_runs_times_the_backward(torch_cuda, ext):
+    torch = torch_cuda
+    case = _backward_case(ext, True, (4, 4))
+    with torch.no_grad():
+        runs = bench.measure_runs(torch, case, reps=3, warmup=1)
+    assert set(runs) == set(bench.BACKENDS)
+    assert len(runs["dhp"]) == 3 and all(ms > 0 for ms in runs["dhp"])
+    row = bench.row_from_runs(case, runs)
+    assert row["direction"] == "bwd" and row["tflops"]["dhp"] > 0
+    assert row["case"] == f"bf16 d{case.head_dim} b2 s1024 h4 causal bwd"
+
+
+def test_peer_backward_call_runs_only_autograds_backward(monkeypatch):
+    """The peers' timed backward, on the CPU with SDPA's math backend standing in for cuDNN: it builds the graph
+    once, and each call returns the gradients of the same graph for dout without running the forward again."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setitem(bench.SDPA_BACKENDS, "cudnn", "MATH")
+    case = bench.Case("float32", 16, 2, 40, 4, 2, True, "bwd")  # GQA, causal
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, h, 16, generator=generator, dtype=torch.float64) for h in (4, 2, 2))
+    dout = torch.randn(q.shape, generator=generator, dtype=torch.float64)
+    with torch.no_grad():  # as in the benchmark's run loop
+        call = bench.timed_call(torch, "cudnn", case, q, k, v, dout)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the timed call ran the forward")
+
+    monkeypatch.setattr(bench, "_sdpa_forward", no_forward)
+    with torch.no_grad():
+        first, second = call(), call()  # retain_graph: the graph serves every timed run
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    keys = torch.repeat_interleave(leaves[1], 2, dim=2)
+    values = torch.repeat_interleave(leaves[2], 2, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", leaves[0], keys) / 4.0
+    scores = scores.masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), values)
+    expected = torch.autograd.grad(out, leaves, dout)
+    for got, again, want in zip(first, second, expected):
+        assert got.shape == want.shape  # (batch, seqlen, heads, head_dim), as dhp's
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got, again)

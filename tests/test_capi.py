@@ -2,7 +2,8 @@
 
 This is the find_package proof: a separate CMake project finds dhp through the CMake package inside the
 wheel (dhp_DIR = `python -m dhp --cmake-dir`), links a C++ validation test and a plain C consumer, and ctest
-runs them. None of it needs a GPU.
+runs them. None of that needs a GPU. The same build holds compressible_memory (where a CUDA toolkit is found),
+which needs one: test_compressible_memory_refused runs it and skips with its reason without one.
 """
 
 import importlib.util
@@ -59,7 +60,9 @@ def _tool(*names):
     return None
 
 
-def test_capi_ctest(tmp_path):
+@pytest.fixture(scope="module")
+def cpp_build(tmp_path_factory):
+    """tests/cpp configured and built against the installed package: (build directory, ctest)."""
     cmake = _tool("cmake")
     if cmake is None:
         pytest.skip("cmake is not on PATH")
@@ -68,14 +71,39 @@ def test_capi_ctest(tmp_path):
                                                                           "clang++") is None:
         pytest.skip("no C/C++ compiler on PATH (cc, c++)")
 
-    build = tmp_path / "build"
+    build = tmp_path_factory.mktemp("cpp") / "build"
     steps = [
         [cmake, "-S", str(TESTS_CPP), "-B", str(build), f"-Ddhp_DIR={cmake_dir()}", "-DCMAKE_BUILD_TYPE=Release"],
         [cmake, "--build", str(build), "--parallel", "2"],
-        [ctest, "--test-dir", str(build), "--output-on-failure", "--verbose"],
     ]
     for cmd in steps:
         result = subprocess.run(cmd, capture_output=True, text=True)
         print(result.stdout, result.stderr, sep="\n")
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return build, ctest
+
+
+def test_capi_ctest(cpp_build):
+    build, ctest = cpp_build
+    cmd = [ctest, "--test-dir", str(build), "--output-on-failure", "--verbose"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    print(result.stdout, result.stderr, sep="\n")
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
     assert "100% tests passed" in result.stdout
+
+
+SKIP_EXIT = 77  # compressible_memory's exit status when this machine cannot run it
+
+
+def test_compressible_memory_refused(cpp_build):
+    """Tensors in CUDA compressible memory are refused by name before any launch (tests/cpp/compressible_memory.cpp)."""
+    build, _ = cpp_build
+    exe = build / "compressible_memory"
+    if not exe.is_file():
+        pytest.skip("tests/cpp/compressible_memory was not built: CMake found no CUDA toolkit (CUDAToolkit)")
+    result = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    print(result.stdout, result.stderr, sep="\n")
+    if result.returncode == SKIP_EXIT:
+        reasons = [line for line in result.stdout.splitlines() if line.startswith("SKIP: ")]
+        pytest.skip(reasons[-1][len("SKIP: "):] if reasons else "compressible_memory skipped without a reason")
+    assert result.returncode == 0, f"compressible_memory failed:\n{result.stdout}\n{result.stderr}"

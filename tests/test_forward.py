@@ -12,35 +12,13 @@ import pytest
 
 import dhp
 from dhp import reference
+from torch_helpers import assert_bitwise_equal, inputs, randn
 
 SEQLENS = [
     (1, 1), (17, 17), (128, 128), (1000, 1000), (4097, 4097),
     (113, 203), (239, 1), (799, 3), (1, 239), (1023, 1024),
 ]
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
-
-
-def _randn(torch, shape, dtype, generator):
-    return torch.randn(shape, dtype=dtype, device="cuda", generator=generator)
-
-
-def _inputs(torch, dtype_name, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, seed=0):
-    dtype = getattr(torch, dtype_name)
-    generator = torch.Generator(device="cuda").manual_seed(seed)
-    q = _randn(torch, (batch, seqlen_q, heads_q, head_dim), dtype, generator)
-    k = _randn(torch, (batch, seqlen_k, heads_kv, head_dim), dtype, generator)
-    v = _randn(torch, (batch, seqlen_k, heads_kv, head_dim), dtype, generator)
-    return q, k, v
-
-
-def _bits(torch, t):
-    """The raw bytes of a tensor, for bitwise comparison (NaN == NaN)."""
-    return t.contiguous().view(torch.uint8)
-
-
-def assert_bitwise_equal(torch, a, b):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    assert torch.equal(_bits(torch, a), _bits(torch, b)), "results differ bit for bit"
 
 
 def check_against_reference(torch, q, k, v, out, lse, causal, softmax_scale):
@@ -82,7 +60,7 @@ def test_matches_reference(torch_cuda, dtype_name, head_dim, causal, heads, seql
     torch = torch_cuda
     seqlen_q, seqlen_k = seqlens
     batch = 2 if max(seqlens) <= 1024 else 1
-    q, k, v = _inputs(torch, dtype_name, batch, seqlen_q, seqlen_k, *heads, head_dim, seed=seqlen_q + seqlen_k)
+    q, k, v = inputs(torch, dtype_name, batch, seqlen_q, seqlen_k, *heads, head_dim, seed=seqlen_q + seqlen_k)
     with torch.no_grad():
         run_and_check(torch, q, k, v, causal)
 
@@ -97,8 +75,8 @@ def test_strided_inputs_and_output(torch_cuda, dtype_name, head_dim, layout, cau
 
     def make(seqlen, heads):
         if layout == "sliced_head_dim":  # a view of the first half of a larger head dimension
-            return _randn(torch, (batch, seqlen, heads, 2 * head_dim), dtype, generator)[..., :head_dim]
-        return _randn(torch, (batch, heads, seqlen, head_dim), dtype, generator).transpose(1, 2)
+            return randn(torch, (batch, seqlen, heads, 2 * head_dim), dtype, generator)[..., :head_dim]
+        return randn(torch, (batch, heads, seqlen, head_dim), dtype, generator).transpose(1, 2)
 
     q, k, v = make(seqlen_q, heads_q), make(seqlen_k, heads_kv), make(seqlen_k, heads_kv)
     assert not q.is_contiguous()
@@ -114,7 +92,7 @@ def test_strided_inputs_and_output(torch_cuda, dtype_name, head_dim, layout, cau
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_explicit_softmax_scale(torch_cuda, dtype_name, head_dim, softmax_scale, causal):
     torch = torch_cuda
-    q, k, v = _inputs(torch, dtype_name, 2, 333, 400, 4, 2, head_dim, seed=3)
+    q, k, v = inputs(torch, dtype_name, 2, 333, 400, 4, 2, head_dim, seed=3)
     with torch.no_grad():
         run_and_check(torch, q, k, v, causal, softmax_scale)
 
@@ -123,7 +101,7 @@ def test_explicit_softmax_scale(torch_cuda, dtype_name, head_dim, softmax_scale,
 def test_every_output_element_is_written(torch_cuda, ext, dtype_name, head_dim, seqlens):
     """out and lse poisoned with NaN, through the binding; causal with seqlen_q > seqlen_k has rows with no key."""
     torch = torch_cuda
-    q, k, v = _inputs(torch, dtype_name, 2, *seqlens, 4, 2, head_dim, seed=11)
+    q, k, v = inputs(torch, dtype_name, 2, *seqlens, 4, 2, head_dim, seed=11)
     out = torch.full(q.shape, math.nan, dtype=q.dtype, device="cuda")
     lse = torch.full((2, 4, seqlens[0]), math.nan, dtype=torch.float32, device="cuda")
     ext.forward(q, k, v, out, lse, True, 0.0, torch.cuda.current_stream().cuda_stream)
@@ -132,7 +110,7 @@ def test_every_output_element_is_written(torch_cuda, ext, dtype_name, head_dim, 
 
 def test_bit_determinism(torch_cuda, dtype_name, head_dim):
     torch = torch_cuda
-    q, k, v = _inputs(torch, dtype_name, 2, 2048, 2048, 8, 2, head_dim, seed=5)
+    q, k, v = inputs(torch, dtype_name, 2, 2048, 2048, 8, 2, head_dim, seed=5)
     with torch.no_grad():
         for causal in (False, True):
             first, first_lse = dhp.attention(q, k, v, causal=causal, return_lse=True)
@@ -145,7 +123,7 @@ def test_bit_determinism(torch_cuda, dtype_name, head_dim):
 def test_batch_invariance(torch_cuda, dtype_name, head_dim):
     """A sequence's outputs do not depend on the rest of the batch."""
     torch = torch_cuda
-    q, k, v = _inputs(torch, dtype_name, 4, 777, 777, 4, 4, head_dim, seed=9)
+    q, k, v = inputs(torch, dtype_name, 4, 777, 777, 4, 4, head_dim, seed=9)
     with torch.no_grad():
         whole, whole_lse = dhp.attention(q, k, v, causal=True, return_lse=True)
         one, one_lse = dhp.attention(q[2:3], k[2:3], v[2:3], causal=True, return_lse=True)
@@ -221,10 +199,13 @@ def test_error_cpu_tensor(torch_cuda):
         dhp.attention(q, q, q)
 
 
-def test_error_requires_grad(torch_cuda):
+def test_error_out_with_autograd(torch_cuda):
+    """out= is written in place, which autograd cannot track (test_torch_ops.py covers the differentiable call)."""
     torch = torch_cuda
     q = _bf16(torch, 1, 16, 2, 128).requires_grad_()
-    with pytest.raises(NotImplementedError, match="backward"):
-        dhp.attention(q, q, q)
+    out = torch.full(q.shape, math.nan, dtype=q.dtype, device=q.device)
+    with pytest.raises(ValueError, match="autograd"):
+        dhp.attention(q, q, q, out=out)
+    assert torch.isnan(out).all()
     with torch.no_grad():
-        dhp.attention(q, q, q)
+        assert dhp.attention(q, q, q, out=out) is out

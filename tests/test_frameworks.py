@@ -1,5 +1,6 @@
 """One attention, three frameworks: torch, CuPy and JAX get their own tensors back, on the inputs' device, with
-results identical to the bit; each framework's stream rules hold. A missing framework skips its tests.
+results identical to the bit; each framework's stream rules hold. A missing framework skips its tests. The
+backward likewise for CuPy and for DLPack producers without a framework (torch's is in test_backward.py).
 """
 
 from __future__ import annotations
@@ -31,11 +32,36 @@ def numpy_inputs(head_dim, seed=0):
     return q, k, v
 
 
+def numpy_dout(head_dim, seed=1):
+    return np.random.default_rng(seed).standard_normal((BATCH, SEQLEN_Q, HEADS_Q, head_dim)).astype(np.float16)
+
+
+class BareProducer:
+    """A DLPack producer and nothing else (no array-API namespace, no stream to join)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
 def torch_result(torch, arrays, causal):
     q, k, v = (torch.from_numpy(a).cuda() for a in arrays)
     with torch.no_grad():
         out, lse = dhp.attention(q, k, v, causal=causal, return_lse=True)
     return out.cpu().numpy(), lse.cpu().numpy()
+
+
+def torch_gradients(torch, arrays, causal):
+    """dhp's (dq, dk, dv) through torch for arrays = (q, k, v, dout), as NumPy arrays."""
+    q, k, v, dout = (torch.from_numpy(a).cuda() for a in arrays)
+    with torch.no_grad():
+        out, lse = dhp.attention(q, k, v, causal=causal, return_lse=True)
+    return [g.cpu().numpy() for g in dhp.attention_backward(dout, q, k, v, out, lse, causal=causal)]
 
 
 def assert_same_bits(actual, expected):
@@ -88,6 +114,59 @@ def test_cupy(torch_cuda, cupy_cuda, float16_build, head_dim, causal):
     assert_same_bits(cupy.asnumpy(on_stream), expected_out)
 
 
+@pytest.mark.backward
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cupy_backward(torch_cuda, cupy_cuda, float16_build, head_dim, causal):
+    cupy = cupy_cuda
+    arrays = (*numpy_inputs(head_dim), numpy_dout(head_dim))
+    expected = torch_gradients(torch_cuda, arrays, causal)
+    q, k, v, dout = (cupy.asarray(a) for a in arrays)
+    out, lse = dhp.attention(q, k, v, causal=causal, return_lse=True)
+
+    grads = dhp.attention_backward(dout, q, k, v, out, lse, causal=causal)
+    assert all(isinstance(g, cupy.ndarray) and g.device.id == q.device.id for g in grads)
+    for grad, want in zip(grads, expected):
+        assert_same_bits(cupy.asnumpy(grad), want)
+
+    poisoned = [cupy.full(t.shape, cupy.nan, dtype=t.dtype) for t in (q, k, v)]
+    returned = dhp.attention_backward(dout, q, k, v, out, lse, causal=causal, dq=poisoned[0], dk=poisoned[1],
+                                      dv=poisoned[2])
+    assert all(r is p for r, p in zip(returned, poisoned))
+    for grad, want in zip(poisoned, expected):
+        assert_same_bits(cupy.asnumpy(grad), want)
+
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        dout_on_stream = dout * 1  # produced on the side stream
+        on_stream = dhp.attention_backward(dout_on_stream, q, k, v, out, lse, causal=causal)
+        stream.synchronize()
+    for grad, want in zip(on_stream, expected):
+        assert_same_bits(cupy.asnumpy(grad), want)
+
+
+@pytest.mark.backward
+def test_bare_dlpack_producer_backward(torch_cuda, float16_build, head_dim):
+    """A producer without a namespace: synchronous, into the dq=, dk=, dv= it must pass."""
+    torch = torch_cuda
+    arrays = (*numpy_inputs(head_dim), numpy_dout(head_dim))
+    expected = torch_gradients(torch, arrays, True)
+    q, k, v, dout = (torch.from_numpy(a).cuda() for a in arrays)
+    with torch.no_grad():
+        out, lse = dhp.attention(q, k, v, causal=True, return_lse=True)
+    grads = [torch.full_like(t, math.nan) for t in (q, k, v)]
+    bare = [BareProducer(t) for t in (dout, q, k, v, out, lse)]
+    dhp.attention_backward(*bare, causal=True, dq=BareProducer(grads[0]), dk=BareProducer(grads[1]),
+                           dv=BareProducer(grads[2]))
+    for grad, want in zip(grads, expected):
+        assert_same_bits(grad.cpu().numpy(), want)
+
+
+def test_bare_dlpack_producer_backward_needs_outputs():
+    q, k, v = numpy_inputs(64)
+    lse = np.zeros((BATCH, HEADS_Q, SEQLEN_Q), np.float32)
+    with pytest.raises(TypeError, match="dq="):
+        dhp.attention_backward(*(BareProducer(t) for t in (q, q, k, v, q, lse)))
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_jax(torch_cuda, jax_cuda, float16_build, head_dim, causal):
     jax = jax_cuda
@@ -132,10 +211,14 @@ def test_jax_output_memory_is_released(torch_cuda, jax_cuda, float16_build):
 
 
 def test_jax_rejects_tracers_and_out(jax_cuda):
+    """Tracers need the XLA FFI handlers (tests/test_jax.py covers jit, grad and vmap where they are built)."""
     jax = jax_cuda
+    import dhp.jax
+
     q = jax.device_put(np.zeros((1, 16, 2, 128), np.float16), jax.devices("gpu")[0])
-    with pytest.raises(TypeError, match="jit"):
-        jax.jit(lambda x: dhp.attention(x, x, x))(q)
+    if not dhp.jax.available():
+        with pytest.raises(TypeError, match="jit"):
+            jax.jit(lambda x: dhp.attention(x, x, x))(q)
     with pytest.raises(TypeError, match="immutable"):
         dhp.attention(q, q, q, out=q)
 

@@ -1,4 +1,5 @@
-"""The float64 references against the definition, written out as loops on tiny inputs (CPU only)."""
+"""The float64 references against the definition, written out as loops on tiny inputs, and the backward reference
+against finite differences of the forward one (CPU only)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from dhp.reference import attention_reference, attention_reference_numpy
+from dhp.reference import attention_backward_reference, attention_reference, attention_reference_numpy
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim)
 SHAPES = [
@@ -87,3 +88,67 @@ def test_causal_mask_is_bottom_right_aligned():
     assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
     assert causal_mask(4, 2).tolist() == [[False, False], [False, False], [True, False], [True, True]]
     assert torch.equal(causal_mask(3, 3), torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def numerical_gradient(loss, x, step=1e-6):
+    """Central finite differences of loss() with respect to each element of x (changed in place, then restored)."""
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        saved = x[index]
+        x[index] = saved + step
+        above = loss()
+        x[index] = saved - step
+        below = loss()
+        x[index] = saved
+        grad[index] = (above - below) / (2 * step)
+    return grad
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}-{}_d{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("scale", [None, 0.7])
+def test_backward_reference_matches_finite_differences(shape, causal, scale):
+    """The gradients of sum(dout * out), with out from the forward reference (itself checked above)."""
+    q, k, v = _inputs(shape, seed=sum(shape))
+    dout = np.random.default_rng(sum(shape) + 1).standard_normal(q.shape)
+    dq, dk, dv = attention_backward_reference(dout, q, k, v, causal, scale)
+
+    def loss():
+        return float((attention_reference_numpy(q, k, v, causal, scale)[0] * dout).sum())
+
+    for grad, x in ((dq, q), (dk, k), (dv, v)):
+        assert grad.shape == x.shape and grad.dtype == np.float64
+        np.testing.assert_allclose(grad, numerical_gradient(loss, x), rtol=1e-6, atol=1e-8)
+    _, lse = attention_reference_numpy(q, k, v, causal, scale)
+    rows_without_keys = np.isneginf(lse).transpose(0, 2, 1)
+    assert (dq[rows_without_keys] == 0).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_sq{}_sk{}_h{}-{}_d{}".format(*s))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_reference_torch_matches_numpy(shape, causal):
+    torch = pytest.importorskip("torch")
+    q, k, v = _inputs(shape, seed=sum(shape))
+    dout = np.random.default_rng(sum(shape) + 1).standard_normal(q.shape)
+    # bfloat16 inputs: the reference upcasts them, so NumPy gets the same rounded values.
+    tensors = [torch.from_numpy(t).to(torch.bfloat16) for t in (dout, q, k, v)]
+    actual = attention_backward_reference(*tensors, causal)
+    expected = attention_backward_reference(*(t.double().numpy() for t in tensors), causal)
+    for grad, want in zip(actual, expected):
+        assert grad.dtype == torch.float64
+        np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_backward_baseline_is_finite_and_close():
+    """The GPU tests' error baseline (torch SDPA in bfloat16), here on the CPU: no NaN from rows without a key."""
+    torch = pytest.importorskip("torch")
+    from dhp.reference import attention_backward_sdpa_low_precision, max_abs_difference
+
+    for shape in [(2, 7, 3, 4, 2, 16), (1, 3, 7, 4, 1, 16)]:
+        q, k, v = (torch.from_numpy(t).to(torch.bfloat16) for t in _inputs(shape, seed=1))
+        dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+        refs = attention_backward_reference(dout, q, k, v, causal=True)
+        for grad, ref in zip(attention_backward_sdpa_low_precision(dout, q, k, v, causal=True), refs):
+            assert grad.dtype == torch.bfloat16 and grad.shape == ref.shape
+            assert torch.isfinite(grad).all()
+            assert max_abs_difference(grad, ref) <= 0.05 * ref.abs().max().item()

@@ -15,7 +15,8 @@ HEADER = """\
 //
 // wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16} [PTX ISA 9.7.15.5]: D (64xN, f32) = A (64x16) * B (16xN) + D.
 // `scale_d` = 0 ignores the old D. B comes from a shared-memory descriptor; its transpose flag is a template
-// immediate (0: K-major, 1: N-major). The "ss" form also reads A through a descriptor (K-major).
+// immediate (0: K-major, 1: N-major). The "ss" form also reads A through a descriptor, with its own transpose
+// flag (0: K-major, 1: M-major).
 """
 
 
@@ -34,8 +35,10 @@ def function(src, n, ctype, ptx_type):
         n_a = 4
     b = acc + n_a
     scale = b + 1
-    trans_b = scale + 1
-    imm = f"p, 1, 1, 0, %{trans_b}" if src == "ss" else f"p, 1, 1, %{trans_b}"
+    trans_a = scale + 1
+    trans_b = trans_a + 1 if src == "ss" else trans_a
+    imm = f"p, 1, 1, %{trans_a}, %{trans_b}" if src == "ss" else f"p, 1, 1, %{trans_b}"
+    trans_cons = '"n"(TransA), "n"(TransB)' if src == "ss" else '"n"(TransB)'
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(acc))
     asm = (
         f'"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{scale}, 0;\\n"\n'
@@ -46,7 +49,7 @@ def function(src, n, ctype, ptx_type):
     return (
         f"    asm volatile({asm}\n"
         f"          : {outs}\n"
-        f'          : {a_cons}, "l"(desc_b), "r"(scale_d), "n"(TransB));\n'
+        f'          : {a_cons}, "l"(desc_b), "r"(scale_d), {trans_cons});\n'
     ), a_params
 
 
@@ -58,10 +61,11 @@ def render():
             body, a_params = function(src, n, ctype, ptx_type)
             bodies.append((ctype, body))
         out.append(
-            f"template <class T, int TransB>\n"
+            f"template <class T, {'int TransA, ' if src == 'ss' else ''}int TransB>\n"
             f"__device__ __forceinline__ void mma_{src}_m64n{n}k16(float (&d)[{n // 2}], {a_params}, uint64_t desc_b,\n"
             f"                                                   int scale_d) {{\n"
-            f"  static_assert(TransB == 0 || TransB == 1, \"transpose flag is 0 or 1\");\n"
+            + (f"  static_assert(TransA == 0 || TransA == 1, \"transpose flag is 0 or 1\");\n" if src == "ss" else "")
+            + f"  static_assert(TransB == 0 || TransB == 1, \"transpose flag is 0 or 1\");\n"
         )
         for i, (ctype, body) in enumerate(bodies):
             if i == 0:

@@ -42,7 +42,8 @@ DHP_API const char* dhp_last_error(void);
 /* "MAJOR.MINOR.PATCH" */
 DHP_API const char* dhp_version(void);
 
-/* How this library was built, as one JSON object: {"version", "cuda", "arch", "dtypes", "head_dims"}. */
+/* How this library was built, as one JSON object: {"version", "cuda", "arch", "dtypes", "head_dims",
+ * "backward_head_dims"}. */
 DHP_API const char* dhp_build_info(void);
 
 /* Number of visible CUDA devices; *count = 0 (and DHP_SUCCESS) when there is no GPU or driver. */
@@ -85,6 +86,36 @@ DHP_API dhp_status dhp_attention_forward(const DLTensor* q, const DLTensor* k, c
 DHP_API dhp_status dhp_attention_forward_check(const DLTensor* q, const DLTensor* k, const DLTensor* v,
                                                const DLTensor* out, const DLTensor* lse,
                                                const dhp_attention_options* options);
+
+/* Scratch memory that dhp_attention_backward needs for these shapes, in bytes (a multiple of 256).
+ * It depends on q's batch, heads_q, seqlen_q and head_dim and on the options only. */
+DHP_API dhp_status dhp_attention_backward_workspace_size(const DLTensor* q, const DLTensor* k,
+                                                         const dhp_attention_options* options, size_t* bytes);
+
+/* Gradients of dhp_attention_forward: given dout = dL/dout, writes dq, dk, dv = dL/dq, dL/dk, dL/dv.
+ *
+ *   q, k, v, options  as given to the forward
+ *   out, lse          the forward's outputs for them (lse is required here)
+ *   dout              q's shape and dtype
+ *   dq                q's shape and dtype;   dk, dv   k's shape and dtype
+ *   workspace         device memory of at least dhp_attention_backward_workspace_size() bytes, 256-byte aligned,
+ *                     used only by this call (its contents need not be initialised and are left undefined)
+ *
+ * Bitwise deterministic: every sum runs in a fixed order (dk and dv of a KV head sum its query heads in head
+ * order; dq sums key blocks in ascending order), so the same inputs give the same bits on every run and
+ * stream. dq, dk, dv must not overlap each other or any input. Same stride and alignment rules as the forward. */
+DHP_API dhp_status dhp_attention_backward(const DLTensor* q, const DLTensor* k, const DLTensor* v,
+                                          const DLTensor* out, const DLTensor* dout, const DLTensor* lse,
+                                          DLTensor* dq, DLTensor* dk, DLTensor* dv,
+                                          const dhp_attention_options* options, void* workspace,
+                                          size_t workspace_bytes, cudaStream_t stream);
+
+/* The same validation as dhp_attention_backward, device checks included, without launching anything. */
+DHP_API dhp_status dhp_attention_backward_check(const DLTensor* q, const DLTensor* k, const DLTensor* v,
+                                                const DLTensor* out, const DLTensor* dout, const DLTensor* lse,
+                                                const DLTensor* dq, const DLTensor* dk, const DLTensor* dv,
+                                                const dhp_attention_options* options, const void* workspace,
+                                                size_t workspace_bytes);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,7 @@
 """dhp: constant-time, bit-deterministic FlashAttention for NVIDIA Hopper (sm_90a).
 
     out = dhp.attention(q, k, v, causal=True)          # q, k, v: (batch, seqlen, heads, head_dim)
+    dq, dk, dv = dhp.attention_backward(dout, q, k, v, out, lse, causal=True)  # lse: return_lse=True
 
 Takes PyTorch, JAX and CuPy tensors (anything with __dlpack__) and returns the caller's kind of tensor.
 Importing dhp needs neither a GPU nor any of those frameworks; `python -m dhp` reports what this install can do.
@@ -9,9 +10,9 @@ Importing dhp needs neither a GPU nor any of those frameworks; `python -m dhp` r
 from __future__ import annotations
 
 from . import _native
-from ._attention import attention
+from ._attention import attention, attention_backward
 
-__all__ = ["__version__", "attention", "build_info", "devices"]
+__all__ = ["__version__", "attention", "attention_backward", "build_info", "devices"]
 
 
 def _version() -> str:

@@ -1,17 +1,26 @@
-"""python -m dhp.bench: dhp's forward beside torch SDPA's cuDNN and flash (FA2) backends, in one run.
+"""python -m dhp.bench: dhp's forward and backward beside torch SDPA's cuDNN and flash (FA2) backends, in one run.
 
 Every case times the backends on the same inputs: warm-up first, then --reps runs, each with the L2 cache
 flushed before it (the same flush for every side) and CUDA events around the call alone; the median counts,
 and the spread of the runs (min, quartiles, max) is kept beside it. Runs are enqueued back to back and
 synchronized once at the end; a GPU-side spin queued before each flush keeps the GPU behind the host, so the
 events time the kernels, not a call's host overhead. TFLOP/s = 4·batch·heads_q·seqlen_q·seqlen_k·head_dim /
-time, halved for causal. A backend that refuses a case gets None.
+time, halved for causal; a backward counts 2.5 times its forward. A backend that refuses a case gets None.
+
+The backward (--direction bwd, or both) times the backward alone, from the same forward outputs for every side,
+prepared once outside the timed runs. dhp: one ext.backward call (its workspace allocated once). torch's peers:
+torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) on an SDPA graph built once under the backend,
+which runs the backend's backward op on the saved out and logsumexp (no forward recompute; the test suite checks
+the kernels of the timed call with torch.profiler). That is the path a torch user takes, and it holds across
+torch versions, unlike the aten backward ops' signatures; autograd's host overhead stays hidden behind the spin.
 
 Cases: the build's dtypes and head_dims, seqlen 512..16k with batch·seqlen = 16k and heads·head_dim = 2048,
-causal and not, plus GQA (32 q heads, 8 kv heads, head_dim 128, seqlen 4k). --quick runs a small subset;
---dtypes, --head-dims, --seqlens, --causal and --backends narrow the run (dhp always runs: ratios need it).
+causal and not, plus GQA (32 q heads, 8 kv heads, head_dim 128, seqlen 4k); backward cases only for the
+build's backward head_dims. --direction picks fwd, bwd or both (the default; all forward cases run first).
+--quick runs a small subset; --dtypes, --head-dims, --seqlens, --causal and --backends narrow the run (dhp always
+runs: ratios need it).
 
-    python -m dhp.bench [--quick] [--reps 30] [--out results.json] [--plot results.png]
+    python -m dhp.bench [--quick] [--direction both] [--reps 30] [--out results.json] [--plot results.png]
     python -m dhp.bench --plot-from results.json --plot results.png      # redraw, no GPU needed
 """
 
@@ -39,17 +48,25 @@ QUICK_SEQLENS = (1024, 4096)
 GQA_HEADS = (32, 8)
 GQA_SEQLEN = 4096
 BACKENDS = ("dhp", "cudnn", "fa2")
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "fa2": "FLASH_ATTENTION"}  # torch.nn.attention.SDPBackend members
 LABELS = {"dhp": "dhp", "cudnn": "cuDNN", "fa2": "FA2"}
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16"}
 ALL_DTYPES = ("bfloat16", "float16")
 ALL_HEAD_DIMS = (64, 128, 256)
+ALL_BWD_HEAD_DIMS = (64, 128)  # CMake's default DHP_BWD_HEAD_DIMS (--list without the compiled module)
 CAUSAL_CHOICES = {"both": (False, True), "no": (False,), "yes": (True,)}
+DIRECTIONS = ("fwd", "bwd")
+DIRECTION_CHOICES = {"both": DIRECTIONS, "fwd": ("fwd",), "bwd": ("bwd",)}
+DIRECTION_NAMES = {"fwd": "forward", "bwd": "backward"}
+BWD_FLOPS_FACTOR = 2.5  # the backward's five GEMMs against the forward's two
 # Seqlen buckets of the summary (the issue's targets are stated per bucket); bounds inclusive.
 BUCKETS = (("512-2k", 512, 2048), ("4k+", 4096, math.inf))
 FLUSH_BYTES = 256 << 20  # five times an H100's 50 MB L2
 SPIN_CYCLES = 400_000  # ~0.2 ms of GPU time queued ahead of each timed call
-SCHEMA = 2  # 1: environment, settings, rows, geomean; 2 adds rows[].spread, geomean_by and schema
+# 1: environment, settings, rows, geomean; 2 adds rows[].spread, geomean_by and schema; 3 adds rows[].direction
+# (older rows are forward) and the backward's groups in geomean_by.
+SCHEMA = 3
 
 
 @dataclass(frozen=True)
@@ -61,10 +78,12 @@ class Case:
     heads_q: int
     heads_kv: int
     causal: bool
+    direction: str = "fwd"  # "fwd" or "bwd"
 
     @property
     def flops(self) -> float:
         full = 4.0 * self.batch * self.heads_q * self.seqlen * self.seqlen * self.head_dim
+        full *= BWD_FLOPS_FACTOR if self.direction == "bwd" else 1.0
         return full / 2 if self.causal else full
 
     @property
@@ -72,14 +91,21 @@ class Case:
         heads = f"h{self.heads_q}" if self.heads_q == self.heads_kv else f"h{self.heads_q}/{self.heads_kv}"
         mask = " causal" if self.causal else ""
         short = SHORT_DTYPES.get(self.dtype, self.dtype)
-        return f"{short} d{self.head_dim} b{self.batch} s{self.seqlen} {heads}{mask}"
+        suffix = "" if self.direction == "fwd" else f" {self.direction}"
+        return f"{short} d{self.head_dim} b{self.batch} s{self.seqlen} {heads}{mask}{suffix}"
 
 
-def cases(dtypes, head_dims, quick=False, seqlens=None, causal="both") -> list[Case]:
+def direction_of(row: dict) -> str:
+    """A result row's direction; rows from before the backward (schema 1 and 2) are forward."""
+    return row.get("direction") or "fwd"
+
+
+def cases(dtypes, head_dims, quick=False, seqlens=None, causal="both", direction="fwd") -> list[Case]:
     """The case family for these dtypes and head_dims: FlashAttention's shapes at every seqlen, plus GQA.
 
     quick narrows to the first dtype, head_dim 128 (if present) and seqlens 1k, 4k; explicit seqlens win.
     causal: "both", "yes" or "no". The GQA cases come with head_dim 128 when seqlen 4k is in the run.
+    direction: "fwd" or "bwd", for every case of the list.
     """
     if quick:
         dtypes = list(dtypes)[:1]
@@ -87,7 +113,7 @@ def cases(dtypes, head_dims, quick=False, seqlens=None, causal="both") -> list[C
     seqlens = tuple(seqlens) if seqlens else QUICK_SEQLENS if quick else SEQLENS
     masks = CAUSAL_CHOICES[causal]
     result = [
-        Case(dtype, d, max(1, TOKENS // s), s, WIDTH // d, WIDTH // d, mask)
+        Case(dtype, d, max(1, TOKENS // s), s, WIDTH // d, WIDTH // d, mask, direction)
         for dtype in dtypes
         for d in head_dims
         for s in seqlens
@@ -96,31 +122,43 @@ def cases(dtypes, head_dims, quick=False, seqlens=None, causal="both") -> list[C
     if 128 in head_dims and GQA_SEQLEN in seqlens:
         hq, hkv = GQA_HEADS
         result += [
-            Case(dtype, 128, TOKENS // GQA_SEQLEN, GQA_SEQLEN, hq, hkv, mask) for dtype in dtypes for mask in masks
+            Case(dtype, 128, TOKENS // GQA_SEQLEN, GQA_SEQLEN, hq, hkv, mask, direction)
+            for dtype in dtypes for mask in masks
         ]
     return result
 
 
 def select_cases(build_dtypes, build_head_dims, *, dtypes=None, head_dims=None, seqlens=None, causal="both",
-                 quick=False) -> list[Case]:
+                 quick=False, direction="fwd", backward_head_dims=()) -> list[Case]:
     """The cases of a run: the build's variants narrowed by the filters (None: no filter).
 
-    --quick narrows only what the filters leave open. ValueError names a dtype or head_dim not in the build.
+    direction: "fwd", "bwd" or "both" (every forward case, then every backward case); backward cases come only
+    for the build's backward_head_dims. --quick narrows only what the filters leave open. ValueError names a
+    dtype or head_dim not in the build (for "bwd": one without a backward).
     """
-    for kind, wanted, built in (("dtype", dtypes, build_dtypes), ("head_dim", head_dims, build_head_dims)):
+    directions = DIRECTION_CHOICES[direction]
+    # The backward's inputs come from dhp's forward, so a backward head_dim needs both.
+    dims_of = {"fwd": list(build_head_dims), "bwd": [d for d in build_head_dims if d in backward_head_dims]}
+    searchable = sorted({d for name in directions for d in dims_of[name]})
+    for kind, wanted, built in (("dtype", dtypes, build_dtypes), ("head_dim", head_dims, searchable)):
         missing = [w for w in wanted or () if w not in built]
         if missing:
-            shown = ", ".join(SHORT_DTYPES.get(b, str(b)) for b in built)
-            raise ValueError(f"{kind} {', '.join(map(str, missing))} not in this build (it has {shown})")
+            shown = ", ".join(SHORT_DTYPES.get(b, str(b)) for b in built) or "none"
+            owner = "its backward" if kind == "head_dim" and directions == ("bwd",) else "it"
+            raise ValueError(f"{kind} {', '.join(map(str, missing))} not in this build ({owner} has {shown})")
     chosen_dtypes = [d for d in build_dtypes if d in dtypes] if dtypes else list(build_dtypes)
-    chosen_dims = [d for d in build_head_dims if d in head_dims] if head_dims else list(build_head_dims)
     if quick and not dtypes:
         chosen_dtypes = chosen_dtypes[:1]
-    if quick and not head_dims:
-        chosen_dims = [128] if 128 in chosen_dims else chosen_dims[:1]
     if not seqlens:
         seqlens = QUICK_SEQLENS if quick else SEQLENS
-    return cases(chosen_dtypes, chosen_dims, seqlens=sorted(set(seqlens)), causal=causal)
+    result = []
+    for name in directions:
+        built = dims_of[name]
+        chosen_dims = [d for d in built if d in head_dims] if head_dims else list(built)
+        if quick and not head_dims:
+            chosen_dims = [128] if 128 in chosen_dims else chosen_dims[:1]
+        result += cases(chosen_dtypes, chosen_dims, seqlens=sorted(set(seqlens)), causal=causal, direction=name)
+    return result
 
 
 def parse_dtypes(text: str) -> list[str]:
@@ -177,21 +215,86 @@ def _dhp_call(torch, case, q, k, v):
     return lambda: dhp.attention(q, k, v, causal=case.causal, out=out)
 
 
-def _sdpa_call(torch, backend_name, case, q, k, v):
+def _on_current_stream(torch, entry, tensors, causal):
+    """A call of entry(*tensors, causal, softmax_scale=0.0, stream) on torch's current stream, as dhp.attention
+    makes it: fresh DLPack capsules each call (a capsule is consumed once), stream=-1 (no synchronization)."""
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def call():
+        entry(*(None if t is None else t.__dlpack__(stream=-1) for t in tensors), causal, 0.0, stream)
+
+    return call
+
+
+def _dhp_backward_call(torch, case, q, k, v, dout):
+    """One ext.backward call, timed alone: out and lse come from dhp's forward once, the workspace is allocated
+    once. The call returns (dq, dk, dv), which every call overwrites."""
+    ext = _native.ext()
+    out = torch.empty_like(q)
+    lse = torch.empty((case.batch, case.heads_q, case.seqlen), dtype=torch.float32, device=q.device)
+    _on_current_stream(torch, ext.forward, (q, k, v, out, lse), case.causal)()
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    size = ext.backward_workspace_size(q.__dlpack__(stream=-1), k.__dlpack__(stream=-1), case.causal, 0.0)
+    workspace = torch.empty(size, dtype=torch.uint8, device=q.device) if size else None
+    backward = _on_current_stream(torch, ext.backward, (q, k, v, out, dout, lse, dq, dk, dv, workspace),
+                                  case.causal)
+
+    def call():
+        backward()
+        return dq, dk, dv
+
+    return call
+
+
+def _sdpa_forward(torch, backend_name, case, q, k, v):
+    """SDPA on (b, s, h, d) tensors under one backend: out in SDPA's (b, h, s, d), a view of whatever memory the
+    backend chose. Raises RuntimeError where the backend refuses the case."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}[backend_name]
+    backend = getattr(SDPBackend, SDPA_BACKENDS[backend_name])
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # SDPA's (b, h, s, d), as a view of the same memory
     kwargs = {"is_causal": case.causal}
     if case.heads_q != case.heads_kv:
         kwargs["enable_gqa"] = True
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
+
+
+def _sdpa_call(torch, backend_name, case, q, k, v):
+    return lambda: _sdpa_forward(torch, backend_name, case, q, k, v)
+
+
+def _sdpa_backward_call(torch, backend_name, case, q, k, v, dout):
+    """The backward of one SDPA call, timed alone: the graph is built once (the forward runs here, under the
+    backend), and each call runs torch.autograd.grad on it, which launches the backend's backward op on the
+    saved out and logsumexp (FA2: aten::_scaled_dot_product_flash_attention_backward, cuDNN: ..._cudnn_...),
+    and nothing of the forward. The call returns (dq, dk, dv) in (b, s, h, d).
+
+    The upstream gradient holds dout's values in out's own strides: cuDNN may copy a gradient whose strides differ
+    from out's, FA2 one that is not contiguous in (b, s, h, d), and neither copy belongs in the timed run.
+    Raises RuntimeError where the backend refuses the case.
+    """
+    leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        out = _sdpa_forward(torch, backend_name, case, *leaves)
+    grad = torch.empty_like(out)  # empty_like keeps a dense tensor's strides
+    grad.copy_(dout.transpose(1, 2))
 
     def call():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
+        with torch.enable_grad():
+            return torch.autograd.grad(out, leaves, grad, retain_graph=True)
 
     return call
+
+
+def timed_call(torch, name, case, q, k, v, dout=None):
+    """The function that time_runs times for one backend and case (dout: the backward's upstream gradient)."""
+    if case.direction == "bwd":
+        if name == "dhp":
+            return _dhp_backward_call(torch, case, q, k, v, dout)
+        return _sdpa_backward_call(torch, name, case, q, k, v, dout)
+    return _dhp_call(torch, case, q, k, v) if name == "dhp" else _sdpa_call(torch, name, case, q, k, v)
 
 
 @functools.cache
@@ -228,21 +331,25 @@ def measure_runs(torch, case: Case, backends=BACKENDS, reps=30, warmup=5, on_bac
     on_backend(name), if given, is called before each backend is timed (the progress display).
     """
     q, k, v = make_inputs(torch, case)
+    dout = torch.randn_like(q) if case.direction == "bwd" else None
     runs = {}
     for name in backends:
         if on_backend is not None:
             on_backend(name)
-        fn = _dhp_call(torch, case, q, k, v) if name == "dhp" else _sdpa_call(torch, name, case, q, k, v)
-        if name != "dhp":
-            try:  # a peer that cannot run the case raises on its first call
+        if name == "dhp":
+            fn = timed_call(torch, name, case, q, k, v, dout)
+        else:
+            try:  # a peer that cannot run the case raises while its call is made or on its first call
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
+                    fn = timed_call(torch, name, case, q, k, v, dout)
                     fn()
                 torch.cuda.synchronize()
             except RuntimeError:
                 runs[name] = None
                 continue
         runs[name] = time_runs(torch, fn, reps, warmup)
+        del fn  # the backward's graph and buffers go before the next backend's
     return runs
 
 
@@ -326,22 +433,39 @@ def geomean_ratios(rows: list[dict]) -> dict:
 
 
 def variant_of(row: dict) -> str:
-    """The summary group of a row: "bf16 d128", or "bf16 d128 gqa" for the GQA cases."""
+    """The summary group of a row: "bf16 d128", or "bf16 d128 gqa" for the GQA cases; " bwd" follows for the
+    backward ("bf16 d128 gqa bwd"), as in the case names."""
     name = f"{SHORT_DTYPES.get(row['dtype'], row['dtype'])} d{row['head_dim']}"
-    return name + (" gqa" if row["heads_q"] != row["heads_kv"] else "")
+    name += " gqa" if row["heads_q"] != row["heads_kv"] else ""
+    direction = direction_of(row)
+    return name if direction == "fwd" else f"{name} {direction}"
 
 
 def bucket_of(seqlen: int) -> str | None:
     return next((label for label, low, high in BUCKETS if low <= seqlen <= high), None)
 
 
+def _direction_order(direction: str) -> int:
+    return DIRECTIONS.index(direction) if direction in DIRECTIONS else len(DIRECTIONS)
+
+
 def geomean_by(rows: list[dict]) -> dict:
-    """{variant or "all": {bucket or "all": {"dhp/peer": geomean}}}: each variant and all rows, split by seqlen
-    bucket (BUCKETS) and over all seqlens. ["all"]["all"] is the overall geometric mean."""
-    groups = sorted({variant_of(row) for row in rows}, key=lambda v: (v.split()[0], int(v.split()[1][1:]), v))
+    """{group: {bucket or "all": {"dhp/peer": geomean}}}: each variant (variant_of), split by seqlen bucket
+    (BUCKETS) and over all seqlens; the forward's variants first, then the backward's. Where the rows hold both
+    directions, "all fwd" and "all bwd" follow each direction's variants. "all" (last) takes every row:
+    ["all"]["all"] is the overall geometric mean, the same as geomean_ratios(rows)."""
+    directions = sorted({direction_of(row) for row in rows}, key=lambda d: (_direction_order(d), d))
+    groups = []  # (name, member test)
+    for direction in directions:
+        inside = [row for row in rows if direction_of(row) == direction]
+        variants = sorted({variant_of(row) for row in inside}, key=lambda v: (v.split()[0], int(v.split()[1][1:]), v))
+        groups += [(v, lambda row, v=v: variant_of(row) == v) for v in variants]
+        if len(directions) > 1:
+            groups.append((f"all {direction}", lambda row, d=direction: direction_of(row) == d))
+    groups.append(("all", lambda row: True))
     result = {}
-    for group in [*groups, "all"]:
-        members = [row for row in rows if group == "all" or variant_of(row) == group]
+    for group, member in groups:
+        members = [row for row in rows if member(row)]
         result[group] = {}
         for label, _, _ in BUCKETS:
             inside = [row for row in members if bucket_of(row["seqlen"]) == label]
@@ -379,6 +503,8 @@ def load_results(path) -> dict:
     with open(path) as f:
         results = json.load(f)
     rows = results.get("rows", [])
+    for row in rows:
+        row.setdefault("direction", "fwd")  # before schema 3 every row was a forward
     results.setdefault("environment", {})
     results.setdefault("settings", {})
     results.setdefault("geomean", geomean_ratios(rows))
@@ -403,7 +529,12 @@ def print_summary(results: dict, stream=None) -> None:
     for line in format_summary(results["geomean_by"]):
         print(line, file=stream)
     means = results["geomean"]
-    print("geometric mean: " + ", ".join(f"{key} {_cell(value, '.3f')}" for key, value in means.items()), file=stream)
+    by = results["geomean_by"]
+    line = "geometric mean: " + ", ".join(f"{key} {_cell(value, '.3f')}" for key, value in means.items())
+    parts = [f"{DIRECTION_NAMES.get(d, d)} " + ", ".join(f"{key} {_cell(value, '.3f')}"
+                                                         for key, value in by[f"all {d}"]["all"].items())
+             for d in DIRECTIONS if f"all {d}" in by]
+    print(line + (f" ({'; '.join(parts)})" if parts else ""), file=stream)
 
 
 class Progress:
@@ -499,12 +630,16 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Lists are comma-separated. Progress goes to stderr, the table to stdout.",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="a small subset: one dtype, head_dim 128, seqlen 1k and 4k (filters given win)")
+                        help="a small subset: one dtype, head_dim 128, seqlen 1k and 4k, in each direction of "
+                             "--direction (filters given win)")
     parser.add_argument("--dtypes", type=parse_dtypes, metavar="LIST", help="e.g. bf16,fp16 (default: the build's)")
     parser.add_argument("--head-dims", type=parse_ints, metavar="LIST", help="e.g. 64,128 (default: the build's)")
     parser.add_argument("--seqlens", type=parse_ints, metavar="LIST",
                         help=f"e.g. 512,4k (default: {','.join(map(str, SEQLENS))}); batch = {TOKENS} // seqlen")
     parser.add_argument("--causal", choices=tuple(CAUSAL_CHOICES), default="both", help="masks to run (both)")
+    parser.add_argument("--direction", choices=tuple(DIRECTION_CHOICES), default="both",
+                        help="forward, backward or both (default; the forward cases first). The backward runs "
+                             "only the build's backward head_dims")
     parser.add_argument("--backends", type=parse_backends, default=list(BACKENDS), metavar="LIST",
                         help="peers beside dhp: cudnn,fa2 (dhp always runs)")
     parser.add_argument("--reps", type=int, default=30, help="timed runs per backend and case (median)")
@@ -545,14 +680,17 @@ def main(argv=None) -> int:
 
     if _native.available():
         build_dtypes, build_head_dims = _native.variants()
+        build_bwd_head_dims = sorted(int(d) for d in _native.build_info().get("backward_head_dims", []))
     elif args.list:
-        build_dtypes, build_head_dims = list(ALL_DTYPES), list(ALL_HEAD_DIMS)
+        build_dtypes, build_head_dims, build_bwd_head_dims = list(ALL_DTYPES), list(ALL_HEAD_DIMS), list(
+            ALL_BWD_HEAD_DIMS)
     else:
         print(f"dhp.bench: {_native_error()}", file=sys.stderr)
         return 2
     try:
         run_cases = select_cases(build_dtypes, build_head_dims, dtypes=args.dtypes, head_dims=args.head_dims,
-                                 seqlens=args.seqlens, causal=args.causal, quick=args.quick)
+                                 seqlens=args.seqlens, causal=args.causal, quick=args.quick,
+                                 direction=args.direction, backward_head_dims=build_bwd_head_dims)
     except ValueError as error:
         parser.error(str(error))
     if args.list:
@@ -560,6 +698,8 @@ def main(argv=None) -> int:
             print(case.name)
         print(f"{len(run_cases)} cases; backends {','.join(args.backends)}")
         return 0
+    if not run_cases:
+        parser.error("no case to run (this build has no backward for the head_dims chosen)")
 
     try:
         import torch
@@ -596,7 +736,8 @@ def main(argv=None) -> int:
     settings = {
         "reps": args.reps, "warmup": args.warmup, "quick": args.quick, "flush_bytes": FLUSH_BYTES,
         "spin_cycles": SPIN_CYCLES, "backends": backends, "dtypes": args.dtypes, "head_dims": args.head_dims,
-        "seqlens": args.seqlens, "causal": args.causal, "cases": len(run_cases), "interrupted": interrupted,
+        "seqlens": args.seqlens, "causal": args.causal, "direction": args.direction, "cases": len(run_cases),
+        "interrupted": interrupted,
     }
     results = make_results(env, settings, rows)
     print_summary(results)

@@ -10,8 +10,8 @@
 // - The CUDA runtime is used for one purpose only: frameworks that cannot lend us a stream we may join or a
 //   buffer we may write (JAX arrays are immutable and live on XLA's streams). For them `empty` allocates a
 //   DeviceBuffer (cudaMalloc) that the framework adopts zero-copy through DLPack, and `forward_synchronous`
-//   runs on the legacy default stream and waits for it. Calls: cudaGetDevice, cudaSetDevice, cudaMalloc,
-//   cudaFree, cudaStreamSynchronize, cudaGetLastError, cudaGetErrorString.
+//   runs on the legacy default stream and waits for it (so does `backward_synchronous`). Calls: cudaGetDevice,
+//   cudaSetDevice, cudaMalloc, cudaFree, cudaStreamSynchronize, cudaGetLastError, cudaGetErrorString.
 #include <cuda_runtime_api.h>
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -30,6 +30,9 @@
 #include <vector>
 
 #include "dhp/dhp.h"
+#ifdef DHP_WITH_JAX_FFI
+#include "jax_ffi.h"  // XLA FFI handlers for JAX, where CMake found jaxlib's headers
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -107,14 +110,19 @@ class TensorArg {
   DLTensor dl_{};
 };
 
+dhp_attention_options options_of(bool causal, float softmax_scale) {
+  dhp_attention_options options = DHP_ATTENTION_OPTIONS_DEFAULT;
+  options.causal = causal ? 1 : 0;
+  options.softmax_scale = softmax_scale;
+  return options;
+}
+
 // The five tensors of a forward call, as the C API takes them.
 struct ForwardArgs {
   ForwardArgs(const InTensor& q, const InTensor& k, const InTensor& v, const OutTensor& out,
               const std::optional<OutTensor>& lse, bool causal, float softmax_scale)
-      : q(q), k(k), v(v), out(out) {
+      : q(q), k(k), v(v), out(out), options(options_of(causal, softmax_scale)) {
     if (lse) this->lse.emplace(*lse);
-    options.causal = causal ? 1 : 0;
-    options.softmax_scale = softmax_scale;
   }
 
   DLTensor* lse_or_null() { return lse ? lse->get() : nullptr; }
@@ -123,9 +131,57 @@ struct ForwardArgs {
     return dhp_attention_forward(q.get(), k.get(), v.get(), out.get(), lse_or_null(), &options, stream);
   }
 
+  dhp_status check() {
+    return dhp_attention_forward_check(q.get(), k.get(), v.get(), out.get(), lse_or_null(), &options);
+  }
+
   TensorArg q, k, v, out;
   std::optional<TensorArg> lse;
-  dhp_attention_options options = DHP_ATTENTION_OPTIONS_DEFAULT;
+  dhp_attention_options options;
+};
+
+// True when the elements of `a` are one gap-free block in row-major order (extent-1 dimensions may carry any
+// stride).
+bool is_compact(const OutTensor& a) {
+  int64_t expected = 1;
+  for (size_t i = a.ndim(); i-- > 0;) {
+    if (a.shape(i) != 1 && a.stride(i) != expected) return false;
+    expected *= a.shape(i);
+  }
+  return true;
+}
+
+// The nine tensors of a backward call and its workspace, which the C API takes as a pointer and a byte count
+// (and checks: device, alignment, size, overlap). Turning a DLPack tensor into those two is honest only for a
+// compact tensor, whose elements are exactly the bytes [data, data + nbytes): a strided view's are not.
+struct BackwardArgs {
+  BackwardArgs(const InTensor& q, const InTensor& k, const InTensor& v, const InTensor& out, const InTensor& dout,
+               const InTensor& lse, const OutTensor& dq, const OutTensor& dk, const OutTensor& dv,
+               const std::optional<OutTensor>& workspace, bool causal, float softmax_scale)
+      : q(q), k(k), v(v), out(out), dout(dout), lse(lse), dq(dq), dk(dk), dv(dv),
+        options(options_of(causal, softmax_scale)) {
+    if (!workspace) return;
+    if (!is_compact(*workspace)) {
+      throw nb::value_error("workspace is a strided view: expected one compact block of memory");
+    }
+    workspace_data = workspace->data();
+    workspace_bytes = workspace->nbytes();
+  }
+
+  dhp_status backward(cudaStream_t stream) {
+    return dhp_attention_backward(q.get(), k.get(), v.get(), out.get(), dout.get(), lse.get(), dq.get(), dk.get(),
+                                  dv.get(), &options, workspace_data, workspace_bytes, stream);
+  }
+
+  dhp_status check() {
+    return dhp_attention_backward_check(q.get(), k.get(), v.get(), out.get(), dout.get(), lse.get(), dq.get(),
+                                        dk.get(), dv.get(), &options, workspace_data, workspace_bytes);
+  }
+
+  TensorArg q, k, v, out, dout, lse, dq, dk, dv;
+  void* workspace_data = nullptr;
+  size_t workspace_bytes = 0;
+  dhp_attention_options options;
 };
 
 // Makes `device` current for the guard's lifetime (no-op when it already is).
@@ -297,28 +353,64 @@ void forward(const InTensor& q, const InTensor& k, const InTensor& v, const OutT
 }
 
 // For callers with no stream to join (JAX eager arrays; other DLPack producers, which make their data ready for
-// the legacy default stream when asked without a stream): runs on the legacy default stream of q's device and
-// returns once the results are written.
-void forward_synchronous(const InTensor& q, const InTensor& k, const InTensor& v, const OutTensor& out,
-                         const std::optional<OutTensor>& lse, bool causal, float softmax_scale) {
-  ForwardArgs args(q, k, v, out, lse, causal, softmax_scale);
+// the legacy default stream when asked without a stream): runs `launch` on the legacy default stream of q's device
+// and returns once the results are written. `what` names the work in a failed synchronization's sentence.
+template <typename Launch>
+void run_synchronous(const InTensor& q, const char* what, Launch&& launch) {
   const bool on_cuda = q.device_type() == kDLCUDA;
   run_released([&]() -> std::optional<Failure> {
     // A non-CUDA q never launches: the C API rejects it, and there is no device to make current.
-    if (!on_cuda) return failure_of(args.forward(cudaStreamLegacy));
+    if (!on_cuda) return failure_of(launch(cudaStreamLegacy));
     DeviceGuard guard(q.device_id());
-    if (auto failed = failure_of(args.forward(cudaStreamLegacy))) return failed;
-    return cuda_failure(cudaStreamSynchronize(cudaStreamLegacy), "cudaStreamSynchronize after the forward kernel");
+    if (auto failed = failure_of(launch(cudaStreamLegacy))) return failed;
+    return cuda_failure(cudaStreamSynchronize(cudaStreamLegacy),
+                        std::string("cudaStreamSynchronize after the ") + what);
   });
+}
+
+void forward_synchronous(const InTensor& q, const InTensor& k, const InTensor& v, const OutTensor& out,
+                         const std::optional<OutTensor>& lse, bool causal, float softmax_scale) {
+  ForwardArgs args(q, k, v, out, lse, causal, softmax_scale);
+  run_synchronous(q, "forward kernel", [&](cudaStream_t stream) { return args.forward(stream); });
 }
 
 void forward_check(const InTensor& q, const InTensor& k, const InTensor& v, const OutTensor& out,
                    const std::optional<OutTensor>& lse, bool causal, float softmax_scale) {
   ForwardArgs args(q, k, v, out, lse, causal, softmax_scale);
+  run_released([&] { return failure_of(args.check()); });
+}
+
+void backward(const InTensor& q, const InTensor& k, const InTensor& v, const InTensor& out, const InTensor& dout,
+              const InTensor& lse, const OutTensor& dq, const OutTensor& dk, const OutTensor& dv,
+              const std::optional<OutTensor>& workspace, bool causal, float softmax_scale, std::uintptr_t stream) {
+  BackwardArgs args(q, k, v, out, dout, lse, dq, dk, dv, workspace, causal, softmax_scale);
+  run_released([&] { return failure_of(args.backward(reinterpret_cast<cudaStream_t>(stream))); });
+}
+
+void backward_synchronous(const InTensor& q, const InTensor& k, const InTensor& v, const InTensor& out,
+                          const InTensor& dout, const InTensor& lse, const OutTensor& dq, const OutTensor& dk,
+                          const OutTensor& dv, const std::optional<OutTensor>& workspace, bool causal,
+                          float softmax_scale) {
+  BackwardArgs args(q, k, v, out, dout, lse, dq, dk, dv, workspace, causal, softmax_scale);
+  run_synchronous(q, "backward kernels", [&](cudaStream_t stream) { return args.backward(stream); });
+}
+
+void backward_check(const InTensor& q, const InTensor& k, const InTensor& v, const InTensor& out,
+                    const InTensor& dout, const InTensor& lse, const OutTensor& dq, const OutTensor& dk,
+                    const OutTensor& dv, const std::optional<OutTensor>& workspace, bool causal,
+                    float softmax_scale) {
+  BackwardArgs args(q, k, v, out, dout, lse, dq, dk, dv, workspace, causal, softmax_scale);
+  run_released([&] { return failure_of(args.check()); });
+}
+
+size_t backward_workspace_size(const InTensor& q, const InTensor& k, bool causal, float softmax_scale) {
+  TensorArg q_arg(q), k_arg(k);
+  const dhp_attention_options options = options_of(causal, softmax_scale);
+  size_t bytes = 0;
   run_released([&] {
-    return failure_of(dhp_attention_forward_check(args.q.get(), args.k.get(), args.v.get(), args.out.get(),
-                                                  args.lse_or_null(), &args.options));
+    return failure_of(dhp_attention_backward_workspace_size(q_arg.get(), k_arg.get(), &options, &bytes));
   });
+  return bytes;
 }
 
 DeviceBuffer empty(std::vector<int64_t> shape, const InTensor& like, bool float32) {
@@ -355,6 +447,12 @@ constexpr const char* kForwardDoc =
     "1/sqrt(head_dim). Raises ValueError (bad value), TypeError (bad dtype) or RuntimeError, with the C\n"
     "library's sentence; on any error no output is touched.";
 
+constexpr const char* kBackwardDoc =
+    "dhp_attention_backward on `stream` (a cudaStream_t as an integer): writes dq, dk, dv, the gradients for\n"
+    "`dout`, from the forward's q, k, v, out and lse (float32, required). workspace: compact CUDA memory on q's\n"
+    "device of at least backward_workspace_size() bytes, any dtype (e.g. uint8), or None when that size is 0.\n"
+    "softmax_scale 0 means 1/sqrt(head_dim). Raises as forward() does; on any error no output is touched.";
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -375,6 +473,17 @@ NB_MODULE(_C, m) {
   m.def("forward_check", &forward_check, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a.none(), "causal"_a,
         "softmax_scale"_a, "dhp_attention_forward_check: forward()'s validation, device checks included, no launch.");
 
+  m.def("backward", &backward, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a, "dk"_a, "dv"_a,
+        "workspace"_a.none(), "causal"_a, "softmax_scale"_a, "stream"_a, kBackwardDoc);
+  m.def("backward_synchronous", &backward_synchronous, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a,
+        "dk"_a, "dv"_a, "workspace"_a.none(), "causal"_a, "softmax_scale"_a,
+        "backward() on the legacy default stream of q's device, returning once the gradients are written.");
+  m.def("backward_check", &backward_check, "q"_a, "k"_a, "v"_a, "out"_a, "dout"_a, "lse"_a, "dq"_a, "dk"_a, "dv"_a,
+        "workspace"_a.none(), "causal"_a, "softmax_scale"_a,
+        "dhp_attention_backward_check: backward()'s validation, device checks included, no launch.");
+  m.def("backward_workspace_size", &backward_workspace_size, "q"_a, "k"_a, "causal"_a, "softmax_scale"_a,
+        "dhp_attention_backward_workspace_size: the bytes of workspace backward() needs for these shapes.");
+
   nb::class_<DeviceBuffer>(m, "DeviceBuffer",
                            "Uninitialized compact CUDA memory exported through DLPack; freed when its last "
                            "holder (e.g. the JAX array adopting it) lets go.")
@@ -383,4 +492,7 @@ NB_MODULE(_C, m) {
       .def_prop_ro("shape", &DeviceBuffer::shape);
   m.def("empty", &empty, "shape"_a, "like"_a, "float32"_a = false,
         "A DeviceBuffer of `shape` on like's CUDA device, with like's dtype (float32 if asked).");
+#ifdef DHP_WITH_JAX_FFI
+  dhp_jax::register_jax_ffi(m);
+#endif
 }

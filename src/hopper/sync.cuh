@@ -44,6 +44,24 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ld.acquire.gpu.global.b32: reads a flag another CTA publishes with store_release_gpu.
+__device__ __forceinline__ int load_acquire_gpu(const int* flag) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(value) : "l"(flag) : "memory");
+  return value;
+}
+
+// st.release.gpu.global.b32: publishes `value`; this thread's earlier writes are visible to an acquirer.
+__device__ __forceinline__ void store_release_gpu(int* flag, int value) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
+}
+
+// Spins until *flag == value (acquire). The loop's length follows other CTAs' progress, never tensor values.
+__device__ __forceinline__ void wait_flag_equals(const int* flag, int value) {
+  while (load_acquire_gpu(flag) != value) {
+  }
+}
+
 // setmaxnreg.dec.sync.aligned.u32 [PTX 9.7.19.5]: give registers back to the CTA pool (warpgroup-wide).
 template <int Regs>
 __device__ __forceinline__ void setmaxnreg_dec() {

@@ -37,6 +37,22 @@ __device__ __forceinline__ void tma_store_commit() { cuda::ptx::cp_async_bulk_co
 // cp.async.bulk.wait_group.read 0: the shared source of every committed store has been read.
 __device__ __forceinline__ void tma_store_wait_read() { cuda::ptx::cp_async_bulk_wait_group_read(cuda::ptx::n32_t<0>{}); }
 
+// cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes: `bytes` (a multiple of 16) contiguous
+// bytes global -> shared, completion counted on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  cuda::ptx::cp_async_bulk(cuda::ptx::space_cluster, cuda::ptx::space_global, dst, src, bytes, bar);
+}
+
+// cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32: dst[i] += src[i] for `bytes` / 4 floats,
+// each element one atomic add in L2.
+__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, uint32_t bytes) {
+  cuda::ptx::cp_reduce_async_bulk(cuda::ptx::space_global, cuda::ptx::space_shared, cuda::ptx::op_add, dst, src,
+                                  bytes);
+}
+
+// cp.async.bulk.wait_group 0: every committed bulk operation has completed, its writes performed.
+__device__ __forceinline__ void bulk_wait_all() { cuda::ptx::cp_async_bulk_wait_group(cuda::ptx::n32_t<0>{}); }
+
 // fence.proxy.async.shared::cta: ordinary shared-memory stores become visible to the async proxy
 // (TMA store, wgmma) once followed by a barrier.
 __device__ __forceinline__ void fence_view_async_shared() { cuda::ptx::fence_proxy_async(cuda::ptx::space_shared); }

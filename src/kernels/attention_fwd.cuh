@@ -186,7 +186,7 @@ struct FwdKernel {
       const uint32_t k_off = (t % 4) * 32;
       const uint64_t a = hopper::SmemDescriptor{q_base + (t / 4) * kBoxBytesQ + k_off, 16, 1024}.encode();
       const uint64_t b = hopper::SmemDescriptor{k_base + (t / 4) * kBoxBytesKV + k_off, 16, 1024}.encode();
-      hopper::mma_ss<T, kBlockN, 0>(acc_s, a, b, t > 0);
+      hopper::mma_ss<T, kBlockN, 0, 0>(acc_s, a, b, t > 0);
     }
   }
 

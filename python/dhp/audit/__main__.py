@@ -8,6 +8,8 @@
     python -m dhp.audit timing [--quick] [--peers] fixed-vs-random / fixed-vs-class Welch t (GPU)
     python -m dhp.audit determinism               repeated runs, two streams, concurrent load, batches (GPU)
 
+timing and determinism cover the forward and, for the head_dims that have one, the backward (--pass narrows).
+
 Every check takes --json OUT.json. Exit status: 0 pass, 1 fail, 2 the check could not run (no tool, no
 kernels, no GPU, no torch), with a sentence saying why.
 """
@@ -75,12 +77,16 @@ def main(argv=None) -> int:
     p = checks.add_parser("timing", help="fixed-vs-random and fixed-vs-class Welch t-tests (GPU)")
     variant_filters(p)
     p.add_argument("--launches", type=int, default=10_000, help="launches per class (default 10000)")
-    p.add_argument("--quick", action="store_true", help="one variant, non-causal, at most 1000 launches per class")
+    p.add_argument("--quick", action="store_true",
+                   help=f"one variant, non-causal, at most {timing.QUICK_LAUNCHES} launches per class")
+    p.add_argument("--pass", dest="passes", choices=["both", "fwd", "bwd"], default="both",
+                   help="forward, backward or both (default; the backward where the build has one)")
     p.add_argument("--causal", choices=["both", "true", "false"], default="both")
     p.add_argument("--peers", action="store_true", help="also time torch SDPA's cuDNN and flash backends")
     p.add_argument("--pool", type=int, default=8, help="buffers per class, used round robin (default 8)")
     p.add_argument("--batch", type=int, default=500, help="launches between synchronisations (default 500)")
     p.add_argument("--spin", type=int, default=100_000, help="GPU spin cycles ahead of each launch")
+    p.add_argument("--bwd-spin", type=int, help="GPU spin cycles ahead of each backward launch (default 3x --spin)")
     p.add_argument("--block", type=int, default=1000, help="launches of each class alone, for clocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the t statistics, clocks and settings to this JSON file")
@@ -88,6 +94,8 @@ def main(argv=None) -> int:
     p = checks.add_parser("determinism", help="bitwise determinism and batch invariance (GPU)")
     variant_filters(p)
     p.add_argument("--repeats", type=int, default=20, help="repeated runs per check (default 20)")
+    p.add_argument("--pass", dest="passes", choices=["both", "fwd", "bwd"], default="both",
+                   help="forward, backward or both (default; the backward where the build has one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every check's result to this JSON file")
 
@@ -95,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", required=True)
     p.add_argument("--head-dim", type=int, required=True)
     p.add_argument("--causal", action="store_true")
+    p.add_argument("--backward", action="store_true", help="also run the backward, whose kernel is profiled")
     p.add_argument("--shape", required=True, help="batch,seqlen,heads_q,heads_kv")
     p.add_argument("--order", required=True, help="comma list of input classes, one launch each")
     p.add_argument("--seed", type=int, default=0)
@@ -106,7 +115,8 @@ def main(argv=None) -> int:
 
 def _run_case(args) -> int:
     shape = tuple(int(x) for x in args.shape.split(","))
-    return counters.run_child(args.dtype, args.head_dim, args.causal, shape, args.order.split(","), args.seed)
+    return counters.run_child(args.dtype, args.head_dim, args.causal, shape, args.order.split(","), args.seed,
+                              args.backward)
 
 
 if __name__ == "__main__":

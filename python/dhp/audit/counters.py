@@ -17,8 +17,11 @@ the noise baseline. Then, per counter:
     timing-dependent  any other counter that differs between the baseline runs: listed, not compared
     checked           the rest: must be identical in every class, else the case FAILs with counter, class, values
 
-A derived counter `derived:BRA-minus-waitloop` (executed BRA minus wait-loop instructions) gives the branch
-count a chance to be checked when the raw BRA count moves only with the wait loops.
+Spin loops (SPIN_LOOPS: the mbarrier try-wait, the backward's wait for its dQ turn) execute a few other opcodes
+once per iteration (BRA, ISETP.NE.AND, ...). Their raw counts are set apart with the wait loops, and derived
+counters `derived:<opcode>-minus-spins` (the count less one per spin iteration) are checked instead.
+A counter that varies on the baseline in any case of a pass (forward or backward) counts as timing-dependent in
+every case of that pass: three or four baseline runs per case are too few to see every noisy counter move.
 
 ncu's raw CSV page: a header row ("ID", "Process ID", ..., "Kernel Name", ..., then one column per metric,
 metric names contain "__"), a units row (empty ID), then one row per profiled launch. With
@@ -26,7 +29,10 @@ metric names contain "__"), a units row (empty ID), then one row per profiled la
 Metrics ncu does not know on this GPU are dropped (after its "Failed to find metric" error) and the run is
 retried; the JSON lists them.
 
-Status: unit-tested on hand-written CSV in that format (tests/fixtures/ncu); NOT yet run under ncu on a GPU.
+Only the requested metrics are judged. Every class runs in the same tensors (its values copied in before the
+launch), so addresses are the same for all classes and address-dependent splits cannot pass for value effects.
+
+Run on an H100 (ncu 2025.x): see docs/SECURITY.md for the results.
 """
 
 from __future__ import annotations
@@ -61,11 +67,18 @@ SCALAR_METRICS = (
 )
 
 BASELINE = "random"
+# Totals that count every wait-loop iteration. ncu collects metrics over several replays of the kernel, and
+# these come from a different replay than the per-opcode counts, with its own waits (seen on an H100: 1075
+# and 1076 branches on identical inputs). Where per-opcode counts exist, they check instructions and branches
+# with the wait loops set apart, and these totals are listed, not compared.
+WAIT_AFFECTED = ("smsp__inst_executed.sum", "smsp__sass_inst_executed_op_branch.sum",
+                 "smsp__sass_inst_executed_op_global_ld.sum")
 # Launch order of one case: the baseline class three times, spread out, the other classes between.
-DEFAULT_ORDER = ("random", "zeros", "ones", "huge", "random", "tiny", "nan", "inf", "random")
+DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", "nan", "inf", "random")
 # Shapes (batch, seqlen, heads_q, heads_kv): one aligned, one with a sequence tail and GQA.
 SHAPES = ((1, 256, 2, 2), (2, 1000, 4, 2))
 KERNEL_REGEX = "attention_fwd_kernel"
+BACKWARD_KERNEL_REGEX = "attention_bwd_kernel"  # the backward's main kernel (not its prep and post kernels)
 
 _WAIT_OPCODE = re.compile(r"^SYNCS(\.PHASECHK.*)?$")
 _INSTANCED = re.compile(r"^\s*([-+0-9.,eE]+)\s*\((.*)\)\s*$", re.DOTALL)
@@ -135,40 +148,73 @@ def parse_raw_csv(text: str) -> list[dict]:
 
 
 def is_waitloop(counter: str) -> bool:
-    """Whether a counter is a per-opcode count of an mbarrier wait-loop instruction."""
+    """Whether a counter is a per-opcode count of a spin-loop instruction (SPIN_LOOPS and what they execute)."""
     match = re.match(r"^sass__inst_executed_per_opcode\w*\[(.*)\]$", counter)
-    return bool(match and _WAIT_OPCODE.match(match.group(1)))
+    if not match:
+        return False
+    opcode = match.group(1)
+    return bool(_WAIT_OPCODE.match(opcode)) or any(
+        opcode == loop or opcode.startswith(loop + ".") or opcode in others for loop, others in SPIN_LOOPS.items())
+
+
+# Spin loops whose trip count follows timing, by the opcode executed once per iteration, with the other opcodes
+# one iteration executes once each (read off the SASS). SYNCS.PHASECHK is the mbarrier try-wait
+# (`SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [..]; @!P0 BRA`); LDG.E.STRONG.GPU is the backward's wait for its dQ
+# turn (`LDG.E.STRONG.GPU; CCTL.IVALL; YIELD; ISETP.NE.AND; @P0 BRA`).
+SPIN_LOOPS = {
+    "SYNCS.PHASECHK": ("BRA",),
+    "LDG.E.STRONG.GPU": ("CCTL.IVALL", "YIELD", "ISETP.NE.AND", "BRA"),
+}
 
 
 def with_derived(counters: dict) -> dict:
-    """counters plus derived:BRA-minus-waitloop where per-opcode counts are present."""
+    """counters plus, per opcode that spin loops execute, `derived:<opcode>-minus-spins`: its executed count less
+    one per spin-loop iteration (see SPIN_LOOPS). The raw counts follow timing; the derived ones must not."""
     opcode_keys = [k for k in counters if re.match(r"^sass__inst_executed_per_opcode\w*\[", k)]
     if not opcode_keys:
         return dict(counters)
     metric = min(k.split("[", 1)[0] for k in opcode_keys)  # one metric only, should both be present
-    keys = [k for k in opcode_keys if k.startswith(metric + "[")]
-    branches = sum(counters[k] for k in keys if re.match(r"^BRA(\.|$)", k[len(metric) + 1:-1]))
-    waits = sum(counters[k] for k in keys if is_waitloop(k))
-    return {**counters, "derived:BRA-minus-waitloop": branches - waits}
+    by_opcode = {k[len(metric) + 1:-1]: counters[k] for k in opcode_keys if k.startswith(metric + "[")}
+    derived = {}
+    for loop_opcode, others in SPIN_LOOPS.items():
+        iterations = sum(v for op, v in by_opcode.items() if op == loop_opcode or op.startswith(loop_opcode + "."))
+        for op in others:
+            derived[op] = derived.get(op, by_opcode.get(op, 0)) - iterations
+    return {**counters, **{f"derived:{op}-minus-spins": value for op, value in derived.items()}}
 
 
-def judge(runs: list[tuple[str, dict]], baseline: str = BASELINE) -> dict:
-    """Verdict of one case from [(class, counters), ...] in launch order (see the module docstring).
+def requested(name: str, metrics) -> bool:
+    """Whether a counter of ncu's raw page is one of the requested metrics (or an instance of one, or derived).
+    The raw page also lists what was not asked for: device attributes, launch settings, and .min/.max/.avg
+    over units, whose split across units follows physical addresses, not the kernel."""
+    return name.startswith("derived:") or any(name == m or name.startswith(m + "[") for m in metrics)
+
+
+def judge(runs: list[tuple[str, dict]], baseline: str = BASELINE, metrics=None, timing=frozenset()) -> dict:
+    """Verdict of one case from [(class, counters), ...] in launch order (see the module docstring); only the
+    requested `metrics` are judged when given, and counters in `timing` (seen to vary on another case's
+    baseline) count as timing-dependent.
 
     Returns {"verdict": "pass"|"fail"|"error", "reason", "checked", "timing_dependent": {counter: values
-    of the baseline runs}, "waitloop": {counter: {class: values}}, "differences": [{counter, class,
-    value, baseline}]}.
+    of the baseline runs}, "waitloop": {counter: {class: values}}, "wait_affected": {counter: {class:
+    values}}, "differences": [{counter, class, value, baseline}]}.
     """
     runs = [(cls, with_derived(counters)) for cls, counters in runs]
     base = [counters for cls, counters in runs if cls == baseline]
     result = {"verdict": "error", "reason": "", "checked": [], "timing_dependent": {}, "waitloop": {},
-              "differences": []}
+              "wait_affected": {}, "differences": []}
     if len(base) < 2:
         result["reason"] = f"need at least 2 runs of the {baseline} input for the noise baseline, got {len(base)}"
         return result
     names = sorted(set().union(*(counters for _, counters in runs)))
+    if metrics is not None:
+        names = [n for n in names if requested(n, metrics)]
+    has_opcodes = any(n.startswith(OPCODE_METRICS) for n in names)
     for name in names:
         values = [(cls, counters.get(name)) for cls, counters in runs]
+        if has_opcodes and name in WAIT_AFFECTED:
+            result["wait_affected"][name] = {cls: [v for c, v in values if c == cls] for cls, _ in values}
+            continue
         if is_waitloop(name):
             grouped: dict = {}
             for cls, value in values:
@@ -176,7 +222,7 @@ def judge(runs: list[tuple[str, dict]], baseline: str = BASELINE) -> dict:
             result["waitloop"][name] = grouped
             continue
         base_values = [counters.get(name) for counters in base]
-        if any(v != base_values[0] for v in base_values):
+        if name in timing or any(v != base_values[0] for v in base_values):
             result["timing_dependent"][name] = base_values
             continue
         result["checked"].append(name)
@@ -244,22 +290,36 @@ def report(cases: list[dict]) -> str:
 # Running it (GPU): the child that launches the kernels, and the parent that runs ncu over it.
 
 
-def run_child(dtype: str, head_dim: int, causal: bool, shape, order, seed: int) -> int:
-    """`_run-case`: run dhp.attention once per class of `order`, each on that class's inputs, synchronised."""
+def run_child(dtype: str, head_dim: int, causal: bool, shape, order, seed: int, backward: bool = False) -> int:
+    """`_run-case`: one launch per class of `order` (the forward, or with `backward` the forward and then the
+    backward, whose dout is the class's q values), all in the same tensors, synchronised around each."""
     import torch
 
-    import dhp
+    from .. import _native
 
     from . import inputs
 
+    ext = _native.ext()
     batch, seqlen, heads_q, heads_kv = shape
     q_shape, kv_shape = (batch, seqlen, heads_q, head_dim), (batch, seqlen, heads_kv, head_dim)
-    with torch.no_grad():
-        for cls in order:
-            q, k, v = inputs.qkv_torch(torch, cls, q_shape, kv_shape, dtype, "cuda", seed)
-            torch.cuda.synchronize()
-            dhp.attention(q, k, v, causal=causal, return_lse=True)
-            torch.cuda.synchronize()
+    q, k, v = inputs.qkv_torch(torch, BASELINE, q_shape, kv_shape, dtype, "cuda", seed)
+    out, dout, dq = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    lse = torch.empty((batch, heads_q, seqlen), dtype=torch.float32, device="cuda")
+    workspace = None
+    if backward:
+        workspace = torch.empty(max(1, ext.backward_workspace_size(q, k, causal, 0.0)), dtype=torch.uint8,
+                                device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    for cls in order:
+        for target, source in zip((q, k, v), inputs.qkv_torch(torch, cls, q_shape, kv_shape, dtype, "cuda", seed)):
+            target.copy_(source)
+        dout.copy_(q)
+        torch.cuda.synchronize()
+        ext.forward(q, k, v, out, lse, causal, 0.0, stream)
+        if backward:
+            ext.backward(q, k, v, out, dout, lse, dq, dk, dv, workspace, causal, 0.0, stream)
+        torch.cuda.synchronize()
     print(f"_run-case: {len(order)} launches ({', '.join(order)})", file=sys.stderr)
     return 0
 
@@ -275,13 +335,15 @@ def find_ncu() -> str | None:
     return None
 
 
-def profile_case(ncu: str, metrics: list, dtype, head_dim, causal, shape, order, seed,
+def profile_case(ncu: str, metrics: list, dtype, head_dim, causal, shape, order, seed, backward: bool = False,
                  timeout: float = 600) -> tuple[list[dict], list[str], list[str]]:
     """Run one case under ncu: (rows, metrics ncu did not know and that were dropped, metrics measured)."""
     child = [sys.executable, "-m", "dhp.audit", "_run-case", "--dtype", dtype, "--head-dim", str(head_dim),
              "--shape", ",".join(map(str, shape)), "--order", ",".join(order), "--seed", str(seed)]
     if causal:
         child.append("--causal")
+    if backward:
+        child.append("--backward")
     dropped: list[str] = []
     metrics = list(metrics)
     with tempfile.TemporaryDirectory() as tmp:
@@ -289,7 +351,8 @@ def profile_case(ncu: str, metrics: list, dtype, head_dim, causal, shape, order,
         while True:
             if os.path.exists(log):
                 os.remove(log)
-            done = subprocess.run(ncu_command(ncu, metrics, len(order), child, log), check=False,
+            regex = BACKWARD_KERNEL_REGEX if backward else KERNEL_REGEX
+            done = subprocess.run(ncu_command(ncu, metrics, len(order), child, log, regex), check=False,
                                   capture_output=True, text=True, timeout=timeout)
             text = (Path(log).read_text() if os.path.exists(log) else "") + "\n" + done.stdout
             output = text + "\n" + done.stderr
@@ -314,6 +377,7 @@ def run(args) -> int:
     """`python -m dhp.audit counters`: profile every case, judge it, print the table, write JSON."""
     import json
 
+    from .. import _native
     from .inputs import gpu_variants
 
     ncu = find_ncu()
@@ -331,26 +395,35 @@ def run(args) -> int:
     order = args.order.split(",") if args.order else list(DEFAULT_ORDER)
     metrics = [OPCODE_METRICS[0], *SCALAR_METRICS]
     cases, all_dropped = [], []
+    backward_dims = set(json.loads(_native.ext().build_info()).get("backward_head_dims", []))
     for dtype in dtypes:
         for head_dim in head_dims:
-            for causal in (False, True):
-                for shape in shapes:
-                    name = f"{dtype} d{head_dim} {'causal' if causal else 'full'} b{shape[0]} s{shape[1]} " \
-                           f"h{shape[2]}/{shape[3]}"
-                    print(f"profiling {name} ...", file=sys.stderr, flush=True)
-                    try:
-                        rows, dropped, metrics = profile_case(ncu, metrics, dtype, head_dim, causal, shape,
-                                                              order, args.seed)
-                        runs = assign_classes(rows, order)
-                    except (NcuOutputError, subprocess.TimeoutExpired) as error:
-                        print(f"cannot run: ncu failed on {name}: {error}", file=sys.stderr)
-                        return 2
-                    all_dropped += [m for m in dropped if m not in all_dropped]
-                    cases.append({"name": name, "dtype": dtype, "head_dim": head_dim, "causal": causal,
-                                  "shape": list(shape), "order": order,
-                                  "kernels": sorted({row["kernel"] for row in rows}),
-                                  "runs": [{"class": cls, "counters": counters} for cls, counters in runs],
-                                  "judgement": judge(runs)})
+            for backward in (False, True) if head_dim in backward_dims else (False,):
+                for causal in (False, True):
+                    for shape in shapes:
+                        name = f"{dtype} d{head_dim} {'bwd' if backward else 'fwd'} {'causal' if causal else 'full'} " \
+                               f"b{shape[0]} s{shape[1]} h{shape[2]}/{shape[3]}"
+                        print(f"profiling {name} ...", file=sys.stderr, flush=True)
+                        try:
+                            rows, dropped, metrics = profile_case(ncu, metrics, dtype, head_dim, causal, shape,
+                                                                  order, args.seed, backward)
+                            runs = assign_classes(rows, order)
+                        except (NcuOutputError, subprocess.TimeoutExpired) as error:
+                            print(f"cannot run: ncu failed on {name}: {error}", file=sys.stderr)
+                            return 2
+                        all_dropped += [m for m in dropped if m not in all_dropped]
+                        cases.append({"name": name, "dtype": dtype, "head_dim": head_dim, "causal": causal,
+                                      "pass": "backward" if backward else "forward",
+                                      "shape": list(shape), "order": order,
+                                      "kernels": sorted({row["kernel"] for row in rows}),
+                                      "runs": [{"class": cls, "counters": counters} for cls, counters in runs],
+                                      "judgement": judge(runs, metrics=metrics)})
+    for direction in {c["pass"] for c in cases}:
+        same = [c for c in cases if c["pass"] == direction]
+        noisy = frozenset().union(*(c["judgement"]["timing_dependent"] for c in same))
+        for c in same:
+            runs = [(r["class"], r["counters"]) for r in c["runs"]]
+            c["judgement"] = judge(runs, metrics=metrics, timing=noisy)
     verdicts = {c["judgement"]["verdict"] for c in cases}
     verdict = "fail" if "fail" in verdicts else "error" if "error" in verdicts else "pass"
     print(f"counter invariance ({len(cases)} cases, ncu {ncu}): {verdict.upper()}")

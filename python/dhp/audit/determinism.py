@@ -1,29 +1,46 @@
 """Determinism and batch invariance: same inputs give the same bits, whatever else runs or sits in the batch.
 
-Method. For every compiled variant, causal and not, on a shape with a sequence tail and GQA, the reference is
-the sha256 of the raw bytes of out and of lse from one call on the current stream. Then, each compared
-bitwise (by hash) with the reference:
+Method. For every compiled variant, causal and not, on a shape with a sequence tail and GQA, and for both passes
+(fwd: the forward's out and lse; bwd, for the head_dims build_info lists under "backward_head_dims": the
+backward's dq, dk and dv), the reference is the sha256 of the raw bytes of each output from one call on the
+current stream. Then, each compared bitwise (by hash) with the reference:
 
     repeat      `--repeats` more calls on the current stream
-    streams     one call on each of two new torch streams
+    streams     one call on each of two new torch streams, enqueued together so that they may overlap
     load        `--repeats` calls on a new stream while another stream runs a loop of large matmuls
     batch       the target sequence alone (batch 1) against the same sequence inside batches of 3 and 8,
                 at the first, a middle and the last position, with different neighbours: random ones, and
                 neighbours of the classes zeros, huge, nan and inf (dhp.audit.inputs). The API has one seqlen
                 per batch, so all sequences of a batch share it.
 
+Both passes call the extension (dhp._C's forward and backward, the C API) on an explicit stream. Every call
+writes into fresh outputs filled with a poison that differs from the reference's (NaN there, 1, 2, ... after),
+so an element a kernel leaves unwritten shows as a difference; the backward's workspace is refilled with a
+different byte each call (the C API says its contents need not be initialised).
+
+The backward's inputs per sequence: q, k, v and dout (an independent draw of the sequence's class, see
+dhp.audit.inputs), and out and lse from the forward of that sequence alone (batch 1), computed once. A batch
+of the backward concatenates these, so the target's inputs are the same bits in every batch and only the
+backward is under test (the forward's batch invariance is the fwd case's). dk and dv of a sequence depend on
+that sequence only (GQA sums query heads within a batch element), so the target's slices are compared.
+
 Each comparison is one check; the verdict is pass when every check's hashes equal the reference's.
-Status: the hashing and verdict logic are unit-tested on the CPU; the GPU part has NOT yet run on a GPU.
+Status: the hashing, poison, batching and verdict logic are unit-tested on the CPU; the GPU part has NOT yet
+run on a GPU.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import sys
 
 SHAPE = (1000, 4, 2)  # seqlen, heads_q, heads_kv: a tail, and GQA
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
+SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
+OUTPUTS = {"fwd": ("out", "lse"), "bwd": ("dq", "dk", "dv")}  # what each pass's checks hash
 
 
 def digest(data: bytes) -> str:
@@ -44,7 +61,8 @@ def tensor_digest(tensor) -> str:
 
 
 def compare(check: str, label: str, reference: dict, got: dict) -> dict:
-    """One check: reference and got are {"out": hash, "lse": hash}; equal when every hash agrees."""
+    """One check: reference and got are {output: hash} ({"out", "lse"} or {"dq", "dk", "dv"}); equal when every
+    hash agrees."""
     differing = sorted(k for k in reference if reference[k] != got.get(k))
     return {"check": check, "label": label, "same": not differing, "differing": differing}
 
@@ -81,40 +99,96 @@ def report(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def poison(call: int) -> float:
+    """Fill value of the outputs of a case's call-th launch: NaN for the reference (call 0), then 1, 2, ... 64
+    (exact in bfloat16 and float16), so an element some launch leaves unwritten differs from the reference."""
+    return math.nan if call == 0 else float(1 + (call - 1) % 64)
+
+
+def workspace_byte(call: int) -> int:
+    """The byte the backward's workspace is filled with before the call-th launch: a different one each call."""
+    return (37 * call + 11) % 256
+
+
+def batch_inputs(sequences: dict, layout: list, cat) -> dict:
+    """{tensor name: cat([the layout's sequences' tensors])}: one batch from per-sequence tensors (batch 1 each,
+    batch first: q, k, v, dout, out (b, s, h, d), lse (b, h, s)). `cat` joins along the batch dimension."""
+    names = sequences[layout[0]].keys()
+    return {name: cat([sequences[entry][name] for entry in layout]) for name in names}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The GPU part
 
 
-def run_case(torch, dtype: str, head_dim: int, causal: bool, repeats: int, seed: int) -> list[dict]:
-    import dhp
-
+def sequence_inputs(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool, seed: int) -> dict:
+    """{pool index or class name: {tensor name: tensor}} of single sequences (batch 1): the target (0), the
+    random neighbours (1 .. POOL-1) and one sequence per special neighbour class; for the backward with dout,
+    and out and lse from each sequence's own forward."""
     from . import inputs
 
     seqlen, heads_q, heads_kv = SHAPE
     q_shape, kv_shape = (1, seqlen, heads_q, head_dim), (1, seqlen, heads_kv, head_dim)
-    sequences = {i: inputs.qkv_torch(torch, "random", q_shape, kv_shape, dtype, "cuda", seed, i)
-                 for i in range(POOL)}
-    for name in ("zeros", "huge", "nan", "inf"):
-        sequences[name] = inputs.qkv_torch(torch, name, q_shape, kv_shape, dtype, "cuda", seed, 0)
-    q, k, v = sequences[0]
+    draws = {i: ("random", i) for i in range(POOL)}
+    draws.update({name: (name, 0) for name in SPECIAL_NEIGHBOURS})
+    sequences = {}
+    for key, (cls, index) in draws.items():
+        q, k, v = inputs.qkv_torch(torch, cls, q_shape, kv_shape, dtype, "cuda", seed, index)
+        tensors = {"q": q, "k": k, "v": v}
+        if direction == "bwd":
+            tensors["dout"] = inputs.dout_torch(torch, cls, q_shape, dtype, "cuda", seed, index)
+            tensors.update(launch(torch, ext, "fwd", causal, tensors, 0))
+        sequences[key] = tensors
+    torch.cuda.synchronize()
+    return sequences
 
-    def hashes(out, lse):
+
+def launch(torch, ext, direction: str, causal: bool, tensors: dict, call: int) -> dict:
+    """One forward ({"out", "lse"}) or backward ({"dq", "dk", "dv"}) on torch's current stream, into fresh outputs
+    poisoned for the call-th launch (see `poison`)."""
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    stream = torch.cuda.current_stream().cuda_stream
+    fill = poison(call)
+    if direction == "fwd":
+        batch, seqlen, heads_q, _ = q.shape
+        out = torch.full_like(q, fill)
+        lse = torch.full((batch, heads_q, seqlen), fill, dtype=torch.float32, device=q.device)
+        ext.forward(q, k, v, out, lse, causal, 0.0, stream)
+        return {"out": out, "lse": lse}
+    dq, dk, dv = torch.full_like(q, fill), torch.full_like(k, fill), torch.full_like(v, fill)
+    size = ext.backward_workspace_size(q, k, causal, 0.0)
+    workspace = (torch.full((size,), workspace_byte(call), dtype=torch.uint8, device=q.device) if size else None)
+    ext.backward(q, k, v, tensors["out"], tensors["dout"], tensors["lse"], dq, dk, dv, workspace, causal, 0.0,
+                 stream)
+    return {"dq": dq, "dk": dk, "dv": dv}
+
+
+def run_case(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool, repeats: int,
+             seed: int) -> list[dict]:
+    """Every check of one case (one pass of one variant) against the reference call; see the module docstring."""
+    sequences = sequence_inputs(torch, ext, direction, dtype, head_dim, causal, seed)
+    target = sequences[0]
+    calls = itertools.count()
+
+    def call(tensors):
+        return launch(torch, ext, direction, causal, tensors, next(calls))
+
+    def hashes(outputs, position=None):
         torch.cuda.synchronize()
-        return {"out": tensor_digest(out), "lse": tensor_digest(lse)}
-
-    def call(q, k, v):
-        return dhp.attention(q, k, v, causal=causal, return_lse=True)
+        return {name: tensor_digest(t if position is None else t[position]) for name, t in outputs.items()}
 
     torch.cuda.synchronize()
-    reference = hashes(*call(q, k, v))
-    checks = [compare("repeat", f"run {i + 1}", reference, hashes(*call(q, k, v))) for i in range(repeats)]
+    reference = hashes(call(target))
+    checks = [compare("repeat", f"run {i + 1}", reference, hashes(call(target))) for i in range(repeats)]
 
-    for i in range(2):
-        stream = torch.cuda.Stream()
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    results = []
+    for stream in streams:
         stream.wait_stream(torch.cuda.current_stream())
+    for stream in streams:  # both enqueued before either is waited for: they may run at the same time
         with torch.cuda.stream(stream):
-            out, lse = call(q, k, v)
-        checks.append(compare("streams", f"stream {i + 1}", reference, hashes(out, lse)))
+            results.append(call(target))
+    checks += [compare("streams", f"stream {i + 1}", reference, hashes(r)) for i, r in enumerate(results)]
 
     load, work = torch.cuda.Stream(), torch.cuda.Stream()
     a, b, c = (torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -126,37 +200,41 @@ def run_case(torch, dtype: str, head_dim: int, causal: bool, repeats: int, seed:
     results = []
     with torch.cuda.stream(work):
         for _ in range(repeats):
-            results.append(call(q, k, v))
+            results.append(call(target))
     torch.cuda.synchronize()
-    checks += [compare("load", f"run {i + 1} beside matmuls", reference, hashes(*r)) for i, r in enumerate(results)]
+    checks += [compare("load", f"run {i + 1} beside matmuls", reference, hashes(r)) for i, r in enumerate(results)]
 
     for label, layout in batch_layouts():
-        bq, bk, bv = (torch.cat([sequences[e][j] for e in layout]) for j in range(3))
-        out, lse = call(bq, bk, bv)
-        position = layout.index(0)
-        checks.append(compare("batch", label, reference, hashes(out[position], lse[position])))
+        outputs = call(batch_inputs(sequences, layout, torch.cat))
+        checks.append(compare("batch", label, reference, hashes(outputs, layout.index(0))))
     return checks
 
 
 def run(args) -> int:
-    """`python -m dhp.audit determinism`: every variant, causal and not; table, JSON, exit 0/1/2."""
-    from .inputs import gpu_variants
+    """`python -m dhp.audit determinism`: every variant and pass, causal and not; table, JSON, exit 0/1/2."""
+    from .. import _native
+    from .inputs import PASS_NAMES, backward_head_dims, gpu_variants, plan, selected_passes
 
     variants = gpu_variants(args)
     if variants is None:
         return 2
     import torch
 
-    dtypes, head_dims = variants
+    ext = _native.ext()
+    planned = plan(*variants, backward_head_dims(), selected_passes(getattr(args, "passes", None)))
+    if not planned:
+        print("cannot run: no case to check (this build has no backward for the selected head_dims)",
+              file=sys.stderr)
+        return 2
     cases = []
     with torch.no_grad():
-        for dtype in dtypes:
-            for head_dim in head_dims:
-                for causal in (False, True):
-                    name = f"{dtype} d{head_dim} {'causal' if causal else 'full'}"
-                    checks = run_case(torch, dtype, head_dim, causal, args.repeats, args.seed)
-                    cases.append({"name": name, "dtype": dtype, "head_dim": head_dim, "causal": causal,
-                                  "verdict": verdict(checks), "checks": checks})
+        for case in planned:
+            print(f"determinism {case['name']} ...", file=sys.stderr, flush=True)
+            checks = run_case(torch, ext, case["pass"], case["dtype"], case["head_dim"], case["causal"],
+                              args.repeats, args.seed)
+            cases.append({**case, "pass": PASS_NAMES[case["pass"]], "outputs": list(OUTPUTS[case["pass"]]),
+                          "verdict": verdict(checks), "checks": checks})
+            torch.cuda.empty_cache()
     overall = "pass" if cases and all(c["verdict"] == "pass" for c in cases) else "fail"
     print(f"determinism and batch invariance ({len(cases)} cases, {torch.cuda.get_device_name()}): "
           f"{overall.upper()}")

@@ -13,7 +13,8 @@ definition is testable without a GPU or torch; `to_torch` then converts it to bf
     inf      standard normal with a few +inf and -inf (as many as nan's NaN, alternating signs)
 
 Q, K and V of one call are three independent draws; `index` tells apart draws of one class (the timing test's
-pools of buffers, the determinism test's different sequences). None of this has run on a GPU yet.
+pools of buffers, the determinism test's different sequences).
+The backward's dout (q's shape) is a fourth independent draw of the same class (`dout_torch`, tensor 3). None of this has run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def qkv_torch(torch, name: str, q_shape, kv_shape, dtype_name: str, device, seed
                  for a in qkv_arrays(name, q_shape, kv_shape, dtype_name, seed, index))
 
 
+DOUT_TENSOR = 3  # dout's draw: a fourth tensor of the class, independent of Q, K, V (tensors 0, 1, 2)
+
+
+def dout_torch(torch, name: str, q_shape, dtype_name: str, device, seed: int, index: int = 0):
+    """The backward's dout (q's shape) of one class on `device`: the class's values, drawn apart from Q, K, V."""
+    return to_torch(torch, class_array(name, q_shape, dtype_name, seed, index, DOUT_TENSOR), dtype_name, device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Shared by the GPU checks (counters, timing, determinism)
 
@@ -124,3 +133,38 @@ def gpu_variants(args) -> tuple[list, list] | None:
         print("cannot run: no compiled variant matches --dtypes/--head-dims", file=sys.stderr)
         return None
     return dtypes, head_dims
+
+
+# The passes of a variant: the forward, and the backward where the build has one for that head_dim.
+PASSES = ("fwd", "bwd")
+PASS_NAMES = {"fwd": "forward", "bwd": "backward"}
+
+
+def backward_head_dims() -> list[int]:
+    """head_dims that the build has a backward for (build_info's "backward_head_dims"; none if it lacks the key)."""
+    import json
+
+    from .. import _native
+
+    return sorted(int(d) for d in json.loads(_native.ext().build_info()).get("backward_head_dims", []))
+
+
+def plan(dtypes, head_dims, backward_dims, passes=PASSES, causals=(False, True)) -> list[dict]:
+    """The cases of a dynamic check, in run order: {"name", "dtype", "head_dim", "pass" ("fwd"|"bwd"), "causal"};
+    the backward only for head_dims in backward_dims. Names read "bfloat16 d128 bwd causal"."""
+    cases = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            for direction in PASSES:
+                if direction not in passes or (direction == "bwd" and head_dim not in backward_dims):
+                    continue
+                for causal in causals:
+                    cases.append({"name": f"{dtype} d{head_dim} {direction} {'causal' if causal else 'full'}",
+                                  "dtype": dtype, "head_dim": head_dim, "pass": direction, "causal": causal})
+    return cases
+
+
+def selected_passes(choice: str | None) -> tuple[str, ...]:
+    """--pass both|fwd|bwd (None: both) as a tuple of passes."""
+    return PASSES if choice in (None, "both") else (choice,)
+

@@ -7,7 +7,8 @@ Taint is tracked per register and predicate with a forward dataflow analysis ove
 flow graph, to a fixed point. It is flow-sensitive: the set of tainted registers is computed at every
 instruction, because the register allocator reuses a loop counter's register for a tensor value once the
 loop is done. A write that surely runs replaces a register's taint; a guarded one (`@P0 MOV R2, ..`) may
-not run, so it only adds taint. Predicates set to constants (PLOP3.LUT P1, PT, PT, PT, PT, 0x80, 0x0 is
+not run, so it only adds taint — unless its guard predicate is unknown, in which case the analysis follows
+both cases, the write running and not, until the predicate is written again. Predicates set to constants (PLOP3.LUT P1, PT, PT, PT, PT, 0x80, 0x0 is
 "P1 = true", how ptxas opens ELECT and R2UR waterfall loops) are tracked, and states with different known
 predicate values are kept apart at control-flow merges, so `@P1 R2UR P0, ..` on a loop's first pass, with
 P1 known true, surely replaces P0.
@@ -21,7 +22,10 @@ Sources of taint (values derived from Q, K, V, dO):
     HMMA, IMMA, DMMA, BMMA            destination on)
 Public: immediates, constants and kernel parameters (c[..][..], LDC, ULDC), special registers (S2R,
 S2UR, CS2R; a clock read is public but listed in the kernel's notes), barrier results (SYNCS, ELECT,
-USETMAXREG: they follow timing, and the rules below make their operands public).
+USETMAXREG: they follow timing, and the rules below make their operands public), and flag reads: strong
+GPU/system-scope loads (LDG.E.STRONG.GPU, from ld.acquire.gpu), with which a kernel polls a counter that other
+CTAs publish (the backward's dQ turns). dhp never reads tensor data that way; each flag read is listed in the
+kernel's notes for review.
 
 Propagation: an instruction whose guard or any source register/predicate is tainted taints every register
 and predicate it writes. This covers MOV, SHFL, PRMT, conversions, and selects: FSEL/SEL on a tainted
@@ -170,9 +174,16 @@ def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], lis
     return succ, problems, notes
 
 
+def is_flag_read(ins: Instruction) -> bool:
+    """A GPU- or system-scope strong load (ld.acquire / ld.relaxed / ld.volatile .gpu or .sys): how kernels read
+    the counters other CTAs publish. dhp reads tensor data only with weak loads, TMA and shared-memory loads."""
+    return ins.root in ("LD", "LDG") and "STRONG" in ins.modifiers and bool({"GPU", "SYS"} & set(ins.modifiers))
+
+
 def _is_source(ins: Instruction, shared_tainted: bool) -> bool:
     root = ins.root
-    return root in GLOBAL_LOADS or root in MMA_OPCODES or (shared_tainted and root in SHARED_LOADS)
+    return ((root in GLOBAL_LOADS and not is_flag_read(ins)) or root in MMA_OPCODES
+            or (shared_tainted and root in SHARED_LOADS))
 
 
 def _result_tainted(ins: Instruction, taint: int, shared_tainted: bool) -> bool:
@@ -244,6 +255,17 @@ def _step(ins: Instruction, known: Known, taint: int, shared_tainted: bool) -> t
     return _known_after(ins, known, executes), taint | ins.defs if tainted else taint
 
 
+def _cases(ins: Instruction, known: Known) -> list[Known]:
+    """The partition, split on the guard of a guarded write whose guard is not known: once where it runs and
+    once where it does not, so that a later instruction under the same guard (`@!P1 MOV R10, R6` then
+    `@!P1 STG [R10.64]`) sees the value written, not a mix of old and new."""
+    if ins.guard is None or not ins.defs or _executes(ins, known) is not None:
+        return [known]
+    bit = 1 << ins.guard
+    as_true, as_false = (known[0] | bit, known[1]), (known[0], known[1] | bit)
+    return [as_true, as_false]
+
+
 def _merge(states: list[dict[Known, int]], collapsed: set[int], s: int, incoming: dict[Known, int]) -> bool:
     merged = dict(states[s])
     for known, taint in incoming.items():
@@ -274,8 +296,9 @@ def _fixpoint(instructions: list[Instruction], succ: list[list[int]], shared_tai
         queued.discard(i)
         out: dict[Known, int] = {}
         for known, taint in states[i].items():
-            known, taint = _step(instructions[i], known, taint, shared_tainted)
-            out[known] = out.get(known, 0) | taint
+            for case in _cases(instructions[i], known):
+                case, taint_out = _step(instructions[i], case, taint, shared_tainted)
+                out[case] = out.get(case, 0) | taint_out
         for s in succ[i]:
             if _merge(states, collapsed, s, out) and s not in queued:
                 queued.add(s)
@@ -388,6 +411,9 @@ def analyse_kernel(kernel: Kernel, demangled: str | None = None) -> KernelVerdic
     for i, ins in enumerate(instructions):
         if taint_at[i] is None:
             continue
+        if is_flag_read(ins):
+            notes.append(f"reads a synchronisation flag at 0x{ins.address:04x} ({ins.text}): public, listed for "
+                         "review")
         if any(_CLOCK.search(op) for op in ins.operands):
             notes.append(f"reads a clock at 0x{ins.address:04x} ({ins.text}): public, listed for review")
         broken = _check(ins, states[i])

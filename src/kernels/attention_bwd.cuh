@@ -1,0 +1,582 @@
+// Backward attention, sm_90a: dQ, dK, dV from Q, K, V, O, dO and the forward's LSE, bitwise deterministic.
+//
+// Three kernels on the caller's stream:
+//   prep:  per query row, delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where the row saw no key, so
+//          its probabilities come out 0); zeroes the dQ sums and their turn counters. Scratch in the caller's
+//          workspace (BwdWorkspace).
+//   main:  one CTA per (key block, KV head, batch). K and V of the block stay in shared memory; the CTA walks
+//          the query blocks of every query head of its KV head (GQA: heads in order), and per step
+//              S^T = K Q^T, dP^T = V dO^T, P^T = exp2(S^T * scale * log2 e - lse2), dS^T = P^T (dP^T - delta),
+//              dV += P^T dO, dK += dS^T Q (dS^T from registers), dQ_part = dS K (dS^T through shared memory).
+//          dK and dV accumulate in registers across all steps, so they need no reduction at all. dQ_part goes
+//          to shared memory and a writer thread adds it to the tile's fp32 sum in the workspace with one bulk
+//          reduce — in key-block order: it waits until the tile's turn counter equals its key block, adds,
+//          and passes the turn on. Every dQ element is therefore summed in the same order on every run.
+//   post:  dq = dQ sum * scale, converted and written with the caller's strides.
+// Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
+// delta per step into a 2-stage ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys.
+//
+// Constant time: trip counts, addresses and branches depend on shapes, options and block indices only; the
+// masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
+// threads take, never as long as values dictate.
+//
+// Deadlock freedom of the dQ turns: a CTA waits only for lower key blocks of its own (head, batch), which have
+// lower block indices (blockIdx.x is the key block), so they were scheduled no later and never wait on it.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "error.h"
+#include "hopper/math.cuh"
+#include "hopper/sync.cuh"
+#include "hopper/tma.cuh"
+#include "hopper/wgmma.cuh"
+#include "kernels/bwd_config.h"
+#include "kernels/softmax.cuh"
+#include "params.h"
+#include "tma.h"
+
+namespace dhp::kernels {
+
+struct BwdKernelParams {
+  CUtensorMap q, k, v, dout, dk, dv;  // 4-d (head_dim, seqlen, heads, batch) maps, 64-column boxes
+  float* dq_accum;
+  const float* lse2;
+  const float* delta;
+  int* dq_turn;
+  int seqlen_q, seqlen_k;
+  int heads_q, q_heads_per_kv;
+  int m_blocks;
+  float scale_log2;     // softmax_scale * log2(e)
+  float softmax_scale;
+};
+
+enum class BwdBarrier : int {
+  kSyncThreads = 0,  // reserved: __syncthreads
+  kDsReady = 1,      // both consumer warpgroups have written their dS^T rows of the step
+  kEpilogue = 2,     // both consumer warpgroups are done reading K and V
+  kStoreFirst = 3,   // + consumer index: a consumer warpgroup's own 128 threads
+};
+
+template <class T, int HeadDim, bool Causal>
+struct BwdKernel {
+  static constexpr BwdConfig kCfg = bwd_config(HeadDim);
+  static constexpr int kBlockM = kCfg.block_m;
+  static constexpr int kBlockN = kCfg.block_n;
+  static constexpr int kStages = kCfg.stages;
+  static constexpr int kDqBuffers = kCfg.dq_buffers;
+  static constexpr int kBoxes = HeadDim / 64;
+  static constexpr int kBoxBytesQ = kBlockM * 128;   // one 64-column box of a Q or dO block
+  static constexpr int kBoxBytesKV = kBlockN * 128;  // one 64-column box of a K or V block
+  static constexpr int kDsBoxes = kBlockM / 64;      // dS^T: kBlockN key rows x kBlockM query columns
+  static constexpr int kBoxBytesDs = kBlockN * 128;
+  static constexpr int kDqRows = kCfg.dq_rows();
+  static constexpr int kDqCols = kCfg.dq_cols();
+  static constexpr int kDqFloats = kBlockM * HeadDim;
+  static constexpr uint32_t kQBytes = kBlockM * HeadDim * sizeof(T);
+  static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
+  static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
+
+  struct alignas(1024) Smem {
+    alignas(1024) uint8_t k[kBoxes][kBoxBytesKV];  // reused for dK in the epilogue
+    alignas(1024) uint8_t v[kBoxes][kBoxBytesKV];  // reused for dV
+    alignas(1024) uint8_t q[kStages][kBoxes][kBoxBytesQ];
+    alignas(1024) uint8_t dout[kStages][kBoxes][kBoxBytesQ];
+    alignas(1024) uint8_t ds[2][kDsBoxes][kBoxBytesDs];
+    alignas(128) float dq[kDqBuffers][kDqFloats];
+    alignas(16) float lse2[kStages][kBlockM];
+    alignas(16) float delta[kStages][kBlockM];
+    alignas(8) uint64_t kv_full;
+    uint64_t full[kStages], empty[kStages];
+    uint64_t dq_full[kDqBuffers], dq_empty[kDqBuffers];
+  };
+  static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
+  static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
+
+  // The first query block whose rows see key block n_block (m_blocks: none).
+  __device__ static int first_m_block(const BwdKernelParams& p, int n_block) {
+    if (!Causal) return 0;
+    const int64_t first_row = int64_t(n_block) * kBlockN - (p.seqlen_k - p.seqlen_q);
+    if (first_row <= 0) return 0;
+    return first_row >= p.seqlen_q ? p.m_blocks : int(first_row / kBlockM);
+  }
+
+  __device__ static bool block_needs_mask(const BwdKernelParams& p, int m_block, int n_block) {
+    const int64_t block_end = int64_t(n_block + 1) * kBlockN;
+    const int64_t first_row_limit = int64_t(m_block) * kBlockM + p.seqlen_k - p.seqlen_q;
+    return block_end > p.seqlen_k || (Causal && block_end - 1 > first_row_limit);
+  }
+
+  // The CTA's steps in order: every query head of the KV head, and within it the query blocks that see the
+  // key block, last first. f(step, head, m_block). Every key block starts on the same (last) query block
+  // and walks down in step, so each waits for its predecessor's dQ turn only about one bulk reduce (in the
+  // causal case, walking up from the first block each sees would make key block n wait for the n-1 before it
+  // to walk all the way up to its first block).
+  template <class F>
+  __device__ static void for_each_step(const BwdKernelParams& p, int n_block, int kv_head, F&& f) {
+    const int m_first = first_m_block(p, n_block);
+    int step = 0;
+    for (int g = 0; g < p.q_heads_per_kv; ++g)
+      for (int m = p.m_blocks - 1; m >= m_first; --m) f(step++, kv_head * p.q_heads_per_kv + g, m);
+  }
+
+  __device__ static int64_t row_tile(const BwdKernelParams& p, int batch, int head, int m_block) {
+    return (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
+  }
+
+  __device__ static void produce(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
+    hopper::mbarrier_arrive_expect_tx(&s.kv_full, 2 * kKVBytes);
+    for (int b = 0; b < kBoxes; ++b) {
+      hopper::tma_load_4d(s.k[b], &p.k, b * 64, n_block * kBlockN, kv_head, batch, &s.kv_full);
+      hopper::tma_load_4d(s.v[b], &p.v, b * 64, n_block * kBlockN, kv_head, batch, &s.kv_full);
+    }
+    for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
+      const int stage = step % kStages;
+      hopper::mbarrier_wait(&s.empty[stage], ((step / kStages) & 1) ^ 1);
+      hopper::mbarrier_arrive_expect_tx(&s.full[stage], 2 * kQBytes + 2 * kRowStatBytes);
+      for (int b = 0; b < kBoxes; ++b) {
+        hopper::tma_load_4d(s.q[stage][b], &p.q, b * 64, m_block * kBlockM, head, batch, &s.full[stage]);
+        hopper::tma_load_4d(s.dout[stage][b], &p.dout, b * 64, m_block * kBlockM, head, batch, &s.full[stage]);
+      }
+      const int64_t row0 = row_tile(p, batch, head, m_block) * kBlockM;
+      hopper::bulk_load(s.lse2[stage], p.lse2 + row0, kRowStatBytes, &s.full[stage]);
+      hopper::bulk_load(s.delta[stage], p.delta + row0, kRowStatBytes, &s.full[stage]);
+    });
+  }
+
+  // Adds each step's dQ part to its tile's sum, in key-block order (see the file comment).
+  __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
+    for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
+      const int buf = step % kDqBuffers;
+      hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
+      const int64_t tile = row_tile(p, batch, head, m_block);
+      int* turn = p.dq_turn + tile;
+      hopper::wait_flag_equals(turn, n_block);
+      hopper::bulk_reduce_add(p.dq_accum + tile * kDqFloats, s.dq[buf], kDqFloats * sizeof(float));
+      hopper::tma_store_commit();
+      hopper::tma_store_wait_read();
+      hopper::mbarrier_arrive(&s.dq_empty[buf]);
+      hopper::bulk_wait_all();
+      __threadfence();
+      hopper::store_release_gpu(turn, n_block + 1);
+    });
+  }
+
+  // acc (64 x kBlockM) = A (64 rows of K or V) * B^T (kBlockM rows of Q or dO), over head_dim in k16 steps;
+  // both K-major: +32 B per step inside a box, next box after 4.
+  __device__ static void gemm_rows_by_queries(float (&acc)[kBlockM / 2], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+    for (int t = 0; t < HeadDim / 16; ++t) {
+      const uint32_t k_off = (t % 4) * 32;
+      const uint64_t a = hopper::SmemDescriptor{a_base + (t / 4) * kBoxBytesKV + k_off, 16, 1024}.encode();
+      const uint64_t b = hopper::SmemDescriptor{b_base + (t / 4) * kBoxBytesQ + k_off, 16, 1024}.encode();
+      hopper::mma_ss<T, kBlockM, 0, 0>(acc, a, b, t > 0);
+    }
+  }
+
+  // acc (64 x head_dim) += A (64 x kBlockM, registers) * B (kBlockM rows of Q or dO): B is N-major
+  // (head_dim contiguous): LBO = box stride, SBO = 8 rows, +16 rows (2048 B) per k16 step.
+  __device__ static void gemm_into_keys(float (&acc)[HeadDim / 2], const uint32_t (&a)[kBlockM / 16][4],
+                                        uint32_t b_base) {
+#pragma unroll
+    for (int t = 0; t < kBlockM / 16; ++t) {
+      const uint64_t b = hopper::SmemDescriptor{b_base + t * 2048, kBoxBytesQ, 1024}.encode();
+      hopper::mma_rs<T, HeadDim, 1>(acc, a[t], b, 1);
+    }
+  }
+
+  // acc (64 query rows x kDqCols) = dS (from dS^T in shared memory, M-major) * K (N-major), over the
+  // kBlockN keys in k16 steps of 16 rows (2048 B) of both.
+  __device__ static void gemm_dq(float (&acc)[kDqCols / 2], uint32_t ds_base, uint32_t k_base) {
+#pragma unroll
+    for (int t = 0; t < kBlockN / 16; ++t) {
+      const uint64_t a = hopper::SmemDescriptor{ds_base + t * 2048, kBoxBytesDs, 1024}.encode();
+      const uint64_t b = hopper::SmemDescriptor{k_base + t * 2048, kBoxBytesKV, 1024}.encode();
+      hopper::mma_ss<T, kDqCols, 1, 1>(acc, a, b, t > 0);
+    }
+  }
+
+  // The 128B-swizzled address of element (row, col) of a tile stored as 64-column boxes of `box_bytes`.
+  __device__ static uint8_t* swizzled(uint8_t* tile, int box_bytes, int row, int col) {
+    const int chunk = (col % 64) / 8;
+    return tile + (col / 64) * box_bytes + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
+  }
+
+  __device__ static void consume(const BwdKernelParams& p, Smem& s, int consumer, int n_block, int kv_head,
+                                 int batch) {
+    using FragS = AccFragment<kBlockM>;
+    using FragD = AccFragment<HeadDim>;
+    const int t = threadIdx.x % 128;
+    const int lane = t % 32;
+    const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
+    const int key_row0 = consumer * 64;              // this warpgroup's keys within the block
+    const auto smem = [](const void* ptr) { return static_cast<uint32_t>(__cvta_generic_to_shared(ptr)); };
+    const uint32_t k_rows = smem(s.k[0]) + key_row0 * 128;
+    const uint32_t v_rows = smem(s.v[0]) + key_row0 * 128;
+    const int dq_row0 = kCfg.dq_split_rows() ? consumer * 64 : 0;
+    const int dq_col0 = kCfg.dq_split_rows() ? 0 : consumer * kDqCols;
+
+    float acc_dk[HeadDim / 2], acc_dv[HeadDim / 2];
+#pragma unroll
+    for (int i = 0; i < HeadDim / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+
+    // Per step j, wgmma groups in issue order: S^T(j) (issued at the end of step j-1), dP^T(j), dV/dK(j),
+    // dQ(j), then S^T(j+1): the next step's first GEMM runs while this step's dQ part goes to shared memory.
+    // (Issuing dP^T(j+1) early too needs more registers than the budget: ptxas spills.)
+    const int steps = p.q_heads_per_kv * (p.m_blocks - first_m_block(p, n_block));
+    float acc_s[kBlockM / 2];
+    auto issue_s = [&](int step) {
+      const int stage = step % kStages;
+      hopper::mbarrier_wait(&s.full[stage], (step / kStages) & 1);
+      hopper::wgmma_fence();
+      gemm_rows_by_queries(acc_s, k_rows, smem(s.q[stage][0]));
+      hopper::wgmma_commit();
+    };
+
+    hopper::mbarrier_wait(&s.kv_full, 0);
+    if (steps > 0) issue_s(0);
+    for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
+      const int stage = step % kStages;
+      const int buf = step & 1;  // dS^T buffer
+      const uint32_t q_tile = smem(s.q[stage][0]);
+      const uint32_t dout_tile = smem(s.dout[stage][0]);
+      float acc_dp[kBlockM / 2];
+      hopper::wgmma_fence();
+      gemm_rows_by_queries(acc_dp, v_rows, dout_tile);
+      hopper::wgmma_commit();
+
+      // P^T while dP^T is still in flight. Masked entries (causal, keys past seqlen_k) become -inf -> 0.
+      hopper::wgmma_wait<1>();
+      hopper::fence_registers(acc_s);
+      if (block_needs_mask(p, m_block, n_block)) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t key = int64_t(n_block) * kBlockN + key_row0 + row_in_wg + 8 * h;
+          const int64_t first_col = Causal ? key - (p.seqlen_k - p.seqlen_q) - int64_t(m_block) * kBlockM : 0;
+          const int first = key < p.seqlen_k ? int(max(int64_t(0), min(int64_t(kBlockM), first_col))) : kBlockM;
+#pragma unroll
+          for (int i = 0; i < FragS::kRegs; ++i)
+            if (FragS::row_half(i) == h) acc_s[i] = FragS::col(i, lane) >= first ? acc_s[i] : -INFINITY;
+        }
+      }
+      const float* lse2 = s.lse2[stage];
+      const float* delta = s.delta[stage];
+#pragma unroll
+      for (int i = 0; i < FragS::kRegs; ++i)
+        acc_s[i] = hopper::exp2_approx(fmaf(acc_s[i], p.scale_log2, -lse2[FragS::col(i, lane)]));
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_dp);
+#pragma unroll
+      for (int i = 0; i < FragS::kRegs; ++i) acc_dp[i] = acc_s[i] * (acc_dp[i] - delta[FragS::col(i, lane)]);
+
+      uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
+#pragma unroll
+      for (int k = 0; k < kBlockM / 16; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          p_frag[k][j] = hopper::pack2<T>(acc_s[8 * k + 2 * j], acc_s[8 * k + 2 * j + 1]);
+          ds_frag[k][j] = hopper::pack2<T>(acc_dp[8 * k + 2 * j], acc_dp[8 * k + 2 * j + 1]);
+        }
+      hopper::wgmma_fence();
+      gemm_into_keys(acc_dv, p_frag, dout_tile);
+      gemm_into_keys(acc_dk, ds_frag, q_tile);
+      hopper::wgmma_commit();
+
+      // dS^T to shared memory for the dQ GEMM of both warpgroups (register j of k16 group k: row half j % 2,
+      // columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}).
+#pragma unroll
+      for (int k = 0; k < kBlockM / 16; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int row = key_row0 + row_in_wg + 8 * (j % 2);
+          const int col = 16 * k + 8 * (j / 2) + 2 * (lane % 4);
+          *reinterpret_cast<uint32_t*>(swizzled(s.ds[buf][0], kBoxBytesDs, row, col)) = ds_frag[k][j];
+        }
+      hopper::fence_view_async_shared();
+      hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
+
+      float acc_dq[kDqCols / 2];
+      hopper::wgmma_fence();
+      gemm_dq(acc_dq, smem(s.ds[buf][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
+      hopper::wgmma_commit();
+      hopper::wgmma_wait<1>();  // dV/dK(j): Q and dO of this stage are free
+      hopper::fence_registers(acc_dk);
+      hopper::fence_registers(acc_dv);
+      hopper::mbarrier_arrive(&s.empty[stage]);
+      if (step + 1 < steps) {
+        issue_s(step + 1);
+        hopper::wgmma_wait<1>();
+      } else {
+        hopper::wgmma_wait<0>();
+      }
+      hopper::fence_registers(acc_dq);
+
+      // dQ part -> shared memory in fragment order (thread t's registers 4j..4j+3 at float4 j * 128 + t),
+      // which the workspace keeps and the post kernel undoes.
+      const int dq_buf = step % kDqBuffers;
+      hopper::mbarrier_wait(&s.dq_empty[dq_buf], ((step / kDqBuffers) & 1) ^ 1);
+      float4* part = reinterpret_cast<float4*>(s.dq[dq_buf] + consumer * kDqRows * kDqCols);
+#pragma unroll
+      for (int j = 0; j < kDqCols / 8; ++j)
+        part[j * 128 + t] = make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+      hopper::fence_view_async_shared();
+      hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
+    });
+
+    // dK (scaled) and dV -> this warpgroup's rows of the K and V buffers, once neither warpgroup reads them,
+    // then out through TMA (rows past seqlen_k are clipped).
+    hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+#pragma unroll
+    for (int i = 0; i < FragD::kRegs; i += 2) {
+      const int row = key_row0 + row_in_wg + 8 * FragD::row_half(i);
+      const int col = FragD::col(i, lane);
+      *reinterpret_cast<uint32_t*>(swizzled(s.k[0], kBoxBytesKV, row, col)) =
+          hopper::pack2<T>(acc_dk[i] * p.softmax_scale, acc_dk[i + 1] * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(swizzled(s.v[0], kBoxBytesKV, row, col)) =
+          hopper::pack2<T>(acc_dv[i], acc_dv[i + 1]);
+    }
+    hopper::fence_view_async_shared();
+    hopper::named_barrier_sync(int(BwdBarrier::kStoreFirst) + consumer, 128);
+    const int key0 = n_block * kBlockN + key_row0;
+    if (t == 0 && key0 < p.seqlen_k) {
+      for (int b = 0; b < kBoxes; ++b) {
+        hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, kv_head, batch);
+        hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, kv_head, batch);
+      }
+      hopper::tma_store_commit();
+      hopper::tma_store_wait_read();
+    }
+  }
+};
+
+template <class T, int HeadDim, bool Causal>
+__global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
+    attention_bwd_kernel(const __grid_constant__ BwdKernelParams p) {
+  using K = BwdKernel<T, HeadDim, Causal>;
+  extern __shared__ uint8_t smem_raw[];
+  auto& s = *reinterpret_cast<typename K::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+
+  const int warpgroup = threadIdx.x / 128;
+  if (threadIdx.x == 0) {
+    hopper::mbarrier_init(&s.kv_full, 1);
+    for (int i = 0; i < K::kStages; ++i) {
+      hopper::mbarrier_init(&s.full[i], 1);
+      hopper::mbarrier_init(&s.empty[i], 128 * BwdConfig::kConsumers);
+    }
+    for (int i = 0; i < K::kDqBuffers; ++i) {
+      hopper::mbarrier_init(&s.dq_full[i], 128 * BwdConfig::kConsumers);
+      hopper::mbarrier_init(&s.dq_empty[i], 1);
+    }
+    hopper::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    hopper::setmaxnreg_dec<K::kCfg.producer_regs>();
+    if (threadIdx.x == 0) {
+      hopper::prefetch_tensormap(&p.q);
+      hopper::prefetch_tensormap(&p.dout);
+      K::produce(p, s, n_block, kv_head, batch);
+    } else if (threadIdx.x == 32) {
+      K::write_dq(p, s, n_block, kv_head, batch);
+    }
+  } else {
+    hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
+    K::consume(p, s, warpgroup - 1, n_block, kv_head, batch);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// prep and post
+
+struct BwdRowParams {
+  const void* out;
+  const void* dout;
+  const float* lse;
+  void* dq;
+  BshdStrides out_stride, dout_stride, dq_stride;
+  int64_t lse_stride_batch, lse_stride_head, lse_stride_seq;
+  float* dq_accum;
+  float* lse2;
+  float* delta;
+  int* dq_turn;
+  int seqlen_q, heads_q, m_blocks;
+  float softmax_scale;
+};
+
+constexpr int kRowKernelThreads = 256;
+
+__device__ inline int64_t bshd_offset(const BshdStrides& s, int batch, int row, int head) {
+  return batch * s.batch + row * s.seq + head * s.head;
+}
+
+// Per query block of one (batch, head): delta and lse2 of its rows (8 threads a row, 16-byte loads), zeroed dQ
+// sums and turn counter.
+template <class T, int HeadDim>
+__global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(const BwdRowParams p) {
+  constexpr int kBlockM = bwd_config(HeadDim).block_m;
+  constexpr int kLanesPerRow = 8, kVec = 16 / sizeof(T);
+  constexpr float kLog2e = 1.4426950408889634f;
+  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int64_t tile = (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
+  const int sub = threadIdx.x % kLanesPerRow;
+
+  for (int r = threadIdx.x / kLanesPerRow; r < kBlockM; r += kRowKernelThreads / kLanesPerRow) {
+    const int row = m_block * kBlockM + r;
+    float sum = 0.f, lse = -INFINITY;
+    if (row < p.seqlen_q) {
+      const T* o = static_cast<const T*>(p.out) + bshd_offset(p.out_stride, batch, row, head);
+      const T* d = static_cast<const T*>(p.dout) + bshd_offset(p.dout_stride, batch, row, head);
+#pragma unroll
+      for (int c = sub * kVec; c < HeadDim; c += kLanesPerRow * kVec) {
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + c);
+        const uint4 dv = *reinterpret_cast<const uint4*>(d + c);
+        const T* oe = reinterpret_cast<const T*>(&ov);
+        const T* de = reinterpret_cast<const T*>(&dv);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sum = fmaf(float(oe[e]), float(de[e]), sum);
+      }
+      lse = p.lse[batch * p.lse_stride_batch + head * p.lse_stride_head + row * p.lse_stride_seq];
+    }
+#pragma unroll
+    for (int x = 1; x < kLanesPerRow; x *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+    if (sub == 0) {
+      p.delta[tile * kBlockM + r] = sum;
+      p.lse2[tile * kBlockM + r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    }
+  }
+  float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
+  for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
+  if (threadIdx.x == 0) p.dq_turn[tile] = 0;
+}
+
+// dq = dQ sum * scale for one query block of one (batch, head), undoing the fragment order of the sums.
+template <class T, int HeadDim>
+__global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(const BwdRowParams p) {
+  constexpr BwdConfig kCfg = bwd_config(HeadDim);
+  constexpr int kDqCols = kCfg.dq_cols();
+  static_assert(kRowKernelThreads == 128 * BwdConfig::kConsumers, "one thread per consumer thread");
+  const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int64_t tile = (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
+  const int part = threadIdx.x / 128, t = threadIdx.x % 128, lane = t % 32;
+  const int row0 = m_block * kCfg.block_m + (kCfg.dq_split_rows() ? part * 64 : 0) + 16 * (t / 32) + lane / 4;
+  const int col0 = (kCfg.dq_split_rows() ? 0 : part * kDqCols) + 2 * (lane % 4);
+  const float4* sums =
+      reinterpret_cast<const float4*>(p.dq_accum + tile * kCfg.block_m * HeadDim) + part * 64 * kDqCols / 4;
+  T* dq = static_cast<T*>(p.dq);
+#pragma unroll
+  for (int j = 0; j < kDqCols / 8; ++j) {
+    const float4 v = sums[j * 128 + t];
+    const int col = col0 + 8 * j;
+    if (row0 < p.seqlen_q)
+      *reinterpret_cast<uint32_t*>(dq + bshd_offset(p.dq_stride, batch, row0, head) + col) =
+          hopper::pack2<T>(v.x * p.softmax_scale, v.y * p.softmax_scale);
+    if (row0 + 8 < p.seqlen_q)
+      *reinterpret_cast<uint32_t*>(dq + bshd_offset(p.dq_stride, batch, row0 + 8, head) + col) =
+          hopper::pack2<T>(v.z * p.softmax_scale, v.w * p.softmax_scale);
+  }
+}
+
+// dk = dv = 0 when there are no queries (seqlen_q == 0): one row of one head per block.
+template <class T, int HeadDim>
+__global__ void attention_bwd_zero_kernel(void* dk, void* dv, BshdStrides dk_stride, BshdStrides dv_stride) {
+  const int row = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+  const int c = threadIdx.x * (16 / sizeof(T));
+  *reinterpret_cast<uint4*>(static_cast<T*>(dk) + bshd_offset(dk_stride, batch, row, head) + c) = uint4{};
+  *reinterpret_cast<uint4*>(static_cast<T*>(dv) + bshd_offset(dv_stride, batch, row, head) + c) = uint4{};
+}
+
+template <DType DT, int HeadDim, bool Causal>
+dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
+  using T = std::conditional_t<DT == DType::bf16, __nv_bfloat16, __half>;
+  using K = BwdKernel<T, HeadDim, Causal>;
+  const FwdParams& f = prm.fwd;
+  constexpr BwdConfig kCfg = bwd_config(HeadDim);
+
+  cudaError_t err;
+  if (f.seqlen_q == 0) {
+    attention_bwd_zero_kernel<T, HeadDim><<<dim3(f.seqlen_k, f.heads_kv, f.batch), HeadDim * sizeof(T) / 16, 0,
+                                            stream>>>(prm.dk, prm.dv, prm.dk_stride, prm.dv_stride);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward launch failed: %s", cudaGetErrorString(err));
+    return succeed();
+  }
+
+  const BwdWorkspace ws = BwdWorkspace::make(kCfg, f.batch, f.heads_q, f.seqlen_q);
+  uint8_t* base = static_cast<uint8_t*>(prm.workspace);
+  BwdRowParams rp{};
+  rp.out = f.out;
+  rp.dout = prm.dout;
+  rp.lse = f.lse;
+  rp.dq = prm.dq;
+  rp.out_stride = f.out_stride;
+  rp.dout_stride = prm.dout_stride;
+  rp.dq_stride = prm.dq_stride;
+  rp.lse_stride_batch = f.lse_stride_batch;
+  rp.lse_stride_head = f.lse_stride_head;
+  rp.lse_stride_seq = f.lse_stride_seq;
+  rp.dq_accum = reinterpret_cast<float*>(base + ws.dq_accum);
+  rp.lse2 = reinterpret_cast<float*>(base + ws.lse2);
+  rp.delta = reinterpret_cast<float*>(base + ws.delta);
+  rp.dq_turn = reinterpret_cast<int*>(base + ws.dq_turn);
+  rp.seqlen_q = f.seqlen_q;
+  rp.heads_q = f.heads_q;
+  rp.m_blocks = (f.seqlen_q + kCfg.block_m - 1) / kCfg.block_m;
+  rp.softmax_scale = f.softmax_scale;
+
+  BwdKernelParams kp{};
+  const TensorMapShape q_shape{HeadDim, f.seqlen_q, f.heads_q, f.batch};
+  const TensorMapShape kv_shape{HeadDim, f.seqlen_k, f.heads_kv, f.batch};
+  dhp_status st;
+  if ((st = encode_tensor_map(&kp.q, DT, f.q, q_shape, f.q_stride, kCfg.block_m, "q")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.dout, DT, prm.dout, q_shape, prm.dout_stride, kCfg.block_m, "dout")) != DHP_SUCCESS)
+    return st;
+  if ((st = encode_tensor_map(&kp.k, DT, f.k, kv_shape, f.k_stride, kCfg.block_n, "k")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.v, DT, f.v, kv_shape, f.v_stride, kCfg.block_n, "v")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.dk, DT, prm.dk, kv_shape, prm.dk_stride, 64, "dk")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.dv, DT, prm.dv, kv_shape, prm.dv_stride, 64, "dv")) != DHP_SUCCESS) return st;
+  kp.dq_accum = rp.dq_accum;
+  kp.lse2 = rp.lse2;
+  kp.delta = rp.delta;
+  kp.dq_turn = rp.dq_turn;
+  kp.seqlen_q = f.seqlen_q;
+  kp.seqlen_k = f.seqlen_k;
+  kp.heads_q = f.heads_q;
+  kp.q_heads_per_kv = f.heads_q / f.heads_kv;
+  kp.m_blocks = rp.m_blocks;
+  constexpr float kLog2e = 1.4426950408889634f;
+  kp.scale_log2 = f.softmax_scale * kLog2e;
+  kp.softmax_scale = f.softmax_scale;
+
+  auto kernel = attention_bwd_kernel<T, HeadDim, Causal>;
+  static std::atomic<uint64_t> smem_reserved{0};  // per device ordinal, as in the forward
+  int device = 0;
+  err = cudaGetDevice(&device);
+  const uint64_t device_bit = device < 64 ? uint64_t{1} << device : 0;
+  if (err == cudaSuccess && !(smem_reserved.load(std::memory_order_acquire) & device_bit)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(K::kSmemBytes));
+    if (err == cudaSuccess) smem_reserved.fetch_or(device_bit, std::memory_order_release);
+  }
+  if (err != cudaSuccess)
+    return fail(DHP_ERROR_CUDA, "could not reserve %zu bytes of shared memory for the backward kernel: %s",
+                K::kSmemBytes, cudaGetErrorString(err));
+
+  const dim3 row_grid(unsigned(rp.m_blocks), unsigned(f.heads_q), unsigned(f.batch));
+  attention_bwd_prep_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
+  const unsigned n_blocks = unsigned((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
+  kernel<<<dim3(n_blocks, unsigned(f.heads_kv), unsigned(f.batch)), kCfg.threads(), K::kSmemBytes, stream>>>(kp);
+  attention_bwd_post_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward launch failed: %s", cudaGetErrorString(err));
+  return succeed();
+}
+
+}  // namespace dhp::kernels

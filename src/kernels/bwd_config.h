@@ -1,0 +1,69 @@
+// Tile configuration of the backward kernel, as data, and the layout of its scratch memory (host and device).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dhp::kernels {
+
+struct BwdConfig {
+  int head_dim;
+  int block_m;        // query rows per step (a CTA walks the query blocks of its key block)
+  int block_n;        // keys per CTA: 64 per consumer warpgroup
+  int stages;         // Q/dO shared-memory ring depth
+  int dq_buffers;     // shared-memory dQ tiles between the consumers and the dQ writer
+  int producer_regs;  // setmaxnreg budget of the producer warpgroup (TMA loads and the dQ writer)
+  int consumer_regs;  // setmaxnreg budget of each of the two consumer warpgroups
+
+  static constexpr int kConsumers = 2;
+  constexpr int threads() const { return 128 * (1 + kConsumers); }
+  // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
+  // can take 64 of them, else by head_dim columns.
+  constexpr bool dq_split_rows() const { return block_m == 64 * kConsumers; }
+  constexpr int dq_rows() const { return dq_split_rows() ? 64 : block_m; }
+  constexpr int dq_cols() const { return dq_split_rows() ? head_dim : head_dim / kConsumers; }
+};
+
+// Per head_dim: a warpgroup keeps dK and dV of its 64 keys in registers (head_dim/2 + head_dim/2 floats per
+// thread) next to the S^T and dP^T fragments of a step (block_m/2 each); head_dim 64 affords 128-row query
+// blocks, head_dim 128 takes 64. Shared memory: K, V, a 2-stage Q/dO ring, double-buffered dS^T, and dQ
+// tiles (two at head_dim 128; one at head_dim 64, whose 128-row tiles leave no room for a second).
+// head_dim 256 needs dK and dV split across warpgroups: not built yet.
+constexpr BwdConfig bwd_config(int head_dim) {
+  return head_dim == 64 ? BwdConfig{64, 128, 128, 2, 1, 24, 240} : BwdConfig{128, 64, 128, 2, 2, 24, 240};
+}
+
+constexpr bool bwd_config_valid(const BwdConfig& c) {
+  return c.block_n == 64 * BwdConfig::kConsumers && c.block_m % 64 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
+         c.dq_rows() == 64 && c.dq_cols() % 64 == 0 && c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers ==
+         c.block_m * c.head_dim && 128 * (c.producer_regs + BwdConfig::kConsumers * c.consumer_regs) <= 65536;
+}
+
+static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)));
+
+// The backward's scratch memory, for one problem: four arrays, each 256-byte aligned.
+//   dq_accum  float  [batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order
+//   lse2      float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
+//                                                                    rows that saw no key
+//   delta     float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
+//   dq_turn   int    [batch][heads_q][m_blocks]                      key blocks that have added to the tile
+struct BwdWorkspace {
+  size_t dq_accum, lse2, delta, dq_turn, bytes;  // byte offsets of the arrays, total size
+
+  static constexpr size_t kAlign = 256;
+  static constexpr size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+  static constexpr BwdWorkspace make(const BwdConfig& c, int batch, int heads_q, int seqlen_q) {
+    const size_t m_blocks = (size_t(seqlen_q) + c.block_m - 1) / c.block_m;
+    const size_t rows = size_t(batch) * heads_q * m_blocks * c.block_m;
+    BwdWorkspace w{};
+    w.dq_accum = 0;
+    w.lse2 = round_up(rows * c.head_dim * sizeof(float));
+    w.delta = w.lse2 + round_up(rows * sizeof(float));
+    w.dq_turn = w.delta + round_up(rows * sizeof(float));
+    w.bytes = w.dq_turn + round_up(size_t(batch) * heads_q * m_blocks * sizeof(int));
+    return w;
+  }
+};
+
+}  // namespace dhp::kernels
