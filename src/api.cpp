@@ -450,7 +450,7 @@ dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTe
 }
 
 // Scratch memory of the backward: checked like a tensor argument (present, on q's device, aligned, large enough,
-// not overlapping any tensor).
+// not overlapping any tensor, not compressible).
 dhp_status check_workspace(const void* workspace, size_t bytes, size_t needed, const Arg* args, int n, int device) {
   if (bytes < needed) {
     return fail(DHP_ERROR_INVALID_VALUE, "workspace_bytes=%zu: expected at least %zu "
@@ -481,7 +481,7 @@ dhp_status check_workspace(const void* workspace, size_t bytes, size_t needed, c
     return fail(DHP_ERROR_INVALID_VALUE, "workspace=0x%" PRIxPTR ": expected device memory of cuda:%d, the device "
                 "of q", base, device);
   }
-  return DHP_SUCCESS;
+  return check_not_compressible("workspace", base, base + needed);  // it holds sums of tensor values
 }
 
 // The problem size behind dhp_attention_backward_workspace_size: q's and k's dtype and shape checked as a

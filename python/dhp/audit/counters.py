@@ -421,7 +421,9 @@ def run(args) -> int:
                                       "pass": "backward" if backward else "forward",
                                       "shape": list(shape), "order": order,
                                       "kernels": sorted({row["kernel"] for row in rows}),
-                                      "runs": [{"class": cls, "counters": counters} for cls, counters in runs],
+                                      "runs": [{"class": cls, "counters": {k: v for k, v in counters.items()
+                                                                           if requested(k, metrics)}}
+                                               for cls, counters in runs],
                                       "judgement": judge(runs, metrics=metrics)})
     noisy = frozenset().union(*(c["judgement"]["timing_dependent"] for c in cases))
     for c in cases:
