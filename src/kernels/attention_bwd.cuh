@@ -39,6 +39,7 @@
 #include "hopper/tma.cuh"
 #include "hopper/wgmma.cuh"
 #include "kernels/bwd_config.h"
+#include "kernels/gemm.cuh"
 #include "kernels/softmax.cuh"
 #include "params.h"
 #include "tma.h"
@@ -169,27 +170,15 @@ struct BwdKernel {
     });
   }
 
-  // acc (64 x kBlockM) = A (64 rows of K or V) * B^T (kBlockM rows of Q or dO), over head_dim in k16 steps;
-  // both K-major: +32 B per step inside a box, next box after 4.
+  // acc (64 x kBlockM) = 64 rows of K or V times the kBlockM rows of Q or dO, transposed, over head_dim.
   __device__ static void gemm_rows_by_queries(float (&acc)[kBlockM / 2], uint32_t a_base, uint32_t b_base) {
-#pragma unroll
-    for (int t = 0; t < HeadDim / 16; ++t) {
-      const uint32_t k_off = (t % 4) * 32;
-      const uint64_t a = hopper::SmemDescriptor{a_base + (t / 4) * kBoxBytesKV + k_off, 16, 1024}.encode();
-      const uint64_t b = hopper::SmemDescriptor{b_base + (t / 4) * kBoxBytesQ + k_off, 16, 1024}.encode();
-      hopper::mma_ss<T, kBlockM, 0, 0>(acc, a, b, t > 0);
-    }
+    gemm_kmajor<T, HeadDim, kBlockM, kBoxBytesKV, kBoxBytesQ>(acc, a_base, b_base);
   }
 
-  // acc (64 x head_dim) += A (64 x kBlockM, registers) * B (kBlockM rows of Q or dO): B is N-major
-  // (head_dim contiguous): LBO = box stride, SBO = 8 rows, +16 rows (2048 B) per k16 step.
+  // acc (64 x head_dim) += A (64 x kBlockM, registers) * the kBlockM rows of Q or dO.
   __device__ static void gemm_into_keys(float (&acc)[HeadDim / 2], const uint32_t (&a)[kBlockM / 16][4],
                                         uint32_t b_base) {
-#pragma unroll
-    for (int t = 0; t < kBlockM / 16; ++t) {
-      const uint64_t b = hopper::SmemDescriptor{b_base + t * 2048, kBoxBytesQ, 1024}.encode();
-      hopper::mma_rs<T, HeadDim, 1>(acc, a[t], b, 1);
-    }
+    gemm_rs_nmajor<T, kBlockM, HeadDim, kBoxBytesQ>(acc, a, b_base);
   }
 
   // acc (64 query rows x kDqCols) = dS (from dS^T in shared memory, M-major) * K (N-major), over the

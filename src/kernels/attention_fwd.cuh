@@ -37,6 +37,7 @@
 #include "hopper/tma.cuh"
 #include "hopper/wgmma.cuh"
 #include "kernels/fwd_config.h"
+#include "kernels/gemm.cuh"
 #include "kernels/softmax.cuh"
 #include "params.h"
 #include "tma.h"
@@ -179,28 +180,6 @@ struct FwdKernel {
     }
   }
 
-  // S = Q K^T over head_dim in k16 steps: K-major operands, +32 B per step inside a box, next box after 4.
-  __device__ static void qk_gemm(float (&acc_s)[kBlockN / 2], uint32_t q_base, uint32_t k_base) {
-#pragma unroll
-    for (int t = 0; t < HeadDim / 16; ++t) {
-      const uint32_t k_off = (t % 4) * 32;
-      const uint64_t a = hopper::SmemDescriptor{q_base + (t / 4) * kBoxBytesQ + k_off, 16, 1024}.encode();
-      const uint64_t b = hopper::SmemDescriptor{k_base + (t / 4) * kBoxBytesKV + k_off, 16, 1024}.encode();
-      hopper::mma_ss<T, kBlockN, 0, 0>(acc_s, a, b, t > 0);
-    }
-  }
-
-  // O += P V over the key block in k16 steps: V is N-major (head_dim contiguous): LBO = box stride,
-  // SBO = 8 rows, +16 rows (2048 B) per step.
-  __device__ static void pv_gemm(float (&acc_o)[HeadDim / 2], const uint32_t (&p)[kBlockN / 16][4],
-                                 uint32_t v_base) {
-#pragma unroll
-    for (int t = 0; t < kBlockN / 16; ++t) {
-      const uint64_t b = hopper::SmemDescriptor{v_base + t * 2048, kBoxBytesKV, 1024}.encode();
-      hopper::mma_rs<T, HeadDim, 1>(acc_o, p[t], b, 1);
-    }
-  }
-
   __device__ static void consume(const FwdKernelParams& p, Smem& s, int consumer) {
     RingPos ring{0};
     int tile_count = 0;
@@ -264,12 +243,14 @@ struct FwdKernel {
     // Each issue is one wgmma group: fence (registers touched since), the k16 steps, commit.
     auto issue_qk = [&](int stage) {
       hopper::wgmma_fence();
-      qk_gemm(acc_s, q_base, static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])));
+      gemm_kmajor<T, HeadDim, kBlockN, kBoxBytesQ, kBoxBytesKV>(
+          acc_s, q_base, static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])));
       hopper::wgmma_commit();
     };
     auto issue_pv = [&](int stage) {
       hopper::wgmma_fence();
-      pv_gemm(acc_o, p_frag, static_cast<uint32_t>(__cvta_generic_to_shared(s.v[stage][0])));
+      gemm_rs_nmajor<T, kBlockN, HeadDim, kBoxBytesKV>(acc_o, p_frag,
+                                                        static_cast<uint32_t>(__cvta_generic_to_shared(s.v[stage][0])));
       hopper::wgmma_commit();
     };
     // After every wgmma group has completed: O is final for this block, and V's slot goes back.
