@@ -328,6 +328,15 @@ dhp_status check_device_runs_dhp(int device) {
 // [base, end), known after check_extent, must not lie in compressible memory.
 dhp_status check_memory(const Arg& a) { return check_not_compressible(a.name, a.base, a.end); }
 
+// The device checks, once every argument check has passed: q's device runs dhp, no tensor is compressible.
+dhp_status check_devices(const Arg* args, int n, int device) {
+  if (dhp_status s = check_device_runs_dhp(device)) return s;
+  for (int i = 0; i < n; ++i) {
+    if (dhp_status s = check_memory(args[i])) return s;
+  }
+  return DHP_SUCCESS;
+}
+
 // What validating a request yields: the shared problem description, the device, and whether the call is empty.
 struct Validated {
   FwdParams params;
@@ -340,6 +349,7 @@ BshdStrides bshd_strides(const Arg& a) { return {a.stride[kBatch], a.stride[kSeq
 // The checks every request shares, over args = {q, k, v, ...}: q, k and v first; every other (batch, seqlen,
 // heads, head_dim) tensor takes q's shape (`like_k`: k's); lse tensors take (batch, heads_q, seqlen_q). Tensors
 // marked `written` must not overlap themselves or any other argument. Fills `out` with the problem, q, k, v.
+// Calls no CUDA function: the caller runs check_devices after its own argument checks.
 template <int N>
 dhp_status validate_request(Arg (&args)[N], int n, const bool (&written)[N], const bool (&like_k)[N],
                             const dhp_attention_options* options, Validated* out) {
@@ -406,9 +416,6 @@ dhp_status validate_request(Arg (&args)[N], int n, const bool (&written)[N], con
   if (dhp_status s = check_options(*options)) return s;
 
   out->device = q.t->device.device_id;
-  if (dhp_status s = check_device_runs_dhp(out->device)) return s;
-  if (dhp_status s = each(check_memory)) return s;
-
   out->empty = batch == 0 || seqlen_q == 0;
   FwdParams& p = out->params;
   p.dtype = dtype;
@@ -444,7 +451,9 @@ dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTe
   Arg args[] = {{"q", q_t, true}, {"k", k_t, true}, {"v", v_t, true}, {"out", out_t, true}, {"lse", lse_t, false}};
   constexpr bool written[] = {false, false, false, true, true};
   constexpr bool like_k[] = {false, false, true, false, false};
-  if (dhp_status s = validate_request(args, lse_t ? 5 : 4, written, like_k, options, fwd)) return s;
+  const int n = lse_t ? 5 : 4;
+  if (dhp_status s = validate_request(args, n, written, like_k, options, fwd)) return s;
+  if (dhp_status s = check_devices(args, n, fwd->device)) return s;
   set_out_lse(fwd->params, args[3], lse_t ? &args[4] : nullptr);
   return DHP_SUCCESS;
 }

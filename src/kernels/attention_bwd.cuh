@@ -231,7 +231,7 @@ struct BwdKernel {
 
     hopper::mbarrier_wait(&s.kv_full, 0);
     if (steps > 0) issue_s(0);
-    for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
+    for_each_step(p, n_block, kv_head, [&](int step, int /* head */, int m_block) {
       const int stage = step % kStages;
       const int buf = step & 1;  // dS^T buffer
       const uint32_t q_tile = smem(s.q[stage][0]);
