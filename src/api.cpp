@@ -458,9 +458,9 @@ dhp_status validate_forward(const DLTensor* q_t, const DLTensor* k_t, const DLTe
   return DHP_SUCCESS;
 }
 
-// Scratch memory of the backward: checked like a tensor argument (present, on q's device, aligned, large enough,
-// not overlapping any tensor, not compressible).
-dhp_status check_workspace(const void* workspace, size_t bytes, size_t needed, const Arg* args, int n, int device) {
+// Scratch memory of the backward, checked like a tensor argument: large enough, present, aligned and not
+// overlapping any tensor here; on q's device and not compressible in check_workspace_memory.
+dhp_status check_workspace(const void* workspace, size_t bytes, size_t needed, const Arg* args, int n) {
   if (bytes < needed) {
     return fail(DHP_ERROR_INVALID_VALUE, "workspace_bytes=%zu: expected at least %zu "
                 "(dhp_attention_backward_workspace_size)", bytes, needed);
@@ -479,6 +479,13 @@ dhp_status check_workspace(const void* workspace, size_t bytes, size_t needed, c
                   a.name);
     }
   }
+  return DHP_SUCCESS;
+}
+
+// The workspace's device checks, after check_devices (they call the runtime and the driver).
+dhp_status check_workspace_memory(const void* workspace, size_t needed, int device) {
+  if (needed == 0) return DHP_SUCCESS;
+  const uintptr_t base = reinterpret_cast<uintptr_t>(workspace);
   cudaPointerAttributes attr{};
   const cudaError_t e = cudaPointerGetAttributes(&attr, workspace);
   if (e != cudaSuccess) {
@@ -507,10 +514,11 @@ dhp_status shape_only_problem(const DLTensor* q_t, const DLTensor* k_t, const dh
   }
   for (const Arg* a : {&q, &k}) {
     if (dhp_status s = check_dtype(*a, q)) return s;
-    if (a->t->ndim != 4 || !a->t->shape) {
+    if (a->t->ndim != 4) {
       return fail(DHP_ERROR_INVALID_VALUE, "%s.ndim=%d: expected 4 dimensions (batch, seqlen, heads, head_dim)",
                   a->name, a->t->ndim);
     }
+    if (!a->t->shape) return fail(DHP_ERROR_INVALID_VALUE, "%s.shape is NULL: expected 4 sizes", a->name);
     for (int i = 0; i < 4; ++i) {
       if (a->dim(i) < 0 || a->dim(i) >= kMaxDim) {
         return fail(DHP_ERROR_INVALID_VALUE, "%s.shape[%d]=%" PRId64 ": sizes must be in [0, 2^31)", a->name, i,
@@ -528,9 +536,24 @@ dhp_status shape_only_problem(const DLTensor* q_t, const DLTensor* k_t, const dh
   p.seqlen_k = static_cast<int>(k.dim(kSeq));
   p.heads_kv = static_cast<int>(k.dim(kHeads));
   p.causal = options->causal == 1;
+  if (!forward_variant_exists(p.dtype, p.head_dim)) {  // the same verdict as the backward call would give
+    return fail(DHP_ERROR_INVALID_VALUE, "q.shape[3]=%d: head_dim must be %s", p.head_dim,
+                head_dims_text(p.dtype).s);
+  }
   if (!backward_variant_exists(p.dtype, p.head_dim)) {
     return fail(DHP_ERROR_UNSUPPORTED, "q.shape[3]=%d: this build has no backward kernel for head_dim %d",
                 p.head_dim, p.head_dim);
+  }
+  if (p.batch > kMaxGridDim || p.heads_q > kMaxGridDim) {
+    return fail(DHP_ERROR_INVALID_VALUE, "q.shape=%s: batch and heads_q must be <= %" PRId64,
+                dims_text(q_t->shape, 4).s, kMaxGridDim);
+  }
+  // The dQ sums dominate: batch * heads_q * seqlen_q (padded to a query block) * head_dim floats. Below 2^62
+  // bytes the size cannot wrap; larger requests cannot be allocated anyway.
+  const double sums_bytes = double(p.batch) * p.heads_q * (double(p.seqlen_q) + 256) * p.head_dim * sizeof(float);
+  if (sums_bytes > 0x1p62) {
+    return fail(DHP_ERROR_INVALID_VALUE, "q.shape=%s: the backward's workspace would exceed 2^62 bytes",
+                dims_text(q_t->shape, 4).s);
   }
   *bytes = backward_workspace_bytes(p);
   return DHP_SUCCESS;
@@ -559,7 +582,9 @@ dhp_status validate_backward(const DLTensor* q_t, const DLTensor* k_t, const DLT
                 f.head_dim, f.head_dim);
   }
   const size_t needed = backward_workspace_bytes(f);
-  if (dhp_status s = check_workspace(workspace, workspace_bytes, needed, args, 9, bwd->v.device)) return s;
+  if (dhp_status s = check_workspace(workspace, workspace_bytes, needed, args, 9)) return s;
+  if (dhp_status s = check_devices(args, 9, bwd->v.device)) return s;
+  if (dhp_status s = check_workspace_memory(workspace, needed, bwd->v.device)) return s;
   BwdParams& b = bwd->params;
   b.fwd = f;
   b.dout = reinterpret_cast<const void*>(args[4].base);

@@ -1,7 +1,7 @@
 """The C API tests of tests/cpp, built with CMake against the *installed* dhp package.
 
 This is the find_package proof: a separate CMake project finds dhp through the CMake package inside the
-wheel (dhp_DIR = `python -m dhp --cmake-dir`), links a C++ validation test and a plain C consumer, and ctest
+wheel (dhp_DIR = `python -m dhp --cmake-dir`), links the C++ validation tests and a plain C consumer, and ctest
 runs them. None of that needs a GPU. The same build holds compressible_memory (where a CUDA toolkit is found),
 which needs one: test_compressible_memory_refused runs it and skips with its reason without one.
 """

@@ -2,51 +2,16 @@
 // fake device addresses (nothing is dereferenced): the status, and a message that names the argument.
 // Valid requests must get through validation to the device checks: on a machine without a GPU they fail
 // there with "no CUDA device"; with a GPU, check() reports the device's verdict and nothing is launched.
-#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <functional>
-#include <initializer_list>
 #include <limits>
 #include <string>
 #include <thread>
-#include <vector>
 
-#include "dhp/dhp.h"
+#include "capi_test.h"
 
 namespace {
 
-constexpr DLDataType kBf16{kDLBfloat, 16, 1};
-constexpr DLDataType kFp16{kDLFloat, 16, 1};
-constexpr DLDataType kFp32{kDLFloat, 32, 1};
-
-// A DLTensor with its own shape and stride storage (so it must not move).
-struct Tensor {
-  int64_t shape[4] = {};
-  int64_t strides[4] = {};
-  DLTensor t{};
-
-  Tensor(uintptr_t address, DLDataType dtype, std::initializer_list<int64_t> dims) {
-    t.data = reinterpret_cast<void*>(address);
-    t.device = {kDLCUDA, 0};
-    t.dtype = dtype;
-    t.shape = shape;
-    set_shape(dims);
-  }
-  Tensor(const Tensor&) = delete;
-  Tensor& operator=(const Tensor&) = delete;
-
-  void set_shape(std::initializer_list<int64_t> dims) {
-    std::copy(dims.begin(), dims.end(), shape);
-    t.ndim = static_cast<int32_t>(dims.size());
-  }
-  void set_strides(std::initializer_list<int64_t> s) {
-    std::copy(s.begin(), s.end(), strides);
-    t.strides = strides;
-  }
-  uintptr_t address() const { return reinterpret_cast<uintptr_t>(t.data); }
-};
+using namespace capi_test;
 
 // A valid request: batch 2, seqlen_q 128, seqlen_k 256, heads_q 8, heads_kv 2 (GQA), head_dim 128, bf16.
 struct Request {
@@ -69,81 +34,12 @@ struct Request {
     for (Tensor* x : {&q, &k, &v, &out}) f(*x);
   }
   dhp_status check() const { return dhp_attention_forward_check(q_arg, k_arg, v_arg, out_arg, lse_arg, options_arg); }
-  dhp_status forward() { return dhp_attention_forward(q_arg, k_arg, v_arg, out_arg, lse_arg, options_arg, nullptr); }
+  dhp_status call() { return dhp_attention_forward(q_arg, k_arg, v_arg, out_arg, lse_arg, options_arg, nullptr); }
+  std::string written() const { return snapshot({&out, &lse}); }
+  Outcome reached(const Outcome& device) const { return device; }
 };
 
-// Stands for "valid: validation passes and the device checks decide".
-constexpr int kReachesDevice = -1;
-
-struct Case {
-  const char* name;
-  std::function<void(Request&)> change;
-  int status;
-  std::vector<std::string> needles;  // substrings of dhp_last_error()
-};
-
-struct Outcome {
-  dhp_status status;
-  std::string needle;
-};
-
-int failures = 0, passes = 0;
-
-void expect(bool ok, const std::string& what) {
-  if (ok) {
-    ++passes;
-  } else {
-    ++failures;
-    std::printf("FAIL %s\n", what.c_str());
-  }
-}
-
-// "64, 128 or 256" from dhp_build_info()'s "head_dims": [64, 128, 256].
-std::string built_head_dims() {
-  const std::string info = dhp_build_info();
-  const std::string key = "\"head_dims\": [";
-  const size_t begin = info.find(key) + key.size();
-  std::string list = info.substr(begin, info.find(']', begin) - begin);
-  const size_t last = list.rfind(", ");
-  if (last != std::string::npos) list.replace(last, 2, " or ");
-  return list;
-}
-
-// What a valid request meets at the device checks on this machine.
-Outcome device_outcome() {
-  int count = -1;
-  if (dhp_device_count(&count) != DHP_SUCCESS || count == 0) return {DHP_ERROR_UNSUPPORTED, "no CUDA device"};
-  dhp_device_info info{};
-  dhp_get_device_info(0, &info);
-  if (!info.supported) return {DHP_ERROR_UNSUPPORTED, "dhp needs an sm_90 GPU"};
-  return {DHP_SUCCESS, ""};
-}
-
-void run(const Case& c, const Outcome& device) {
-  Request r;
-  c.change(r);
-  const bool valid = c.status == kReachesDevice;
-  const dhp_status want = valid ? device.status : static_cast<dhp_status>(c.status);
-  const std::vector<std::string> needles = valid ? std::vector<std::string>{device.needle} : c.needles;
-
-  const dhp_status got = r.check();
-  const std::string message = dhp_last_error();
-  bool ok = got == want;
-  for (const std::string& n : needles) ok = ok && message.find(n) != std::string::npos;
-  if (want == DHP_SUCCESS) ok = ok && message.empty();
-  expect(ok, std::string(c.name) + ": check() returned " + std::to_string(got) + " \"" + message + "\", expected " +
-                 std::to_string(want));
-  if (ok) std::printf("ok   %-46s %d \"%s\"\n", c.name, got, message.c_str());
-
-  // dhp_attention_forward validates the same way; only requests that fail are sent (nothing may launch here).
-  if (want != DHP_SUCCESS) {
-    const dhp_status fwd = r.forward();
-    expect(fwd == got && message == dhp_last_error(),
-           std::string(c.name) + ": forward() returned " + std::to_string(fwd) + " \"" + dhp_last_error() + "\"");
-  }
-}
-
-std::vector<Case> cases() {
+std::vector<Case<Request>> cases() {
   constexpr int kInvalid = DHP_ERROR_INVALID_VALUE, kDtype = DHP_ERROR_INVALID_DTYPE;
   const int64_t kTwo31 = int64_t{1} << 31;
   const float kNan = std::numeric_limits<float>::quiet_NaN(), kInf = std::numeric_limits<float>::infinity();
@@ -234,7 +130,7 @@ std::vector<Case> cases() {
 
       // supported sizes
       {"head_dim 96", [](Request& r) { r.for_bshd([](Tensor& x) { x.shape[3] = 96; }); }, kInvalid,
-       {"q.shape[3]=96: head_dim must be " + built_head_dims()}},
+       {"q.shape[3]=96: head_dim must be " + built_list("head_dims")}},
       {"heads_q 0", [](Request& r) {
          r.q.shape[2] = r.out.shape[2] = 0;
          r.lse_arg = nullptr;
@@ -350,8 +246,7 @@ void test_thread_local() {
 int main() {
   const Outcome device = device_outcome();
   test_queries(device);
-  for (const Case& c : cases()) run(c, device);
+  for (const auto& c : cases()) run(c, device);
   test_thread_local();
-  std::printf("%d passed, %d failed\n", passes, failures);
-  return failures == 0 ? 0 : 1;
+  return report();
 }
