@@ -499,6 +499,12 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
     return succeed();
   }
 
+  const int64_t m_blocks = (int64_t(f.seqlen_q) + kCfg.block_m - 1) / kCfg.block_m;
+  if (m_blocks * (f.heads_q / f.heads_kv) > INT32_MAX)
+    return fail(DHP_ERROR_INVALID_VALUE,
+                "heads_q/heads_kv=%d x ceil(seqlen_q=%d / %d) = %lld steps for one key block: at most 2^31 - 1 are "
+                "supported", f.heads_q / f.heads_kv, f.seqlen_q, kCfg.block_m,
+                (long long)(m_blocks * (f.heads_q / f.heads_kv)));
   const BwdWorkspace ws = BwdWorkspace::make(kCfg, f.batch, f.heads_q, f.seqlen_q);
   uint8_t* base = static_cast<uint8_t*>(prm.workspace);
   BwdRowParams rp{};
@@ -518,7 +524,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.dq_turn = reinterpret_cast<int*>(base + ws.dq_turn);
   rp.seqlen_q = f.seqlen_q;
   rp.heads_q = f.heads_q;
-  rp.m_blocks = (f.seqlen_q + kCfg.block_m - 1) / kCfg.block_m;
+  rp.m_blocks = int(m_blocks);
   rp.softmax_scale = f.softmax_scale;
 
   BwdKernelParams kp{};
