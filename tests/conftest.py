@@ -15,7 +15,7 @@ import os
 # JAX would otherwise reserve 75% of the GPU on first use, starving torch and dhp's own allocations.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import pytest  # noqa: E402
+import pytest
 
 ALL_DTYPES = ["bfloat16", "float16"]
 ALL_HEAD_DIMS = [64, 128, 256]

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 import dhp
+import torch
 from dhp import _native
 
 SEQLENS = [(17, 17), (130, 130), (17, 130), (130, 17)]

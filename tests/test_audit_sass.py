@@ -148,8 +148,8 @@ def test_hand_written_leaks(kernel, expected):
 
 def test_flag_reads_are_listed():
     notes = verdicts("clean.sass")["clean_flag_wait"].notes
-    assert notes == ["reads a synchronisation flag at 0x0030 (LDG.E.STRONG.GPU R2, desc[UR4][R4.64]): public, "
-                     "listed for review"]
+    assert notes == [("reads a synchronisation flag at 0x0030 (LDG.E.STRONG.GPU R2, desc[UR4][R4.64]): public, "
+                      "listed for review")]
 
 
 def test_shared_memory_becomes_a_source():

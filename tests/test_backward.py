@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import math
 
+import dhp
 import numpy as np
 import pytest
-
-import dhp
 from torch_helpers import assert_bitwise_equal, check_gradients, inputs, randn
 
 pytestmark = pytest.mark.backward

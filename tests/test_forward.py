@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 import dhp
+import pytest
 from dhp import reference
 from torch_helpers import assert_bitwise_equal, inputs, randn
 

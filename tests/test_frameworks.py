@@ -8,10 +8,9 @@ from __future__ import annotations
 import gc
 import math
 
+import dhp
 import numpy as np
 import pytest
-
-import dhp
 from dhp import _native
 
 BATCH, SEQLEN_Q, SEQLEN_K, HEADS_Q, HEADS_KV = 2, 257, 300, 4, 2

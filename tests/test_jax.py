@@ -10,13 +10,12 @@ against the float64 reference, gradients, determinism.
 from __future__ import annotations
 
 import math
-import re
 import os
-
-import numpy as np
-import pytest
+import re
 
 import dhp
+import numpy as np
+import pytest
 from dhp import _native, reference
 
 BATCH, SEQLEN_Q, SEQLEN_K, HEADS_Q, HEADS_KV = 2, 257, 300, 4, 2

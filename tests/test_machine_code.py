@@ -20,10 +20,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from test_capi import dhp_prefix
-
 from dhp.audit.disasm import find_cuda_tool
+from test_capi import dhp_prefix
 
 
 def libdhp() -> Path:
@@ -32,7 +30,7 @@ def libdhp() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuobjdump(*args) -> str:
     tool = find_cuda_tool("cuobjdump")
     if tool is None:
@@ -67,8 +65,8 @@ def variant_of(source):
 
 def sections(dump):
     """cuobjdump output split per embedded cubin: [(identifier = source file, text)]."""
-    parts = re.split(r"^Fatbin elf code:\s*$", dump, flags=re.M)[1:]
-    identifiers = [re.search(r"^identifier = (.*)$", p, re.M) for p in parts]
+    parts = re.split(r"^Fatbin elf code:\s*$", dump, flags=re.MULTILINE)[1:]
+    identifiers = [re.search(r"^identifier = (.*)$", p, re.MULTILINE) for p in parts]
     return [(m.group(1).strip() if m else "", p) for m, p in zip(identifiers, parts)]
 
 
@@ -76,7 +74,7 @@ def kernels():
     """One row per kernel: name, source, variant and its resource counts."""
     rows = []
     for source, text in sections(cuobjdump("--dump-resource-usage")):
-        for name, usage in re.findall(r"^\s*Function (\S+):\s*\n\s*(.*)$", text, re.M):
+        for name, usage in re.findall(r"^\s*Function (\S+):\s*\n\s*(.*)$", text, re.MULTILINE):
             counts = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", usage)}
             rows.append({"name": name, "source": source, "variant": variant_of(source), **counts})
     return rows

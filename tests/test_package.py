@@ -13,10 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dhp
 import numpy as np
 import pytest
-
-import dhp
 
 FRAMEWORKS = ("torch", "jax", "jaxlib", "cupy")
 

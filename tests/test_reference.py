@@ -7,8 +7,11 @@ import math
 
 import numpy as np
 import pytest
-
-from dhp.reference import attention_backward_reference, attention_reference, attention_reference_numpy
+from dhp.reference import (
+    attention_backward_reference,
+    attention_reference,
+    attention_reference_numpy,
+)
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim)
 SHAPES = [

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import math
 
+import dhp
 import pytest
 
-import dhp
-
 torch = pytest.importorskip("torch", reason="the torch integration needs PyTorch (pip install 'dhp[torch]')")
-import dhp._torch  # noqa: E402  (registers torch.ops.dhp.*)
-from torch_helpers import assert_bitwise_equal, check_gradients, inputs, randn  # noqa: E402
+import dhp._torch
+from torch_helpers import assert_bitwise_equal, check_gradients, inputs, randn
 
 B, SQ, SK, HQ, HKV, D = 2, 48, 40, 4, 2, 64
 

@@ -27,7 +27,7 @@ def operand_list(first, count):
 def function(src, n, ctype, ptx_type):
     acc = n // 2
     if src == "ss":
-        a_ops, a_cons, a_params = "%{}".format(acc), '"l"(desc_a)', "uint64_t desc_a"
+        a_ops, a_cons, a_params = f"%{acc}", '"l"(desc_a)', "uint64_t desc_a"
         n_a = 1
     else:
         a_ops, a_params = operand_list(acc, 4), "const uint32_t (&a)[4]"
@@ -64,8 +64,8 @@ def render():
             f"template <class T, {'int TransA, ' if src == 'ss' else ''}int TransB>\n"
             f"__device__ __forceinline__ void mma_{src}_m64n{n}k16(float (&d)[{n // 2}], {a_params}, uint64_t desc_b,\n"
             f"                                                   int scale_d) {{\n"
-            + (f"  static_assert(TransA == 0 || TransA == 1, \"transpose flag is 0 or 1\");\n" if src == "ss" else "")
-            + f"  static_assert(TransB == 0 || TransB == 1, \"transpose flag is 0 or 1\");\n"
+            + ("  static_assert(TransA == 0 || TransA == 1, \"transpose flag is 0 or 1\");\n" if src == "ss" else "")
+            + "  static_assert(TransB == 0 || TransB == 1, \"transpose flag is 0 or 1\");\n"
         )
         for i, (ctype, body) in enumerate(bodies):
             if i == 0:

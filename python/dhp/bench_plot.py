@@ -12,7 +12,15 @@ Solid lines are non-causal, dashed causal; each backend keeps its colour across 
 
 from __future__ import annotations
 
-from .bench import DIRECTION_NAMES, DIRECTIONS, LABELS, SHORT_DTYPES, TOKENS, direction_of, results_backends
+from .bench import (
+    DIRECTION_NAMES,
+    DIRECTIONS,
+    LABELS,
+    SHORT_DTYPES,
+    TOKENS,
+    direction_of,
+    results_backends,
+)
 
 COLORS = {"dhp": "#d62728", "cudnn": "#76b900", "fa2": "#1f77b4"}  # dhp red, cuDNN NVIDIA green, FA2 blue
 OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f")

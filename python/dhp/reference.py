@@ -25,7 +25,7 @@ def attention_reference(q, k, v, causal=False, softmax_scale=None):
     """(out, lse) in float64 on q's device, from torch tensors of any float dtype."""
     import torch
 
-    batch, seqlen_q, heads_q, head_dim = q.shape
+    _, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     q64 = q.to(torch.float64)
@@ -55,7 +55,7 @@ def attention_reference_numpy(q, k, v, causal=False, softmax_scale=None):
     import numpy as np
 
     q64, k64, v64 = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
-    batch, seqlen_q, heads_q, head_dim = q64.shape
+    _, seqlen_q, heads_q, head_dim = q64.shape
     seqlen_k, heads_kv = k64.shape[1], k64.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
     k64 = np.repeat(k64, heads_q // heads_kv, axis=2)

@@ -301,7 +301,6 @@ def run_child(dtype: str, head_dim: int, causal: bool, shape, order, seed: int, 
     import torch
 
     from .. import _native
-
     from . import inputs
 
     ext = _native.ext()

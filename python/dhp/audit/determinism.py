@@ -213,7 +213,13 @@ def run_case(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool
 def run(args) -> int:
     """`python -m dhp.audit determinism`: every variant and pass, causal and not; table, JSON, exit 0/1/2."""
     from .. import _native
-    from .inputs import PASS_NAMES, backward_head_dims, gpu_variants, plan, selected_passes
+    from .inputs import (
+        PASS_NAMES,
+        backward_head_dims,
+        gpu_variants,
+        plan,
+        selected_passes,
+    )
 
     variants = gpu_variants(args)
     if variants is None:
