@@ -19,7 +19,7 @@ import pytest
 
 ALL_DTYPES = ["bfloat16", "float16"]
 ALL_HEAD_DIMS = [64, 128, 256]
-ALL_BACKWARD_HEAD_DIMS = [64, 128]
+ALL_BACKWARD_HEAD_DIMS = [64, 128, 256]
 
 
 def _variants(backward: bool):

@@ -14,7 +14,8 @@
 //          and passes the turn on. Every dQ element is therefore summed in the same order on every run.
 //   post:  dq = dQ sum * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
-// delta per step into a 2-stage ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys.
+// delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys (or, at
+// head_dim 256, both own the block's 64 keys and half of head_dim each: bwd_config.h).
 //
 // Constant time: trip counts, addresses and branches depend on shapes, options and block indices only; the
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
@@ -81,6 +82,7 @@ struct BwdKernel {
   static constexpr int kDqRows = kCfg.dq_rows();
   static constexpr int kDqCols = kCfg.dq_cols();
   static constexpr int kDqFloats = kBlockM * HeadDim;
+  static constexpr int kWgCols = kCfg.wg_cols();  // dK and dV columns a consumer warpgroup owns
   static constexpr uint32_t kQBytes = kBlockM * HeadDim * sizeof(T);
   static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
@@ -175,10 +177,10 @@ struct BwdKernel {
     gemm_kmajor<T, HeadDim, kBlockM, kBoxBytesKV, kBoxBytesQ>(acc, a_base, b_base);
   }
 
-  // acc (64 x head_dim) += A (64 x kBlockM, registers) * the kBlockM rows of Q or dO.
-  __device__ static void gemm_into_keys(float (&acc)[HeadDim / 2], const uint32_t (&a)[kBlockM / 16][4],
+  // acc (64 x kWgCols) += A (64 x kBlockM, registers) * the kBlockM rows of Q or dO, from column b_base's on.
+  __device__ static void gemm_into_keys(float (&acc)[kWgCols / 2], const uint32_t (&a)[kBlockM / 16][4],
                                         uint32_t b_base) {
-    gemm_rs_nmajor<T, kBlockM, HeadDim, kBoxBytesQ>(acc, a, b_base);
+    gemm_rs_nmajor<T, kBlockM, kWgCols, kBoxBytesQ>(acc, a, b_base);
   }
 
   // acc (64 query rows x kDqCols) = dS (from dS^T in shared memory, M-major) * K (N-major), over the
@@ -201,42 +203,35 @@ struct BwdKernel {
   __device__ static void consume(const BwdKernelParams& p, Smem& s, int consumer, int n_block, int kv_head,
                                  int batch) {
     using FragS = AccFragment<kBlockM>;
-    using FragD = AccFragment<HeadDim>;
+    using FragD = AccFragment<kWgCols>;
     const int t = threadIdx.x % 128;
     const int lane = t % 32;
     const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
-    const int key_row0 = consumer * 64;              // this warpgroup's keys within the block
+    constexpr bool kSplit = kCfg.split_head_dim;
+    const int key_row0 = kSplit ? 0 : 64 * consumer;   // this warpgroup's keys within the block
+    const int col0 = consumer * (HeadDim - kWgCols);   // its first dK/dV column (0 unless head_dim is split)
     const auto smem = [](const void* ptr) { return static_cast<uint32_t>(__cvta_generic_to_shared(ptr)); };
     const uint32_t k_rows = smem(s.k[0]) + key_row0 * 128;
     const uint32_t v_rows = smem(s.v[0]) + key_row0 * 128;
     const int dq_row0 = kCfg.dq_split_rows() ? consumer * 64 : 0;
     const int dq_col0 = kCfg.dq_split_rows() ? 0 : consumer * kDqCols;
 
-    float acc_dk[HeadDim / 2], acc_dv[HeadDim / 2];
+    float acc_dk[kWgCols / 2], acc_dv[kWgCols / 2];
 #pragma unroll
-    for (int i = 0; i < HeadDim / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
-
-    // Per step j, wgmma groups in issue order: S^T(j) (issued at the end of step j-1), dP^T(j), dV/dK(j),
-    // dQ(j), then S^T(j+1): the next step's first GEMM runs while this step's dQ part goes to shared memory.
-    // (Issuing dP^T(j+1) early too needs more registers than the budget: ptxas spills.)
-    const int steps = p.q_heads_per_kv * (p.m_blocks - first_m_block(p, n_block));
-    float acc_s[kBlockM / 2];
-    auto issue_s = [&](int step) {
-      const int stage = step % kStages;
-      hopper::mbarrier_wait(&s.full[stage], (step / kStages) & 1);
-      hopper::wgmma_fence();
-      gemm_rows_by_queries(acc_s, k_rows, smem(s.q[stage][0]));
-      hopper::wgmma_commit();
-    };
+    for (int i = 0; i < kWgCols / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
     hopper::mbarrier_wait(&s.kv_full, 0);
-    if (steps > 0) issue_s(0);
     for_each_step(p, n_block, kv_head, [&](int step, int /* head */, int m_block) {
       const int stage = step % kStages;
       const int buf = step & 1;  // dS^T buffer
+      hopper::mbarrier_wait(&s.full[stage], (step / kStages) & 1);
       const uint32_t q_tile = smem(s.q[stage][0]);
       const uint32_t dout_tile = smem(s.dout[stage][0]);
-      float acc_dp[kBlockM / 2];
+
+      float acc_s[kBlockM / 2], acc_dp[kBlockM / 2];
+      hopper::wgmma_fence();
+      gemm_rows_by_queries(acc_s, k_rows, q_tile);
+      hopper::wgmma_commit();
       hopper::wgmma_fence();
       gemm_rows_by_queries(acc_dp, v_rows, dout_tile);
       hopper::wgmma_commit();
@@ -274,20 +269,23 @@ struct BwdKernel {
           ds_frag[k][j] = hopper::pack2<T>(acc_dp[8 * k + 2 * j], acc_dp[8 * k + 2 * j + 1]);
         }
       hopper::wgmma_fence();
-      gemm_into_keys(acc_dv, p_frag, dout_tile);
-      gemm_into_keys(acc_dk, ds_frag, q_tile);
+      gemm_into_keys(acc_dv, p_frag, dout_tile + (col0 / 64) * kBoxBytesQ);
+      gemm_into_keys(acc_dk, ds_frag, q_tile + (col0 / 64) * kBoxBytesQ);
       hopper::wgmma_commit();
 
       // dS^T to shared memory for the dQ GEMM of both warpgroups (register j of k16 group k: row half j % 2,
-      // columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}).
+      // columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}). With head_dim split, both hold the same dS^T, and warps
+      // 2w, 2w+1 of warpgroup w store its rows 32w..32w+31.
+      if (!kSplit || (t / 32) / 2 == consumer) {
 #pragma unroll
-      for (int k = 0; k < kBlockM / 16; ++k)
+        for (int k = 0; k < kBlockM / 16; ++k)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int row = key_row0 + row_in_wg + 8 * (j % 2);
-          const int col = 16 * k + 8 * (j / 2) + 2 * (lane % 4);
-          *reinterpret_cast<uint32_t*>(swizzled(s.ds[buf][0], kBoxBytesDs, row, col)) = ds_frag[k][j];
-        }
+          for (int j = 0; j < 4; ++j) {
+            const int row = key_row0 + row_in_wg + 8 * (j % 2);
+            const int col = 16 * k + 8 * (j / 2) + 2 * (lane % 4);
+            *reinterpret_cast<uint32_t*>(swizzled(s.ds[buf][0], kBoxBytesDs, row, col)) = ds_frag[k][j];
+          }
+      }
       hopper::fence_view_async_shared();
       hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
 
@@ -295,17 +293,11 @@ struct BwdKernel {
       hopper::wgmma_fence();
       gemm_dq(acc_dq, smem(s.ds[buf][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
       hopper::wgmma_commit();
-      hopper::wgmma_wait<1>();  // dV/dK(j): Q and dO of this stage are free
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_dq);
       hopper::fence_registers(acc_dk);
       hopper::fence_registers(acc_dv);
       hopper::mbarrier_arrive(&s.empty[stage]);
-      if (step + 1 < steps) {
-        issue_s(step + 1);
-        hopper::wgmma_wait<1>();
-      } else {
-        hopper::wgmma_wait<0>();
-      }
-      hopper::fence_registers(acc_dq);
 
       // dQ part -> shared memory in fragment order (thread t's registers 4j..4j+3 at float4 j * 128 + t),
       // which the workspace keeps and the post kernel undoes.
@@ -325,7 +317,7 @@ struct BwdKernel {
 #pragma unroll
     for (int i = 0; i < FragD::kRegs; i += 2) {
       const int row = key_row0 + row_in_wg + 8 * FragD::row_half(i);
-      const int col = FragD::col(i, lane);
+      const int col = col0 + FragD::col(i, lane);
       *reinterpret_cast<uint32_t*>(swizzled(s.k[0], kBoxBytesKV, row, col)) =
           hopper::pack2<T>(acc_dk[i] * p.softmax_scale, acc_dk[i + 1] * p.softmax_scale);
       *reinterpret_cast<uint32_t*>(swizzled(s.v[0], kBoxBytesKV, row, col)) =
@@ -335,7 +327,7 @@ struct BwdKernel {
     hopper::named_barrier_sync(int(BwdBarrier::kStoreFirst) + consumer, 128);
     const int key0 = n_block * kBlockN + key_row0;
     if (t == 0 && key0 < p.seqlen_k) {
-      for (int b = 0; b < kBoxes; ++b) {
+      for (int b = col0 / 64; b < (col0 + kWgCols) / 64; ++b) {
         hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, kv_head, batch);
         hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, kv_head, batch);
       }

@@ -14,9 +14,14 @@ struct BwdConfig {
   int dq_buffers;     // shared-memory dQ tiles between the consumers and the dQ writer
   int producer_regs;  // setmaxnreg budget of the producer warpgroup (TMA loads and the dQ writer)
   int consumer_regs;  // setmaxnreg budget of each of the two consumer warpgroups
+  // false: each consumer warpgroup owns 64 of the block's keys, all head_dim columns of their dK and dV.
+  // true: both own all 64 keys of the block and split head_dim: each keeps half the columns of dK and dV (both
+  // compute the same S^T and dP^T, so P^T and dS^T are in each one's registers for its GEMMs).
+  bool split_head_dim;
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
+  constexpr int wg_cols() const { return split_head_dim ? head_dim / kConsumers : head_dim; }
   // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
   // can take 64 of them, else by head_dim columns.
   constexpr bool dq_split_rows() const { return block_m == 64 * kConsumers; }
@@ -24,22 +29,26 @@ struct BwdConfig {
   constexpr int dq_cols() const { return dq_split_rows() ? head_dim : head_dim / kConsumers; }
 };
 
-// Per head_dim: a warpgroup keeps dK and dV of its 64 keys in registers (head_dim/2 + head_dim/2 floats per
-// thread) next to the S^T and dP^T fragments of a step (block_m/2 each); head_dim 64 affords 128-row query
-// blocks, head_dim 128 takes 64. Shared memory: K, V, a 2-stage Q/dO ring, double-buffered dS^T, and dQ
-// tiles (two at head_dim 128; one at head_dim 64, whose 128-row tiles leave no room for a second).
-// head_dim 256 needs dK and dV split across warpgroups: not built yet.
+// Per head_dim: a warpgroup keeps dK and dV of its keys in registers (wg_cols/2 + wg_cols/2 floats per thread)
+// next to the S^T and dP^T fragments of a step (block_m/2 each); head_dim 64 affords 128-row query blocks,
+// head_dim 128 takes 64. Shared memory: K, V, a Q/dO ring, double-buffered dS^T, and dQ tiles (two at head_dim
+// 128; one at head_dim 64, whose 128-row tiles leave no room for a second): 224 KB. head_dim 256 cannot keep
+// 2 x 64 x 256 dK/dV floats per warpgroup, so it splits head_dim (64-key blocks) and has room for one Q/dO
+// stage only (K, V 32 KB each, Q, dO 32 KB each, dQ tile 64 KB).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64 ? BwdConfig{64, 128, 128, 2, 1, 24, 240} : BwdConfig{128, 64, 128, 2, 2, 24, 240};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
-  return c.block_n == 64 * BwdConfig::kConsumers && c.block_m % 64 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
+  return c.block_n == (c.split_head_dim ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
          c.dq_rows() == 64 && c.dq_cols() % 64 == 0 && c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers ==
          c.block_m * c.head_dim && 128 * (c.producer_regs + BwdConfig::kConsumers * c.consumer_regs) <= 65536;
 }
 
-static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)));
+static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&
+              bwd_config_valid(bwd_config(256)));
 
 // The backward's scratch memory, for one problem: four arrays, each 256-byte aligned.
 //   dq_accum  float  [batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order

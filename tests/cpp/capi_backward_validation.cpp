@@ -61,7 +61,6 @@ struct Request {
 
 std::vector<Case<Request>> cases() {
   constexpr int kInvalid = DHP_ERROR_INVALID_VALUE, kDtype = DHP_ERROR_INVALID_DTYPE;
-  constexpr int kUnsupported = DHP_ERROR_UNSUPPORTED;
   const float kNan = std::numeric_limits<float>::quiet_NaN();
   const Request base;
   const size_t needed = base.workspace_bytes;
@@ -150,8 +149,10 @@ std::vector<Case<Request>> cases() {
        {"lse.shape=(2, 128, 8): expected (2, 8, 128)"}},
 
       // supported sizes
-      {"head_dim 256 (forward only)", [](Request& r) { r.for_bshd([](Tensor& x) { x.shape[3] = 256; }); },
-       kUnsupported, {"q.shape[3]=256", "no backward kernel for head_dim 256"}},
+      {"valid head_dim 256 (head_dim split between the warpgroups)", [](Request& r) {
+         r.for_bshd([](Tensor& x) { x.shape[3] = 256; });
+         r.workspace_bytes = Request::workspace_size(r.q, r.k, r.options);
+       }, kReachesDevice, {}},
       {"head_dim 96", [](Request& r) { r.for_bshd([](Tensor& x) { x.shape[3] = 96; }); }, kInvalid,
        {"q.shape[3]=96: head_dim must be " + built_list("head_dims")}},
       {"heads_q not a multiple of heads_kv", [](Request& r) { r.for_like_k([](Tensor& x) { x.shape[2] = 3; }); },
@@ -252,8 +253,6 @@ std::vector<Case<SizeRequest>> size_cases() {
       {"causal 2", [](SizeRequest& r) { r.options.causal = 2; }, kInvalid, {"options.causal=2"}},
       {"negative scale", [](SizeRequest& r) { r.options.softmax_scale = -2.0f; }, kInvalid,
        {"options.softmax_scale=-2"}},
-      {"head_dim 256 (forward only)", [](SizeRequest& r) { r.q.shape[3] = r.k.shape[3] = 256; },
-       DHP_ERROR_UNSUPPORTED, {"q.shape[3]=256", "head_dim 256"}},
       {"head_dim 96 (as the backward says)", [](SizeRequest& r) { r.q.shape[3] = r.k.shape[3] = 96; }, kInvalid,
        {"q.shape[3]=96: head_dim must be " + built_list("head_dims")}},
       {"batch over the grid limit", [](SizeRequest& r) { r.q.shape[0] = r.k.shape[0] = 65536; }, kInvalid,
@@ -302,8 +301,8 @@ void test_workspace_size() {
          "workspace_size does not depend on seqlen_k or heads_kv");
   expect(size([](SizeRequest& r) { r.q.shape[0] = r.k.shape[0] = 0; }) == 0, "workspace_size is 0 for batch 0");
   expect(size([](SizeRequest& r) { r.q.shape[1] = 0; }) == 0, "workspace_size is 0 for seqlen_q 0");
-  expect(built_list("backward_head_dims").find("256") == std::string::npos,
-         "dhp_build_info()'s backward_head_dims has no 256: " + built_list("backward_head_dims"));
+  expect(built_list("backward_head_dims") == built_list("head_dims"),
+         "dhp_build_info()'s backward_head_dims are the forward's: " + built_list("backward_head_dims"));
 }
 
 }  // namespace
