@@ -10,8 +10,9 @@
 //              dV += P^T dO, dK += dS^T Q (dS^T from registers), dQ_part = dS K (dS^T through shared memory).
 //          dK and dV accumulate in registers across all steps, so they need no reduction at all. dQ_part goes
 //          to shared memory and a writer thread adds it to the tile's fp32 sum in the workspace with one bulk
-//          reduce — in key-block order: it waits until the tile's turn counter equals its key block, adds,
-//          and passes the turn on. Every dQ element is therefore summed in the same order on every run.
+//          reduce — in descending key-block order: it waits until the tile's turn counter says every higher
+//          key block that sees the tile has added, adds, and passes the turn on. Every dQ element is therefore
+//          summed in the same order on every run.
 //   post:  dq = dQ sum * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys (or, at
@@ -21,8 +22,15 @@
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
 // threads take, never as long as values dictate.
 //
-// Deadlock freedom of the dQ turns: a CTA waits only for lower key blocks of its own (head, batch), which have
-// lower block indices (blockIdx.x is the key block), so they were scheduled no later and never wait on it.
+// Deadlock freedom of the dQ turns: a CTA waits only for higher key blocks of its own (head, batch), which have
+// lower block indices (blockIdx.x counts key blocks from the last), so they were scheduled no later and never
+// wait on it.
+//
+// Why descending: a CTA walks its query blocks upwards from the first one its keys see, so under a causal mask
+// key block n + 1 reaches every query block before key block n does (its first block is later and it has fewer
+// of them), and its turn is passed on before key block n asks for it: no CTA waits to start. (In ascending order
+// every key block would queue behind all lower ones on the first query block; measured on the H100 at
+// head_dim 128, 8k, causal: 377 TFLOP/s that way.)
 #pragma once
 
 #include <cuda.h>
@@ -55,7 +63,7 @@ struct BwdKernelParams {
   int* dq_turn;
   int seqlen_q, seqlen_k;
   int heads_q, q_heads_per_kv;
-  int m_blocks;
+  int m_blocks, n_blocks;
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;
 };
@@ -118,16 +126,13 @@ struct BwdKernel {
   }
 
   // The CTA's steps in order: every query head of the KV head, and within it the query blocks that see the
-  // key block, last first. f(step, head, m_block). Every key block starts on the same (last) query block
-  // and walks down in step, so each waits for its predecessor's dQ turn only about one bulk reduce (in the
-  // causal case, walking up from the first block each sees would make key block n wait for the n-1 before it
-  // to walk all the way up to its first block).
+  // key block, first to last. f(step, head, m_block).
   template <class F>
   __device__ static void for_each_step(const BwdKernelParams& p, int n_block, int kv_head, F&& f) {
     const int m_first = first_m_block(p, n_block);
     int step = 0;
     for (int g = 0; g < p.q_heads_per_kv; ++g)
-      for (int m = p.m_blocks - 1; m >= m_first; --m) f(step++, kv_head * p.q_heads_per_kv + g, m);
+      for (int m = m_first; m < p.m_blocks; ++m) f(step++, kv_head * p.q_heads_per_kv + g, m);
   }
 
   __device__ static int64_t row_tile(const BwdKernelParams& p, int batch, int head, int m_block) {
@@ -154,21 +159,22 @@ struct BwdKernel {
     });
   }
 
-  // Adds each step's dQ part to its tile's sum, in key-block order (see the file comment).
+  // Adds each step's dQ part to its tile's sum, in descending key-block order (see the file comment): the
+  // prep kernel starts the tile's counter at the number of key blocks that do not see it (the highest ones).
   __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
     for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
       const int64_t tile = row_tile(p, batch, head, m_block);
       int* turn = p.dq_turn + tile;
-      hopper::wait_flag_equals(turn, n_block);
+      hopper::wait_flag_equals(turn, p.n_blocks - 1 - n_block);
       hopper::bulk_reduce_add(p.dq_accum + tile * kDqFloats, s.dq[buf], kDqFloats * sizeof(float));
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
       hopper::mbarrier_arrive(&s.dq_empty[buf]);
       hopper::bulk_wait_all();
       __threadfence();
-      hopper::store_release_gpu(turn, n_block + 1);
+      hopper::store_release_gpu(turn, p.n_blocks - n_block);
     });
   }
 
@@ -343,7 +349,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   using K = BwdKernel<T, HeadDim, Causal>;
   extern __shared__ uint8_t smem_raw[];
   auto& s = *reinterpret_cast<typename K::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const int n_block = blockIdx.x, kv_head = blockIdx.y, batch = blockIdx.z;
+  const int n_block = p.n_blocks - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
 
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
@@ -389,7 +395,8 @@ struct BwdRowParams {
   float* lse2;
   float* delta;
   int* dq_turn;
-  int seqlen_q, heads_q, m_blocks;
+  int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
+  bool causal;
   float softmax_scale;
 };
 
@@ -399,8 +406,17 @@ __device__ inline int64_t bshd_offset(const BshdStrides& s, int batch, int row, 
   return batch * s.batch + row * s.seq + head * s.head;
 }
 
+// Key blocks [0, n) see some row of query block m_block, the others none (causal: row r sees the keys up to
+// r + seqlen_k - seqlen_q).
+__device__ inline int key_blocks_seen(int m_block, int block_m, int block_n, int seqlen_q, int seqlen_k,
+                                      int n_blocks, bool causal) {
+  if (!causal) return n_blocks;
+  const int64_t keys = min(int64_t(m_block + 1) * block_m, int64_t(seqlen_q)) + seqlen_k - seqlen_q;
+  return int(max(int64_t(0), min(int64_t(n_blocks), (keys + block_n - 1) / block_n)));
+}
+
 // Per query block of one (batch, head): delta and lse2 of its rows (8 threads a row, 16-byte loads), zeroed dQ
-// sums and turn counter.
+// sums, and the turn counter at the number of key blocks that will not add to the tile.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(const BwdRowParams p) {
   constexpr int kBlockM = bwd_config(HeadDim).block_m;
@@ -436,7 +452,9 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   }
   float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
   for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
-  if (threadIdx.x == 0) p.dq_turn[tile] = 0;
+  if (threadIdx.x == 0)
+    p.dq_turn[tile] = p.n_blocks - key_blocks_seen(m_block, kBlockM, bwd_config(HeadDim).block_n, p.seqlen_q,
+                                                   p.seqlen_k, p.n_blocks, p.causal);
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), undoing the fragment order of the sums.
@@ -515,8 +533,11 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.delta = reinterpret_cast<float*>(base + ws.delta);
   rp.dq_turn = reinterpret_cast<int*>(base + ws.dq_turn);
   rp.seqlen_q = f.seqlen_q;
+  rp.seqlen_k = f.seqlen_k;
   rp.heads_q = f.heads_q;
   rp.m_blocks = int(m_blocks);
+  rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
+  rp.causal = Causal;
   rp.softmax_scale = f.softmax_scale;
 
   BwdKernelParams kp{};
@@ -539,6 +560,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.heads_q = f.heads_q;
   kp.q_heads_per_kv = f.heads_q / f.heads_kv;
   kp.m_blocks = rp.m_blocks;
+  kp.n_blocks = rp.n_blocks;
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = f.softmax_scale * kLog2e;
   kp.softmax_scale = f.softmax_scale;
@@ -558,8 +580,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
 
   const dim3 row_grid(unsigned(rp.m_blocks), unsigned(f.heads_q), unsigned(f.batch));
   attention_bwd_prep_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
-  const unsigned n_blocks = unsigned((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
-  kernel<<<dim3(n_blocks, unsigned(f.heads_kv), unsigned(f.batch)), kCfg.threads(), K::kSmemBytes, stream>>>(kp);
+  kernel<<<dim3(unsigned(kp.n_blocks), unsigned(f.heads_kv), unsigned(f.batch)), kCfg.threads(), K::kSmemBytes, stream>>>(kp);
   attention_bwd_post_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward launch failed: %s", cudaGetErrorString(err));

@@ -55,7 +55,7 @@ static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(12
 //   lse2      float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
 //                                                                    rows that saw no key
 //   delta     float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
-//   dq_turn   int    [batch][heads_q][m_blocks]                      key blocks that have added to the tile
+//   dq_turn   int    [batch][heads_q][m_blocks]                      key blocks that have added to the tile or never will
 struct BwdWorkspace {
   size_t dq_accum, lse2, delta, dq_turn, bytes;  // byte offsets of the arrays, total size
 
