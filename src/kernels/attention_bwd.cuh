@@ -161,19 +161,22 @@ struct BwdKernel {
 
   // Adds each step's dQ part to its tile's sum, in descending key-block order (see the file comment): the
   // prep kernel starts the tile's counter at the number of key blocks that do not see it (the highest ones).
+  // The turn is awaited before the part is ready, so the poll overlaps the consumers' step, and passed on as
+  // soon as the reduce has completed (bulk wait_group: its writes are performed; the release store orders them
+  // before the turn). Measured on the H100, head_dim 128, 8k: 452 -> 466 TFLOP/s against waiting for the part
+  // first and fencing before the release.
   __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
     for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
-      hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
       const int64_t tile = row_tile(p, batch, head, m_block);
       int* turn = p.dq_turn + tile;
       hopper::wait_flag_equals(turn, p.n_blocks - 1 - n_block);
+      hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
       hopper::bulk_reduce_add(p.dq_accum + tile * kDqFloats, s.dq[buf], kDqFloats * sizeof(float));
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
       hopper::mbarrier_arrive(&s.dq_empty[buf]);
       hopper::bulk_wait_all();
-      __threadfence();
       hopper::store_release_gpu(turn, p.n_blocks - n_block);
     });
   }
