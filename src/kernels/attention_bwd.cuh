@@ -16,7 +16,8 @@
 //   post:  dq = dQ sum * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys (or, at
-// head_dim 256, both own the block's 64 keys and half of head_dim each: bwd_config.h).
+// head_dim 256, both own the block's 64 keys and half of head_dim each: bwd_config.h). At head_dim 128 they take
+// turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns, in `consume`).
 //
 // Constant time: trip counts, addresses and branches depend on shapes, options and block indices only; the
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
@@ -70,9 +71,10 @@ struct BwdKernelParams {
 
 enum class BwdBarrier : int {
   kSyncThreads = 0,  // reserved: __syncthreads
-  kDsReady = 1,      // both consumer warpgroups have written their dS^T rows of the step
-  kEpilogue = 2,     // both consumer warpgroups are done reading K and V
-  kStoreFirst = 3,   // + consumer index: a consumer warpgroup's own 128 threads
+  kDsReady = 1,      // without turns: both consumer warpgroups have written their dS^T rows of the step
+  kTurnFirst = 2,    // + consumer index, with turns: that warpgroup may issue its next group of GEMMs
+  kEpilogue = 4,     // both consumer warpgroups are done reading K and V
+  kStoreFirst = 5,   // + consumer index: a consumer warpgroup's own 128 threads
 };
 
 template <class T, int HeadDim, bool Causal>
@@ -107,6 +109,7 @@ struct BwdKernel {
     alignas(8) uint64_t kv_full;
     uint64_t full[kStages], empty[kStages];
     uint64_t dq_full[kDqBuffers], dq_empty[kDqBuffers];
+    uint64_t ds_full[2], ds_empty[2];  // with turns: both warpgroups' dS^T rows stored / read by both dQ GEMMs
   };
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
@@ -229,7 +232,43 @@ struct BwdKernel {
 #pragma unroll
     for (int i = 0; i < kWgCols / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
+    // With turns (kCfg.turns), the two warpgroups take turns issuing GEMMs (S^T and dP^T of a step, then dV, dK
+    // and the previous step's dQ), so one's P/dS arithmetic and dQ store run under the other's GEMMs. dQ lags a
+    // step behind: by the time a warpgroup issues the dQ of step j - 1, the other stored its dS^T rows of step
+    // j - 1 half a step earlier (ds_full), so neither waits for the other at a barrier. Without turns, both
+    // meet at a barrier once their dS^T rows of the step are stored, and compute that step's dQ.
+    constexpr bool kTurns = kCfg.turns;
+    const int steps = p.q_heads_per_kv * (p.m_blocks - first_m_block(p, n_block));
+    const auto turn_sync = [&] {
+      if constexpr (kTurns) hopper::named_barrier_sync(int(BwdBarrier::kTurnFirst) + consumer, 256);
+    };
+    const auto turn_pass = [&] {
+      if constexpr (kTurns) hopper::named_barrier_arrive(int(BwdBarrier::kTurnFirst) + (consumer ^ 1), 256);
+    };
+    // dQ part of step `step` -> shared memory in fragment order (thread t's registers 4j..4j+3 at float4
+    // j * 128 + t), which the workspace keeps and the post kernel undoes.
+    const auto hand_dq_to_writer = [&](int step, const float (&acc_dq)[kDqCols / 2]) {
+      const int dq_buf = step % kDqBuffers;
+      hopper::mbarrier_wait(&s.dq_empty[dq_buf], ((step / kDqBuffers) & 1) ^ 1);
+      float4* part = reinterpret_cast<float4*>(s.dq[dq_buf] + consumer * kDqRows * kDqCols);
+#pragma unroll
+      for (int j = 0; j < kDqCols / 8; ++j)
+        part[j * 128 + t] = make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+      hopper::fence_view_async_shared();
+      hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
+    };
+    const auto gemm_dq_of = [&](float (&acc_dq)[kDqCols / 2], int step) {
+      gemm_dq(acc_dq, smem(s.ds[step & 1][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
+    };
+    // Step 0 has no previous dQ: its GEMM reads K's first box in place of dS^T and the result is dropped, so the
+    // wgmma is issued unconditionally (a conditional one makes ptxas spill the accumulators).
+    const auto gemm_dq_of_previous = [&](float (&acc_dq)[kDqCols / 2], int step) {
+      const uint32_t a = step > 0 ? smem(s.ds[(step - 1) & 1][dq_row0 / 64]) : smem(s.k[0]);
+      gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]));
+    };
+
     hopper::mbarrier_wait(&s.kv_full, 0);
+    if (consumer == 1 && steps > 0) turn_pass();  // warpgroup 0 issues first
     for_each_step(p, n_block, kv_head, [&](int step, int /* head */, int m_block) {
       const int stage = step % kStages;
       const int buf = step & 1;  // dS^T buffer
@@ -238,13 +277,14 @@ struct BwdKernel {
       const uint32_t dout_tile = smem(s.dout[stage][0]);
 
       float acc_s[kBlockM / 2], acc_dp[kBlockM / 2];
+      turn_sync();
       hopper::wgmma_fence();
       gemm_rows_by_queries(acc_s, k_rows, q_tile);
       hopper::wgmma_commit();
       hopper::wgmma_fence();
       gemm_rows_by_queries(acc_dp, v_rows, dout_tile);
       hopper::wgmma_commit();
-
+      turn_pass();
       // P^T while dP^T is still in flight. Masked entries (causal, keys past seqlen_k) become -inf -> 0.
       hopper::wgmma_wait<1>();
       hopper::fence_registers(acc_s);
@@ -277,11 +317,14 @@ struct BwdKernel {
           p_frag[k][j] = hopper::pack2<T>(acc_s[8 * k + 2 * j], acc_s[8 * k + 2 * j + 1]);
           ds_frag[k][j] = hopper::pack2<T>(acc_dp[8 * k + 2 * j], acc_dp[8 * k + 2 * j + 1]);
         }
-      hopper::wgmma_fence();
-      gemm_into_keys(acc_dv, p_frag, dout_tile + (col0 / 64) * kBoxBytesQ);
-      gemm_into_keys(acc_dk, ds_frag, q_tile + (col0 / 64) * kBoxBytesQ);
-      hopper::wgmma_commit();
-
+      if constexpr (!kTurns) {
+        hopper::wgmma_fence();
+        gemm_into_keys(acc_dv, p_frag, dout_tile + (col0 / 64) * kBoxBytesQ);
+        gemm_into_keys(acc_dk, ds_frag, q_tile + (col0 / 64) * kBoxBytesQ);
+        hopper::wgmma_commit();
+      } else {
+        hopper::mbarrier_wait(&s.ds_empty[buf], ((step / 2) & 1) ^ 1);
+      }
       // dS^T to shared memory for the dQ GEMM of both warpgroups (register j of k16 group k: row half j % 2,
       // columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}). With head_dim split, both hold the same dS^T, and warps
       // 2w, 2w+1 of warpgroup w store its rows 32w..32w+31.
@@ -296,29 +339,49 @@ struct BwdKernel {
           }
       }
       hopper::fence_view_async_shared();
-      hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
-
       float acc_dq[kDqCols / 2];
-      hopper::wgmma_fence();
-      gemm_dq(acc_dq, smem(s.ds[buf][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
+      if constexpr (kTurns) {
+        hopper::mbarrier_arrive(&s.ds_full[buf]);
+        if (step > 0) hopper::mbarrier_wait(&s.ds_full[buf ^ 1], ((step - 1) / 2) & 1);
+        turn_sync();
+        hopper::wgmma_fence();
+        gemm_into_keys(acc_dv, p_frag, dout_tile + (col0 / 64) * kBoxBytesQ);
+        gemm_into_keys(acc_dk, ds_frag, q_tile + (col0 / 64) * kBoxBytesQ);
+        gemm_dq_of_previous(acc_dq, step);
+      } else {
+        hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
+        hopper::wgmma_fence();
+        gemm_dq_of(acc_dq, step);
+      }
       hopper::wgmma_commit();
+      turn_pass();
       hopper::wgmma_wait<0>();
       hopper::fence_registers(acc_dq);
       hopper::fence_registers(acc_dk);
       hopper::fence_registers(acc_dv);
       hopper::mbarrier_arrive(&s.empty[stage]);
-
-      // dQ part -> shared memory in fragment order (thread t's registers 4j..4j+3 at float4 j * 128 + t),
-      // which the workspace keeps and the post kernel undoes.
-      const int dq_buf = step % kDqBuffers;
-      hopper::mbarrier_wait(&s.dq_empty[dq_buf], ((step / kDqBuffers) & 1) ^ 1);
-      float4* part = reinterpret_cast<float4*>(s.dq[dq_buf] + consumer * kDqRows * kDqCols);
-#pragma unroll
-      for (int j = 0; j < kDqCols / 8; ++j)
-        part[j * 128 + t] = make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
-      hopper::fence_view_async_shared();
-      hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
+      if constexpr (kTurns) {
+        if (step > 0) {
+          hopper::mbarrier_arrive(&s.ds_empty[buf ^ 1]);
+          hand_dq_to_writer(step - 1, acc_dq);
+        }
+      } else {
+        hand_dq_to_writer(step, acc_dq);
+      }
     });
+    if (kTurns && steps > 0) {  // the last step's dQ; warpgroup 1 has no one to pass the turn to
+      const int last = steps - 1;
+      float acc_dq[kDqCols / 2];
+      hopper::mbarrier_wait(&s.ds_full[last & 1], (last / 2) & 1);
+      turn_sync();
+      hopper::wgmma_fence();
+      gemm_dq_of(acc_dq, last);
+      hopper::wgmma_commit();
+      if (consumer == 0) turn_pass();
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_dq);
+      hand_dq_to_writer(last, acc_dq);
+    }
 
     // dK (scaled) and dV -> this warpgroup's rows of the K and V buffers, once neither warpgroup reads them,
     // then out through TMA (rows past seqlen_k are clipped).
@@ -365,6 +428,11 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       hopper::mbarrier_init(&s.dq_full[i], 128 * BwdConfig::kConsumers);
       hopper::mbarrier_init(&s.dq_empty[i], 1);
     }
+    if constexpr (K::kCfg.turns)
+      for (int i = 0; i < 2; ++i) {
+        hopper::mbarrier_init(&s.ds_full[i], 128 * BwdConfig::kConsumers);
+        hopper::mbarrier_init(&s.ds_empty[i], 128 * BwdConfig::kConsumers);
+      }
     hopper::fence_barrier_init();
   }
   __syncthreads();
