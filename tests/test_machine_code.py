@@ -4,6 +4,8 @@
   local memory or stack (a spill would be both slow and a data-dependent memory access pattern risk);
 - every variant of the build (dhp_build_info) has its kernels, and their SASS holds HGMMA (wgmma) and
   UTMALDG (TMA loads);
+- no kernel makes a generic load or store (LD/ST): shared memory goes through LDS/STS, global memory through
+  LDG/STG or TMA;
 - the library exports only the C API and needs neither libcuda nor a shared CUDA runtime.
 
 cuobjdump comes from PATH, /usr/local/cuda*/bin or the pip packages nvidia-cuda-cuobjdump and
@@ -110,6 +112,43 @@ def test_sass_has_wgmma_and_tma():
         assert sass is not None, f"no SASS for variant {variant}"
         for op in ("HGMMA", "UTMALDG"):
             assert re.search(rf"\b{op}\b", sass), f"variant {variant}: no {op} in its SASS"
+
+
+GENERIC_ACCESS = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(LD|ST)(?:\.[\w.]+)?\s")
+
+
+def generic_accesses(sass):
+    """{kernel: count} of generic LD/ST instructions in a `cuobjdump -sass` listing."""
+    counts, kernel = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            kernel = m.group(1)
+        elif GENERIC_ACCESS.match(line):
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
+
+
+def test_generic_access_pattern():
+    sass = """
+        Function : k
+        /*0010*/                   LD.E.64 R120, desc[UR22][R2.64+0x500] ;
+        /*0020*/              @!P0 ST.E [R4.64], R6 ;
+        /*0030*/                   LDS.64 R2, [R3+UR4] ;
+        /*0040*/                   STS.128 [R7], R8 ;
+        /*0050*/                   LDG.E.STRONG.GPU R3, desc[UR4][R2.64] ;
+        /*0060*/                   LDSM.16.M88.4 R8, [R2+UR4] ;
+        /*0070*/                   STL.64 [R1], R2 ;
+    """
+    assert generic_accesses(sass) == {"k": 2}
+
+
+def test_no_generic_memory_access():
+    """A generic LD/ST means the compiler lost the state space of a pointer (e.g. one rounded up as an integer):
+    64-bit addresses, more registers, a slower path. The backward had them for every shared-memory access until
+    the dynamic shared memory was aligned by pointer arithmetic (hopper/smem.cuh)."""
+    offenders = generic_accesses(cuobjdump("-sass"))
+    assert not offenders, f"generic loads/stores per kernel: {dict(zip(demangle(list(offenders)), offenders.values()))}"
 
 
 def test_exports_only_the_c_api():

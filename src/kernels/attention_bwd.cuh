@@ -45,6 +45,7 @@
 
 #include "error.h"
 #include "hopper/math.cuh"
+#include "hopper/smem.cuh"
 #include "hopper/sync.cuh"
 #include "hopper/tma.cuh"
 #include "hopper/wgmma.cuh"
@@ -299,15 +300,27 @@ struct BwdKernel {
             if (FragS::row_half(i) == h) acc_s[i] = FragS::col(i, lane) >= first ? acc_s[i] : -INFINITY;
         }
       }
-      const float* lse2 = s.lse2[stage];
-      const float* delta = s.delta[stage];
+      // Registers 4g..4g+3 hold query columns 8g + 2(lane % 4) + {0, 1} (of both row halves): one float2 of
+      // lse2 and of delta per group.
+      const auto row_stat = [&](const float* stat, int g) {
+        return *reinterpret_cast<const float2*>(stat + FragS::col(4 * g, lane));
+      };
 #pragma unroll
-      for (int i = 0; i < FragS::kRegs; ++i)
-        acc_s[i] = hopper::exp2_approx(fmaf(acc_s[i], p.scale_log2, -lse2[FragS::col(i, lane)]));
+      for (int g = 0; g < FragS::kRegs / 4; ++g) {
+        const float2 lse2 = row_stat(s.lse2[stage], g);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          acc_s[4 * g + r] = hopper::exp2_approx(fmaf(acc_s[4 * g + r], p.scale_log2, -(r & 1 ? lse2.y : lse2.x)));
+      }
       hopper::wgmma_wait<0>();
       hopper::fence_registers(acc_dp);
 #pragma unroll
-      for (int i = 0; i < FragS::kRegs; ++i) acc_dp[i] = acc_s[i] * (acc_dp[i] - delta[FragS::col(i, lane)]);
+      for (int g = 0; g < FragS::kRegs / 4; ++g) {
+        const float2 delta = row_stat(s.delta[stage], g);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          acc_dp[4 * g + r] = acc_s[4 * g + r] * (acc_dp[4 * g + r] - (r & 1 ? delta.y : delta.x));
+      }
 
       uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
 #pragma unroll
@@ -413,8 +426,7 @@ template <class T, int HeadDim, bool Causal>
 __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     attention_bwd_kernel(const __grid_constant__ BwdKernelParams p) {
   using K = BwdKernel<T, HeadDim, Causal>;
-  extern __shared__ uint8_t smem_raw[];
-  auto& s = *reinterpret_cast<typename K::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
   const int n_block = p.n_blocks - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
 
   const int warpgroup = threadIdx.x / 128;

@@ -33,6 +33,7 @@
 #include <cstdint>
 
 #include "error.h"
+#include "hopper/smem.cuh"
 #include "hopper/sync.cuh"
 #include "hopper/tma.cuh"
 #include "hopper/wgmma.cuh"
@@ -347,8 +348,7 @@ template <class T, int HeadDim, bool Causal>
 __global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
     attention_fwd_kernel(const __grid_constant__ FwdKernelParams p) {
   using K = FwdKernel<T, HeadDim, Causal>;
-  extern __shared__ uint8_t smem_raw[];
-  auto& s = *reinterpret_cast<typename K::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
 
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
