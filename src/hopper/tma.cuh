@@ -50,6 +50,11 @@ __device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, ui
                                   bytes);
 }
 
+// cp.async.bulk.global.shared::cta.bulk_group: `bytes` (a multiple of 16) contiguous bytes shared -> global.
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  cuda::ptx::cp_async_bulk(cuda::ptx::space_global, cuda::ptx::space_shared, dst, src, bytes);
+}
+
 // cp.async.bulk.wait_group 0: every committed bulk operation has completed, its writes performed.
 __device__ __forceinline__ void bulk_wait_all() { cuda::ptx::cp_async_bulk_wait_group(cuda::ptx::n32_t<0>{}); }
 

@@ -2,7 +2,7 @@
 //
 // Three kernels on the caller's stream:
 //   prep:  per query row, delta = rowsum(dO * O) and lse2 = lse * log2(e) (+inf where the row saw no key, so
-//          its probabilities come out 0); zeroes the dQ sums and their turn counters. Scratch in the caller's
+//          its probabilities come out 0); sets the dQ tiles' turn counters. Scratch in the caller's
 //          workspace (BwdWorkspace).
 //   main:  one CTA per (key block, KV head, batch). K and V of the block stay in shared memory; the CTA walks
 //          the query blocks of every query head of its KV head (GQA: heads in order), and per step
@@ -10,13 +10,13 @@
 //              dV += P^T dO, dK += dS^T Q (dS^T from registers), dQ_part = dS K (dS^T through shared memory).
 //          dK and dV accumulate in registers across all steps, so they need no reduction at all. dQ_part goes
 //          to shared memory and a writer thread adds it to the tile's fp32 sum in the workspace with one bulk
-//          reduce — in descending key-block order: it waits until the tile's turn counter says every higher
-//          key block that sees the tile has added, adds, and passes the turn on. Every dQ element is therefore
-//          summed in the same order on every run.
+//          reduce (the first part is stored, so the sums need no zeroing), in descending key-block order: it
+//          waits until the tile's turn counter says every higher key block that sees the tile has added, adds,
+//          and passes the turn on. Every dQ element is therefore summed in the same order on every run.
 //   post:  dq = dQ sum * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys (or, at
-// head_dim 256, both own the block's 64 keys and half of head_dim each: bwd_config.h). At head_dim 128 they take
+// head_dim 256, both own the block's 64 keys and half of head_dim each: bwd_config.h). At head_dim 64/128 they take
 // turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns, in `consume`).
 //
 // Constant time: trip counts, addresses and branches depend on shapes, options and block indices only; the
@@ -77,6 +77,15 @@ enum class BwdBarrier : int {
   kEpilogue = 4,     // both consumer warpgroups are done reading K and V
   kStoreFirst = 5,   // + consumer index: a consumer warpgroup's own 128 threads
 };
+
+// Key blocks [0, n) see some row of query block m_block, the others none (causal: row r sees the keys up to
+// r + seqlen_k - seqlen_q).
+__device__ inline int key_blocks_seen(int m_block, int block_m, int block_n, int seqlen_q, int seqlen_k,
+                                      int n_blocks, bool causal) {
+  if (!causal) return n_blocks;
+  const int64_t keys = min(int64_t(m_block + 1) * block_m, int64_t(seqlen_q)) + seqlen_k - seqlen_q;
+  return int(max(int64_t(0), min(int64_t(n_blocks), (keys + block_n - 1) / block_n)));
+}
 
 template <class T, int HeadDim, bool Causal>
 struct BwdKernel {
@@ -176,7 +185,11 @@ struct BwdKernel {
       int* turn = p.dq_turn + tile;
       hopper::wait_flag_equals(turn, p.n_blocks - 1 - n_block);
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
-      hopper::bulk_reduce_add(p.dq_accum + tile * kDqFloats, s.dq[buf], kDqFloats * sizeof(float));
+      float* sum = p.dq_accum + tile * kDqFloats;
+      if (n_block == key_blocks_seen(m_block, kBlockM, kBlockN, p.seqlen_q, p.seqlen_k, p.n_blocks, Causal) - 1)
+        hopper::bulk_store(sum, s.dq[buf], kDqFloats * sizeof(float));  // the first part: no zeroes to add to
+      else
+        hopper::bulk_reduce_add(sum, s.dq[buf], kDqFloats * sizeof(float));
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
       hopper::mbarrier_arrive(&s.dq_empty[buf]);
@@ -489,17 +502,10 @@ __device__ inline int64_t bshd_offset(const BshdStrides& s, int batch, int row, 
   return batch * s.batch + row * s.seq + head * s.head;
 }
 
-// Key blocks [0, n) see some row of query block m_block, the others none (causal: row r sees the keys up to
-// r + seqlen_k - seqlen_q).
-__device__ inline int key_blocks_seen(int m_block, int block_m, int block_n, int seqlen_q, int seqlen_k,
-                                      int n_blocks, bool causal) {
-  if (!causal) return n_blocks;
-  const int64_t keys = min(int64_t(m_block + 1) * block_m, int64_t(seqlen_q)) + seqlen_k - seqlen_q;
-  return int(max(int64_t(0), min(int64_t(n_blocks), (keys + block_n - 1) / block_n)));
-}
 
-// Per query block of one (batch, head): delta and lse2 of its rows (8 threads a row, 16-byte loads), zeroed dQ
-// sums, and the turn counter at the number of key blocks that will not add to the tile.
+// Per query block of one (batch, head): delta and lse2 of its rows (8 threads a row, 16-byte loads), and the
+// turn counter at the number of key blocks that will not add to the tile. The dQ sums need no zeroing: the
+// first key block to reach a tile stores its part, the others add; only a tile no key block reaches is zeroed.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(const BwdRowParams p) {
   constexpr int kBlockM = bwd_config(HeadDim).block_m;
@@ -533,11 +539,13 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
       p.lse2[tile * kBlockM + r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
     }
   }
-  float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
-  for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
-  if (threadIdx.x == 0)
-    p.dq_turn[tile] = p.n_blocks - key_blocks_seen(m_block, kBlockM, bwd_config(HeadDim).block_n, p.seqlen_q,
-                                                   p.seqlen_k, p.n_blocks, p.causal);
+  const int seen = key_blocks_seen(m_block, kBlockM, bwd_config(HeadDim).block_n, p.seqlen_q, p.seqlen_k,
+                                   p.n_blocks, p.causal);
+  if (seen == 0) {  // no key block adds to this tile (its rows see no key): its dQ is 0
+    float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
+    for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
+  }
+  if (threadIdx.x == 0) p.dq_turn[tile] = p.n_blocks - seen;
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), undoing the fragment order of the sums.
