@@ -548,30 +548,41 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   if (threadIdx.x == 0) p.dq_turn[tile] = p.n_blocks - seen;
 }
 
-// dq = dQ sum * scale for one query block of one (batch, head), undoing the fragment order of the sums.
+// dq = dQ sum * scale for one query block of one (batch, head). The sums are in fragment order (each thread's
+// values are 2 columns of 2 rows): they are scaled, converted and put in row order in shared memory, then
+// written 16 bytes a thread along the rows.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(const BwdRowParams p) {
   constexpr BwdConfig kCfg = bwd_config(HeadDim);
   constexpr int kDqCols = kCfg.dq_cols();
+  constexpr int kPitch = HeadDim + 16 / sizeof(T);  // a row and 16 bytes: the fragment stores hit 32 banks
+  constexpr int kChunksPerRow = HeadDim * sizeof(T) / 16;
   static_assert(kRowKernelThreads == 128 * BwdConfig::kConsumers, "one thread per consumer thread");
+  __shared__ alignas(16) T rows[kCfg.block_m * kPitch];
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int64_t tile = (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
   const int part = threadIdx.x / 128, t = threadIdx.x % 128, lane = t % 32;
-  const int row0 = m_block * kCfg.block_m + (kCfg.dq_split_rows() ? part * 64 : 0) + 16 * (t / 32) + lane / 4;
+  const int row0 = (kCfg.dq_split_rows() ? part * 64 : 0) + 16 * (t / 32) + lane / 4;
   const int col0 = (kCfg.dq_split_rows() ? 0 : part * kDqCols) + 2 * (lane % 4);
   const float4* sums =
       reinterpret_cast<const float4*>(p.dq_accum + tile * kCfg.block_m * HeadDim) + part * 64 * kDqCols / 4;
-  T* dq = static_cast<T*>(p.dq);
 #pragma unroll
   for (int j = 0; j < kDqCols / 8; ++j) {
     const float4 v = sums[j * 128 + t];
     const int col = col0 + 8 * j;
-    if (row0 < p.seqlen_q)
-      *reinterpret_cast<uint32_t*>(dq + bshd_offset(p.dq_stride, batch, row0, head) + col) =
-          hopper::pack2<T>(v.x * p.softmax_scale, v.y * p.softmax_scale);
-    if (row0 + 8 < p.seqlen_q)
-      *reinterpret_cast<uint32_t*>(dq + bshd_offset(p.dq_stride, batch, row0 + 8, head) + col) =
-          hopper::pack2<T>(v.z * p.softmax_scale, v.w * p.softmax_scale);
+    *reinterpret_cast<uint32_t*>(&rows[row0 * kPitch + col]) =
+        hopper::pack2<T>(v.x * p.softmax_scale, v.y * p.softmax_scale);
+    *reinterpret_cast<uint32_t*>(&rows[(row0 + 8) * kPitch + col]) =
+        hopper::pack2<T>(v.z * p.softmax_scale, v.w * p.softmax_scale);
+  }
+  __syncthreads();
+  T* dq = static_cast<T*>(p.dq);
+  for (int i = threadIdx.x; i < kCfg.block_m * kChunksPerRow; i += kRowKernelThreads) {
+    const int r = i / kChunksPerRow, c = (i % kChunksPerRow) * (16 / sizeof(T));
+    const int row = m_block * kCfg.block_m + r;
+    if (row < p.seqlen_q)
+      *reinterpret_cast<uint4*>(dq + bshd_offset(p.dq_stride, batch, row, head) + c) =
+          *reinterpret_cast<const uint4*>(&rows[r * kPitch + c]);
   }
 }
 
