@@ -191,6 +191,34 @@ def test_judge_only_requested_metrics():
     assert j["verdict"] == "pass" and j["checked"] == ["a.sum"]
 
 
+def test_confirmation_order():
+    differences = [{"counter": "a", "class": "tiny"}, {"counter": "b", "class": "ones"},
+                   {"counter": "a", "class": "ones"}]
+    assert counters.confirmation_order(differences) == ["random", "ones", "random", "tiny", "random", "ones", "random",
+                                                        "tiny", "random"]
+    assert counters.confirmation_order(differences, repeats=1) == ["random", "ones", "random", "tiny", "random"]
+
+
+def test_second_look_clears_a_short_baseline_and_keeps_a_leak():
+    def runs(order, dram, ffma):
+        return [(cls, {"dram__sectors_write.sum": d, "ffma.sum": f}) for cls, d, f in zip(order, dram, ffma)]
+
+    first = ["random", "ones", "random", "tiny", "random"]
+    noise = runs(first, [8, 16, 8, 16, 8], [100] * 5)  # DRAM writes off in two classes, stable on 3 random runs
+    j = counters.judge(noise)
+    assert j["verdict"] == "fail" and {d["counter"] for d in j["differences"]} == {"dram__sectors_write.sum"}
+    second = counters.confirmation_order(j["differences"])
+    j = counters.judge(noise + runs(second, [8, 16, 16, 8, 8, 16, 8, 8, 8], [100] * 9))
+    assert j["verdict"] == "pass" and "dram__sectors_write.sum" in j["timing_dependent"]
+    leak = runs(first, [8] * 5, [100, 101, 100, 100, 100])  # an instruction count that follows the values
+    j = counters.judge(leak)
+    assert j["verdict"] == "fail"
+    second = counters.confirmation_order(j["differences"])
+    assert second == ["random", "ones", "random", "ones", "random"]
+    j = counters.judge(leak + runs(second, [8] * 5, [100, 101, 100, 101, 100]))
+    assert j["verdict"] == "fail" and {d["class"] for d in j["differences"]} == {"ones"}
+
+
 def test_judge_needs_a_baseline_and_a_stable_counter():
     assert counters.judge([("random", {"a": 1}), ("zeros", {"a": 1})])["verdict"] == "error"
     unstable = [("random", {"a": 1}), ("random", {"a": 2}), ("zeros", {"a": 1})]
