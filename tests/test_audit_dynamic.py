@@ -219,6 +219,50 @@ def test_second_look_clears_a_short_baseline_and_keeps_a_leak():
     assert j["verdict"] == "fail" and {d["class"] for d in j["differences"]} == {"ones"}
 
 
+def test_counters_run_takes_a_second_look(monkeypatch, tmp_path, capsys):
+    """The whole `counters` command with ncu and the GPU replaced: the first case's DRAM write count is off in
+    two classes on its first profile and moves on the random input in its second look (a pass); the second
+    case's instruction count follows the values every time (still a fail after its second look)."""
+    from dhp import _native
+
+    monkeypatch.setattr(counters, "find_ncu", lambda: "ncu")
+    monkeypatch.setattr(inputs, "gpu_variants", lambda args: (["bfloat16"], [64]))
+    monkeypatch.setattr(_native, "ext", lambda: argparse.Namespace(build_info=lambda: json.dumps({})))
+    profiles = []
+
+    def fake_profile_case(ncu, metrics, dtype, head_dim, causal, shape, order, seed, backward=False):
+        profiles.append((causal, shape, list(order)))
+        first_case = not causal and tuple(shape) == counters.SHAPES[0]
+        second_look = len(order) != len(counters.DEFAULT_ORDER)
+        rows = []
+        for i, cls in enumerate(order):
+            dram = 8
+            if first_case:
+                dram = (16 if i % 3 == 1 else 8) if second_look else (16 if cls in ("ones", "tiny") else 8)
+            leak = int(causal and tuple(shape) == counters.SHAPES[1] and cls == "nan")
+            rows.append({"kernel": "attention_fwd_kernel", "counters": {
+                "dram__sectors_write.sum": dram, "smsp__inst_executed.sum": 1000 + leak}})
+        return rows, [], metrics
+
+    monkeypatch.setattr(counters, "profile_case", fake_profile_case)
+    out = tmp_path / "counters.json"
+    args = argparse.Namespace(dtypes=None, head_dims=None, quick=False, order=None, seed=0, json=out)
+    assert counters.run(args) == 1
+    assert len(profiles) == 4 + 2  # four cases, two second looks
+    document = json.loads(out.read_text())
+    verdicts = {c["name"]: c["judgement"]["verdict"] for c in document["cases"]}
+    assert list(verdicts.values()).count("fail") == 1
+    leaky = next(c for c in document["cases"] if c["judgement"]["verdict"] == "fail")
+    assert leaky["causal"] and leaky["second_look"]["order"] == ["random", "nan", "random", "nan", "random"]
+    assert {d["class"] for d in leaky["judgement"]["differences"]} == {"nan"}
+    cleared = document["cases"][0]
+    assert cleared["judgement"]["verdict"] == "pass" and "second_look" in cleared
+    assert cleared["second_look"]["first_verdict"].startswith("1 counters differ")
+    assert len(cleared["runs"]) == len(counters.DEFAULT_ORDER) + 9
+    assert "dram__sectors_write.sum" in cleared["judgement"]["timing_dependent"]
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_judge_needs_a_baseline_and_a_stable_counter():
     assert counters.judge([("random", {"a": 1}), ("zeros", {"a": 1})])["verdict"] == "error"
     unstable = [("random", {"a": 1}), ("random", {"a": 2}), ("zeros", {"a": 1})]
