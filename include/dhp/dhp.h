@@ -102,7 +102,7 @@ DHP_API dhp_status dhp_attention_backward_workspace_size(const DLTensor* q, cons
  *                     used only by this call (its contents need not be initialised and are left undefined)
  *
  * Bitwise deterministic: every sum runs in a fixed order (dk and dv of a KV head sum its query heads in head
- * order; dq sums key blocks in ascending order), so the same inputs give the same bits on every run and
+ * order; dq sums key blocks in descending order), so the same inputs give the same bits on every run and
  * stream. dq, dk, dv must not overlap each other or any input. Same stride and alignment rules as the forward. */
 DHP_API dhp_status dhp_attention_backward(const DLTensor* q, const DLTensor* k, const DLTensor* v,
                                           const DLTensor* out, const DLTensor* dout, const DLTensor* lse,

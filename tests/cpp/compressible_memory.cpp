@@ -5,7 +5,9 @@
 // dhp_attention_forward must return DHP_ERROR_UNSUPPORTED with a sentence that names it, and leave out and lse as
 // they were. So must a tensor that starts in ordinary VMM memory and runs into a compressible mapping. The same
 // request in VMM memory without compression, in cudaMalloc memory and in a cudaMallocAsync pool must run, with
-// the same bits. Also prints what the check costs per call (host time of dhp_attention_forward_check).
+// the same bits. The backward likewise: each of dout, dq, dk, dv and its workspace in compressible memory in turn
+// is refused by dhp_attention_backward_check and dhp_attention_backward, dq, dk and dv left as they were; in
+// ordinary memory it runs. Also prints what the check costs per call (host time of dhp_attention_forward_check).
 //
 // Exits 77 (ctest's SKIP_RETURN_CODE; tests/test_capi.py skips on it) with the reason on a machine that cannot
 // run it: no GPU, no sm_90 GPU, no VMM or no compressible memory. The driver API comes through
@@ -283,6 +285,69 @@ double check_microseconds(const Request& r) {
   return spent.count() / kCalls;
 }
 
+// The backward's own arguments, beside a forward Request's q, k, v, out and lse: dout, dq, dk, dv, workspace.
+constexpr int kBackwardArgs = 5;
+const char* const kBackwardNames[kBackwardArgs] = {"dout", "dq", "dk", "dv", "workspace"};
+enum { kDout, kDq, kDk, kDv, kWorkspace };
+
+struct BackwardRequest {
+  const Request& fwd;
+  DLTensor t[4];  // dout, dq, dk, dv: q's shape (no GQA here)
+  void* workspace;
+  size_t workspace_bytes;
+
+  BackwardRequest(const Request& f, const uintptr_t (&address)[kBackwardArgs], size_t bytes)
+      : fwd(f), workspace(reinterpret_cast<void*>(address[kWorkspace])), workspace_bytes(bytes) {
+    for (int i = 0; i < 4; ++i) {
+      t[i] = f.t[kQ];
+      t[i].data = reinterpret_cast<void*>(address[i]);
+    }
+  }
+  BackwardRequest(const BackwardRequest&) = delete;
+  BackwardRequest& operator=(const BackwardRequest&) = delete;
+
+  dhp_status check() const {
+    return dhp_attention_backward_check(&fwd.t[kQ], &fwd.t[kK], &fwd.t[kV], &fwd.t[kOut], &t[kDout], &fwd.t[kLse],
+                                        &t[kDq], &t[kDk], &t[kDv], &fwd.options, workspace, workspace_bytes);
+  }
+  dhp_status backward() {
+    return dhp_attention_backward(&fwd.t[kQ], &fwd.t[kK], &fwd.t[kV], &fwd.t[kOut], &t[kDout], &fwd.t[kLse],
+                                  &t[kDq], &t[kDk], &t[kDv], &fwd.options, workspace, workspace_bytes, nullptr);
+  }
+};
+
+// dout = ones (bf16 0x3F80) and dq, dk, dv filled with kPattern.
+void fill(const BackwardRequest& r) {
+  const std::vector<uint16_t> ones(kBshdBytes / 2, 0x3F80);
+  check_rt(cudaMemcpy(r.t[kDout].data, ones.data(), kBshdBytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+  for (int i : {kDq, kDk, kDv}) check_rt(cudaMemset(r.t[i].data, kPattern, kBshdBytes), "cudaMemset");
+  check_rt(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+}
+
+bool gradients_untouched(const BackwardRequest& r) {
+  std::vector<unsigned char> host(kBshdBytes);
+  check_rt(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  for (int i : {kDq, kDk, kDv}) {
+    check_rt(cudaMemcpy(host.data(), r.t[i].data, kBshdBytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    if (std::any_of(host.begin(), host.end(), [](unsigned char b) { return b != kPattern; })) return false;
+  }
+  return true;
+}
+
+void expect_refused(BackwardRequest& r, const char* name, const std::string& what) {
+  fill(r);
+  const std::string want = std::string(name) + ": the tensor's memory is compressible";
+  const dhp_status checked = r.check();
+  const std::string check_message = dhp_last_error();
+  expect(checked == DHP_ERROR_UNSUPPORTED && starts_with(check_message, want),
+         what + ": backward check() -> " + std::to_string(checked) + " \"" + check_message + "\"");
+  const dhp_status ran = r.backward();
+  const std::string backward_message = dhp_last_error();
+  expect(ran == DHP_ERROR_UNSUPPORTED && backward_message == check_message,
+         what + ": backward() -> " + std::to_string(ran) + " \"" + backward_message + "\"");
+  expect(gradients_untouched(r), what + ": dq, dk, dv untouched");
+}
+
 }  // namespace
 
 int main() {
@@ -382,6 +447,36 @@ int main() {
     expect(ok == DHP_SUCCESS, std::string("fresh thread, VMM memory: check() -> ") + std::to_string(ok) + " \"" +
                                   dhp_last_error() + "\"");
   }).join();
+
+  // The backward: dout, dq, dk, dv and the workspace in the plain mapping after the forward's slots, then each
+  // of them in the compressible one in turn.
+  size_t workspace_bytes = 0;
+  if (dhp_attention_backward_workspace_size(&vmm_request.t[kQ], &vmm_request.t[kK], &vmm_request.options,
+                                            &workspace_bytes) != DHP_SUCCESS) {
+    die(std::string("dhp_attention_backward_workspace_size: ") + dhp_last_error());
+  }
+  const size_t workspace_offset = (kTensors + 4) * kSlotBytes;
+  if (workspace_offset + workspace_bytes > plain.granule_bytes() || workspace_bytes > compressed.granule_bytes()) {
+    die("the backward's workspace (" + std::to_string(workspace_bytes) + " bytes) does not fit one granule");
+  }
+  uintptr_t backward_plain[kBackwardArgs];
+  for (int i = 0; i < 4; ++i) backward_plain[i] = plain.at((kTensors + i) * kSlotBytes);
+  backward_plain[kWorkspace] = plain.at(workspace_offset);
+  for (int i = 0; i < kBackwardArgs; ++i) {
+    uintptr_t address[kBackwardArgs];
+    std::copy(backward_plain, backward_plain + kBackwardArgs, address);
+    address[i] = compressed.at(0);
+    BackwardRequest r(vmm_request, address, workspace_bytes);
+    expect_refused(r, kBackwardNames[i], std::string(kBackwardNames[i]) + " in compressible memory");
+  }
+  {
+    BackwardRequest r(vmm_request, backward_plain, workspace_bytes);
+    fill(r);
+    const dhp_status ran = r.backward();
+    expect(ran == DHP_SUCCESS, std::string("backward, all in VMM memory: ") + std::to_string(ran) + " \"" +
+                                   dhp_last_error() + "\"");
+    expect(!gradients_untouched(r), "backward, all in VMM memory: dq, dk, dv written");
+  }
 
   std::printf("host time per dhp_attention_forward_check (5 tensors): cudaMalloc %.2f us, VMM %.2f us, "
               "pool %.2f us\n",
