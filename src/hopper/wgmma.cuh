@@ -52,7 +52,8 @@ __device__ __forceinline__ void fence_registers(float (&r)[N]) {
 // D(64xN) (+)= A(64x16, shared) * B(16xN, shared).
 template <class T, int N, int TransA, int TransB>
 __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  if constexpr (N == 64) mma_ss_m64n64k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
+  if constexpr (N == 32) mma_ss_m64n32k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
+  else if constexpr (N == 64) mma_ss_m64n64k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 80) mma_ss_m64n80k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 128) mma_ss_m64n128k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 176) mma_ss_m64n176k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);

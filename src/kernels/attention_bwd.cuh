@@ -15,9 +15,10 @@
 //          and passes the turn on. Every dQ element is therefore summed in the same order on every run.
 //   post:  dq = dQ sum * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
-// delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys (or, at
-// head_dim 256, both own the block's 64 keys and half of head_dim each: bwd_config.h). At head_dim 64/128 they take
-// turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns, in `consume`).
+// delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys and take
+// turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns(), in `consume`). At head_dim 256 both own
+// the block's 64 keys and half of head_dim each; each computes S^T and dP^T for half the query block, and P^T and
+// dS^T meet in shared memory for the dV, dK and dQ GEMMs (bwd_config.h).
 //
 // Constant time: trip counts, addresses and branches depend on shapes, options and block indices only; the
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
@@ -72,7 +73,7 @@ struct BwdKernelParams {
 
 enum class BwdBarrier : int {
   kSyncThreads = 0,  // reserved: __syncthreads
-  kDsReady = 1,      // without turns: both consumer warpgroups have written their dS^T rows of the step
+  kDsReady = 1,      // without turns: both consumer warpgroups have written their P^T and dS^T of the step
   kTurnFirst = 2,    // + consumer index, with turns: that warpgroup may issue its next group of GEMMs
   kEpilogue = 4,     // both consumer warpgroups are done reading K and V
   kStoreFirst = 5,   // + consumer index: a consumer warpgroup's own 128 threads
@@ -99,6 +100,8 @@ struct BwdKernel {
   static constexpr int kBoxBytesKV = kBlockN * 128;  // one 64-column box of a K or V block
   static constexpr int kDsBoxes = kBlockM / 64;      // dS^T: kBlockN key rows x kBlockM query columns
   static constexpr int kBoxBytesDs = kBlockN * 128;
+  static constexpr int kDsTiles = kCfg.split_head_dim ? 2 : 1;  // dS^T, and P^T when head_dim is split
+  static constexpr int kWgQueries = kCfg.wg_queries();           // query columns of a warpgroup's S^T, dP^T
   static constexpr int kDqRows = kCfg.dq_rows();
   static constexpr int kDqCols = kCfg.dq_cols();
   static constexpr int kDqFloats = kBlockM * HeadDim;
@@ -112,7 +115,7 @@ struct BwdKernel {
     alignas(1024) uint8_t v[kBoxes][kBoxBytesKV];  // reused for dV
     alignas(1024) uint8_t q[kStages][kBoxes][kBoxBytesQ];
     alignas(1024) uint8_t dout[kStages][kBoxes][kBoxBytesQ];
-    alignas(1024) uint8_t ds[2][kDsBoxes][kBoxBytesDs];
+    alignas(1024) uint8_t ds[2][kDsTiles][kDsBoxes][kBoxBytesDs];  // [buffer][dS^T, P^T]
     alignas(128) float dq[kDqBuffers][kDqFloats];
     alignas(16) float lse2[kStages][kBlockM];
     alignas(16) float delta[kStages][kBlockM];
@@ -198,15 +201,26 @@ struct BwdKernel {
     });
   }
 
-  // acc (64 x kBlockM) = 64 rows of K or V times the kBlockM rows of Q or dO, transposed, over head_dim.
-  __device__ static void gemm_rows_by_queries(float (&acc)[kBlockM / 2], uint32_t a_base, uint32_t b_base) {
-    gemm_kmajor<T, HeadDim, kBlockM, kBoxBytesKV, kBoxBytesQ>(acc, a_base, b_base);
+  // acc (64 x kWgQueries) = 64 rows of K or V times kWgQueries rows of Q or dO, transposed, over head_dim.
+  __device__ static void gemm_rows_by_queries(float (&acc)[kWgQueries / 2], uint32_t a_base, uint32_t b_base) {
+    gemm_kmajor<T, HeadDim, kWgQueries, kBoxBytesKV, kBoxBytesQ>(acc, a_base, b_base);
   }
 
   // acc (64 x kWgCols) += A (64 x kBlockM, registers) * the kBlockM rows of Q or dO, from column b_base's on.
   __device__ static void gemm_into_keys(float (&acc)[kWgCols / 2], const uint32_t (&a)[kBlockM / 16][4],
                                         uint32_t b_base) {
     gemm_rs_nmajor<T, kBlockM, kWgCols, kBoxBytesQ>(acc, a, b_base);
+  }
+
+  // The same with A (P^T or dS^T: 64 key rows x kBlockM queries) from shared memory, K-major: +32 B per k16 step
+  // inside a 64-column box. B as above: +16 rows (2048 B) per step, LBO = box stride.
+  __device__ static void gemm_into_keys_ss(float (&acc)[kWgCols / 2], uint32_t a_base, uint32_t b_base) {
+#pragma unroll
+    for (int t = 0; t < kBlockM / 16; ++t) {
+      const uint64_t a = hopper::SmemDescriptor{a_base + (t / 4) * kBoxBytesDs + (t % 4) * 32, 16, 1024}.encode();
+      const uint64_t b = hopper::SmemDescriptor{b_base + t * 2048, kBoxBytesQ, 1024}.encode();
+      hopper::mma_ss<T, kWgCols, 0, 1>(acc, a, b, 1);
+    }
   }
 
   // acc (64 query rows x kDqCols) = dS (from dS^T in shared memory, M-major) * K (N-major), over the
@@ -228,7 +242,7 @@ struct BwdKernel {
 
   __device__ static void consume(const BwdKernelParams& p, Smem& s, int consumer, int n_block, int kv_head,
                                  int batch) {
-    using FragS = AccFragment<kBlockM>;
+    using FragS = AccFragment<kWgQueries>;
     using FragD = AccFragment<kWgCols>;
     const int t = threadIdx.x % 128;
     const int lane = t % 32;
@@ -236,6 +250,7 @@ struct BwdKernel {
     constexpr bool kSplit = kCfg.split_head_dim;
     const int key_row0 = kSplit ? 0 : 64 * consumer;   // this warpgroup's keys within the block
     const int col0 = consumer * (HeadDim - kWgCols);   // its first dK/dV column (0 unless head_dim is split)
+    const int q_col0 = consumer * (kBlockM - kWgQueries);  // its first S^T column (0 unless head_dim is split)
     const auto smem = [](const void* ptr) { return static_cast<uint32_t>(__cvta_generic_to_shared(ptr)); };
     const uint32_t k_rows = smem(s.k[0]) + key_row0 * 128;
     const uint32_t v_rows = smem(s.v[0]) + key_row0 * 128;
@@ -246,12 +261,14 @@ struct BwdKernel {
 #pragma unroll
     for (int i = 0; i < kWgCols / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
 
-    // With turns (kCfg.turns), the two warpgroups take turns issuing GEMMs (S^T and dP^T of a step, then dV, dK
+    // With turns (kCfg.turns()), the two warpgroups take turns issuing GEMMs (S^T and dP^T of a step, then dV, dK
     // and the previous step's dQ), so one's P/dS arithmetic and dQ store run under the other's GEMMs. dQ lags a
     // step behind: by the time a warpgroup issues the dQ of step j - 1, the other stored its dS^T rows of step
-    // j - 1 half a step earlier (ds_full), so neither waits for the other at a barrier. Without turns, both
-    // meet at a barrier once their dS^T rows of the step are stored, and compute that step's dQ.
-    constexpr bool kTurns = kCfg.turns;
+    // j - 1 half a step earlier (ds_full), so neither waits for the other at a barrier. Without turns (head_dim
+    // split), both meet at a barrier once their halves of P^T and dS^T are stored, then compute dV, dK and dQ
+    // from shared memory. P^T and dS^T are double-buffered: a buffer is written again two steps later, after
+    // both warpgroups have passed the barrier of the step between, i.e. finished the GEMMs that read it.
+    constexpr bool kTurns = kCfg.turns();
     const int steps = p.q_heads_per_kv * (p.m_blocks - first_m_block(p, n_block));
     const auto turn_sync = [&] {
       if constexpr (kTurns) hopper::named_barrier_sync(int(BwdBarrier::kTurnFirst) + consumer, 256);
@@ -272,12 +289,12 @@ struct BwdKernel {
       hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
     };
     const auto gemm_dq_of = [&](float (&acc_dq)[kDqCols / 2], int step) {
-      gemm_dq(acc_dq, smem(s.ds[step & 1][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
+      gemm_dq(acc_dq, smem(s.ds[step & 1][0][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
     };
     // Step 0 has no previous dQ: its GEMM reads K's first box in place of dS^T and the result is dropped, so the
     // wgmma is issued unconditionally (a conditional one makes ptxas spill the accumulators).
     const auto gemm_dq_of_previous = [&](float (&acc_dq)[kDqCols / 2], int step) {
-      const uint32_t a = step > 0 ? smem(s.ds[(step - 1) & 1][dq_row0 / 64]) : smem(s.k[0]);
+      const uint32_t a = step > 0 ? smem(s.ds[(step - 1) & 1][0][dq_row0 / 64]) : smem(s.k[0]);
       gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]));
     };
 
@@ -290,13 +307,13 @@ struct BwdKernel {
       const uint32_t q_tile = smem(s.q[stage][0]);
       const uint32_t dout_tile = smem(s.dout[stage][0]);
 
-      float acc_s[kBlockM / 2], acc_dp[kBlockM / 2];
+      float acc_s[kWgQueries / 2], acc_dp[kWgQueries / 2];
       turn_sync();
       hopper::wgmma_fence();
-      gemm_rows_by_queries(acc_s, k_rows, q_tile);
+      gemm_rows_by_queries(acc_s, k_rows, q_tile + q_col0 * 128);
       hopper::wgmma_commit();
       hopper::wgmma_fence();
-      gemm_rows_by_queries(acc_dp, v_rows, dout_tile);
+      gemm_rows_by_queries(acc_dp, v_rows, dout_tile + q_col0 * 128);
       hopper::wgmma_commit();
       turn_pass();
       // P^T while dP^T is still in flight. Masked entries (causal, keys past seqlen_k) become -inf -> 0.
@@ -310,13 +327,13 @@ struct BwdKernel {
           const int first = key < p.seqlen_k ? int(max(int64_t(0), min(int64_t(kBlockM), first_col))) : kBlockM;
 #pragma unroll
           for (int i = 0; i < FragS::kRegs; ++i)
-            if (FragS::row_half(i) == h) acc_s[i] = FragS::col(i, lane) >= first ? acc_s[i] : -INFINITY;
+            if (FragS::row_half(i) == h) acc_s[i] = q_col0 + FragS::col(i, lane) >= first ? acc_s[i] : -INFINITY;
         }
       }
       // Registers 4g..4g+3 hold query columns 8g + 2(lane % 4) + {0, 1} (of both row halves): one float2 of
       // lse2 and of delta per group.
       const auto row_stat = [&](const float* stat, int g) {
-        return *reinterpret_cast<const float2*>(stat + FragS::col(4 * g, lane));
+        return *reinterpret_cast<const float2*>(stat + q_col0 + FragS::col(4 * g, lane));
       };
 #pragma unroll
       for (int g = 0; g < FragS::kRegs / 4; ++g) {
@@ -335,35 +352,29 @@ struct BwdKernel {
           acc_dp[4 * g + r] = acc_s[4 * g + r] * (acc_dp[4 * g + r] - (r & 1 ? delta.y : delta.x));
       }
 
-      uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
+      uint32_t p_frag[kWgQueries / 16][4], ds_frag[kWgQueries / 16][4];
 #pragma unroll
-      for (int k = 0; k < kBlockM / 16; ++k)
+      for (int k = 0; k < kWgQueries / 16; ++k)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           p_frag[k][j] = hopper::pack2<T>(acc_s[8 * k + 2 * j], acc_s[8 * k + 2 * j + 1]);
           ds_frag[k][j] = hopper::pack2<T>(acc_dp[8 * k + 2 * j], acc_dp[8 * k + 2 * j + 1]);
         }
-      if constexpr (!kTurns) {
-        hopper::wgmma_fence();
-        gemm_into_keys(acc_dv, p_frag, dout_tile + (col0 / 64) * kBoxBytesQ);
-        gemm_into_keys(acc_dk, ds_frag, q_tile + (col0 / 64) * kBoxBytesQ);
-        hopper::wgmma_commit();
-      } else {
-        hopper::mbarrier_wait(&s.ds_empty[buf], ((step / 2) & 1) ^ 1);
-      }
-      // dS^T to shared memory for the dQ GEMM of both warpgroups (register j of k16 group k: row half j % 2,
-      // columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}). With head_dim split, both hold the same dS^T, and warps
-      // 2w, 2w+1 of warpgroup w store its rows 32w..32w+31.
-      if (!kSplit || (t / 32) / 2 == consumer) {
+      if constexpr (kTurns) hopper::mbarrier_wait(&s.ds_empty[buf], ((step / 2) & 1) ^ 1);
+      // dS^T (and with head_dim split, P^T) to shared memory, this warpgroup's rows and query columns (register j
+      // of k16 group k: row half j % 2, columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}).
+      const auto store_rows = [&](uint8_t* tile, const uint32_t (&frag)[kWgQueries / 16][4]) {
 #pragma unroll
-        for (int k = 0; k < kBlockM / 16; ++k)
+        for (int k = 0; k < kWgQueries / 16; ++k)
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int row = key_row0 + row_in_wg + 8 * (j % 2);
-            const int col = 16 * k + 8 * (j / 2) + 2 * (lane % 4);
-            *reinterpret_cast<uint32_t*>(swizzled(s.ds[buf][0], kBoxBytesDs, row, col)) = ds_frag[k][j];
+            const int col = q_col0 + 16 * k + 8 * (j / 2) + 2 * (lane % 4);
+            *reinterpret_cast<uint32_t*>(swizzled(tile, kBoxBytesDs, row, col)) = frag[k][j];
           }
-      }
+      };
+      store_rows(s.ds[buf][0][0], ds_frag);
+      if constexpr (kSplit) store_rows(s.ds[buf][1][0], p_frag);
       hopper::fence_view_async_shared();
       float acc_dq[kDqCols / 2];
       if constexpr (kTurns) {
@@ -377,6 +388,8 @@ struct BwdKernel {
       } else {
         hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
         hopper::wgmma_fence();
+        gemm_into_keys_ss(acc_dv, smem(s.ds[buf][1][0]), dout_tile + (col0 / 64) * kBoxBytesQ);
+        gemm_into_keys_ss(acc_dk, smem(s.ds[buf][0][0]), q_tile + (col0 / 64) * kBoxBytesQ);
         gemm_dq_of(acc_dq, step);
       }
       hopper::wgmma_commit();
@@ -453,7 +466,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       hopper::mbarrier_init(&s.dq_full[i], 128 * BwdConfig::kConsumers);
       hopper::mbarrier_init(&s.dq_empty[i], 1);
     }
-    if constexpr (K::kCfg.turns)
+    if constexpr (K::kCfg.turns())
       for (int i = 0; i < 2; ++i) {
         hopper::mbarrier_init(&s.ds_full[i], 128 * BwdConfig::kConsumers);
         hopper::mbarrier_init(&s.ds_empty[i], 128 * BwdConfig::kConsumers);

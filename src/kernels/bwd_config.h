@@ -14,18 +14,19 @@ struct BwdConfig {
   int dq_buffers;     // shared-memory dQ tiles between the consumers and the dQ writer
   int producer_regs;  // setmaxnreg budget of the producer warpgroup (TMA loads and the dQ writer)
   int consumer_regs;  // setmaxnreg budget of each of the two consumer warpgroups
-  // false: each consumer warpgroup owns 64 of the block's keys, all head_dim columns of their dK and dV.
-  // true: both own all 64 keys of the block and split head_dim: each keeps half the columns of dK and dV (both
-  // compute the same S^T and dP^T, so P^T and dS^T are in each one's registers for its GEMMs).
+  // false: each consumer warpgroup owns 64 of the block's keys, all head_dim columns of their dK and dV, and
+  // computes S^T and dP^T of its keys for the whole query block; P^T and dS^T stay in its registers for the dV
+  // and dK GEMMs. The two take turns issuing GEMMs and compute each step's dQ one step later (turns()).
+  // true: both own all 64 keys of the block and split head_dim (half the columns of dK, dV and dQ each); each
+  // computes S^T and dP^T for half the query block, and both halves of P^T and dS^T meet in shared memory, where
+  // the dV, dK and dQ GEMMs read them after a barrier every step.
   bool split_head_dim;
-  // true: the consumer warpgroups take turns issuing GEMMs and compute each step's dQ one step later (no
-  // barrier between them per step). false: they meet at a barrier every step. With split_head_dim both
-  // warpgroups compute the same S^T and dP^T, so taking turns serialises them (head_dim 256: 320 -> 190 TFLOP/s).
-  bool turns;
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
   constexpr int wg_cols() const { return split_head_dim ? head_dim / kConsumers : head_dim; }
+  constexpr int wg_queries() const { return split_head_dim ? block_m / kConsumers : block_m; }  // of S^T, dP^T
+  constexpr bool turns() const { return !split_head_dim; }
   // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
   // can take 64 of them, else by head_dim columns.
   constexpr bool dq_split_rows() const { return block_m == 64 * kConsumers; }
@@ -38,15 +39,15 @@ struct BwdConfig {
 // head_dim 128 takes 64. Shared memory: K, V, a Q/dO ring, double-buffered dS^T, and dQ tiles (two at head_dim
 // 128; one at head_dim 64, whose 128-row tiles leave no room for a second): 224 KB. head_dim 256 cannot keep
 // 2 x 64 x 256 dK/dV floats per warpgroup, so it splits head_dim (64-key blocks) and has room for one Q/dO
-// stage only (K, V 32 KB each, Q, dO 32 KB each, dQ tile 64 KB).
+// stage only (K, V 32 KB each, Q, dO 32 KB each, dS^T and P^T 2 x 8 KB each, dQ tile 64 KB).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, true}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, true}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, false};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
-  return c.block_n == (c.split_head_dim ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
+  return c.block_n == (c.split_head_dim ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.wg_queries() % 16 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
          c.dq_rows() == 64 && c.dq_cols() % 64 == 0 && c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers ==
          c.block_m * c.head_dim && 128 * (c.producer_regs + BwdConfig::kConsumers * c.consumer_regs) <= 65536;
 }
