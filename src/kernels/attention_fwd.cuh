@@ -87,6 +87,7 @@ struct FwdKernel {
   static constexpr int kBlockN = kCfg.block_n;
   static constexpr int kStages = kCfg.stages;
   static constexpr int kConsumers = kCfg.consumer_warpgroups;
+  static constexpr int kQBuffers = kCfg.q_buffers;
   static constexpr int kBoxes = HeadDim / 64;              // 64-column (128-byte) boxes per row
   static constexpr int kWgRows = 64;                       // query rows per consumer warpgroup
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
@@ -95,10 +96,10 @@ struct FwdKernel {
   static constexpr uint32_t kKVBytes = kCfg.tile_bytes(kBlockN, sizeof(T));
 
   struct alignas(1024) Smem {
-    alignas(1024) uint8_t q[kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
+    alignas(1024) uint8_t q[kQBuffers][kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
     alignas(1024) uint8_t k[kStages][kBoxes][kBoxBytesKV];
     alignas(1024) uint8_t v[kStages][kBoxes][kBoxBytesKV];
-    alignas(8) uint64_t q_full, q_empty;
+    alignas(8) uint64_t q_full[kQBuffers], q_empty[kQBuffers];
     uint64_t k_full[kStages], k_empty[kStages];
     uint64_t v_full[kStages], v_empty[kStages];
   };
@@ -158,12 +159,13 @@ struct FwdKernel {
       const Tile tile = tile_at(p, t);
       const int n_blocks = key_blocks(p, tile.m_block);
       const int kv_head = tile.head / p.q_heads_per_kv;
-      hopper::mbarrier_wait(&s.q_empty, (tile_count & 1) ^ 1);
-      hopper::mbarrier_arrive_expect_tx(&s.q_full, kQBytes);
+      const int qb = tile_count % kQBuffers;
+      hopper::mbarrier_wait(&s.q_empty[qb], ((tile_count / kQBuffers) & 1) ^ 1);
+      hopper::mbarrier_arrive_expect_tx(&s.q_full[qb], kQBytes);
       for (int wg = 0; wg < kConsumers; ++wg)
         for (int b = 0; b < kBoxes; ++b)
-          hopper::tma_load_4d(s.q[wg][b], &p.q, b * 64, tile.m_block * kBlockM + wg * kWgRows, tile.head,
-                              tile.batch, &s.q_full);
+          hopper::tma_load_4d(s.q[qb][wg][b], &p.q, b * 64, tile.m_block * kBlockM + wg * kWgRows, tile.head,
+                              tile.batch, &s.q_full[qb]);
 
       for (int it = 0; it < n_blocks; ++it, ++ring.count) {
         const int n_block = n_blocks - 1 - it;
@@ -204,7 +206,9 @@ struct FwdKernel {
     const int lane = t % 32;
     const int wg_row0 = tile.m_block * kBlockM + consumer * kWgRows;
     const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
-    const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(s.q[consumer][0]));
+    const int qb = tile_count % kQBuffers;
+    uint8_t(&q_tile)[kBoxes][kBoxBytesQ] = s.q[qb][consumer];
+    const uint32_t q_base = static_cast<uint32_t>(__cvta_generic_to_shared(q_tile[0]));
 
     float acc_o[HeadDim / 2];
 #pragma unroll
@@ -265,7 +269,7 @@ struct FwdKernel {
     // S(j+1) runs while the tensor cores do P(j) V(j), and its O rescale is applied just before the next
     // PV. Across warpgroups, GemmTurns makes them issue their GEMMs in turn, so one warpgroup's softmax
     // hides under the others' GEMMs.
-    hopper::mbarrier_wait(&s.q_full, tile_count & 1);
+    hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
     if (n_blocks > 0) {
       float rescale[2];
       turns.first();
@@ -317,14 +321,14 @@ struct FwdKernel {
       const int col = FragO::col(i, lane);
       const int box = col / 64;
       const int chunk = (col % 64) / 8;
-      uint8_t* dst = s.q[consumer][box] + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
+      uint8_t* dst = q_tile[box] + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
       *reinterpret_cast<uint32_t*>(dst) = hopper::pack2<T>(acc_o[i] * inv_sum[h], acc_o[i + 1] * inv_sum[h]);
     }
     hopper::fence_view_async_shared();
     hopper::named_barrier_sync(int(FwdBarrier::kEpilogueFirst) + consumer, 128);
     if (t == 0 && wg_row0 < p.seqlen_q) {
       for (int b = 0; b < kBoxes; ++b)
-        hopper::tma_store_4d(&p.out, s.q[consumer][b], b * 64, wg_row0, tile.head, tile.batch);
+        hopper::tma_store_4d(&p.out, q_tile[b], b * 64, wg_row0, tile.head, tile.batch);
       hopper::tma_store_commit();
     }
 
@@ -339,7 +343,7 @@ struct FwdKernel {
     // The producer may refill this warpgroup's Q buffer once the store has read it.
     if (t == 0) {
       if (wg_row0 < p.seqlen_q) hopper::tma_store_wait_read();
-      hopper::mbarrier_arrive(&s.q_empty);
+      hopper::mbarrier_arrive(&s.q_empty[qb]);
     }
   }
 };
@@ -352,8 +356,10 @@ __global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
 
   const int warpgroup = threadIdx.x / 128;
   if (threadIdx.x == 0) {
-    hopper::mbarrier_init(&s.q_full, 1);
-    hopper::mbarrier_init(&s.q_empty, K::kConsumers);
+    for (int i = 0; i < K::kQBuffers; ++i) {
+      hopper::mbarrier_init(&s.q_full[i], 1);
+      hopper::mbarrier_init(&s.q_empty[i], K::kConsumers);
+    }
     for (int i = 0; i < K::kStages; ++i) {
       hopper::mbarrier_init(&s.k_full[i], 1);
       hopper::mbarrier_init(&s.v_full[i], 1);

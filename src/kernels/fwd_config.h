@@ -11,6 +11,7 @@ struct FwdConfig {
   int consumer_warpgroups;  // warpgroups running wgmma + softmax (a producer warpgroup comes on top)
   int producer_regs;        // setmaxnreg budget of the TMA producer warpgroup
   int consumer_regs;        // setmaxnreg budget of each consumer warpgroup
+  int q_buffers;            // Q tiles in shared memory: with 2, a CTA's next tile loads while this one computes
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -24,14 +25,14 @@ constexpr FwdConfig fwd_config(int head_dim) {
   // smaller causal tiles waste less work on the diagonal but lose on long sequences (d128 with 128-key
   // blocks: +8-11% at seqlen 512-1k, -2% at 8k, -7-12% at 16k; d64 with 128 query rows: +8% at 512,
   // -8% at 4k), and long sequences win the tie.
-  return head_dim == 64    ? FwdConfig{64, 192, 128, 2, 3, 32, 160}
-         : head_dim == 128 ? FwdConfig{128, 128, 176, 2, 2, 24, 240}
-                           : FwdConfig{256, 128, 80, 2, 2, 24, 240};
+  return head_dim == 64    ? FwdConfig{64, 192, 128, 2, 3, 32, 160, 2}
+         : head_dim == 128 ? FwdConfig{128, 128, 176, 2, 2, 24, 240, 1}
+                           : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
   return c.block_m == 64 * c.consumer_warpgroups && c.block_n % 16 == 0 && c.head_dim % 64 == 0 &&
-         c.stages >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
+         c.stages >= 1 && c.q_buffers >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
 }
 
 static_assert(fwd_config_valid(fwd_config(64)) && fwd_config_valid(fwd_config(128)) &&
