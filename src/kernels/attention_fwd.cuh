@@ -80,9 +80,9 @@ struct GemmTurns {
   }
 };
 
-template <class T, int HeadDim, bool Causal>
+template <class T, int HeadDim, bool Causal, int Tier>
 struct FwdKernel {
-  static constexpr FwdConfig kCfg = fwd_config(HeadDim);
+  static constexpr FwdConfig kCfg = fwd_config(HeadDim, Causal, Tier);
   static constexpr int kBlockM = kCfg.block_m;
   static constexpr int kBlockN = kCfg.block_n;
   static constexpr int kStages = kCfg.stages;
@@ -348,10 +348,10 @@ struct FwdKernel {
   }
 };
 
-template <class T, int HeadDim, bool Causal>
-__global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
+template <class T, int HeadDim, bool Causal, int Tier>
+__global__ void __launch_bounds__(fwd_config(HeadDim, Causal, Tier).threads(), 1)
     attention_fwd_kernel(const __grid_constant__ FwdKernelParams p) {
-  using K = FwdKernel<T, HeadDim, Causal>;
+  using K = FwdKernel<T, HeadDim, Causal, Tier>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
 
   const int warpgroup = threadIdx.x / 128;
@@ -384,10 +384,10 @@ __global__ void __launch_bounds__(fwd_config(HeadDim).threads(), 1)
   }
 }
 
-template <DType DT, int HeadDim, bool Causal>
-dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
+template <DType DT, int HeadDim, bool Causal, int Tier>
+dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   using T = std::conditional_t<DT == DType::bf16, __nv_bfloat16, __half>;
-  using K = FwdKernel<T, HeadDim, Causal>;
+  using K = FwdKernel<T, HeadDim, Causal, Tier>;
 
   FwdKernelParams kp{};
   const TensorMapShape q_shape{HeadDim, prm.seqlen_q, prm.heads_q, prm.batch};
@@ -417,7 +417,7 @@ dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = prm.softmax_scale * kLog2e;
 
-  auto kernel = attention_fwd_kernel<T, HeadDim, Causal>;
+  auto kernel = attention_fwd_kernel<T, HeadDim, Causal, Tier>;
   // The shared-memory opt-in is a per-device setting of the kernel: made once per device (bit = ordinal).
   static std::atomic<uint64_t> smem_reserved{0};
   int device = 0;
@@ -450,6 +450,17 @@ dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   err = cudaLaunchKernelEx(&config, kernel, kp);
   if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "forward kernel launch failed: %s", cudaGetErrorString(err));
   return succeed();
+}
+
+// The tier of the family (fwd_config.h) by seqlen_k.
+template <DType DT, int HeadDim, bool Causal>
+dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
+  if constexpr (fwd_tiers(HeadDim, Causal) == 2) {
+    if (prm.seqlen_k <= fwd_short_keys(HeadDim, Causal)) return launch_forward_tier<DT, HeadDim, Causal, 0>(prm, stream);
+    return launch_forward_tier<DT, HeadDim, Causal, 1>(prm, stream);
+  } else {
+    return launch_forward_tier<DT, HeadDim, Causal, 0>(prm, stream);
+  }
 }
 
 }  // namespace dhp::kernels

@@ -1,4 +1,4 @@
-// Tile configuration of the forward kernel, as data: one plain struct chosen by head_dim.
+// Tile configuration of the forward kernel, as data: one plain struct chosen by head_dim, causal and seqlen_k.
 #pragma once
 
 namespace dhp::kernels {
@@ -17,17 +17,26 @@ struct FwdConfig {
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
 };
 
-constexpr FwdConfig fwd_config(int head_dim) {
+// Each (head_dim, causal) kernel family has one or two tiers of tile configuration, chosen by seqlen_k (a
+// public shape): tier 0 serves seqlen_k <= fwd_short_keys(...), tier 1 everything longer. A family with one
+// tier returns 0 there. The tier changes the order of the online softmax's additions, so results depend on
+// seqlen_k through it (as they do through the key count itself), never on values or on the rest of the batch.
+constexpr int fwd_short_keys(int head_dim, bool causal) { return head_dim == 128 ? 2048 : 0; }
+constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_short_keys(head_dim, causal) > 0 ? 2 : 1; }
+
+constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // Per head_dim, the largest key block whose S, P and O fragments fit the consumer register budget
   // and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax, so a third
-  // consumer warpgroup gives the tensor cores more independent work. Causal kernels (compiled apart,
-  // with the mask at compile time) use the same tiles: measured on an H100 (bf16/fp16, 2026-11-25),
-  // smaller causal tiles waste less work on the diagonal but lose on long sequences (d128 with 128-key
-  // blocks: +8-11% at seqlen 512-1k, -2% at 8k, -7-12% at 16k; d64 with 128 query rows: +8% at 512,
-  // -8% at 4k), and long sequences win the tie.
-  return head_dim == 64    ? FwdConfig{64, 192, 128, 2, 3, 32, 160, 2}
-         : head_dim == 128 ? FwdConfig{128, 128, 176, 2, 2, 24, 240, 1}
-                           : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1};
+  // consumer warpgroup gives the tensor cores more independent work. Measured on an H100 (bf16,
+  // 2026-11-25, builds alternating in one call): head_dim 128 with 128-key blocks and two Q buffers beats
+  // 176-key blocks up to 2k keys (512: 467 vs 404 TFLOP/s, 1k 548 vs 505, 2k 612 vs 590; causal 512
+  // 240 vs 207, 1k 343 vs 307) and loses at 16k (616 vs 627), so it is the short tier. Causal kernels
+  // (compiled apart, with the mask at compile time) take the same tiles: d64 with 128 query rows was +8%
+  // at 512 causal and -8% at 4k.
+  return head_dim == 64 ? FwdConfig{64, 192, 128, 2, 3, 32, 160, 2}
+         : head_dim == 128
+             ? (tier == 0 ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2} : FwdConfig{128, 128, 176, 2, 2, 24, 240, 1})
+             : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
@@ -35,7 +44,13 @@ constexpr bool fwd_config_valid(const FwdConfig& c) {
          c.stages >= 1 && c.q_buffers >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
 }
 
-static_assert(fwd_config_valid(fwd_config(64)) && fwd_config_valid(fwd_config(128)) &&
-              fwd_config_valid(fwd_config(256)));
+constexpr bool fwd_configs_valid() {
+  for (int head_dim : {64, 128, 256})
+    for (bool causal : {false, true})
+      for (int tier = 0; tier < fwd_tiers(head_dim, causal); ++tier)
+        if (!fwd_config_valid(fwd_config(head_dim, causal, tier))) return false;
+  return true;
+}
+static_assert(fwd_configs_valid());
 
 }  // namespace dhp::kernels
