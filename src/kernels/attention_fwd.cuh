@@ -452,15 +452,14 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   return succeed();
 }
 
-// The tier of the family (fwd_config.h) by seqlen_k.
+// The family's tier (fwd_config.h) by seqlen_k.
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   if constexpr (fwd_tiers(HeadDim, Causal) == 2) {
-    if (prm.seqlen_k <= fwd_short_keys(HeadDim, Causal)) return launch_forward_tier<DT, HeadDim, Causal, 0>(prm, stream);
-    return launch_forward_tier<DT, HeadDim, Causal, 1>(prm, stream);
-  } else {
-    return launch_forward_tier<DT, HeadDim, Causal, 0>(prm, stream);
+    if (prm.seqlen_k <= fwd_short_keys(HeadDim, Causal))
+      return launch_forward_tier<DT, HeadDim, Causal, kTierShortKeys>(prm, stream);
   }
+  return launch_forward_tier<DT, HeadDim, Causal, kTierMain>(prm, stream);
 }
 
 }  // namespace dhp::kernels

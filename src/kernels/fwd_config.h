@@ -17,30 +17,33 @@ struct FwdConfig {
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
 };
 
-// Each (head_dim, causal) kernel family has one or two tiers of tile configuration, chosen by seqlen_k (a
-// public shape): tier 0 serves seqlen_k <= fwd_short_keys(...), tier 1 everything longer; a family with one
-// tier returns 0 there. The tier changes the order of the online softmax's additions, so results depend on
-// seqlen_k through it (as they do through the key count itself), never on values or on the rest of the batch.
+// Each (head_dim, causal) kernel family has its main tile configuration (kTierMain, every seqlen_k) and may
+// have a second one for short keys (kTierShortKeys, seqlen_k <= fwd_short_keys(...) > 0), chosen by seqlen_k,
+// a public shape. The tier changes the order of the online softmax's additions, so results depend on seqlen_k
+// through it (as they do through the key count itself), never on values or on the rest of the batch.
+constexpr int kTierMain = 0;
+constexpr int kTierShortKeys = 1;
 constexpr int fwd_short_keys(int head_dim, bool causal) {
   return head_dim == 128 ? 2048 : causal ? 1024 : 0;
 }
 constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_short_keys(head_dim, causal) > 0 ? 2 : 1; }
 
 constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
-  // Tier 1 (long keys): per head_dim, the largest key block whose S, P and O fragments fit the consumer
-  // register budget and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax,
-  // so a third consumer warpgroup gives the tensor cores more independent work.
-  // Tier 0 (short keys), measured on an H100 (bf16, 2026-11-25, builds alternating in one call): smaller
-  // blocks waste less on the padded tail and the causal diagonal. head_dim 128 with 128-key blocks and two
-  // Q buffers: 512 keys 404 -> 489 TFLOP/s, 1k 505 -> 580, 2k 590 -> 630, causal 512 207 -> 263, 1k
+  // Main tier: per head_dim, the largest key block whose S, P and O fragments fit the consumer register
+  // budget and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax, so a
+  // third consumer warpgroup gives the tensor cores more independent work.
+  // Short-key tier, measured on an H100 (bf16, 2026-11-25, builds alternating in one call): smaller blocks
+  // waste less on the padded tail and the causal diagonal. head_dim 128 with 128-key blocks and two Q
+  // buffers: 512 keys 404 -> 489 TFLOP/s, 1k 505 -> 580, 2k 590 -> 630, causal 512 207 -> 263, 1k
   // 307 -> 377; it loses at 16k (616 vs 627). Causal head_dim 64 with 128 query rows: 512 163 -> 178,
   // 1k 235 -> 256, but 2k 343 -> 327 and non-causal 2k 472 -> 409. Causal head_dim 256 with 64-key blocks:
   // 512 279 -> 291, 1k 392 -> 412, but non-causal 1k 617 -> 588.
+  const bool short_keys = tier == kTierShortKeys;
   if (head_dim == 64)
-    return tier == 0 ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2} : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2} : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2};
   if (head_dim == 128)
-    return tier == 0 ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2} : FwdConfig{128, 128, 176, 2, 2, 24, 240, 1};
-  return tier == 0 ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1} : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1};
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2} : FwdConfig{128, 128, 176, 2, 2, 24, 240, 1};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1} : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
