@@ -1,6 +1,7 @@
 """Determinism and batch invariance: same inputs give the same bits, whatever else runs or sits in the batch.
 
-Method. For every compiled variant, causal and not, on a shape with a sequence tail and GQA, and for both passes
+Method. For every compiled variant, causal and not, on two shapes with sequence tails and GQA (SHAPES: the
+forward's tile configuration depends on seqlen_k, and each shape runs one of its tiers), and for both passes
 (fwd: the forward's out and lse; bwd, for the head_dims build_info lists under "backward_head_dims": the
 backward's dq, dk and dv), the reference is the sha256 of the raw bytes of each output from one call on the
 current stream. Then, each compared bitwise (by hash) with the reference:
@@ -25,8 +26,8 @@ backward is under test (the forward's batch invariance is the fwd case's). dk an
 that sequence only (GQA sums query heads within a batch element), so the target's slices are compared.
 
 Each comparison is one check; the verdict is pass when every check's hashes equal the reference's.
-Status: the hashing, poison, batching and verdict logic are unit-tested on the CPU; the GPU part has NOT yet
-run on a GPU.
+The hashing, poison, batching and verdict logic are unit-tested on the CPU; results of GPU runs are in
+docs/audit/.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ import json
 import math
 import sys
 
-SHAPE = (1000, 4, 2)  # seqlen, heads_q, heads_kv: a tail, and GQA
+# (seqlen, heads_q, heads_kv): tails and GQA. The forward's tile configuration depends on seqlen_k
+# (src/kernels/fwd_config.h: short-key tiers up to 1k or 2k keys), so one seqlen runs each tier.
+SHAPES = ((1000, 4, 2), (2100, 4, 2))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
 SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
 OUTPUTS = {"fwd": ("out", "lse"), "bwd": ("dq", "dk", "dv")}  # what each pass's checks hash
@@ -121,13 +124,14 @@ def batch_inputs(sequences: dict, layout: list, cat) -> dict:
 # The GPU part
 
 
-def sequence_inputs(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool, seed: int) -> dict:
+def sequence_inputs(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool, shape: tuple,
+                    seed: int) -> dict:
     """{pool index or class name: {tensor name: tensor}} of single sequences (batch 1): the target (0), the
     random neighbours (1 .. POOL-1) and one sequence per special neighbour class; for the backward with dout,
     and out and lse from each sequence's own forward."""
     from . import inputs
 
-    seqlen, heads_q, heads_kv = SHAPE
+    seqlen, heads_q, heads_kv = shape
     q_shape, kv_shape = (1, seqlen, heads_q, head_dim), (1, seqlen, heads_kv, head_dim)
     draws = {i: ("random", i) for i in range(POOL)}
     draws.update({name: (name, 0) for name in SPECIAL_NEIGHBOURS})
@@ -165,8 +169,17 @@ def launch(torch, ext, direction: str, causal: bool, tensors: dict, call: int) -
 
 def run_case(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool, repeats: int,
              seed: int) -> list[dict]:
-    """Every check of one case (one pass of one variant) against the reference call; see the module docstring."""
-    sequences = sequence_inputs(torch, ext, direction, dtype, head_dim, causal, seed)
+    """Every check of one case (one pass of one variant), per shape, against that shape's reference call; see
+    the module docstring. Labels start with the shape's seqlen."""
+    return [{**check, "label": f"s{shape[0]} {check['label']}"}
+            for shape in SHAPES
+            for check in run_shape(torch, ext, direction, dtype, head_dim, causal, shape, repeats, seed)]
+
+
+def run_shape(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool, shape: tuple, repeats: int,
+              seed: int) -> list[dict]:
+    """The checks of one case on one shape."""
+    sequences = sequence_inputs(torch, ext, direction, dtype, head_dim, causal, shape, seed)
     target = sequences[0]
     calls = itertools.count()
 
@@ -247,7 +260,7 @@ def run(args) -> int:
     print(report(cases))
     if args.json:
         document = {"check": "determinism", "verdict": overall, "device": torch.cuda.get_device_name(),
-                    "shape": list(SHAPE), "repeats": args.repeats, "seed": args.seed, "cases": cases}
+                    "shapes": [list(shape) for shape in SHAPES], "repeats": args.repeats, "seed": args.seed, "cases": cases}
         with open(args.json, "w") as out:
             out.write(json.dumps(document, indent=1) + "\n")
     return 0 if overall == "pass" else 1
