@@ -34,8 +34,8 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // third consumer warpgroup gives the tensor cores more independent work.
   // Short-key tier, measured on an H100 (bf16, 2026-11-25, builds alternating in one call): smaller blocks
   // waste less on the padded tail and the causal diagonal. head_dim 128 with 128-key blocks and two Q
-  // buffers: 512 keys 404 -> 489 TFLOP/s, 1k 505 -> 580, 2k 590 -> 630, causal 512 207 -> 263, 1k
-  // 307 -> 377; it loses at 16k (616 vs 627). Causal head_dim 64 with 128 query rows: 512 163 -> 178,
+  // buffers: 512 keys 398 -> 467 TFLOP/s, 1k 505 -> 548, 2k 590 -> 612, causal 512 210 -> 240, 1k
+  // 311 -> 343; it loses at 16k (627 -> 616) and causal 8k (601 -> 563). Causal head_dim 64 with 128 query rows: 512 163 -> 178,
   // 1k 235 -> 256, but 2k 343 -> 327 and non-causal 2k 472 -> 409. Causal head_dim 256 with 64-key blocks:
   // 512 279 -> 291, 1k 392 -> 412, but non-causal 1k 617 -> 588.
   const bool short_keys = tier == kTierShortKeys;
