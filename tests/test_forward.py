@@ -14,7 +14,7 @@ from dhp import reference
 from torch_helpers import assert_bitwise_equal, inputs, randn
 
 SEQLENS = [
-    (1, 1), (17, 17), (128, 128), (1000, 1000), (4097, 4097),
+    (1, 1), (17, 17), (128, 128), (1000, 1000), (4097, 4097),  # causal: persistent grid up to 4096 keys
     (113, 203), (239, 1), (799, 3), (1, 239), (1023, 1024),
     (257, 1025), (257, 2048), (257, 2049),  # either side of the short-key tiers' limits (fwd_config.h)
 ]

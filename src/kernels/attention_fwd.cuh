@@ -438,12 +438,17 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
                 cudaGetErrorString(err));
 
   // Non-causal tiles all cost the same: a persistent grid of one CTA per SM takes them round by round,
-  // and the K/V loads of a CTA's next tile overlap its epilogue. Causal tiles cost 1..n key blocks, which
-  // a static round-robin cannot balance (measured: 467 vs 646 TFLOP/s at d128, 16k), so there the grid
-  // has one CTA per tile and the hardware hands tiles, heaviest of each head first, to SMs as they free
-  // up. The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
+  // and the K/V loads of a CTA's next tile (and its Q, with two Q buffers) overlap its epilogue. Causal
+  // tiles cost 1..n key blocks: up to kPersistentCausalKeys keys the snake order of
+  // tile_of_round balances them well enough and the overlap wins (H100 bf16, alternating builds: d64 512
+  // 177 -> 217 TFLOP/s, d128 512 256 -> 302, 2k 472 -> 513, d256 4k 610 -> 650; d256 512 290 -> 281);
+  // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
+  // per tile and the hardware hands tiles, heaviest of each head first, to SMs as they free up. The
+  // tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
+  constexpr int kPersistentCausalKeys = 4096;
+  const bool persistent = !Causal || prm.seqlen_k <= kPersistentCausalKeys;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(Causal ? num_tiles : std::min(num_tiles, int64_t{multiprocessors})));
+  config.gridDim = dim3(unsigned(persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles));
   config.blockDim = dim3(K::kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;
