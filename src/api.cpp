@@ -12,10 +12,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <string>
 
 #include "build_info.h"
 #include "dhp/dhp.h"
 #include "error.h"
+#include "kernels/fwd_config.h"
 #include "memory_check.h"
 #include "params.h"
 
@@ -620,6 +622,39 @@ dhp_status on_device(int device, Launch&& launch) {
   return status == DHP_SUCCESS ? succeed() : status;
 }
 
+// The build's JSON (CMake: version, toolkit, variant lists) plus the forward's tile configurations of the
+// compiled head_dims: one entry per (head_dim, causal, tier), "max_seqlen_k" the tier's limit (null: any), and
+// the key count up to which causal runs on the persistent grid. Built once.
+const char* build_info_json() {
+  static const std::string json = [] {
+    std::string tiles;
+    for (int head_dim : {64, 128, 256}) {
+      if (!forward_variant_exists(DType::bf16, head_dim) && !forward_variant_exists(DType::fp16, head_dim)) continue;
+      for (bool causal : {false, true}) {
+        for (int tier = 0; tier < kernels::fwd_tiers(head_dim, causal); ++tier) {
+          const kernels::FwdConfig c = kernels::fwd_config(head_dim, causal, tier);
+          char limit[16] = "null";
+          if (tier == kernels::kTierShortKeys)
+            std::snprintf(limit, sizeof limit, "%d", kernels::fwd_short_keys(head_dim, causal));
+          char entry[320];
+          std::snprintf(entry, sizeof entry,
+                        "%s{\"head_dim\": %d, \"causal\": %s, \"max_seqlen_k\": %s, \"block_m\": %d, "
+                        "\"block_n\": %d, \"stages\": %d, \"q_buffers\": %d, \"consumer_warpgroups\": %d}",
+                        tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", limit, c.block_m,
+                        c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups);
+          tiles += entry;
+        }
+      }
+    }
+    std::string cmake = DHP_BUILD_INFO_JSON;
+    cmake.pop_back();  // the closing brace
+    char tail[64];
+    std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d}", kernels::kPersistentCausalKeys);
+    return cmake + ", \"forward_tiles\": [" + tiles + tail;
+  }();
+  return json.c_str();
+}
+
 }  // namespace
 }  // namespace dhp
 
@@ -627,7 +662,7 @@ extern "C" {
 
 const char* dhp_version(void) { return DHP_VERSION_STRING; }
 
-const char* dhp_build_info(void) { return DHP_BUILD_INFO_JSON; }
+const char* dhp_build_info(void) { return dhp::build_info_json(); }
 
 dhp_status dhp_device_count(int* count) {
   if (!count) return dhp::fail(DHP_ERROR_INVALID_VALUE, "count is NULL: expected a pointer to an int");

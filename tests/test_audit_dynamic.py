@@ -248,7 +248,8 @@ def test_counters_run_takes_a_second_look(monkeypatch, tmp_path, capsys):
     out = tmp_path / "counters.json"
     args = argparse.Namespace(dtypes=None, head_dims=None, quick=False, order=None, seed=0, json=out)
     assert counters.run(args) == 1
-    assert len(profiles) == 4 + 2  # four cases, two second looks
+    cases = 2 * len(counters.SHAPES)  # full and causal on every shape
+    assert len(profiles) == cases + 2  # and two second looks
     document = json.loads(out.read_text())
     verdicts = {c["name"]: c["judgement"]["verdict"] for c in document["cases"]}
     assert list(verdicts.values()).count("fail") == 1
@@ -421,6 +422,19 @@ def test_batch_inputs_put_the_target_where_the_layout_says():
 
 
 # CLI
+
+
+@pytest.mark.parametrize("tool", ["counters", "determinism"])
+def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
+    """The forward's tiles and grid change with seqlen_k (dhp_build_info): every kernel and grid must run."""
+    from dhp import _native
+
+    info = _native.build_info()
+    limits = {t["max_seqlen_k"] for t in info["forward_tiles"] if t["max_seqlen_k"] is not None}
+    limits.add(info["persistent_causal_max_seqlen_k"])
+    seqlens = [shape[1] for shape in counters.SHAPES] if tool == "counters" else [s[0] for s in determinism.SHAPES]
+    for limit in sorted(limits):
+        assert any(s <= limit for s in seqlens) and any(s > limit for s in seqlens), (tool, limit, seqlens)
 
 
 @pytest.mark.parametrize("check", ["counters", "timing", "determinism"])

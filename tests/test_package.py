@@ -49,6 +49,22 @@ def test_version_and_build_info(ext):
     assert head_dims and set(head_dims) <= {64, 128, 256}
 
 
+def test_build_info_lists_the_forward_tiles(ext):
+    """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier."""
+    info = dhp.build_info()
+    tiles = info["forward_tiles"]
+    keys = {"head_dim", "causal", "max_seqlen_k", "block_m", "block_n", "stages", "q_buffers", "consumer_warpgroups"}
+    assert tiles and all(set(t) == keys for t in tiles)
+    for head_dim in info["head_dims"]:
+        for causal in (False, True):
+            family = [t for t in tiles if t["head_dim"] == head_dim and t["causal"] == causal]
+            assert [t["max_seqlen_k"] for t in family if t["max_seqlen_k"] is None] == [None], family
+            assert len(family) <= 2 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
+            assert all(t["block_m"] == 64 * t["consumer_warpgroups"] and t["block_n"] % 16 == 0 for t in family)
+    assert {t["head_dim"] for t in tiles} == set(info["head_dims"])
+    assert info["persistent_causal_max_seqlen_k"] > 0
+
+
 def test_devices(ext):
     devices = dhp.devices()
     assert len(devices) == ext.device_count()

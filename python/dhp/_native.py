@@ -37,7 +37,8 @@ def available() -> bool:
 
 
 def build_info() -> dict:
-    """How the C library was built: {"version", "cuda", "arch", "dtypes", "head_dims"}."""
+    """How the C library was built (dhp_build_info in dhp.h): {"version", "cuda", "arch", "dtypes", "head_dims",
+    "backward_head_dims", "forward_tiles", "persistent_causal_max_seqlen_k"}."""
     return json.loads(ext().build_info())
 
 

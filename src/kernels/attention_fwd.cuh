@@ -445,7 +445,6 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
   // per tile and the hardware hands tiles, heaviest of each head first, to SMs as they free up. The
   // tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
-  constexpr int kPersistentCausalKeys = 4096;
   const bool persistent = !Causal || prm.seqlen_k <= kPersistentCausalKeys;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles));

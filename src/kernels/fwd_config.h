@@ -28,7 +28,11 @@ constexpr int fwd_short_keys(int head_dim, bool causal) {
 }
 constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_short_keys(head_dim, causal) > 0 ? 2 : 1; }
 
-constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
+// Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond
+// (attention_fwd.cuh, launch_forward_tier, says why).
+constexpr int kPersistentCausalKeys = 4096;
+
+constexpr FwdConfig fwd_config(int head_dim, [[maybe_unused]] bool causal, int tier) {
   // Main tier: per head_dim, the largest key block whose S, P and O fragments fit the consumer register
   // budget and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax, so a
   // third consumer warpgroup gives the tensor cores more independent work.

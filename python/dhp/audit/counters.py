@@ -1,6 +1,6 @@
 """Counter invariance: do Nsight Compute's counters of a dhp kernel move with the values of Q, K, V?
 
-Method. For every compiled variant (dtype, head_dim), causal and not, and two small shapes, one child process
+Method. For every compiled variant (dtype, head_dim), causal and not, and the shapes in SHAPES, one child process
 (`python -m dhp.audit _run-case`) runs dhp.attention once per input class (dhp.audit.inputs) in a fixed order,
 under
 
@@ -83,10 +83,10 @@ WAIT_AFFECTED = ("smsp__inst_executed.sum", "smsp__sass_inst_executed_op_branch.
                  "smsp__sass_inst_executed_op_global_ld.sum")
 # Launch order of one case: the baseline class three times, spread out, the other classes between.
 DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", "nan", "inf", "random")
-# Shapes (batch, seqlen, heads_q, heads_kv): one aligned, one with a sequence tail and GQA. The forward's tile
-# configuration depends on seqlen_k (src/kernels/fwd_config.h: short-key tiers up to 1k or 2k keys): the
-# first shape runs the short-key tiles where a family has them, the second every family's main tiles.
-SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2))
+# Shapes (batch, seqlen, heads_q, heads_kv): one aligned, the others with a sequence tail and GQA. The forward's
+# launch depends on seqlen_k (dhp_build_info's "forward_tiles" and "persistent_causal_max_seqlen_k"): the
+# shapes fall on both sides of every such limit, so each compiled kernel and grid runs (tests check this).
+SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 1))
 KERNEL_REGEX = "attention_fwd_kernel"
 BACKWARD_KERNEL_REGEX = "attention_bwd_kernel"  # the backward's main kernel (not its prep and post kernels)
 

@@ -1,7 +1,7 @@
 """Determinism and batch invariance: same inputs give the same bits, whatever else runs or sits in the batch.
 
-Method. For every compiled variant, causal and not, on two shapes with sequence tails and GQA (SHAPES: the
-forward's tile configuration depends on seqlen_k, and each shape runs one of its tiers), and for both passes
+Method. For every compiled variant, causal and not, on three shapes with sequence tails and GQA (SHAPES: the
+forward's tiles and grid depend on seqlen_k, and the shapes run each of them), and for both passes
 (fwd: the forward's out and lse; bwd, for the head_dims build_info lists under "backward_head_dims": the
 backward's dq, dk and dv), the reference is the sha256 of the raw bytes of each output from one call on the
 current stream. Then, each compared bitwise (by hash) with the reference:
@@ -38,9 +38,9 @@ import json
 import math
 import sys
 
-# (seqlen, heads_q, heads_kv): tails and GQA. The forward's tile configuration depends on seqlen_k
-# (src/kernels/fwd_config.h: short-key tiers up to 1k or 2k keys), so one seqlen runs each tier.
-SHAPES = ((1000, 4, 2), (2100, 4, 2))
+# (seqlen, heads_q, heads_kv): tails and GQA. The forward's launch depends on seqlen_k (dhp_build_info's
+# "forward_tiles" and "persistent_causal_max_seqlen_k"): the shapes fall on both sides of every such limit.
+SHAPES = ((1000, 4, 2), (2100, 4, 2), (4200, 2, 1))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
 SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
 OUTPUTS = {"fwd": ("out", "lse"), "bwd": ("dq", "dk", "dv")}  # what each pass's checks hash
