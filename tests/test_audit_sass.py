@@ -5,6 +5,8 @@ Fixtures in tests/fixtures/sass:
   stores and selects; kernels named leak_* must fail, clean_* must pass.
 - leaks.sass / clean.sass: hand-written in cuobjdump's layout, for what a compiler will not produce on demand
   (a loop counter's register reused for data, wgmma accumulators, barriers, subroutines).
+- spin.sass: hand-written after the wait loops ptxas emits for dhp's kernels (setmaxnreg retry, flag poll, inline
+  mbarrier try with an out-of-line retry loop), a long loop holding a try (not a spin loop), and a lone try.
 The last test runs the check on the installed libdhp.so: every kernel must pass (skips only without
 cuobjdump/nvdisasm).
 """
@@ -174,6 +176,31 @@ def test_cli_exit_status_and_json(tmp_path, capsys):
 # --- the real kernels
 
 
+# --- spin loops: the code whose execution count follows timing, which the counters check sets apart
+
+
+def test_spin_loops_of_the_fixture():
+    from dhp.audit.disasm import parse_sass
+
+    v = verdicts("spin.sass")["spin_waits"]
+    loops = {(loop.start, loop.end): (loop.kind, loop.exit_jump) for loop in v.spin_loops}
+    assert loops == {(0x10, 0x40): ("register allocation retry", None), (0x70, 0xB0): ("flag poll", None),
+                     (0x160, 0x170): ("mbarrier wait", 0x180), (0x190, 0x1B0): ("mbarrier wait", 0x1C0)}
+    kernels = parse_sass((FIXTURES / "spin.sass").read_text())
+    instructions = next(k for k in kernels if k.name == "spin_waits").instructions
+    timed = set().union(*(loop.addresses(instructions) for loop in v.spin_loops))
+    assert {0x10, 0x20, 0x30, 0x40, 0x90, 0x160, 0x170, 0x180, 0x190, 0x1C0} <= timed
+    assert not {0x50, 0x60, 0xC0, 0xD0, 0xE0, 0x140, 0x1D0} & timed  # first tries and the long loop run a fixed count
+    assert not any("no recognised spin loop" in note for note in v.notes)
+    assert [loop["kind"] for loop in v.to_json()["spin_loops"]][0] == "register allocation retry"
+
+
+def test_a_wait_without_a_retry_loop_is_noted():
+    v = verdicts("spin.sass")["spin_lone_wait"]
+    assert v.spin_loops == [] and v.passed
+    assert [n for n in v.notes if "no recognised spin loop" in n and "0x0010" in n]
+
+
 def test_installed_kernels_pass():
     library = sass.installed_library()
     assert library.is_file(), f"{library} is missing: pip install '.[test]'"
@@ -185,3 +212,6 @@ def test_installed_kernels_pass():
     assert results, "libdhp.so holds no kernels"
     assert all(v.passed for v in results), "kernels with value-dependent control flow or addresses:\n" + \
         sass.report([v for v in results if not v.passed])
+    unrecognised = [f"{v.demangled}: {n}" for v in results for n in v.notes if "no recognised spin loop" in n]
+    assert not unrecognised, "\n".join(unrecognised)
+    assert all(v.spin_loops for v in results if "attention_fwd_kernel" in v.name or "attention_bwd_kernel" in v.name)

@@ -54,6 +54,11 @@ with rule "unanalysable". Indirect branches (BRX, JMX) are assumed to reach ever
 Not checked here: whether an instruction's latency depends on its operand values (we assume ALU, MUFU,
 SHFL and tensor-core latencies do not), and DRAM traffic that depends on values (compressible memory):
 see docs/SECURITY.md.
+
+Each kernel's spin loops are listed too (`spin_loops`): the short loops around a wait that may fail and be
+retried (mbarrier try-wait, setmaxnreg.inc, a flag poll), whose execution counts follow timing. Everything else
+runs a number of times fixed by the shapes, which is what a per-instruction counters check can hold each other
+instruction to. A wait that is neither in such a loop nor an inline first try branching into one is noted.
 """
 
 from __future__ import annotations
@@ -126,6 +131,7 @@ class KernelVerdict:
     analysed: int  # reachable from the entry
     violations: list[Violation]
     notes: list[str]
+    spin_loops: list[SpinLoop] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -135,7 +141,8 @@ class KernelVerdict:
         return {"name": self.name, "demangled": self.demangled, "source": self.source,
                 "instructions": self.instructions, "analysed": self.analysed,
                 "verdict": "pass" if self.passed else "fail",
-                "violations": [v.to_json() for v in self.violations], "notes": self.notes}
+                "violations": [v.to_json() for v in self.violations], "notes": self.notes,
+                "spin_loops": [loop.to_json() for loop in self.spin_loops]}
 
 
 def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], list[Violation], list[str]]:
@@ -172,6 +179,83 @@ def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], lis
     for i in returns:  # context-insensitive: every RET may return to every call site
         succ[i] = sorted(set(succ[i] + return_sites))
     return succ, problems, notes
+
+
+# Spin loops: the only code whose execution count follows timing. A loop is a backward branch and the
+# instructions from its target up to it; it spins when it is short and holds a wait that may fail and be
+# retried: an mbarrier try-wait, the retry of setmaxnreg.inc, or a poll of a flag other CTAs publish.
+MAX_SPIN_BODY = 8
+
+
+@dataclass
+class SpinLoop:
+    start: int  # address of the first instruction (the backward branch's target)
+    end: int  # address of the backward branch
+    kind: str  # "mbarrier wait" | "register allocation retry" | "flag poll"
+    exit_jump: int | None  # address of an unguarded BRA right after the loop: runs once per slow-path wait
+
+    def addresses(self, instructions: list[Instruction]) -> set[int]:
+        """The addresses whose execution count depends on how long the waits last."""
+        inside = {ins.address for ins in instructions if self.start <= ins.address <= self.end}
+        return inside | ({self.exit_jump} if self.exit_jump is not None else set())
+
+    def to_json(self) -> dict:
+        return {"start": f"0x{self.start:04x}", "end": f"0x{self.end:04x}", "kind": self.kind,
+                "exit_jump": None if self.exit_jump is None else f"0x{self.exit_jump:04x}"}
+
+
+def _spin_kind(ins: Instruction) -> str | None:
+    if ins.root == "SYNCS" and "PHASECHK" in ins.modifiers:
+        return "mbarrier wait"
+    if ins.root == "USETMAXREG" and "TRY_ALLOC" in ins.modifiers:
+        return "register allocation retry"
+    if is_flag_read(ins):
+        return "flag poll"
+    return None
+
+
+def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
+    """The kernel's spin loops, by address (see MAX_SPIN_BODY)."""
+    index = {ins.address: i for i, ins in enumerate(instructions)}
+    loops = []
+    for i, ins in enumerate(instructions):
+        targets = ins.targets() if ins.root == "BRA" else []
+        if not targets or targets[-1] not in index or targets[-1] > ins.address:
+            continue
+        first = index[targets[-1]]
+        body = instructions[first:i + 1]
+        kinds = {k for k in map(_spin_kind, body) if k}
+        if len(body) > MAX_SPIN_BODY or len(kinds) != 1:
+            continue
+        after = instructions[i + 1] if i + 1 < len(instructions) else None
+        exit_jump = after.address if after is not None and after.root == "BRA" and not after.guarded else None
+        loops.append(SpinLoop(body[0].address, ins.address, kinds.pop(), exit_jump))
+    return loops
+
+
+FIRST_TRY_WINDOW = 256  # ptxas schedules dozens of instructions between an inline first try and its branch
+
+
+def _is_first_try(instructions: list[Instruction], i: int, starts: set[int]) -> bool:
+    """Whether the wait at i is an inline first try: a later branch on its (unchanged) result predicate jumps
+    into a spin loop that retries it out of line."""
+    wait = instructions[i]
+    predicates = wait.defs & PREDICATE_BITS
+    for ins in instructions[i + 1:i + 1 + FIRST_TRY_WINDOW]:
+        if ins.root == "BRA" and ins.guard is not None and predicates >> ins.guard & 1:
+            return bool(ins.targets()) and ins.targets()[-1] in starts
+        if ins.defs & predicates or ins.root in BRANCH_OPCODES:
+            return False
+    return False
+
+
+def unrecognised_waits(instructions: list[Instruction], loops: list[SpinLoop]) -> list[Instruction]:
+    """Wait instructions outside every spin loop that are not an inline first try either (see _is_first_try).
+    Their retries would go unrecognised."""
+    starts = {loop.start for loop in loops}
+    inside = {ins.address for loop in loops for ins in instructions if loop.start <= ins.address <= loop.end}
+    return [ins for i, ins in enumerate(instructions)
+            if _spin_kind(ins) and ins.address not in inside and not _is_first_try(instructions, i, starts)]
 
 
 def is_flag_read(ins: Instruction) -> bool:
@@ -425,8 +509,11 @@ def analyse_kernel(kernel: Kernel, demangled: str | None = None) -> KernelVerdic
                                         origin))
     violations.sort(key=lambda v: v.address)
     analysed = sum(t is not None for t in taint_at)
+    loops = spin_loops(instructions)
+    notes += [f"wait at 0x{ins.address:04x} ({ins.text}) is in no recognised spin loop: the counters check would "
+              "not set its retries apart" for ins in unrecognised_waits(instructions, loops)]
     return KernelVerdict(kernel.name, demangled or kernel.name, kernel.source, len(instructions), analysed,
-                         violations, notes)
+                         violations, notes, loops)
 
 
 def analyse_sass(text: str) -> list[KernelVerdict]:
@@ -448,9 +535,10 @@ def audit_library(library: Path) -> list[KernelVerdict]:
 
 def report(verdicts: list[KernelVerdict]) -> str:
     """The verdict table, then each violation with where its taint came from."""
-    lines = [f"{'verdict':<8} {'analysed':>8} {'violations':>10}  kernel"]
+    lines = [f"{'verdict':<8} {'analysed':>8} {'violations':>10} {'spin loops':>10}  kernel"]
     for v in verdicts:
-        lines.append(f"{'PASS' if v.passed else 'FAIL':<8} {v.analysed:>8} {len(v.violations):>10}  {v.demangled}")
+        lines.append(f"{'PASS' if v.passed else 'FAIL':<8} {v.analysed:>8} {len(v.violations):>10} "
+                     f"{len(v.spin_loops):>10}  {v.demangled}")
     for v in verdicts:
         if v.violations:
             lines += ["", f"{v.demangled}:"]
