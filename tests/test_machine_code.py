@@ -170,3 +170,65 @@ def test_needs_no_cuda_libraries():
     needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out)
     assert needed, out
     assert not [n for n in needed if n.startswith(("libcuda", "libcudart"))], needed
+
+
+FWD_KERNEL = re.compile(r"attention_fwd_kernelI\w+?Li(\d+)ELb([01])ELi(\d+)EE")
+
+
+def functions(sass):
+    """{kernel: its SASS text} of a `cuobjdump -sass` listing."""
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def exp2_between_waits(sass):
+    """MUFU.EX2 count in each stretch from a `wgmma.wait_group 1` to the next `wait_group 0`."""
+    counts, inside = [], False
+    for line in sass.splitlines():
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line:
+            counts.append(0)
+            inside = True
+        elif "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            inside = False
+        elif inside and "MUFU.EX2" in line:
+            counts[-1] += 1
+    return counts
+
+
+def test_exp2_between_waits_pattern():
+    sass = """
+        /*0010*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0020*/                   MUFU.EX2 R1, R1 ;
+        /*0030*/                   MUFU.EX2 R2, R2 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/                   MUFU.EX2 R3, R3 ;
+        /*0060*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0070*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+    """
+    assert exp2_between_waits(sass) == [2, 0]
+
+
+def test_forward_softmax_runs_under_its_pv():
+    """Forward tiles with softmax_under_pv compute the softmax of S(j+1) while their own P(j) V(j) is in flight:
+    every exponential of the key block sits between the wgmma waits for QK^T (wait_group 1) and for PV
+    (wait_group 0). ptxas hoists the second wait above the softmax unless a branch separates them, so this
+    is checked on the machine code, where a source change or a new ptxas could silently undo it."""
+    tiles = build_info()["forward_tiles"]
+    checked = 0
+    for name, sass in functions(cuobjdump("-sass")).items():
+        m = FWD_KERNEL.search(name)
+        if not m:
+            continue
+        head_dim, causal, tier = int(m.group(1)), m.group(2) == "1", int(m.group(3))
+        family = sorted((t for t in tiles if t["head_dim"] == head_dim and t["causal"] == causal),
+                        key=lambda t: t["max_seqlen_k"] is not None)
+        tile = family[tier]
+        per_block = tile["block_n"] // 2  # exponentials of one key block per thread (its S fragment)
+        counts = exp2_between_waits(sass)
+        assert counts, f"{name}: no wgmma wait_group 1 in its SASS"
+        if tile["softmax_under_pv"]:
+            assert max(counts) >= per_block, f"{name}: at most {max(counts)} of {per_block} exp2 under PV"
+        else:
+            assert max(counts) < per_block, f"{name}: {max(counts)} exp2 under PV, tile says none"
+        checked += 1
+    assert checked, "no forward kernel found"

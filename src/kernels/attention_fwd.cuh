@@ -11,7 +11,7 @@
 //     in shared memory), release K, mask by position, online softmax in fp32 with exp2, rescale O,
 //     O += P V (wgmma with P from registers), release V. The QK^T of the next block is issued with the
 //     PV of the current one, and the warpgroups take turns issuing GEMMs (named barriers), so one's
-//     softmax overlaps the others' tensor-core work. Finally O / rowsum goes to shared memory (over the
+//     softmax overlaps the others' tensor-core work and, where the tile says so, its own PV. Finally O / rowsum goes to shared memory (over the
 //     warpgroup's own Q rows) and out via TMA store; the LSE is stored directly.
 // Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first.
 //
@@ -269,6 +269,13 @@ struct FwdKernel {
     // S(j+1) runs while the tensor cores do P(j) V(j), and its O rescale is applied just before the next
     // PV. Across warpgroups, GemmTurns makes them issue their GEMMs in turn, so one warpgroup's softmax
     // hides under the others' GEMMs.
+    // With kCfg.softmax_under_pv the softmax of S(j+1) also overlaps the warpgroup's own P(j) V(j). ptxas
+    // hoists a wgmma wait to the top of its basic block, above the softmax, unless a branch comes between
+    // them (kernel-notes.md); the wait for V(j+1), needed before the next PV anyway, is such a branch (its
+    // retry loop) and goes between the softmax and the wait for P(j) V(j). V(j+1)'s slot was freed by
+    // P(j-1) V(j-1), so with two or more stages this wait never depends on the release below it.
+    // Otherwise V(j+1) is awaited just before its PV, and P(j) V(j) completes before the softmax.
+    constexpr bool kEarlyV = kCfg.softmax_under_pv;
     hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
     if (n_blocks > 0) {
       float rescale[2];
@@ -281,13 +288,14 @@ struct FwdKernel {
       hopper::fence_registers(acc_s);
       hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
       mask_and_softmax(n_blocks - 1, rescale);
+      if constexpr (kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
       pack_p();
 
       for (int it = 1; it < n_blocks; ++it) {
         const RingPos prev = ring;
         ++ring.count;
         hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
-        hopper::mbarrier_wait(&s.v_full[prev.stage()], prev.phase());
+        if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[prev.stage()], prev.phase());
         turns.wait();
         issue_qk(ring.stage());
         rescale_o(rescale);
@@ -297,11 +305,12 @@ struct FwdKernel {
         hopper::fence_registers(acc_s);
         hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
         mask_and_softmax(n_blocks - 1 - it, rescale);
+        if constexpr (kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
         retire_pv(prev.stage());
         pack_p();
       }
 
-      hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
+      if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
       turns.wait();
       rescale_o(rescale);
       issue_pv(ring.stage());

@@ -12,6 +12,7 @@ struct FwdConfig {
   int producer_regs;        // setmaxnreg budget of the TMA producer warpgroup
   int consumer_regs;        // setmaxnreg budget of each consumer warpgroup
   int q_buffers;            // Q tiles in shared memory: with 2, a CTA's next tile loads while this one computes
+  bool softmax_under_pv;    // a warpgroup's softmax of S(j+1) overlaps its own P(j) V(j) (attention_fwd.cuh)
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -42,17 +43,22 @@ constexpr FwdConfig fwd_config(int head_dim, [[maybe_unused]] bool causal, int t
   // 311 -> 343; it loses at 16k (627 -> 616) and causal 8k (601 -> 563). Causal head_dim 64 with 128 query rows: 512 163 -> 178,
   // 1k 235 -> 256, but 2k 343 -> 327 and non-causal 2k 472 -> 409. Causal head_dim 256 with 64-key blocks:
   // 512 279 -> 291, 1k 392 -> 412, but non-causal 1k 617 -> 588.
+  // softmax_under_pv, measured the same way (H100 bf16, 2026-11-25): main tiers gain at 4k and beyond (d64 4k
+  // 491 -> 513, d128 16k 611 -> 626, d256 16k 701 -> 732, d256 causal 4k 592 -> 621, GQA 32/8 4k 553 -> 578;
+  // a second run: d128 4k 611 -> 637, 16k 614 -> 643, d256 4k 667 -> 705); the short-key tiers lose (d128 1k
+  // 553 -> 520, causal d64 1k 281 -> 265): V's slot is freed one softmax later.
   const bool short_keys = tier == kTierShortKeys;
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2} : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false} : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true};
   if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2} : FwdConfig{128, 128, 176, 2, 2, 24, 240, 1};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1} : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1};
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false}
+                      : FwdConfig{128, 128, 176, 2, 2, 24, 240, 1, true};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false} : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
   return c.block_m == 64 * c.consumer_warpgroups && c.block_n % 16 == 0 && c.head_dim % 64 == 0 &&
-         c.stages >= 1 && c.q_buffers >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
+         c.stages >= (c.softmax_under_pv ? 2 : 1) && c.q_buffers >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
 }
 
 constexpr bool fwd_configs_valid() {
