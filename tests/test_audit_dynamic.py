@@ -437,11 +437,11 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
         assert any(s <= limit for s in seqlens) and any(s > limit for s in seqlens), (tool, limit, seqlens)
 
 
-@pytest.mark.parametrize("check", ["counters", "timing", "determinism"])
+@pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])
 def test_cli_exit_2_without_what_it_needs(check):
     """Where the GPU tool cannot run here, it exits 2 with a sentence (and never 0)."""
     problem = inputs.gpu_problem()
-    if problem is None and (check != "counters" or counters.find_ncu() is not None):
+    if problem is None and (check not in ("counters", "instructions") or counters.find_ncu() is not None):
         pytest.skip(f"{check} can run here; the GPU tests below cover it")
     done = subprocess.run([sys.executable, "-m", "dhp.audit", check, "--quick"] if check != "determinism"
                           else [sys.executable, "-m", "dhp.audit", check], check=False, capture_output=True, text=True,
@@ -511,6 +511,17 @@ def test_timing_backward_quick_on_gpu(torch_cuda, tmp_path):
         assert all("gpu_span_ms" in b for b in dhp_result["batches"])
         for peer in ("cudnn", "flash"):  # measured, or a sentence why not
             assert "analysis" in case["impls"][peer] or case["impls"][peer]["error"]
+
+
+def test_instructions_quick_on_gpu(torch_cuda, tmp_path):
+    if counters.find_ncu() is None:
+        pytest.skip("Nsight Compute's ncu is not installed")
+    out = tmp_path / "instructions.json"
+    done = subprocess.run([sys.executable, "-m", "dhp.audit", "instructions", "--quick", "--json", str(out)],
+                          check=False, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads(out.read_text())
+    assert document["verdict"] == "pass" and all(c["judgement"]["checked"] > 0 for c in document["cases"])
 
 
 def test_counters_quick_on_gpu(torch_cuda, tmp_path):

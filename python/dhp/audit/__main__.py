@@ -5,6 +5,7 @@
     python -m dhp.audit sass --sass DUMP          a saved `cuobjdump -sass` listing
     python -m dhp.audit sass --json OUT.json      also write the verdicts as JSON
     python -m dhp.audit counters [--quick]        Nsight Compute counters across input classes (GPU, ncu)
+    python -m dhp.audit instructions [--quick]    the same, instruction by instruction (GPU, ncu source page)
     python -m dhp.audit timing [--quick] [--peers] fixed-vs-random / fixed-vs-class Welch t (GPU)
     python -m dhp.audit determinism               repeated runs, two streams, concurrent load, batches (GPU)
 
@@ -21,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import counters, determinism, sass, timing
+from . import counters, determinism, instructions, sass, timing
 from .disasm import ToolMissing, disassemble
 
 
@@ -74,6 +75,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the verdicts and every counter to this JSON file")
 
+    p = checks.add_parser("instructions", help="per-instruction ncu counts across input classes (GPU, ncu)")
+    variant_filters(p)
+    p.add_argument("--quick", action="store_true", help="first variant and first shape only")
+    p.add_argument("--order", help=f"launch order of classes (default {','.join(counters.DEFAULT_ORDER)}; "
+                                   "random runs are the noise baseline)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the verdicts to this JSON file")
+
     p = checks.add_parser("timing", help="fixed-vs-random and fixed-vs-class Welch t-tests (GPU)")
     variant_filters(p)
     p.add_argument("--launches", type=int, default=10_000, help="launches per class (default 10000)")
@@ -109,8 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
-    return {"sass": _sass, "counters": counters.run, "timing": timing.run, "determinism": determinism.run,
-            "_run-case": _run_case}[args.check](args)
+    return {"sass": _sass, "counters": counters.run, "instructions": instructions.run, "timing": timing.run,
+            "determinism": determinism.run, "_run-case": _run_case}[args.check](args)
 
 
 def _run_case(args) -> int:

@@ -236,26 +236,39 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
 FIRST_TRY_WINDOW = 256  # ptxas schedules dozens of instructions between an inline first try and its branch
 
 
-def _is_first_try(instructions: list[Instruction], i: int, starts: set[int]) -> bool:
-    """Whether the wait at i is an inline first try: a later branch on its (unchanged) result predicate jumps
-    into a spin loop that retries it out of line."""
+def _first_try_branch(instructions: list[Instruction], i: int, starts: set[int]) -> int | None:
+    """If the wait at i is an inline first try, the address of the later branch that, on its (unchanged) result
+    predicate, jumps into a spin loop retrying it out of line; else None."""
     wait = instructions[i]
     predicates = wait.defs & PREDICATE_BITS
     for ins in instructions[i + 1:i + 1 + FIRST_TRY_WINDOW]:
         if ins.root == "BRA" and ins.guard is not None and predicates >> ins.guard & 1:
-            return bool(ins.targets()) and ins.targets()[-1] in starts
+            return ins.address if ins.targets() and ins.targets()[-1] in starts else None
         if ins.defs & predicates or ins.root in BRANCH_OPCODES:
-            return False
-    return False
+            return None
+    return None
+
+
+def _outside(instructions: list[Instruction], loops: list[SpinLoop]) -> list[int]:
+    """Indices of the wait instructions that lie in no spin loop."""
+    inside = {ins.address for loop in loops for ins in instructions if loop.start <= ins.address <= loop.end}
+    return [i for i, ins in enumerate(instructions) if _spin_kind(ins) and ins.address not in inside]
 
 
 def unrecognised_waits(instructions: list[Instruction], loops: list[SpinLoop]) -> list[Instruction]:
-    """Wait instructions outside every spin loop that are not an inline first try either (see _is_first_try).
+    """Wait instructions outside every spin loop that are not an inline first try either (see _first_try_branch).
     Their retries would go unrecognised."""
     starts = {loop.start for loop in loops}
-    inside = {ins.address for loop in loops for ins in instructions if loop.start <= ins.address <= loop.end}
-    return [ins for i, ins in enumerate(instructions)
-            if _spin_kind(ins) and ins.address not in inside and not _is_first_try(instructions, i, starts)]
+    return [instructions[i] for i in _outside(instructions, loops)
+            if _first_try_branch(instructions, i, starts) is None]
+
+
+def first_try_branches(instructions: list[Instruction], loops: list[SpinLoop]) -> set[int]:
+    """Addresses of the branches by which inline first tries enter their spin loops: how often each is taken
+    follows timing (how often the first try fails), how often it executes does not."""
+    starts = {loop.start for loop in loops}
+    found = (_first_try_branch(instructions, i, starts) for i in _outside(instructions, loops))
+    return {address for address in found if address is not None}
 
 
 def is_flag_read(ins: Instruction) -> bool:
