@@ -67,21 +67,18 @@ def main(argv=None) -> int:
         p.add_argument("--dtypes", help="comma list of dtypes to check (default: every compiled one)")
         p.add_argument("--head-dims", help="comma list of head_dims to check (default: every compiled one)")
 
-    p = checks.add_parser("counters", help="ncu counter invariance across input classes (GPU, ncu)")
-    variant_filters(p)
-    p.add_argument("--quick", action="store_true", help="first variant and first shape only")
-    p.add_argument("--order", help=f"launch order of classes (default {','.join(counters.DEFAULT_ORDER)}; "
-                                   "random runs are the noise baseline)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the verdicts and every counter to this JSON file")
-
-    p = checks.add_parser("instructions", help="per-instruction ncu counts across input classes (GPU, ncu)")
-    variant_filters(p)
-    p.add_argument("--quick", action="store_true", help="first variant and first shape only")
-    p.add_argument("--order", help=f"launch order of classes (default {','.join(counters.DEFAULT_ORDER)}; "
-                                   "random runs are the noise baseline)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the verdicts to this JSON file")
+    for name, help_text, json_help in (
+            ("counters", "ncu counter invariance across input classes (GPU, ncu)",
+             "write the verdicts and every counter to this JSON file"),
+            ("instructions", "per-instruction ncu counts across input classes (GPU, ncu)",
+             "write the verdicts to this JSON file")):
+        p = checks.add_parser(name, help=help_text)
+        variant_filters(p)
+        p.add_argument("--quick", action="store_true", help="first variant and first shape only")
+        p.add_argument("--order", help=f"launch order of classes (default {','.join(counters.DEFAULT_ORDER)}; "
+                                       "random runs are the noise baseline)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", type=Path, help=json_help)
 
     p = checks.add_parser("timing", help="fixed-vs-random and fixed-vs-class Welch t-tests (GPU)")
     variant_filters(p)

@@ -362,15 +362,17 @@ def find_ncu() -> str | None:
     return None
 
 
+def child_command(dtype, head_dim, causal, shape, order, seed, backward: bool = False) -> list[str]:
+    """The `_run-case` child process that launches one case's kernels, one launch per class of `order`."""
+    child = [sys.executable, "-m", "dhp.audit", "_run-case", "--dtype", dtype, "--head-dim", str(head_dim),
+             "--shape", ",".join(map(str, shape)), "--order", ",".join(order), "--seed", str(seed)]
+    return child + (["--causal"] if causal else []) + (["--backward"] if backward else [])
+
+
 def profile_case(ncu: str, metrics: list, dtype, head_dim, causal, shape, order, seed, backward: bool = False,
                  timeout: float = 600) -> tuple[list[dict], list[str], list[str]]:
     """Run one case under ncu: (rows, metrics ncu did not know and that were dropped, metrics measured)."""
-    child = [sys.executable, "-m", "dhp.audit", "_run-case", "--dtype", dtype, "--head-dim", str(head_dim),
-             "--shape", ",".join(map(str, shape)), "--order", ",".join(order), "--seed", str(seed)]
-    if causal:
-        child.append("--causal")
-    if backward:
-        child.append("--backward")
+    child = child_command(dtype, head_dim, causal, shape, order, seed, backward)
     dropped: list[str] = []
     metrics = list(metrics)
     with tempfile.TemporaryDirectory() as tmp:
@@ -400,8 +402,10 @@ def profile_case(ncu: str, metrics: list, dtype, head_dim, causal, shape, order,
                 raise NcuOutputError("ncu knows none of the requested metrics:\n" + output[-3000:])
 
 
-def run(args) -> int:
-    """`python -m dhp.audit counters`: profile every case, judge it, print the table, write JSON."""
+def plan(args) -> tuple[str, list[dict]] | None:
+    """ncu and the cases of an ncu check (this one, dhp.audit.instructions): every compiled variant narrowed by
+    args, forward and (where compiled) backward, full and causal, each shape; None, after saying why on stderr,
+    where it cannot run."""
     import json
 
     from .. import _native
@@ -411,18 +415,40 @@ def run(args) -> int:
     if ncu is None:
         print("cannot run: Nsight Compute's `ncu` is not on PATH (nor in $CUDA_HOME/bin, /usr/local/cuda/bin)",
               file=sys.stderr)
-        return 2
+        return None
     variants = gpu_variants(args)
     if variants is None:
-        return 2
+        return None
     dtypes, head_dims = variants
     shapes = SHAPES[:1] if args.quick else SHAPES
     if args.quick:
         dtypes, head_dims = dtypes[:1], head_dims[:1]
     order = args.order.split(",") if args.order else list(DEFAULT_ORDER)
-    metrics = [OPCODE_METRICS[0], *SCALAR_METRICS]
-    cases, all_dropped = [], []
     backward_dims = set(json.loads(_native.ext().build_info()).get("backward_head_dims", []))
+    cases = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            for backward in (False, True) if head_dim in backward_dims else (False,):
+                for causal in (False, True):
+                    for shape in shapes:
+                        name = f"{dtype} d{head_dim} {'bwd' if backward else 'fwd'} {'causal' if causal else 'full'} " \
+                               f"b{shape[0]} s{shape[1]} h{shape[2]}/{shape[3]}"
+                        cases.append({"name": name, "dtype": dtype, "head_dim": head_dim, "causal": causal,
+                                      "pass": "backward" if backward else "forward", "shape": list(shape),
+                                      "order": order})
+    return ncu, cases
+
+
+def run(args) -> int:
+    """`python -m dhp.audit counters`: profile every case, judge it, print the table, write JSON."""
+    import json
+
+    planned = plan(args)
+    if planned is None:
+        return 2
+    ncu, cases = planned
+    metrics = [OPCODE_METRICS[0], *SCALAR_METRICS]
+    all_dropped = []
 
     def profile(case: dict, order) -> list[tuple[str, dict]]:
         nonlocal metrics
@@ -442,23 +468,14 @@ def run(args) -> int:
                          for cls, counters in runs]
         case["judgement"] = judge([(r["class"], r["counters"]) for r in case["runs"]], metrics=metrics)
 
-    for dtype in dtypes:
-        for head_dim in head_dims:
-            for backward in (False, True) if head_dim in backward_dims else (False,):
-                for causal in (False, True):
-                    for shape in shapes:
-                        name = f"{dtype} d{head_dim} {'bwd' if backward else 'fwd'} {'causal' if causal else 'full'} " \
-                               f"b{shape[0]} s{shape[1]} h{shape[2]}/{shape[3]}"
-                        case = {"name": name, "dtype": dtype, "head_dim": head_dim, "causal": causal,
-                                "pass": "backward" if backward else "forward", "shape": list(shape),
-                                "order": order, "runs": []}
-                        print(f"profiling {name} ...", file=sys.stderr, flush=True)
-                        try:
-                            add_runs(case, profile(case, order))
-                        except (NcuOutputError, subprocess.TimeoutExpired) as error:
-                            print(f"cannot run: ncu failed on {name}: {error}", file=sys.stderr)
-                            return 2
-                        cases.append(case)
+    for case in cases:
+        case["runs"] = []
+        print(f"profiling {case['name']} ...", file=sys.stderr, flush=True)
+        try:
+            add_runs(case, profile(case, case["order"]))
+        except (NcuOutputError, subprocess.TimeoutExpired) as error:
+            print(f"cannot run: ncu failed on {case['name']}: {error}", file=sys.stderr)
+            return 2
     judge_all()
     for case in [c for c in cases if c["judgement"]["verdict"] == "fail"]:
         second = confirmation_order(case["judgement"]["differences"])

@@ -231,10 +231,8 @@ def import_command(ncu: str, report_file: str, launch: int | None = None) -> lis
 
 def profile_case(ncu: str, case: dict, order, seed: int, timeout: float = 900) -> list[dict]:
     """The launches of one case, one per class of `order`, as parse_source_page gives them."""
-    child = [sys.executable, "-m", "dhp.audit", "_run-case", "--dtype", case["dtype"], "--head-dim",
-             str(case["head_dim"]), "--shape", ",".join(map(str, case["shape"])), "--order", ",".join(order),
-             "--seed", str(seed)] + (["--causal"] if case["causal"] else []) + (
-                 ["--backward"] if case["pass"] == "backward" else [])
+    child = counters.child_command(case["dtype"], case["head_dim"], case["causal"], case["shape"], order, seed,
+                                   case["pass"] == "backward")
     regex = counters.BACKWARD_KERNEL_REGEX if case["pass"] == "backward" else counters.KERNEL_REGEX
     with tempfile.TemporaryDirectory() as tmp:
         report_file = os.path.join(tmp, "source.ncu-rep")
@@ -260,50 +258,26 @@ def profile_case(ncu: str, case: dict, order, seed: int, timeout: float = 900) -
 
 def run(args) -> int:
     """`python -m dhp.audit instructions`: profile every case, judge it, print the table, write JSON."""
-    import json
-
-    from .. import _native
-    from .inputs import gpu_variants
-
-    ncu = counters.find_ncu()
-    if ncu is None:
-        print("cannot run: Nsight Compute's `ncu` is not on PATH (nor in $CUDA_HOME/bin, /usr/local/cuda/bin)",
-              file=sys.stderr)
+    planned = counters.plan(args)
+    if planned is None:
         return 2
-    variants = gpu_variants(args)
-    if variants is None:
-        return 2
-    dtypes, head_dims = variants
-    shapes = counters.SHAPES[:1] if args.quick else counters.SHAPES
-    if args.quick:
-        dtypes, head_dims = dtypes[:1], head_dims[:1]
-    order = args.order.split(",") if args.order else list(counters.DEFAULT_ORDER)
-    backward_dims = set(json.loads(_native.ext().build_info()).get("backward_head_dims", []))
-    cases = []
-    for dtype in dtypes:
-        for head_dim in head_dims:
-            for backward in (False, True) if head_dim in backward_dims else (False,):
-                for causal in (False, True):
-                    for shape in shapes:
-                        name = f"{dtype} d{head_dim} {'bwd' if backward else 'fwd'} {'causal' if causal else 'full'} " \
-                               f"b{shape[0]} s{shape[1]} h{shape[2]}/{shape[3]}"
-                        case = {"name": name, "dtype": dtype, "head_dim": head_dim, "causal": causal,
-                                "pass": "backward" if backward else "forward", "shape": list(shape),
-                                "order": order}
-                        print(f"profiling {name} ...", file=sys.stderr, flush=True)
-                        try:
-                            launches = profile_case(ncu, case, order, args.seed)
-                        except (SourcePageError, subprocess.TimeoutExpired) as error:
-                            print(f"cannot run: ncu failed on {name}: {error}", file=sys.stderr)
-                            return 2
-                        case["kernel"] = launches[0]["kernel"]
-                        case["judgement"] = judge(list(zip(order, launches)))
-                        cases.append(case)
+    ncu, cases = planned
+    for case in cases:
+        print(f"profiling {case['name']} ...", file=sys.stderr, flush=True)
+        try:
+            launches = profile_case(ncu, case, case["order"], args.seed)
+        except (SourcePageError, subprocess.TimeoutExpired) as error:
+            print(f"cannot run: ncu failed on {case['name']}: {error}", file=sys.stderr)
+            return 2
+        case["kernel"] = launches[0]["kernel"]
+        case["judgement"] = judge(list(zip(case["order"], launches)))
     verdicts = {c["judgement"]["verdict"] for c in cases}
     verdict = "fail" if "fail" in verdicts else "error" if "error" in verdicts else "pass"
     print(f"per-instruction counter invariance ({len(cases)} cases, ncu {ncu}): {verdict.upper()}")
     print(report(cases))
     if args.json:
+        import json
+
         document = {"check": "instructions", "verdict": verdict, "ncu": ncu, "columns": list(COMPARED_COLUMNS),
                     "cases": cases}
         Path(args.json).write_text(json.dumps(document, indent=1) + "\n")
