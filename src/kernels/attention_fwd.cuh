@@ -265,16 +265,12 @@ struct FwdKernel {
       hopper::mbarrier_arrive(&s.v_empty[stage]);
     };
 
-    // Pipeline, per warpgroup: S(j+1) = Q K(j+1)^T and O += P(j) V(j) are issued together; the softmax of
-    // S(j+1) runs while the tensor cores do P(j) V(j), and its O rescale is applied just before the next
-    // PV. Across warpgroups, GemmTurns makes them issue their GEMMs in turn, so one warpgroup's softmax
-    // hides under the others' GEMMs.
-    // With kCfg.softmax_under_pv the softmax of S(j+1) also overlaps the warpgroup's own P(j) V(j). ptxas
-    // hoists a wgmma wait to the top of its basic block, above the softmax, unless a branch comes between
-    // them (kernel-notes.md); the wait for V(j+1), needed before the next PV anyway, is such a branch (its
-    // retry loop) and goes between the softmax and the wait for P(j) V(j). V(j+1)'s slot was freed by
-    // P(j-1) V(j-1), so with two or more stages this wait never depends on the release below it.
-    // Otherwise V(j+1) is awaited just before its PV, and P(j) V(j) completes before the softmax.
+    // Pipeline, per warpgroup: S(j+1) = Q K(j+1)^T and O += P(j) V(j) are issued together, O's rescale by the
+    // softmax of S(j) just before the PV. GemmTurns makes the warpgroups issue in turn, so one's softmax hides
+    // under the others' GEMMs; with kCfg.softmax_under_pv it also overlaps its own P(j) V(j). That needs a
+    // branch between the softmax and the wait for P(j) V(j), since ptxas hoists a wgmma wait to the top of its
+    // basic block (kernel-notes.md): the wait for V(j+1) goes there (its retry loop is the branch). It never
+    // depends on the release below it: V(j+1)'s slot was freed by P(j-1) V(j-1) (two or more stages).
     constexpr bool kEarlyV = kCfg.softmax_under_pv;
     hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
     if (n_blocks > 0) {
