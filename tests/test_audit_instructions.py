@@ -58,6 +58,16 @@ def test_parse_several_launches_and_noise_around_them(page):
         instructions.parse_source_page("==PROF== nothing profiled\n")
 
 
+def test_a_table_printed_twice_per_launch_counts_once(launch):
+    other = copy.deepcopy(launch)
+    other["rows"][0]["counts"]["Instructions Executed"] += 1
+    assert instructions.one_table_per_launch([launch, other], 2) == [launch, other]
+    doubled = [launch, copy.deepcopy(launch), other, copy.deepcopy(other)]
+    assert instructions.one_table_per_launch(doubled, 2) == [launch, other]
+    assert instructions.one_table_per_launch([launch, other, launch, other], 2) is None  # not pairs: refused
+    assert instructions.one_table_per_launch([launch, launch, other], 2) is None
+
+
 def test_spin_sites_of_the_real_kernel(launch):
     """The same nine spin loops the SASS audit finds in every forward kernel, and the first try of each
     mbarrier wait (the setmaxnreg retry has none)."""

@@ -34,7 +34,8 @@ instructions a guard is a select (the same issue slots whatever it holds), so th
 notes and do not fail the case; the SASS taint check says which guards may depend on values.
 
 Written from the source page of one profiled launch (tests/fixtures/ncu/source_fwd_d64.csv.gz, an H100, ncu
-2025.x); the multi-launch form and the full check have not run on a GPU yet.
+2025.x). On its first GPU run (H200, 2026-11-25) ncu printed every launch's table twice in a row, identical:
+one_table_per_launch keeps one of each such pair and refuses any other mismatch.
 """
 
 from __future__ import annotations
@@ -248,12 +249,23 @@ def profile_case(ncu: str, case: dict, order, seed: int, timeout: float = 900) -
                 raise SourcePageError(f"ncu --import exited {out.returncode}:\n" + (out.stdout + out.stderr)[-3000:])
             return parse_source_page(out.stdout)
 
-        launches = source_page(None)
-        if len(launches) != len(order):
-            launches = [page for i in range(len(order)) for page in source_page(i)]
+        launches = one_table_per_launch(source_page(None), len(order))
+        if launches is None:
+            launches = [page for i in range(len(order)) for page in one_table_per_launch(source_page(i), 1) or []]
         if len(launches) != len(order):
             raise SourcePageError(f"ncu's report holds {len(launches)} launches, expected {len(order)}")
         return launches
+
+
+def one_table_per_launch(tables: list[dict], launches: int) -> list[dict] | None:
+    """The source page's tables as one per launch, or None where they cannot be matched to the launches.
+    ncu 2025.x (H200, driver 580) prints each launch's table twice in a row, identical cell for cell (measured
+    2026-11-25: 3 launches, 6 tables, tables 2i and 2i+1 equal, launches unequal in their stall samples)."""
+    if len(tables) == launches:
+        return tables
+    if len(tables) == 2 * launches and all(tables[2 * i] == tables[2 * i + 1] for i in range(launches)):
+        return tables[::2]
+    return None
 
 
 def run(args) -> int:
