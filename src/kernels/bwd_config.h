@@ -4,6 +4,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "register_budget.h"
+
 namespace dhp::kernels {
 
 struct BwdConfig {
@@ -49,7 +51,7 @@ constexpr BwdConfig bwd_config(int head_dim) {
 constexpr bool bwd_config_valid(const BwdConfig& c) {
   return c.block_n == (c.split_head_dim ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.wg_queries() % 16 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
          c.dq_rows() == 64 && c.dq_cols() % 64 == 0 && c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers ==
-         c.block_m * c.head_dim && 128 * (c.producer_regs + BwdConfig::kConsumers * c.consumer_regs) <= 65536;
+         c.block_m * c.head_dim && register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs);
 }
 
 static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&

@@ -1,6 +1,10 @@
 // Tile configuration of the forward kernel, as data: one plain struct chosen by head_dim, causal and seqlen_k.
 #pragma once
 
+#include <initializer_list>
+
+#include "register_budget.h"
+
 namespace dhp::kernels {
 
 struct FwdConfig {
@@ -58,7 +62,8 @@ constexpr FwdConfig fwd_config(int head_dim, [[maybe_unused]] bool causal, int t
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
   return c.block_m == 64 * c.consumer_warpgroups && c.block_n % 16 == 0 && c.head_dim % 64 == 0 &&
-         c.stages >= (c.softmax_under_pv ? 2 : 1) && c.q_buffers >= 1 && 128 * (c.producer_regs + c.consumer_warpgroups * c.consumer_regs) <= 65536;
+         c.stages >= (c.softmax_under_pv ? 2 : 1) && c.q_buffers >= 1 &&
+         register_budget_fits(c.consumer_warpgroups, c.producer_regs, c.consumer_regs);
 }
 
 constexpr bool fwd_configs_valid() {
