@@ -17,6 +17,7 @@
 #include "build_info.h"
 #include "dhp/dhp.h"
 #include "error.h"
+#include "kernels/bwd_config.h"
 #include "kernels/fwd_config.h"
 #include "memory_check.h"
 #include "params.h"
@@ -550,9 +551,10 @@ dhp_status shape_only_problem(const DLTensor* q_t, const DLTensor* k_t, const dh
     return fail(DHP_ERROR_INVALID_VALUE, "q.shape=%s: batch and heads_q must be <= %" PRId64,
                 dims_text(q_t->shape, 4).s, kMaxGridDim);
   }
-  // The dQ sums dominate: batch * heads_q * seqlen_q (padded to a query block) * head_dim floats. Below 2^62
-  // bytes the size cannot wrap; larger requests cannot be allocated anyway.
-  const double sums_bytes = double(p.batch) * p.heads_q * (double(p.seqlen_q) + 256) * p.head_dim * sizeof(float);
+  // The dQ sums dominate: two chains of batch * heads_q * seqlen_q (padded to a query block) * head_dim floats.
+  // Below 2^62 bytes the size cannot wrap; larger requests cannot be allocated anyway.
+  const double sums_bytes =
+      2.0 * double(p.batch) * p.heads_q * (double(p.seqlen_q) + 256) * p.head_dim * sizeof(float);
   if (sums_bytes > 0x1p62) {
     return fail(DHP_ERROR_INVALID_VALUE, "q.shape=%s: the backward's workspace would exceed 2^62 bytes",
                 dims_text(q_t->shape, 4).s);
@@ -649,9 +651,18 @@ const char* build_info_json() {
     }
     std::string cmake = DHP_BUILD_INFO_JSON;
     cmake.pop_back();  // the closing brace
+    std::string chains;
+    for (int head_dim : {64, 128, 256}) {
+      if (!backward_variant_exists(DType::bf16, head_dim) && !backward_variant_exists(DType::fp16, head_dim)) continue;
+      char entry[48];
+      std::snprintf(entry, sizeof entry, "%s\"%d\": %d", chains.empty() ? "" : ", ", head_dim,
+                    kernels::bwd_dq_chains_max_seqlen_k(head_dim));
+      chains += entry;
+    }
     char tail[64];
-    std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d}", kernels::kPersistentCausalKeys);
-    return cmake + ", \"forward_tiles\": [" + tiles + tail;
+    std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d", kernels::kPersistentCausalKeys);
+    return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
+           chains + "}}";
   }();
   return json.c_str();
 }

@@ -437,6 +437,18 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
         assert any(s <= limit for s in seqlens) and any(s > limit for s in seqlens), (tool, limit, seqlens)
 
 
+def test_determinism_shapes_fall_on_both_sides_of_the_backward_dq_chains_limits(ext):
+    """The backward sums dQ in two chains for MHA without a causal mask up to a seqlen_k per head_dim
+    (dhp_build_info), else in one: the determinism audit must run both summations at every head_dim."""
+    from dhp import _native
+
+    limits = _native.build_info()["backward_two_dq_chains_max_seqlen_k"]
+    assert set(limits) == {str(d) for d in _native.build_info()["backward_head_dims"]}
+    mha = [seqlen for seqlen, heads_q, heads_kv in determinism.SHAPES if heads_q == heads_kv]
+    for head_dim, limit in limits.items():
+        assert any(s <= limit for s in mha) and any(s > limit for s in mha), (head_dim, limit, mha)
+
+
 @pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])
 def test_cli_exit_2_without_what_it_needs(check):
     """Where the GPU tool cannot run here, it exits 2 with a sentence (and never 0)."""

@@ -12,8 +12,10 @@
 //          to shared memory and a writer thread adds it to the tile's fp32 sum in the workspace with one bulk
 //          reduce (the first part is stored, so the sums need no zeroing), in descending key-block order: it
 //          waits until the tile's turn counter says every higher key block that sees the tile has added, adds,
-//          and passes the turn on. Every dQ element is therefore summed in the same order on every run.
-//   post:  dq = dQ sum * scale, converted and written with the caller's strides.
+//          and passes the turn on. Without a causal mask, short MHA problems keep two such sums per tile, key
+//          blocks alternating between them (bwd_dq_chains, chosen from shapes only). Every dQ element is
+//          therefore summed in the same order on every run.
+//   post:  dq = (chain 0 + chain 1) * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys and take
 // turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns(), in `consume`). At head_dim 256 both own
@@ -69,6 +71,8 @@ struct BwdKernelParams {
   int m_blocks, n_blocks;
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;
+  int64_t tiles;  // dQ tiles of one chain: batch * heads_q * m_blocks
+  int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), at most n_blocks (1 under a causal mask)
 };
 
 enum class BwdBarrier : int {
@@ -175,8 +179,9 @@ struct BwdKernel {
     });
   }
 
-  // Adds each step's dQ part to its tile's sum, in descending key-block order (see the file comment): the
-  // prep kernel starts the tile's counter at the number of key blocks that do not see it (the highest ones).
+  // Adds each step's dQ part to its tile's sum in its chain (key blocks alternate between p.dq_chains chains,
+  // counted from the last), in descending key-block order (see the file comment): the prep kernel starts the
+  // tile's counter at the number of key blocks that do not see it (the highest ones; with two chains, none).
   // The turn is awaited before the part is ready, so the poll overlaps the consumers' step, and passed on as
   // soon as the reduce has completed (bulk wait_group: its writes are performed; the release store orders them
   // before the turn). Measured on the H100, head_dim 128, 8k: 452 -> 466 TFLOP/s against waiting for the part
@@ -184,20 +189,26 @@ struct BwdKernel {
   __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
     for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
-      const int64_t tile = row_tile(p, batch, head, m_block);
-      int* turn = p.dq_turn + tile;
-      hopper::wait_flag_equals(turn, p.n_blocks - 1 - n_block);
+      const int chains = Causal ? 1 : p.dq_chains;
+      const int above = p.n_blocks - 1 - n_block;  // key blocks above this one
+      const int64_t slot = above % chains * p.tiles + row_tile(p, batch, head, m_block);
+      const int position = above / chains;  // key blocks of the chain that add before this one
+      int* turn = p.dq_turn + slot;
+      hopper::wait_flag_equals(turn, position);
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
-      float* sum = p.dq_accum + tile * kDqFloats;
-      if (n_block == key_blocks_seen(m_block, kBlockM, kBlockN, p.seqlen_q, p.seqlen_k, p.n_blocks, Causal) - 1)
-        hopper::bulk_store(sum, s.dq[buf], kDqFloats * sizeof(float));  // the first part: no zeroes to add to
+      float* sum = p.dq_accum + slot * kDqFloats;
+      // The chain's first part stores (no zeroes to add to): without a causal mask every key block sees the tile,
+      // so the first part of each chain comes from the chain's highest key block.
+      if (Causal ? n_block == key_blocks_seen(m_block, kBlockM, kBlockN, p.seqlen_q, p.seqlen_k, p.n_blocks, Causal) - 1
+                 : above < chains)
+        hopper::bulk_store(sum, s.dq[buf], kDqFloats * sizeof(float));
       else
         hopper::bulk_reduce_add(sum, s.dq[buf], kDqFloats * sizeof(float));
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
       hopper::mbarrier_arrive(&s.dq_empty[buf]);
       hopper::bulk_wait_all();
-      hopper::store_release_gpu(turn, p.n_blocks - n_block);
+      hopper::store_release_gpu(turn, position + 1);
     });
   }
 
@@ -504,6 +515,8 @@ struct BwdRowParams {
   float* lse2;
   float* delta;
   int* dq_turn;
+  int64_t tiles;
+  int dq_chains;
   int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
   bool causal;
   float softmax_scale;
@@ -558,12 +571,12 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
     float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
     for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
   }
-  if (threadIdx.x == 0) p.dq_turn[tile] = p.n_blocks - seen;
+  if (threadIdx.x < p.dq_chains) p.dq_turn[threadIdx.x * p.tiles + tile] = p.n_blocks - seen;
 }
 
-// dq = dQ sum * scale for one query block of one (batch, head). The sums are in fragment order (each thread's
-// values are 2 columns of 2 rows): they are scaled, converted and put in row order in shared memory, then
-// written 16 bytes a thread along the rows.
+// dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 (+ ...) in that
+// order. The sums are in fragment order (each thread's values are 2 columns of 2 rows): they are scaled,
+// converted and put in row order in shared memory, then written 16 bytes a thread along the rows.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(const BwdRowParams p) {
   constexpr BwdConfig kCfg = bwd_config(HeadDim);
@@ -577,11 +590,17 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
   const int part = threadIdx.x / 128, t = threadIdx.x % 128, lane = t % 32;
   const int row0 = (kCfg.dq_split_rows() ? part * 64 : 0) + 16 * (t / 32) + lane / 4;
   const int col0 = (kCfg.dq_split_rows() ? 0 : part * kDqCols) + 2 * (lane % 4);
-  const float4* sums =
-      reinterpret_cast<const float4*>(p.dq_accum + tile * kCfg.block_m * HeadDim) + part * 64 * kDqCols / 4;
+  const auto sums = [&](int chain) {
+    return reinterpret_cast<const float4*>(p.dq_accum + (chain * p.tiles + tile) * kCfg.block_m * HeadDim) +
+           part * 64 * kDqCols / 4;
+  };
 #pragma unroll
   for (int j = 0; j < kDqCols / 8; ++j) {
-    const float4 v = sums[j * 128 + t];
+    float4 v = sums(0)[j * 128 + t];
+    for (int c = 1; c < p.dq_chains; ++c) {
+      const float4 w = sums(c)[j * 128 + t];
+      v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
+    }
     const int col = col0 + 8 * j;
     *reinterpret_cast<uint32_t*>(&rows[row0 * kPitch + col]) =
         hopper::pack2<T>(v.x * p.softmax_scale, v.y * p.softmax_scale);
@@ -630,7 +649,8 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
                 "heads_q/heads_kv=%d x ceil(seqlen_q=%d / %d) = %lld steps for one key block: at most 2^31 - 1 are "
                 "supported", f.heads_q / f.heads_kv, f.seqlen_q, kCfg.block_m,
                 (long long)(m_blocks * (f.heads_q / f.heads_kv)));
-  const BwdWorkspace ws = BwdWorkspace::make(kCfg, f.batch, f.heads_q, f.seqlen_q);
+  const int dq_chains = bwd_dq_chains(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
+  const BwdWorkspace ws = BwdWorkspace::make(kCfg, f.batch, f.heads_q, f.seqlen_q, dq_chains);
   uint8_t* base = static_cast<uint8_t*>(prm.workspace);
   BwdRowParams rp{};
   rp.out = f.out;
@@ -652,6 +672,8 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.heads_q = f.heads_q;
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
+  rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
+  rp.dq_chains = std::min(dq_chains, rp.n_blocks);  // a chain without key blocks is never written
   rp.causal = Causal;
   rp.softmax_scale = f.softmax_scale;
 
@@ -670,6 +692,8 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.lse2 = rp.lse2;
   kp.delta = rp.delta;
   kp.dq_turn = rp.dq_turn;
+  kp.tiles = rp.tiles;
+  kp.dq_chains = rp.dq_chains;
   kp.seqlen_q = f.seqlen_q;
   kp.seqlen_k = f.seqlen_k;
   kp.heads_q = f.heads_q;

@@ -1,8 +1,8 @@
 """Determinism and batch invariance: same inputs give the same bits, whatever else runs or sits in the batch.
 
-Method. For every compiled variant, causal and not, on three shapes with sequence tails and GQA (SHAPES: the
-forward's tiles and grid depend on seqlen_k, and the shapes run each of them), and for both passes
-(fwd: the forward's out and lse; bwd, for the head_dims build_info lists under "backward_head_dims": the
+Method. For every compiled variant, causal and not, on four shapes with sequence tails and GQA (SHAPES: the
+forward's tiles and grid and the backward's dQ chains depend on shapes; the shapes run each of them), and for
+both passes (fwd: the forward's out and lse; bwd, for the head_dims build_info lists under "backward_head_dims": the
 backward's dq, dk and dv), the reference is the sha256 of the raw bytes of each output from one call on the
 current stream. Then, each compared bitwise (by hash) with the reference:
 
@@ -39,8 +39,10 @@ import math
 import sys
 
 # (seqlen, heads_q, heads_kv): tails and GQA. The forward's launch depends on seqlen_k (dhp_build_info's
-# "forward_tiles" and "persistent_causal_max_seqlen_k"): the shapes fall on both sides of every such limit.
-SHAPES = ((1000, 4, 2), (2100, 4, 2), (4200, 2, 1))
+# "forward_tiles" and "persistent_causal_max_seqlen_k"), and the backward's dQ summation (one chain or two) on
+# seqlen_k and heads (its "backward_two_dq_chains_max_seqlen_k", MHA only): the shapes fall on both sides of
+# every such limit, with MHA shapes on both sides of the backward's.
+SHAPES = ((1000, 2, 2), (2100, 4, 2), (4200, 2, 1), (8300, 1, 1))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
 SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
 OUTPUTS = {"fwd": ("out", "lse"), "bwd": ("dq", "dk", "dv")}  # what each pass's checks hash
