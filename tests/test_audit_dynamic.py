@@ -501,7 +501,7 @@ def test_determinism_backward_on_gpu(torch_cuda, tmp_path):
                                      for c in document["cases"])
     case = document["cases"][0]
     assert {c["check"] for c in case["checks"]} == {"repeat", "streams", "load", "batch"}
-    assert len(case["checks"]) == 2 + 2 + 2 + len(determinism.batch_layouts())
+    assert len(case["checks"]) == len(determinism.SHAPES) * (2 + 2 + 2 + len(determinism.batch_layouts()))
     assert " bwd " in done.stdout
 
 
