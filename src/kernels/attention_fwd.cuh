@@ -183,23 +183,41 @@ struct FwdKernel {
     }
   }
 
+  // A Q buffer holds the O tile until its TMA store has read it. With one Q buffer the epilogue waits for that
+  // and frees the buffer at once (the producer needs it for the next tile). With two it hands the wait to the next
+  // tile, which does it under its first QK^T: the producer needs the buffer only for the tile after next.
+  static constexpr bool kDeferStoreWait = kQBuffers >= 2;
+  struct PendingStore {
+    int qb = -1;          // the Q buffer to free, -1 if none
+    bool stored = false;  // whether a store from it is in flight
+  };
+  // Thread 0 of a consumer warpgroup: the store has read the buffer, the producer may refill it.
+  __device__ static void free_q_buffer(Smem& s, const PendingStore& pending) {
+    if (pending.qb < 0) return;
+    if (pending.stored) hopper::tma_store_wait_read();
+    hopper::mbarrier_arrive(&s.q_empty[pending.qb]);
+  }
+
   __device__ static void consume(const FwdKernelParams& p, Smem& s, int consumer) {
     RingPos ring{0};
     int tile_count = 0;
+    PendingStore pending;
     for (int k = 0;; ++k) {
       const int t = tile_of_round(p, k);
       if (t < 0) break;
       const Tile tile = tile_at(p, t);
       const int n_blocks = key_blocks(p, tile.m_block);
-      consume_tile(p, s, consumer, tile, n_blocks, ring, tile_count++);
+      pending = consume_tile(p, s, consumer, tile, n_blocks, ring, tile_count++, pending);
       ring.count += n_blocks;
     }
+    if (threadIdx.x % 128 == 0) free_q_buffer(s, pending);  // no store may read shared memory after exit
   }
 
   // One tile for one consumer warpgroup: its 64 query rows against the tile's key blocks (taken from the
-  // ring from `ring` on), then the epilogue, which frees the Q buffer for the producer's next tile.
-  __device__ static void consume_tile(const FwdKernelParams& p, Smem& s, int consumer, const Tile& tile,
-                                      int n_blocks, RingPos ring, int tile_count) {
+  // ring from `ring` on), then the epilogue, which frees the Q buffer for the producer (at once, or under the
+  // next tile's first QK^T: the returned PendingStore, kDeferStoreWait). `previous` is the last tile's.
+  __device__ static PendingStore consume_tile(const FwdKernelParams& p, Smem& s, int consumer, const Tile& tile,
+                                              int n_blocks, RingPos ring, int tile_count, PendingStore previous) {
     using FragS = AccFragment<kBlockN>;
     using FragO = AccFragment<HeadDim>;
     const int t = threadIdx.x % 128;
@@ -280,6 +298,7 @@ struct FwdKernel {
       turns.wait();
       issue_qk(ring.stage());
       turns.pass(false);
+      if (t == 0) free_q_buffer(s, previous);
       hopper::wgmma_wait<0>();
       hopper::fence_registers(acc_s);
       hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
@@ -312,6 +331,8 @@ struct FwdKernel {
       issue_pv(ring.stage());
       turns.pass(true);
       retire_pv(ring.stage());
+    } else if (t == 0) {
+      free_q_buffer(s, previous);
     }
 
     float inv_sum[2], lse[2];
@@ -346,10 +367,10 @@ struct FwdKernel {
       }
     }
     // The producer may refill this warpgroup's Q buffer once the store has read it.
-    if (t == 0) {
-      if (wg_row0 < p.seqlen_q) hopper::tma_store_wait_read();
-      hopper::mbarrier_arrive(&s.q_empty[qb]);
-    }
+    const PendingStore mine{qb, wg_row0 < p.seqlen_q};
+    if (kDeferStoreWait) return mine;
+    if (t == 0) free_q_buffer(s, mine);
+    return PendingStore{};
   }
 };
 
