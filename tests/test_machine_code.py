@@ -232,3 +232,38 @@ def test_forward_softmax_runs_under_its_pv():
             assert max(counts) < per_block, f"{name}: {max(counts)} exp2 under PV, tile says none"
         checked += 1
     assert checked, "no forward kernel found"
+
+
+ATTENTION_KERNEL = re.compile(r"attention_(fwd|bwd)_kernel")
+
+
+def uniformity_report(sass):
+    """{kernel: (WARPSYNC count, descriptor encodes (the 0x3fff0 start-address mask), HGMMA count)}."""
+    return {name: (len(re.findall(r"\bWARPSYNC\b", body)), len(re.findall(r"\b0x3fff0\b", body)),
+                   len(re.findall(r"\bHGMMA\b", body)))
+            for name, body in functions(sass).items() if ATTENTION_KERNEL.search(name)}
+
+
+def test_uniformity_report_pattern():
+    sass = """
+        Function : _ZN3dhp7kernels20attention_fwd_kernelIiEEvv
+        /*0010*/                   WARPSYNC.ALL ;
+        /*0020*/                   ULOP3.LUT UR8, UR8, 0x3fff0, URZ, 0xc0, !UPT ;
+        /*0030*/                   HGMMA.64x64x16.F32.BF16 R88, gdesc[UR16], R88 ;
+        Function : _ZN3dhp7kernels15other_kernelEv
+        /*0010*/                   WARPSYNC.ALL ;
+    """
+    assert uniformity_report(sass) == {"_ZN3dhp7kernels20attention_fwd_kernelIiEEvv": (1, 1, 1)}
+
+
+def test_collective_operands_are_warp_uniform():
+    """wgmma, TMA and the named barriers take warp-uniform operands. Anything derived from threadIdx.x / 128 is not
+    provably uniform to ptxas (it does not assume a 1-D block), so it kept such values in vector registers, moved
+    them with R2UR before every use and fenced some uses with WARPSYNC; the kernels read the warpgroup index
+    through __shfl_sync instead. And a wgmma descriptor is encoded once per GEMM and advanced by one add
+    (hopper::advance), not re-encoded per k16 step: encodes stay far below the wgmma count."""
+    report = uniformity_report(cuobjdump("-sass"))
+    assert report, "no attention kernel found"
+    for name, (warpsyncs, encodes, wgmmas) in zip(demangle(list(report)), report.values()):
+        assert warpsyncs == 0, f"{name}: {warpsyncs} WARPSYNC (an operand not provably warp-uniform)"
+        assert encodes * 4 <= wgmmas, f"{name}: {encodes} descriptor encodes for {wgmmas} wgmmas"

@@ -26,6 +26,14 @@ struct SmemDescriptor {
   }
 };
 
+// The descriptor of the same layout `bytes` further on (a multiple of 16). Only the start address field (bits
+// 0-13, address >> 4) moves: shared-window addresses stay below 2^18, so it never carries into the next field,
+// and the add touches the low word alone (one uniform add per wgmma instead of re-encoding the address).
+__device__ __forceinline__ uint64_t advance(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = uint32_t(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
 // wgmma.fence.sync.aligned: orders register accesses to accumulators / A fragments before a wgmma.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 

@@ -226,23 +226,22 @@ struct BwdKernel {
   // The same with A (P^T or dS^T: 64 key rows x kBlockM queries) from shared memory, K-major: +32 B per k16 step
   // inside a 64-column box. B as above: +16 rows (2048 B) per step, LBO = box stride.
   __device__ static void gemm_into_keys_ss(float (&acc)[kWgCols / 2], uint32_t a_base, uint32_t b_base) {
+    const uint64_t a0 = hopper::SmemDescriptor{a_base, 16, 1024}.encode();
+    const uint64_t b0 = hopper::SmemDescriptor{b_base, kBoxBytesQ, 1024}.encode();
 #pragma unroll
-    for (int t = 0; t < kBlockM / 16; ++t) {
-      const uint64_t a = hopper::SmemDescriptor{a_base + (t / 4) * kBoxBytesDs + (t % 4) * 32, 16, 1024}.encode();
-      const uint64_t b = hopper::SmemDescriptor{b_base + t * 2048, kBoxBytesQ, 1024}.encode();
-      hopper::mma_ss<T, kWgCols, 0, 1>(acc, a, b, 1);
-    }
+    for (int t = 0; t < kBlockM / 16; ++t)
+      hopper::mma_ss<T, kWgCols, 0, 1>(acc, hopper::advance(a0, (t / 4) * kBoxBytesDs + (t % 4) * 32),
+                                       hopper::advance(b0, t * 2048), 1);
   }
 
   // acc (64 query rows x kDqCols) = dS (from dS^T in shared memory, M-major) * K (N-major), over the
   // kBlockN keys in k16 steps of 16 rows (2048 B) of both.
   __device__ static void gemm_dq(float (&acc)[kDqCols / 2], uint32_t ds_base, uint32_t k_base) {
+    const uint64_t a0 = hopper::SmemDescriptor{ds_base, kBoxBytesDs, 1024}.encode();
+    const uint64_t b0 = hopper::SmemDescriptor{k_base, kBoxBytesKV, 1024}.encode();
 #pragma unroll
-    for (int t = 0; t < kBlockN / 16; ++t) {
-      const uint64_t a = hopper::SmemDescriptor{ds_base + t * 2048, kBoxBytesDs, 1024}.encode();
-      const uint64_t b = hopper::SmemDescriptor{k_base + t * 2048, kBoxBytesKV, 1024}.encode();
-      hopper::mma_ss<T, kDqCols, 1, 1>(acc, a, b, t > 0);
-    }
+    for (int t = 0; t < kBlockN / 16; ++t)
+      hopper::mma_ss<T, kDqCols, 1, 1>(acc, hopper::advance(a0, t * 2048), hopper::advance(b0, t * 2048), t > 0);
   }
 
   // The 128B-swizzled address of element (row, col) of a tile stored as 64-column boxes of `box_bytes`.
@@ -466,7 +465,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
   const int n_block = p.n_blocks - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
 
-  const int warpgroup = threadIdx.x / 128;
+  const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
     hopper::mbarrier_init(&s.kv_full, 1);
     for (int i = 0; i < K::kStages; ++i) {

@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(fwd_config(HeadDim, Causal, Tier).threads(), 1
   using K = FwdKernel<T, HeadDim, Causal, Tier>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
 
-  const int warpgroup = threadIdx.x / 128;
+  const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
     for (int i = 0; i < K::kQBuffers; ++i) {
       hopper::mbarrier_init(&s.q_full[i], 1);

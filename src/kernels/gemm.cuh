@@ -12,12 +12,13 @@ namespace dhp::kernels {
 // bytes: k16 steps of +32 B inside a box, the next box after 4. The first step overwrites acc.
 template <class T, int HeadDim, int N, int ABox, int BBox>
 __device__ __forceinline__ void gemm_kmajor(float (&acc)[N / 2], uint32_t a_base, uint32_t b_base) {
+  const uint64_t a0 = hopper::SmemDescriptor{a_base, 16, 1024}.encode();
+  const uint64_t b0 = hopper::SmemDescriptor{b_base, 16, 1024}.encode();
 #pragma unroll
   for (int t = 0; t < HeadDim / 16; ++t) {
     const uint32_t k_off = (t % 4) * 32;
-    const uint64_t a = hopper::SmemDescriptor{a_base + (t / 4) * ABox + k_off, 16, 1024}.encode();
-    const uint64_t b = hopper::SmemDescriptor{b_base + (t / 4) * BBox + k_off, 16, 1024}.encode();
-    hopper::mma_ss<T, N, 0, 0>(acc, a, b, t > 0);
+    hopper::mma_ss<T, N, 0, 0>(acc, hopper::advance(a0, (t / 4) * ABox + k_off),
+                               hopper::advance(b0, (t / 4) * BBox + k_off), t > 0);
   }
 }
 
@@ -25,11 +26,9 @@ __device__ __forceinline__ void gemm_kmajor(float (&acc)[N / 2], uint32_t a_base
 // 64-column boxes of BBox bytes: LBO = box stride, SBO = 8 rows, +16 rows (2048 B) per k16 step.
 template <class T, int K, int N, int BBox>
 __device__ __forceinline__ void gemm_rs_nmajor(float (&acc)[N / 2], const uint32_t (&a)[K / 16][4], uint32_t b_base) {
+  const uint64_t b0 = hopper::SmemDescriptor{b_base, BBox, 1024}.encode();
 #pragma unroll
-  for (int t = 0; t < K / 16; ++t) {
-    const uint64_t b = hopper::SmemDescriptor{b_base + t * 2048, BBox, 1024}.encode();
-    hopper::mma_rs<T, N, 1>(acc, a[t], b, 1);
-  }
+  for (int t = 0; t < K / 16; ++t) hopper::mma_rs<T, N, 1>(acc, a[t], hopper::advance(b0, t * 2048), 1);
 }
 
 }  // namespace dhp::kernels
