@@ -231,7 +231,7 @@ struct FwdKernel {
     float acc_o[HeadDim / 2];
 #pragma unroll
     for (int i = 0; i < HeadDim / 2; ++i) acc_o[i] = 0.f;
-    OnlineSoftmax softmax(p.scale_log2);
+    OnlineSoftmax<kCfg.softmax_chains> softmax(p.scale_log2);
     float acc_s[kBlockN / 2];
     uint32_t p_frag[kBlockN / 16][4];
     GemmTurns<kConsumers> turns{consumer};

@@ -17,6 +17,7 @@ struct FwdConfig {
   int consumer_regs;        // setmaxnreg budget of each consumer warpgroup
   int q_buffers;            // Q tiles in shared memory: with 2, a CTA's next tile loads while this one computes
   bool softmax_under_pv;    // a warpgroup's softmax of S(j+1) overlaps its own P(j) V(j) (attention_fwd.cuh)
+  int softmax_chains;       // partial maxima and sums per row half (OnlineSoftmax, softmax.cuh)
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -51,18 +52,25 @@ constexpr FwdConfig fwd_config(int head_dim, [[maybe_unused]] bool causal, int t
   // 491 -> 513, d128 16k 611 -> 626, d256 16k 701 -> 732, d256 causal 4k 592 -> 621, GQA 32/8 4k 553 -> 578;
   // a second run: d128 4k 611 -> 637, 16k 614 -> 643, d256 4k 667 -> 705); the short-key tiers lose (d128 1k
   // 553 -> 520, causal d64 1k 281 -> 265): V's slot is freed one softmax later.
+  // softmax_chains, measured on an H200 (bf16, 2026-11-26, alternating builds in one call, three calls): four
+  // partial maxima/sums shorten the softmax's dependency chains, which pays where the softmax is on the
+  // warpgroup's critical path (not under its own PV): d128 short tier 1k 570 -> 580, 2k 618 -> 634, causal 1k
+  // 384 -> 391, 2k 465 -> 491; causal d64 512 207 -> 211. On the main tiers four chains lost at d128 (4k 632 ->
+  // 612, 16k 639 -> 623 in one call, -1% in the next) and were even at d256; d64's three consumer warpgroups
+  // gained slightly (512 355 -> 360, 1k 413 -> 416).
   const bool short_keys = tier == kTierShortKeys;
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false} : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false, 4} : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true, 4};
   if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false}
-                      : FwdConfig{128, 128, 176, 2, 2, 24, 240, 1, true};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false} : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true};
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false, 4}
+                      : FwdConfig{128, 128, 176, 2, 2, 24, 240, 1, true, 1};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false, 4} : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true, 1};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
   return c.block_m == 64 * c.consumer_warpgroups && c.block_n % 16 == 0 && c.head_dim % 64 == 0 &&
          c.stages >= (c.softmax_under_pv ? 2 : 1) && c.q_buffers >= 1 &&
+         c.softmax_chains >= 1 && (c.softmax_chains & (c.softmax_chains - 1)) == 0 &&
          register_budget_fits(c.consumer_warpgroups, c.producer_regs, c.consumer_regs);
 }
 

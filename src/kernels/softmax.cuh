@@ -31,7 +31,14 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Chains: a row half's maximum and sum run as this many interleaved partial results (register i of the
+// fragment feeds chain (position of i within its row half) % Chains), combined by a pairwise tree, so their
+// dependency chains are N/8/Chains long instead of N/8. The maximum is the same in any order; the sum's order
+// is fixed by Chains (a configuration constant), so results stay deterministic. The block's sum joins the
+// rescaled running sum in one fma at the end, off the chains' path.
+template <int Chains>
 struct OnlineSoftmax {
+  static_assert(Chains >= 1 && (Chains & (Chains - 1)) == 0, "Chains: a power of two");
   float row_max[2];  // raw (unscaled) running maximum of each row half
   float row_sum[2];  // this thread's share of the running sum of exp2
   float scale_log2;  // softmax_scale * log2(e)
@@ -41,28 +48,50 @@ struct OnlineSoftmax {
     row_sum[0] = row_sum[1] = 0.f;
   }
 
+  __device__ static constexpr int chain(int i) { return ((i >> 2) * 2 + (i & 1)) % Chains; }
+
   // Turns raw scores s (masked entries -inf) into unnormalised probabilities in place, and returns in
   // `rescale` the factor by which each row half's earlier output accumulator must be multiplied.
   template <int N>
   __device__ __forceinline__ void step(float (&s)[N / 2], float (&rescale)[2]) {
     using Frag = AccFragment<N>;
-    float new_max[2] = {row_max[0], row_max[1]};
+    float part[2][Chains];
 #pragma unroll
-    for (int i = 0; i < Frag::kRegs; ++i) new_max[Frag::row_half(i)] = fmaxf(new_max[Frag::row_half(i)], s[i]);
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int c = 0; c < Chains; ++c) part[h][c] = c == 0 ? row_max[h] : -INFINITY;
+#pragma unroll
+    for (int i = 0; i < Frag::kRegs; ++i) {
+      float& m = part[Frag::row_half(i)][chain(i)];
+      m = fmaxf(m, s[i]);
+    }
     float shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      new_max[h] = quad_max(new_max[h]);
-      shift[h] = new_max[h] == -INFINITY ? 0.f : new_max[h] * scale_log2;
+#pragma unroll
+      for (int w = Chains / 2; w > 0; w /= 2)
+#pragma unroll
+        for (int c = 0; c < w; ++c) part[h][c] = fmaxf(part[h][c], part[h][c + w]);
+      const float new_max = quad_max(part[h][0]);
+      shift[h] = new_max == -INFINITY ? 0.f : new_max * scale_log2;
       rescale[h] = hopper::exp2_approx(row_max[h] * scale_log2 - shift[h]);
-      row_max[h] = new_max[h];
-      row_sum[h] *= rescale[h];
+      row_max[h] = new_max;
+#pragma unroll
+      for (int c = 0; c < Chains; ++c) part[h][c] = 0.f;
     }
 #pragma unroll
     for (int i = 0; i < Frag::kRegs; ++i) {
       const int h = Frag::row_half(i);
       s[i] = hopper::exp2_approx(fmaf(s[i], scale_log2, -shift[h]));
-      row_sum[h] += s[i];
+      part[h][chain(i)] += s[i];
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int w = Chains / 2; w > 0; w /= 2)
+#pragma unroll
+        for (int c = 0; c < w; ++c) part[h][c] += part[h][c + w];
+      row_sum[h] = fmaf(row_sum[h], rescale[h], part[h][0]);
     }
   }
 
