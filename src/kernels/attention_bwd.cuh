@@ -394,21 +394,26 @@ struct BwdKernel {
         hopper::wgmma_fence();
         gemm_into_keys(acc_dv, p_frag, dout_tile + (col0 / 64) * kBoxBytesQ);
         gemm_into_keys(acc_dk, ds_frag, q_tile + (col0 / 64) * kBoxBytesQ);
+        hopper::wgmma_commit();
         gemm_dq_of_previous(acc_dq, step);
       } else {
         hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
         hopper::wgmma_fence();
         gemm_into_keys_ss(acc_dv, smem(s.ds[buf][1][0]), dout_tile + (col0 / 64) * kBoxBytesQ);
         gemm_into_keys_ss(acc_dk, smem(s.ds[buf][0][0]), q_tile + (col0 / 64) * kBoxBytesQ);
+        hopper::wgmma_commit();
         gemm_dq_of(acc_dq, step);
       }
       hopper::wgmma_commit();
       turn_pass();
-      hopper::wgmma_wait<0>();
-      hopper::fence_registers(acc_dq);
+      // dV and dK, the last readers of this step's Q and dO, are a group ahead of dQ (which reads dS and K): the
+      // stage goes back to the producer while dQ is still computed.
+      hopper::wgmma_wait<1>();
       hopper::fence_registers(acc_dk);
       hopper::fence_registers(acc_dv);
       hopper::mbarrier_arrive(&s.empty[stage]);
+      hopper::wgmma_wait<0>();
+      hopper::fence_registers(acc_dq);
       if constexpr (kTurns) {
         if (step > 0) {
           hopper::mbarrier_arrive(&s.ds_empty[buf ^ 1]);
