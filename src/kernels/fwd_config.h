@@ -30,7 +30,9 @@ struct FwdConfig {
 constexpr int kTierMain = 0;
 constexpr int kTierShortKeys = 1;
 constexpr int fwd_short_keys(int head_dim, bool causal) {
-  return head_dim == 128 ? 2048 : causal ? 1024 : 0;
+  if (head_dim == 128) return 2048;
+  if (!causal) return 0;
+  return head_dim == 64 ? 2048 : 1024;
 }
 constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_short_keys(head_dim, causal) > 0 ? 2 : 1; }
 
@@ -47,7 +49,8 @@ constexpr FwdConfig fwd_config(int head_dim, [[maybe_unused]] bool causal, int t
   // buffers: 512 keys 398 -> 467 TFLOP/s, 1k 505 -> 548, 2k 590 -> 612, causal 512 210 -> 240, 1k
   // 311 -> 343; it loses at 16k (627 -> 616) and causal 8k (601 -> 563). Causal head_dim 64 with 128 query rows: 512 163 -> 178,
   // 1k 235 -> 256, but 2k 343 -> 327 and non-causal 2k 472 -> 409. Causal head_dim 256 with 64-key blocks:
-  // 512 279 -> 291, 1k 392 -> 412, but non-causal 1k 617 -> 588.
+  // 512 279 -> 291, 1k 392 -> 412, but non-causal 1k 617 -> 588. Causal head_dim 64's short tier reaches 2k
+  // since its four softmax chains (H200, 2026-11-26): 2k 349 -> 359; non-causal d64 1k lost (411 -> 397).
   // softmax_under_pv, measured the same way (H100 bf16, 2026-11-25): main tiers gain at 4k and beyond (d64 4k
   // 491 -> 513, d128 16k 611 -> 626, d256 16k 701 -> 732, d256 causal 4k 592 -> 621, GQA 32/8 4k 553 -> 578;
   // a second run: d128 4k 611 -> 637, 16k 614 -> 643, d256 4k 667 -> 705); the short-key tiers lose (d128 1k
