@@ -34,6 +34,48 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
+// The same with acquire at cluster scope: the arrivals came from the other CTA of the cluster
+// (mbarrier_arrive_peer), and its writes before them are visible after the wait.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+  while (!cuda::ptx::mbarrier_try_wait_parity(cuda::ptx::sem_acquire, cuda::ptx::scope_cluster, bar, parity)) {
+  }
+}
+
+// mbarrier.arrive.release.cluster.shared::cluster.b64: one arrival on a barrier of another CTA of the cluster
+// (its address from map_to_rank); this thread's earlier memory accesses are ordered before it.
+__device__ __forceinline__ void mbarrier_arrive_peer(uint32_t peer_bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(peer_bar) : "memory");
+}
+
+// mapa.shared::cluster.u32 [PTX 9.7.9.22]: the address of the same shared-memory location (`local`, from this
+// CTA's window) in CTA `rank` of the cluster, for shared::cluster accesses.
+__device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank) {
+  uint32_t mapped;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(mapped)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))), "r"(rank));
+  return mapped;
+}
+
+// ld.shared::cluster.v4.f32: 16 bytes from another CTA's shared memory (address from map_to_rank).
+__device__ __forceinline__ float4 load_peer_float4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+// %cluster_ctarank: this CTA's rank within its cluster.
+__device__ __forceinline__ uint32_t cluster_rank() { return cuda::ptx::get_sreg_cluster_ctarank(); }
+
+// barrier.cluster.arrive.release [PTX 9.7.13.4]: this thread's arrival at the cluster-wide barrier.
+__device__ __forceinline__ void cluster_arrive() { cuda::ptx::barrier_cluster_arrive(cuda::ptx::sem_release); }
+
+// barrier.cluster.wait.acquire: waits until every thread of the cluster has arrived.
+__device__ __forceinline__ void cluster_wait() { cuda::ptx::barrier_cluster_wait(cuda::ptx::sem_acquire); }
+
 // bar.sync id, threads [PTX 9.7.13.1]: named barrier over `threads` (multiple of 32) threads.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");

@@ -65,6 +65,18 @@ static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(12
 // +7..11% up to 4k, -5% at 8k; GQA 32/8 -3..-5% at every length (2026-11-26: -5% at d128 512 keys).
 // Under a causal mask the descending order already keeps key blocks from waiting. The choice depends on public
 // values only (shapes and options), never on the batch size, so a sequence's dQ bits do not depend on its batch.
+// Without a causal mask the key blocks also run in pairs (a 2-CTA cluster: blockIdx.x 2c and 2c + 1, key blocks
+// n_blocks - 1 - 2c and the one below): the lower one hands its dQ part to the upper one over distributed shared
+// memory, which adds the sum (its own part + the lower one's, in that order) to the tile's chain once. A tile's
+// chain then has half the adders (half the wait, half the bulk reduces in L2) with one fp32 sum. Under a causal
+// mask the two key blocks of a pair see different query blocks, and the mask's order already keeps them from
+// waiting, so causal problems keep single key blocks.
+constexpr bool bwd_paired_key_blocks(bool causal) { return !causal; }
+// The dQ adders of a tile without a causal mask: one per pair of key blocks, or per key block.
+constexpr int bwd_dq_adders(bool causal, int n_blocks) {
+  return bwd_paired_key_blocks(causal) ? (n_blocks + 1) / 2 : n_blocks;
+}
+
 constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
   return head_dim == 64 ? 8192 : 4096;
 }

@@ -236,16 +236,24 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
 FIRST_TRY_WINDOW = 256  # ptxas schedules dozens of instructions between an inline first try and its branch
 
 
-def _first_try_branch(instructions: list[Instruction], i: int, starts: set[int]) -> int | None:
-    """If the wait at i is an inline first try, the address of the later branch that, on its (unchanged) result
-    predicate, jumps into a spin loop retrying it out of line; else None."""
+def _first_try_sites(instructions: list[Instruction], i: int, starts: set[int]) -> set[int] | None:
+    """If the wait at i is an inline first try, the addresses whose counts follow its result: the later branch
+    that, on its (unchanged) result predicate, either jumps into a spin loop retrying it out of line or skips a
+    spin loop that follows it (on success; on failure it falls into the loop), and instructions guarded by that
+    predicate in between (a cluster-scope acquire's L1 invalidation, `@P0 CCTL.IVALL`); else None."""
     wait = instructions[i]
     predicates = wait.defs & PREDICATE_BITS
-    for ins in instructions[i + 1:i + 1 + FIRST_TRY_WINDOW]:
-        if ins.root == "BRA" and ins.guard is not None and predicates >> ins.guard & 1:
-            return ins.address if ins.targets() and ins.targets()[-1] in starts else None
+    guarded = set()
+    for j in range(i + 1, min(len(instructions), i + 1 + FIRST_TRY_WINDOW)):
+        ins = instructions[j]
+        if ins.root in ("BRA", "EXIT") and ins.guard is not None and predicates >> ins.guard & 1:
+            into_loop = ins.root == "BRA" and bool(ins.targets()) and ins.targets()[-1] in starts
+            skips_loop = j + 1 < len(instructions) and instructions[j + 1].address in starts
+            return guarded | {ins.address} if into_loop or skips_loop else None
         if ins.defs & predicates or ins.root in BRANCH_OPCODES:
             return None
+        if ins.guard is not None and predicates >> ins.guard & 1:
+            guarded.add(ins.address)
     return None
 
 
@@ -256,19 +264,20 @@ def _outside(instructions: list[Instruction], loops: list[SpinLoop]) -> list[int
 
 
 def unrecognised_waits(instructions: list[Instruction], loops: list[SpinLoop]) -> list[Instruction]:
-    """Wait instructions outside every spin loop that are not an inline first try either (see _first_try_branch).
+    """Wait instructions outside every spin loop that are not an inline first try either (see _first_try_sites).
     Their retries would go unrecognised."""
     starts = {loop.start for loop in loops}
     return [instructions[i] for i in _outside(instructions, loops)
-            if _first_try_branch(instructions, i, starts) is None]
+            if _first_try_sites(instructions, i, starts) is None]
 
 
 def first_try_branches(instructions: list[Instruction], loops: list[SpinLoop]) -> set[int]:
-    """Addresses of the branches by which inline first tries enter their spin loops: how often each is taken
-    follows timing (how often the first try fails), how often it executes does not."""
+    """Addresses of the branches by which inline first tries enter or skip their spin loops, and of instructions
+    guarded by a first try's result: how often each is taken (or predicated on) follows timing (how often the
+    first try fails), how often it executes does not."""
     starts = {loop.start for loop in loops}
-    found = (_first_try_branch(instructions, i, starts) for i in _outside(instructions, loops))
-    return {address for address in found if address is not None}
+    found = (_first_try_sites(instructions, i, starts) for i in _outside(instructions, loops))
+    return set().union(*(sites for sites in found if sites is not None))
 
 
 def is_flag_read(ins: Instruction) -> bool:
