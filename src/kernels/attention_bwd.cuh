@@ -306,13 +306,11 @@ struct BwdKernel {
     const auto hand_dq_to_writer = [&](int step, const float (&acc_dq)[kDqCols / 2]) {
       const int dq_buf = step % kDqBuffers;
       const uint32_t parity = (step / kDqBuffers) & 1;
-      if (role == DqRole::kGive)
-        hopper::mbarrier_wait_cluster(&s.dq_empty[dq_buf], parity ^ 1);
-      else
-        hopper::mbarrier_wait(&s.dq_empty[dq_buf], parity ^ 1);
+      hopper::mbarrier_wait(&s.dq_empty[dq_buf], parity ^ 1);
       float4* part = reinterpret_cast<float4*>(s.dq[dq_buf] + consumer * kDqRows * kDqCols);
       if (role == DqRole::kAddWithPeer) {
-        hopper::mbarrier_wait_cluster(&s.peer_full[dq_buf], parity);
+        hopper::mbarrier_wait_relaxed_cluster(&s.peer_full[dq_buf], parity);
+        hopper::fence_acquire_peer_shared();
         const uint32_t lower = hopper::map_to_rank(part + t, 1);
 #pragma unroll
         for (int j = 0; j < kDqCols / 8; ++j) {
@@ -326,11 +324,13 @@ struct BwdKernel {
         for (int j = 0; j < kDqCols / 8; ++j)
           part[j * 128 + t] = make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
       }
-      hopper::fence_view_async_shared();
-      if (role == DqRole::kGive)
-        hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.peer_full[dq_buf], 0));
-      else
+      if (role == DqRole::kGive) {
+        hopper::fence_release_own_shared();
+        hopper::mbarrier_arrive_peer_relaxed(hopper::map_to_rank(&s.peer_full[dq_buf], 0));
+      } else {
+        hopper::fence_view_async_shared();
         hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
+      }
     };
     const auto gemm_dq_of = [&](float (&acc_dq)[kDqCols / 2], int step) {
       gemm_dq(acc_dq, smem(s.ds[step & 1][0][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
@@ -497,7 +497,7 @@ struct BwdKernel {
     // The upper key block reads this CTA's last parts over the cluster: stay until it has given every buffer back.
     if (role == DqRole::kGive)
       for (int k = 0; k < kDqBuffers; ++k)
-        hopper::mbarrier_wait_cluster(&s.dq_empty[(steps + k) % kDqBuffers], (((steps + k) / kDqBuffers) & 1) ^ 1);
+        hopper::mbarrier_wait(&s.dq_empty[(steps + k) % kDqBuffers], (((steps + k) / kDqBuffers) & 1) ^ 1);
   }
 };
 

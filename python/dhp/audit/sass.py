@@ -183,8 +183,10 @@ def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], lis
 
 # Spin loops: the only code whose execution count follows timing. A loop is a backward branch and the
 # instructions from its target up to it; it spins when it is short and holds a wait that may fail and be
-# retried: an mbarrier try-wait, the retry of setmaxnreg.inc, or a poll of a flag other CTAs publish.
-MAX_SPIN_BODY = 8
+# retried: an mbarrier try-wait, the retry of setmaxnreg.inc, or a poll of a flag other CTAs publish, with the
+# backward branch taken on the wait's result. In kernels launched as clusters ptxas recomputes the barrier's
+# shared-window address inside the loop (S2UR SR_CgaCtaId and four uniform instructions): nine instructions.
+MAX_SPIN_BODY = 12
 
 
 @dataclass
@@ -214,6 +216,21 @@ def _spin_kind(ins: Instruction) -> str | None:
     return None
 
 
+def _repeats_on_wait(body: list[Instruction]) -> bool:
+    """Whether the loop's backward branch (body[-1]) is guarded by a predicate computed from the wait's result
+    within the body (a loop counted by anything else runs a fixed number of times, whatever waits it holds)."""
+    branch = body[-1]
+    if branch.guard is None:
+        return False
+    needed = 1 << branch.guard
+    for ins in reversed(body[:-1]):
+        if ins.defs & needed:
+            if _spin_kind(ins):
+                return True
+            needed = (needed & ~ins.defs) | ins.uses
+    return False
+
+
 def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
     """The kernel's spin loops, by address (see MAX_SPIN_BODY)."""
     index = {ins.address: i for i, ins in enumerate(instructions)}
@@ -225,7 +242,7 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
         first = index[targets[-1]]
         body = instructions[first:i + 1]
         kinds = {k for k in map(_spin_kind, body) if k}
-        if len(body) > MAX_SPIN_BODY or len(kinds) != 1:
+        if len(body) > MAX_SPIN_BODY or len(kinds) != 1 or not _repeats_on_wait(body):
             continue
         after = instructions[i + 1] if i + 1 < len(instructions) else None
         exit_jump = after.address if after is not None and after.root == "BRA" and not after.guarded else None
