@@ -145,27 +145,12 @@ def test_generic_access_pattern():
     assert generic_accesses(sass) == {"k": ["LD.E.64", "ST.E"]}
 
 
-# Backward kernels without a causal mask pair key blocks in a cluster: the upper one reads the lower one's dQ
-# part from its shared memory (ld.shared::cluster), which SASS issues as generic 16-byte loads.
-PAIRED_BACKWARD = re.compile(r"attention_bwd_kernel<.*, false>")
-
-
 def test_no_generic_memory_access():
     """A generic LD/ST means the compiler lost the state space of a pointer (e.g. one rounded up as an integer):
     64-bit addresses, more registers, a slower path. The backward had them for every shared-memory access until
-    the dynamic shared memory was aligned by pointer arithmetic (hopper/smem.cuh). The one exception is the
-    distributed shared memory read of paired backward kernels: 16-byte loads only, and those kernels must have them."""
+    the dynamic shared memory was aligned by pointer arithmetic (hopper/smem.cuh)."""
     found = generic_accesses(cuobjdump("-sass"))
-    names = demangle(list(found))
-    offenders = {}
-    for name, ops in zip(names, found.values()):
-        if PAIRED_BACKWARD.search(name):
-            ops = [op for op in ops if op != "LD.E.128"]
-        if ops:
-            offenders[name] = ops
-    assert not offenders, f"generic loads/stores per kernel: {offenders}"
-    paired = [name for name in demangle(list(functions(cuobjdump("-sass")))) if PAIRED_BACKWARD.search(name)]
-    assert all(name in names for name in paired), "a paired backward kernel without its peer reads"
+    assert not found, f"generic loads/stores per kernel: {dict(zip(demangle(list(found)), found.values()))}"
 
 
 def test_exports_only_the_c_api():

@@ -34,37 +34,19 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
-// mbarrier.try_wait.parity.relaxed.cluster: as mbarrier_wait, for arrivals from the other CTA of the cluster
-// (mbarrier_arrive_peer_relaxed); no ordering of its own: fence_acquire_peer_shared after it orders the reads of
-// the other CTA's shared memory. (An acquire.cluster wait would invalidate L1 on every try.)
-__device__ __forceinline__ void mbarrier_wait_relaxed_cluster(uint64_t* bar, uint32_t parity) {
-  while (!cuda::ptx::mbarrier_try_wait_parity(cuda::ptx::sem_relaxed, cuda::ptx::scope_cluster, bar, parity)) {
-  }
-}
-
-// fence.acquire.sync_restrict::shared::cluster.cluster [PTX 9.7.13.4]: after a relaxed wait, orders this
-// thread's later reads of other CTAs' shared memory after the arrivals it observed.
-__device__ __forceinline__ void fence_acquire_peer_shared() {
-  cuda::ptx::fence_sync_restrict(cuda::ptx::sem_acquire, cuda::ptx::space_cluster, cuda::ptx::scope_cluster);
-}
-
-// fence.release.sync_restrict::shared::cta.cluster: orders this thread's earlier writes to its own CTA's shared
-// memory before a later relaxed arrival on another CTA's barrier. (A release.cluster arrive would fence all of
-// memory at GPU scope, MEMBAR.ALL.GPU, on every arrival.)
-__device__ __forceinline__ void fence_release_own_shared() {
-  cuda::ptx::fence_sync_restrict(cuda::ptx::sem_release, cuda::ptx::space_shared, cuda::ptx::scope_cluster);
-}
-
-// mbarrier.arrive.relaxed.cluster.shared::cluster.b64: one arrival on a barrier of another CTA of the cluster
-// (address from map_to_rank), after fence_release_own_shared.
-__device__ __forceinline__ void mbarrier_arrive_peer_relaxed(uint32_t peer_bar) {
-  asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(peer_bar) : "memory");
-}
-
 // mbarrier.arrive.shared::cluster.b64 (release, CTA scope): one arrival on a barrier of another CTA of the
-// cluster, telling it that this thread is done reading its shared memory (the values read are used before).
+// cluster (address from map_to_rank).
 __device__ __forceinline__ void mbarrier_arrive_peer(uint32_t peer_bar) {
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(peer_bar) : "memory");
+}
+
+// st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [PTX 9.7.9.12]: 16 bytes into another CTA's shared
+// memory, asynchronously; their arrival counts as complete-tx on that CTA's barrier (both addresses from
+// map_to_rank), whose waiters then read them like a TMA load's.
+__device__ __forceinline__ void store_async_peer(uint32_t peer_addr, float4 v, uint32_t peer_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];\n"
+               ::"r"(peer_addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(peer_bar)
+               : "memory");
 }
 
 // mapa.shared::cluster.u32 [PTX 9.7.9.22]: the address of the same shared-memory location (`local`, from this
@@ -75,16 +57,6 @@ __device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank
                : "=r"(mapped)
                : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))), "r"(rank));
   return mapped;
-}
-
-// ld.shared::cluster.v4.f32: 16 bytes from another CTA's shared memory (address from map_to_rank).
-__device__ __forceinline__ float4 load_peer_float4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
 }
 
 // %cluster_ctarank: this CTA's rank within its cluster.

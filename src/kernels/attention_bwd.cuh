@@ -137,7 +137,8 @@ struct BwdKernel {
     uint64_t full[kStages], empty[kStages];
     uint64_t dq_full[kDqBuffers], dq_empty[kDqBuffers];
     uint64_t ds_full[2], ds_empty[2];  // with turns: both warpgroups' dS^T rows stored / read by both dQ GEMMs
-    uint64_t peer_full[kDqBuffers];    // pairs: the lower key block's dQ part is in its dq buffer (remote arrivals)
+    uint64_t peer_full[kDqBuffers];    // pairs, upper key block: the lower one's dQ part has landed in dq
+    uint64_t peer_empty[kDqBuffers];   // pairs, lower key block: the upper one's dq buffer is free again
   };
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
@@ -197,7 +198,8 @@ struct BwdKernel {
   // soon as the reduce has completed (bulk wait_group: its writes are performed; the release store orders them
   // before the turn). Measured on the H100, head_dim 128, 8k: 452 -> 466 TFLOP/s against waiting for the part
   // first and fencing before the release.
-  __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
+  __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch,
+                                  DqRole role) {
     for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
       const int chains = Causal ? 1 : p.dq_chains;
@@ -218,7 +220,12 @@ struct BwdKernel {
         hopper::bulk_reduce_add(sum, s.dq[buf], kDqFloats * sizeof(float));
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
-      hopper::mbarrier_arrive(&s.dq_empty[buf]);
+      if (role == DqRole::kAddWithPeer) {  // the buffer takes the lower key block's next part, then our own
+        hopper::mbarrier_arrive_expect_tx(&s.peer_full[buf], kDqFloats * sizeof(float));
+        hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.peer_empty[buf], 1));
+      } else {
+        hopper::mbarrier_arrive(&s.dq_empty[buf]);
+      }
       hopper::bulk_wait_all();
       hopper::store_release_gpu(turn, position + 1);
     });
@@ -299,38 +306,41 @@ struct BwdKernel {
       if constexpr (kTurns) hopper::named_barrier_arrive(int(BwdBarrier::kTurnFirst) + (consumer ^ 1), 256);
     };
     // dQ part of step `step` -> shared memory in fragment order (thread t's registers 4j..4j+3 at float4
-    // j * 128 + t), which the workspace keeps and the post kernel undoes. With a pair, the upper key block adds the
-    // lower one's part (same thread, same place in its shared memory, read over the cluster) to its own before
-    // handing the sum to its writer, and gives the lower one's buffer back; the lower one only stores its part and
-    // signals the upper one. The sum's order (own part, then the lower key block's) is fixed.
+    // j * 128 + t), which the workspace keeps and the post kernel undoes. With a pair, the lower key block pushes
+    // its part straight from registers into the upper one's buffer (st.async, counted on the upper one's peer_full
+    // barrier, once the upper one's writer has given the buffer back through peer_empty), and the upper one adds
+    // its own part in place: sum = own part + lower part, in that order.
     const auto hand_dq_to_writer = [&](int step, const float (&acc_dq)[kDqCols / 2]) {
       const int dq_buf = step % kDqBuffers;
       const uint32_t parity = (step / kDqBuffers) & 1;
-      hopper::mbarrier_wait(&s.dq_empty[dq_buf], parity ^ 1);
       float4* part = reinterpret_cast<float4*>(s.dq[dq_buf] + consumer * kDqRows * kDqCols);
+      if (role == DqRole::kGive) {
+        hopper::mbarrier_wait(&s.peer_empty[dq_buf], parity ^ 1);
+        const uint32_t upper = hopper::map_to_rank(part + t, 0);
+        const uint32_t landed = hopper::map_to_rank(&s.peer_full[dq_buf], 0);
+#pragma unroll
+        for (int j = 0; j < kDqCols / 8; ++j)
+          hopper::store_async_peer(upper + j * 128 * sizeof(float4),
+                                   make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]),
+                                   landed);
+        return;
+      }
       if (role == DqRole::kAddWithPeer) {
-        hopper::mbarrier_wait_relaxed_cluster(&s.peer_full[dq_buf], parity);
-        hopper::fence_acquire_peer_shared();
-        const uint32_t lower = hopper::map_to_rank(part + t, 1);
+        hopper::mbarrier_wait(&s.peer_full[dq_buf], parity);  // the lower part has landed (so the buffer was free)
 #pragma unroll
         for (int j = 0; j < kDqCols / 8; ++j) {
-          const float4 l = hopper::load_peer_float4(lower + j * 128 * sizeof(float4));
+          const float4 l = part[j * 128 + t];
           part[j * 128 + t] = make_float4(acc_dq[4 * j] + l.x, acc_dq[4 * j + 1] + l.y, acc_dq[4 * j + 2] + l.z,
                                           acc_dq[4 * j + 3] + l.w);
         }
-        hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.dq_empty[dq_buf], 1));
       } else {
+        hopper::mbarrier_wait(&s.dq_empty[dq_buf], parity ^ 1);
 #pragma unroll
         for (int j = 0; j < kDqCols / 8; ++j)
           part[j * 128 + t] = make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
       }
-      if (role == DqRole::kGive) {
-        hopper::fence_release_own_shared();
-        hopper::mbarrier_arrive_peer_relaxed(hopper::map_to_rank(&s.peer_full[dq_buf], 0));
-      } else {
-        hopper::fence_view_async_shared();
-        hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
-      }
+      hopper::fence_view_async_shared();
+      hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
     };
     const auto gemm_dq_of = [&](float (&acc_dq)[kDqCols / 2], int step) {
       gemm_dq(acc_dq, smem(s.ds[step & 1][0][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
@@ -494,10 +504,10 @@ struct BwdKernel {
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
     }
-    // The upper key block reads this CTA's last parts over the cluster: stay until it has given every buffer back.
+    // The upper key block's writer signals this CTA after each of its adds: stay until the last has come.
     if (role == DqRole::kGive)
       for (int k = 0; k < kDqBuffers; ++k)
-        hopper::mbarrier_wait(&s.dq_empty[(steps + k) % kDqBuffers], (((steps + k) / kDqBuffers) & 1) ^ 1);
+        hopper::mbarrier_wait(&s.peer_empty[(steps + k) % kDqBuffers], (((steps + k) / kDqBuffers) & 1) ^ 1);
   }
 };
 
@@ -519,9 +529,11 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     }
     for (int i = 0; i < K::kDqBuffers; ++i) {
       hopper::mbarrier_init(&s.dq_full[i], 128 * BwdConfig::kConsumers);
-      // A buffer is given back by the writer, or with pairs by each consumer thread of the upper key block.
-      hopper::mbarrier_init(&s.dq_empty[i], role == DqRole::kGive ? 128 * BwdConfig::kConsumers : 1);
-      hopper::mbarrier_init(&s.peer_full[i], 128 * BwdConfig::kConsumers);
+      hopper::mbarrier_init(&s.dq_empty[i], 1);
+      hopper::mbarrier_init(&s.peer_full[i], 1);
+      hopper::mbarrier_init(&s.peer_empty[i], 1);
+      // The first phase expects the lower key block's first part (later ones are armed by the writer).
+      if (role == DqRole::kAddWithPeer) hopper::mbarrier_arrive_expect_tx(&s.peer_full[i], K::kDqFloats * sizeof(float));
     }
     if constexpr (K::kCfg.turns())
       for (int i = 0; i < 2; ++i) {
@@ -545,7 +557,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       hopper::prefetch_tensormap(&p.dout);
       K::produce(p, s, n_block, kv_head, batch);
     } else if (threadIdx.x == 32 && role != DqRole::kGive) {
-      K::write_dq(p, s, n_block, kv_head, batch);
+      K::write_dq(p, s, n_block, kv_head, batch, role);
     }
   } else {
     hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
