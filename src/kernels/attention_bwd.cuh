@@ -122,7 +122,7 @@ struct BwdKernel {
   static constexpr uint32_t kQBytes = kBlockM * HeadDim * sizeof(T);
   static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
-  static constexpr bool kPairs = bwd_paired_key_blocks(Causal);
+  static constexpr bool kPairs = bwd_paired_key_blocks(HeadDim, Causal);
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes][kBoxBytesKV];  // reused for dK in the epilogue
@@ -737,7 +737,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
-  rp.dq_chains = std::min(dq_chains, bwd_dq_adders(Causal, rp.n_blocks));  // a chain without adders is never written
+  rp.dq_chains = std::min(dq_chains, bwd_dq_adders(HeadDim, Causal, rp.n_blocks));  // a chain without adders is never written
   rp.causal = Causal;
   rp.softmax_scale = f.softmax_scale;
 
