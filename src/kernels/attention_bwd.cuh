@@ -27,7 +27,7 @@
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
 // threads take, never as long as values dictate.
 //
-// Pairs (without a causal mask, bwd_paired_key_blocks): CTAs 2c and 2c + 1 form a cluster; the lower key block
+// Pairs (without a causal mask, where bwd_paired_key_blocks says): CTAs 2c and 2c + 1 form a cluster; the lower key block
 // (rank 1) hands each step's dQ part to the upper one (rank 0) through its shared memory, and rank 0 adds the sum
 // in the turn of pair c. Rank 1's writer thread has nothing to do.
 //
@@ -77,7 +77,8 @@ struct BwdKernelParams {
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;
   int64_t tiles;  // dQ tiles of one chain: batch * heads_q * m_blocks
-  int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), at most n_blocks (1 under a causal mask)
+  int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), at most the adders (1 under a causal mask)
+  int paired;     // key blocks in pairs (bwd_paired_key_blocks): launched as 2-CTA clusters
 };
 
 // How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
@@ -122,7 +123,7 @@ struct BwdKernel {
   static constexpr uint32_t kQBytes = kBlockM * HeadDim * sizeof(T);
   static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
-  static constexpr bool kPairs = bwd_paired_key_blocks(HeadDim, Causal);
+  static constexpr bool kMayPair = !Causal && kCfg.pair_key_blocks;  // p.paired decides per problem
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes][kBoxBytesKV];  // reused for dK in the epilogue
@@ -204,7 +205,7 @@ struct BwdKernel {
       const int buf = step % kDqBuffers;
       const int chains = Causal ? 1 : p.dq_chains;
       // Adders above this one: key blocks, or with pairs the pairs above (blockIdx.x / 2 counts them).
-      const int above = kPairs ? int(blockIdx.x) / 2 : p.n_blocks - 1 - n_block;
+      const int above = kMayPair && p.paired ? int(blockIdx.x) / 2 : p.n_blocks - 1 - n_block;
       const int64_t slot = above % chains * p.tiles + row_tile(p, batch, head, m_block);
       const int position = above / chains;  // key blocks of the chain that add before this one
       int* turn = p.dq_turn + slot;
@@ -517,8 +518,9 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   using K = BwdKernel<T, HeadDim, Causal>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
   const int n_block = p.n_blocks - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
-  const uint32_t rank = K::kPairs ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
-  const DqRole role = rank == 1 ? DqRole::kGive : K::kPairs && n_block > 0 ? DqRole::kAddWithPeer : DqRole::kAdd;
+  const bool paired = K::kMayPair && p.paired;
+  const uint32_t rank = paired ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
+  const DqRole role = rank == 1 ? DqRole::kGive : paired && n_block > 0 ? DqRole::kAddWithPeer : DqRole::kAdd;
 
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
@@ -542,7 +544,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       }
     hopper::fence_barrier_init();
   }
-  if constexpr (K::kPairs) {  // the pair's barriers are initialised before either CTA arrives on the other's
+  if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
     hopper::cluster_arrive();
     hopper::cluster_wait();
     if (n_block < 0) return;  // an odd number of key blocks: the last pair has no lower one
@@ -714,6 +716,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
                 "supported", f.heads_q / f.heads_kv, f.seqlen_q, kCfg.block_m,
                 (long long)(m_blocks * (f.heads_q / f.heads_kv)));
   const int dq_chains = bwd_dq_chains(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
+  const bool paired = bwd_paired_key_blocks(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
   const BwdWorkspace ws = BwdWorkspace::make(kCfg, f.batch, f.heads_q, f.seqlen_q, dq_chains);
   uint8_t* base = static_cast<uint8_t*>(prm.workspace);
   BwdRowParams rp{};
@@ -737,7 +740,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
-  rp.dq_chains = std::min(dq_chains, bwd_dq_adders(HeadDim, Causal, rp.n_blocks));  // a chain without adders is never written
+  rp.dq_chains = std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));  // a chain without adders is never written
   rp.causal = Causal;
   rp.softmax_scale = f.softmax_scale;
 
@@ -758,6 +761,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.dq_turn = rp.dq_turn;
   kp.tiles = rp.tiles;
   kp.dq_chains = rp.dq_chains;
+  kp.paired = paired;
   kp.seqlen_q = f.seqlen_q;
   kp.seqlen_k = f.seqlen_k;
   kp.heads_q = f.heads_q;
@@ -785,16 +789,16 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   attention_bwd_prep_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = K::kPairs ? 2 : 1;
+  cluster.val.clusterDim.x = paired ? 2 : 1;
   cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(K::kPairs ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks), unsigned(f.heads_kv),
+  config.gridDim = dim3(unsigned(paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks), unsigned(f.heads_kv),
                        unsigned(f.batch));
   config.blockDim = dim3(kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;
   config.attrs = &cluster;
-  config.numAttrs = K::kPairs ? 1 : 0;
+  config.numAttrs = paired ? 1 : 0;
   err = cudaLaunchKernelEx(&config, kernel, kp);
   if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward kernel launch failed: %s", cudaGetErrorString(err));
   attention_bwd_post_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);

@@ -69,24 +69,26 @@ static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(12
 // +7..11% up to 4k, -5% at 8k; GQA 32/8 -3..-5% at every length (2026-11-26: -5% at d128 512 keys).
 // Under a causal mask the descending order already keeps key blocks from waiting. The choice depends on public
 // values only (shapes and options), never on the batch size, so a sequence's dQ bits do not depend on its batch.
-// Without a causal mask the key blocks of a BwdConfig::pair_key_blocks head_dim run in pairs (a 2-CTA cluster:
-// blockIdx.x 2c and 2c + 1, key blocks n_blocks - 1 - 2c and the one below): the lower one pushes its dQ part into
-// the upper one's shared memory, which adds the sum (its own part + the lower one's, in that order) to the tile's
-// chain once. A tile's chain then has half the adders (half the wait, half the bulk reduces in L2). Under a causal
-// mask the two key blocks of a pair see different query blocks, and the mask's order already keeps them from
-// waiting, so causal problems keep single key blocks.
-constexpr bool bwd_paired_key_blocks(int head_dim, bool causal) { return !causal && bwd_config(head_dim).pair_key_blocks; }
-// The dQ adders of a tile: one per pair of key blocks, or per key block.
-constexpr int bwd_dq_adders(int head_dim, bool causal, int n_blocks) {
-  return bwd_paired_key_blocks(head_dim, causal) ? (n_blocks + 1) / 2 : n_blocks;
-}
-
 constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
   return head_dim == 64 ? 8192 : 4096;
 }
 constexpr int bwd_dq_chains(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
   return !causal && heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
 }
+
+// Without a causal mask the key blocks of a BwdConfig::pair_key_blocks head_dim run in pairs where they sum dQ in
+// one chain (longer MHA problems, GQA): a 2-CTA cluster, blockIdx.x 2c and 2c + 1, key blocks n_blocks - 1 - 2c and
+// the one below. The lower one pushes its dQ part into the upper one's shared memory, which adds the sum (its own
+// part + the lower one's, in that order) to the tile's chain once: half the adders per tile (half the wait at a
+// walk's start, half the bulk reduces in L2), with one fp32 sum for the post kernel to read. Under a causal mask
+// the two key blocks of a pair see different query blocks, and the mask's order already keeps them from waiting.
+// Chosen from shapes only, like the chains.
+constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
+  return !causal && bwd_config(head_dim).pair_key_blocks &&
+         bwd_dq_chains(head_dim, causal, seqlen_k, heads_q, heads_kv) == 1;
+}
+// The dQ adders of a tile: one per pair of key blocks, or per key block.
+constexpr int bwd_dq_adders(bool paired, int n_blocks) { return paired ? (n_blocks + 1) / 2 : n_blocks; }
 
 // The backward's scratch memory, for one problem: four arrays, each 256-byte aligned.
 //   dq_accum  float  [chains][batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order
