@@ -652,18 +652,21 @@ const char* build_info_json() {
     }
     std::string cmake = DHP_BUILD_INFO_JSON;
     cmake.pop_back();  // the closing brace
-    std::string chains;
+    std::string chains, pairs;
     for (int head_dim : {64, 128, 256}) {
       if (!backward_variant_exists(DType::bf16, head_dim) && !backward_variant_exists(DType::fp16, head_dim)) continue;
       char entry[48];
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", chains.empty() ? "" : ", ", head_dim,
                     kernels::bwd_dq_chains_max_seqlen_k(head_dim));
       chains += entry;
+      if (!kernels::bwd_config(head_dim).pair_key_blocks) continue;
+      std::snprintf(entry, sizeof entry, "%s%d", pairs.empty() ? "" : ", ", head_dim);
+      pairs += entry;
     }
     char tail[64];
     std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d", kernels::kPersistentCausalKeys);
     return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
-           chains + "}}";
+           chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs + "]}";
   }();
   return json.c_str();
 }

@@ -195,6 +195,20 @@ def test_spin_loops_of_the_fixture():
     assert [loop["kind"] for loop in v.to_json()["spin_loops"]][0] == "register allocation retry"
 
 
+def test_first_tries_that_skip_their_loop():
+    """A cluster-scope acquire wait: the first try, an L1 invalidation on success, a branch (or exit) past the
+    retry loop that follows. The branch's taken count and the invalidation's predicated-on count follow timing."""
+    from dhp.audit.disasm import parse_sass
+    from dhp.audit.sass import first_try_branches
+
+    v = verdicts("spin.sass")["spin_cluster_acquire"]
+    assert {(loop.start, loop.end) for loop in v.spin_loops} == {(0x50, 0x70), (0xB0, 0xD0)}
+    assert not any("no recognised spin loop" in note for note in v.notes)
+    kernels = parse_sass((FIXTURES / "spin.sass").read_text())
+    instructions = next(k for k in kernels if k.name == "spin_cluster_acquire").instructions
+    assert first_try_branches(instructions, v.spin_loops) == {0x20, 0x40, 0x90, 0xA0}
+
+
 def test_a_wait_without_a_retry_loop_is_noted():
     v = verdicts("spin.sass")["spin_lone_wait"]
     assert v.spin_loops == [] and v.passed

@@ -66,6 +66,9 @@ def test_build_info_lists_the_forward_tiles(ext):
             assert all(t["softmax_chains"] in (1, 2, 4, 8) for t in family)
     assert {t["head_dim"] for t in tiles} == set(info["head_dims"])
     assert info["persistent_causal_max_seqlen_k"] > 0
+    backward = {str(d) for d in info["backward_head_dims"]}
+    assert set(info["backward_two_dq_chains_max_seqlen_k"]) == backward
+    assert {str(d) for d in info["backward_paired_key_blocks_head_dims"]} <= backward
 
 
 def test_devices(ext):

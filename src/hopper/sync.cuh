@@ -34,6 +34,40 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
+// mbarrier.arrive.shared::cluster.b64 (release, CTA scope): one arrival on a barrier of another CTA of the
+// cluster (address from map_to_rank).
+__device__ __forceinline__ void mbarrier_arrive_peer(uint32_t peer_bar) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(peer_bar) : "memory");
+}
+
+// st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [PTX 9.7.9.12]: 16 bytes into another CTA's shared
+// memory, asynchronously; their arrival counts as complete-tx on that CTA's barrier (both addresses from
+// map_to_rank), whose waiters then read them like a TMA load's.
+__device__ __forceinline__ void store_async_peer(uint32_t peer_addr, float4 v, uint32_t peer_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];\n"
+               ::"r"(peer_addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(peer_bar)
+               : "memory");
+}
+
+// mapa.shared::cluster.u32 [PTX 9.7.9.22]: the address of the same shared-memory location (`local`, from this
+// CTA's window) in CTA `rank` of the cluster, for shared::cluster accesses.
+__device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank) {
+  uint32_t mapped;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(mapped)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))), "r"(rank));
+  return mapped;
+}
+
+// %cluster_ctarank: this CTA's rank within its cluster.
+__device__ __forceinline__ uint32_t cluster_rank() { return cuda::ptx::get_sreg_cluster_ctarank(); }
+
+// barrier.cluster.arrive.release [PTX 9.7.13.4]: this thread's arrival at the cluster-wide barrier.
+__device__ __forceinline__ void cluster_arrive() { cuda::ptx::barrier_cluster_arrive(cuda::ptx::sem_release); }
+
+// barrier.cluster.wait.acquire: waits until every thread of the cluster has arrived.
+__device__ __forceinline__ void cluster_wait() { cuda::ptx::barrier_cluster_wait(cuda::ptx::sem_acquire); }
+
 // bar.sync id, threads [PTX 9.7.13.1]: named barrier over `threads` (multiple of 32) threads.
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");

@@ -13,7 +13,8 @@
 //          reduce (the first part is stored, so the sums need no zeroing), in descending key-block order: it
 //          waits until the tile's turn counter says every higher key block that sees the tile has added, adds,
 //          and passes the turn on. Without a causal mask, short MHA problems keep two such sums per tile, key
-//          blocks alternating between them (bwd_dq_chains, chosen from shapes only). Every dQ element is
+//          blocks alternating between them (bwd_dq_chains, chosen from shapes only); without a causal mask the
+//          key blocks also add in pairs (below). Every dQ element is
 //          therefore summed in the same order on every run.
 //   post:  dq = (chain 0 + chain 1) * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
@@ -26,9 +27,13 @@
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
 // threads take, never as long as values dictate.
 //
-// Deadlock freedom of the dQ turns: a CTA waits only for higher key blocks of its own (head, batch), which have
-// lower block indices (blockIdx.x counts key blocks from the last), so they were scheduled no later and never
-// wait on it.
+// Pairs (without a causal mask, where bwd_paired_key_blocks says): CTAs 2c and 2c + 1 form a cluster; the lower key block
+// (rank 1) hands each step's dQ part to the upper one (rank 0) through its shared memory, and rank 0 adds the sum
+// in the turn of pair c. Rank 1's writer thread has nothing to do.
+//
+// Deadlock freedom of the dQ turns: a CTA waits only for higher key blocks (or pairs) of its own (head, batch),
+// which have lower block (cluster) indices (blockIdx.x counts key blocks from the last), so they were scheduled no
+// later and never wait on it; within a pair the two CTAs are co-scheduled, as a cluster's CTAs are.
 //
 // Why descending: a CTA walks its query blocks upwards from the first one its keys see, so under a causal mask
 // key block n + 1 reaches every query block before key block n does (its first block is later and it has fewer
@@ -72,8 +77,13 @@ struct BwdKernelParams {
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;
   int64_t tiles;  // dQ tiles of one chain: batch * heads_q * m_blocks
-  int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), at most n_blocks (1 under a causal mask)
+  int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), at most the adders (1 under a causal mask)
+  int paired;     // key blocks in pairs (bwd_paired_key_blocks): launched as 2-CTA clusters
 };
+
+// How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
+// its pair's lower key block's parts, or it hands them to the upper key block of its pair.
+enum class DqRole : int { kAdd, kAddWithPeer, kGive };
 
 enum class BwdBarrier : int {
   kSyncThreads = 0,  // reserved: __syncthreads
@@ -113,6 +123,7 @@ struct BwdKernel {
   static constexpr uint32_t kQBytes = kBlockM * HeadDim * sizeof(T);
   static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
+  static constexpr bool kMayPair = !Causal && kCfg.pair_key_blocks;  // p.paired decides per problem
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes][kBoxBytesKV];  // reused for dK in the epilogue
@@ -127,6 +138,8 @@ struct BwdKernel {
     uint64_t full[kStages], empty[kStages];
     uint64_t dq_full[kDqBuffers], dq_empty[kDqBuffers];
     uint64_t ds_full[2], ds_empty[2];  // with turns: both warpgroups' dS^T rows stored / read by both dQ GEMMs
+    uint64_t peer_full[kDqBuffers];    // pairs, upper key block: the lower one's dQ part has landed in dq
+    uint64_t peer_empty[kDqBuffers];   // pairs, lower key block: the upper one's dq buffer is free again
   };
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
@@ -186,11 +199,13 @@ struct BwdKernel {
   // soon as the reduce has completed (bulk wait_group: its writes are performed; the release store orders them
   // before the turn). Measured on the H100, head_dim 128, 8k: 452 -> 466 TFLOP/s against waiting for the part
   // first and fencing before the release.
-  __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
+  __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch,
+                                  DqRole role) {
     for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
       const int chains = Causal ? 1 : p.dq_chains;
-      const int above = p.n_blocks - 1 - n_block;  // key blocks above this one
+      // Adders above this one: key blocks, or with pairs the pairs above (blockIdx.x / 2 counts them).
+      const int above = kMayPair && p.paired ? int(blockIdx.x) / 2 : p.n_blocks - 1 - n_block;
       const int64_t slot = above % chains * p.tiles + row_tile(p, batch, head, m_block);
       const int position = above / chains;  // key blocks of the chain that add before this one
       int* turn = p.dq_turn + slot;
@@ -206,7 +221,12 @@ struct BwdKernel {
         hopper::bulk_reduce_add(sum, s.dq[buf], kDqFloats * sizeof(float));
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
-      hopper::mbarrier_arrive(&s.dq_empty[buf]);
+      if (role == DqRole::kAddWithPeer) {  // the buffer takes the lower key block's next part, then our own
+        hopper::mbarrier_arrive_expect_tx(&s.peer_full[buf], kDqFloats * sizeof(float));
+        hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.peer_empty[buf], 1));
+      } else {
+        hopper::mbarrier_arrive(&s.dq_empty[buf]);
+      }
       hopper::bulk_wait_all();
       hopper::store_release_gpu(turn, position + 1);
     });
@@ -251,7 +271,7 @@ struct BwdKernel {
   }
 
   __device__ static void consume(const BwdKernelParams& p, Smem& s, int consumer, int n_block, int kv_head,
-                                 int batch) {
+                                 int batch, DqRole role) {
     using FragS = AccFragment<kWgQueries>;
     using FragD = AccFragment<kWgCols>;
     const int t = threadIdx.x % 128;
@@ -287,14 +307,39 @@ struct BwdKernel {
       if constexpr (kTurns) hopper::named_barrier_arrive(int(BwdBarrier::kTurnFirst) + (consumer ^ 1), 256);
     };
     // dQ part of step `step` -> shared memory in fragment order (thread t's registers 4j..4j+3 at float4
-    // j * 128 + t), which the workspace keeps and the post kernel undoes.
+    // j * 128 + t), which the workspace keeps and the post kernel undoes. With a pair, the lower key block pushes
+    // its part straight from registers into the upper one's buffer (st.async, counted on the upper one's peer_full
+    // barrier, once the upper one's writer has given the buffer back through peer_empty), and the upper one adds
+    // its own part in place: sum = own part + lower part, in that order.
     const auto hand_dq_to_writer = [&](int step, const float (&acc_dq)[kDqCols / 2]) {
       const int dq_buf = step % kDqBuffers;
-      hopper::mbarrier_wait(&s.dq_empty[dq_buf], ((step / kDqBuffers) & 1) ^ 1);
+      const uint32_t parity = (step / kDqBuffers) & 1;
       float4* part = reinterpret_cast<float4*>(s.dq[dq_buf] + consumer * kDqRows * kDqCols);
+      if (role == DqRole::kGive) {
+        hopper::mbarrier_wait(&s.peer_empty[dq_buf], parity ^ 1);
+        const uint32_t upper = hopper::map_to_rank(part + t, 0);
+        const uint32_t landed = hopper::map_to_rank(&s.peer_full[dq_buf], 0);
 #pragma unroll
-      for (int j = 0; j < kDqCols / 8; ++j)
-        part[j * 128 + t] = make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+        for (int j = 0; j < kDqCols / 8; ++j)
+          hopper::store_async_peer(upper + j * 128 * sizeof(float4),
+                                   make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]),
+                                   landed);
+        return;
+      }
+      if (role == DqRole::kAddWithPeer) {
+        hopper::mbarrier_wait(&s.peer_full[dq_buf], parity);  // the lower part has landed (so the buffer was free)
+#pragma unroll
+        for (int j = 0; j < kDqCols / 8; ++j) {
+          const float4 l = part[j * 128 + t];
+          part[j * 128 + t] = make_float4(acc_dq[4 * j] + l.x, acc_dq[4 * j + 1] + l.y, acc_dq[4 * j + 2] + l.z,
+                                          acc_dq[4 * j + 3] + l.w);
+        }
+      } else {
+        hopper::mbarrier_wait(&s.dq_empty[dq_buf], parity ^ 1);
+#pragma unroll
+        for (int j = 0; j < kDqCols / 8; ++j)
+          part[j * 128 + t] = make_float4(acc_dq[4 * j], acc_dq[4 * j + 1], acc_dq[4 * j + 2], acc_dq[4 * j + 3]);
+      }
       hopper::fence_view_async_shared();
       hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
     };
@@ -460,6 +505,10 @@ struct BwdKernel {
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
     }
+    // The upper key block's writer signals this CTA after each of its adds: stay until the last has come.
+    if (role == DqRole::kGive)
+      for (int k = 0; k < kDqBuffers; ++k)
+        hopper::mbarrier_wait(&s.peer_empty[(steps + k) % kDqBuffers], (((steps + k) / kDqBuffers) & 1) ^ 1);
   }
 };
 
@@ -469,6 +518,9 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   using K = BwdKernel<T, HeadDim, Causal>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
   const int n_block = p.n_blocks - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
+  const bool paired = K::kMayPair && p.paired;
+  const uint32_t rank = paired ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
+  const DqRole role = rank == 1 ? DqRole::kGive : paired && n_block > 0 ? DqRole::kAddWithPeer : DqRole::kAdd;
 
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
@@ -480,6 +532,10 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     for (int i = 0; i < K::kDqBuffers; ++i) {
       hopper::mbarrier_init(&s.dq_full[i], 128 * BwdConfig::kConsumers);
       hopper::mbarrier_init(&s.dq_empty[i], 1);
+      hopper::mbarrier_init(&s.peer_full[i], 1);
+      hopper::mbarrier_init(&s.peer_empty[i], 1);
+      // The first phase expects the lower key block's first part (later ones are armed by the writer).
+      if (role == DqRole::kAddWithPeer) hopper::mbarrier_arrive_expect_tx(&s.peer_full[i], K::kDqFloats * sizeof(float));
     }
     if constexpr (K::kCfg.turns())
       for (int i = 0; i < 2; ++i) {
@@ -488,7 +544,13 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       }
     hopper::fence_barrier_init();
   }
-  __syncthreads();
+  if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
+    hopper::cluster_arrive();
+    hopper::cluster_wait();
+    if (n_block < 0) return;  // an odd number of key blocks: the last pair has no lower one
+  } else {
+    __syncthreads();
+  }
 
   if (warpgroup == 0) {
     hopper::setmaxnreg_dec<K::kCfg.producer_regs>();
@@ -496,12 +558,12 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       hopper::prefetch_tensormap(&p.q);
       hopper::prefetch_tensormap(&p.dout);
       K::produce(p, s, n_block, kv_head, batch);
-    } else if (threadIdx.x == 32) {
-      K::write_dq(p, s, n_block, kv_head, batch);
+    } else if (threadIdx.x == 32 && role != DqRole::kGive) {
+      K::write_dq(p, s, n_block, kv_head, batch, role);
     }
   } else {
     hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
-    K::consume(p, s, warpgroup - 1, n_block, kv_head, batch);
+    K::consume(p, s, warpgroup - 1, n_block, kv_head, batch, role);
   }
 }
 
@@ -654,6 +716,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
                 "supported", f.heads_q / f.heads_kv, f.seqlen_q, kCfg.block_m,
                 (long long)(m_blocks * (f.heads_q / f.heads_kv)));
   const int dq_chains = bwd_dq_chains(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
+  const bool paired = bwd_paired_key_blocks(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
   const BwdWorkspace ws = BwdWorkspace::make(kCfg, f.batch, f.heads_q, f.seqlen_q, dq_chains);
   uint8_t* base = static_cast<uint8_t*>(prm.workspace);
   BwdRowParams rp{};
@@ -677,7 +740,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
-  rp.dq_chains = std::min(dq_chains, rp.n_blocks);  // a chain without key blocks is never written
+  rp.dq_chains = std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));  // a chain without adders is never written
   rp.causal = Causal;
   rp.softmax_scale = f.softmax_scale;
 
@@ -698,6 +761,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.dq_turn = rp.dq_turn;
   kp.tiles = rp.tiles;
   kp.dq_chains = rp.dq_chains;
+  kp.paired = paired;
   kp.seqlen_q = f.seqlen_q;
   kp.seqlen_k = f.seqlen_k;
   kp.heads_q = f.heads_q;
@@ -723,7 +787,20 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
 
   const dim3 row_grid(unsigned(rp.m_blocks), unsigned(f.heads_q), unsigned(f.batch));
   attention_bwd_prep_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
-  kernel<<<dim3(unsigned(kp.n_blocks), unsigned(f.heads_kv), unsigned(f.batch)), kCfg.threads(), K::kSmemBytes, stream>>>(kp);
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = paired ? 2 : 1;
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks), unsigned(f.heads_kv),
+                       unsigned(f.batch));
+  config.blockDim = dim3(kCfg.threads());
+  config.dynamicSmemBytes = K::kSmemBytes;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = paired ? 1 : 0;
+  err = cudaLaunchKernelEx(&config, kernel, kp);
+  if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward kernel launch failed: %s", cudaGetErrorString(err));
   attention_bwd_post_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward launch failed: %s", cudaGetErrorString(err));

@@ -23,6 +23,9 @@ struct BwdConfig {
   // computes S^T and dP^T for half the query block, and both halves of P^T and dS^T meet in shared memory, where
   // the dV, dK and dQ GEMMs read them after a barrier every step.
   bool split_head_dim;
+  // Without a causal mask, key blocks add their dQ parts in pairs (bwd_paired_key_blocks). It needs a second dQ
+  // buffer: with one, the lower key block's push waits for the upper one's reduce every step.
+  bool pair_key_blocks;
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
@@ -43,15 +46,16 @@ struct BwdConfig {
 // 2 x 64 x 256 dK/dV floats per warpgroup, so it splits head_dim (64-key blocks) and has room for one Q/dO
 // stage only (K, V 32 KB each, Q, dO 32 KB each, dS^T and P^T 2 x 8 KB each, dQ tile 64 KB).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, false}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, true}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, false};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
   return c.block_n == (c.split_head_dim ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.wg_queries() % 16 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
          c.dq_rows() == 64 && c.dq_cols() % 64 == 0 && c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers ==
-         c.block_m * c.head_dim && register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs);
+         c.block_m * c.head_dim && register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
+         (!c.pair_key_blocks || c.dq_buffers >= 2);
 }
 
 static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&
@@ -71,6 +75,20 @@ constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
 constexpr int bwd_dq_chains(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
   return !causal && heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
 }
+
+// Without a causal mask the key blocks of a BwdConfig::pair_key_blocks head_dim run in pairs where they sum dQ in
+// one chain (longer MHA problems, GQA): a 2-CTA cluster, blockIdx.x 2c and 2c + 1, key blocks n_blocks - 1 - 2c and
+// the one below. The lower one pushes its dQ part into the upper one's shared memory, which adds the sum (its own
+// part + the lower one's, in that order) to the tile's chain once: half the adders per tile (half the wait at a
+// walk's start, half the bulk reduces in L2), with one fp32 sum for the post kernel to read. Under a causal mask
+// the two key blocks of a pair see different query blocks, and the mask's order already keeps them from waiting.
+// Chosen from shapes only, like the chains.
+constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
+  return !causal && bwd_config(head_dim).pair_key_blocks &&
+         bwd_dq_chains(head_dim, causal, seqlen_k, heads_q, heads_kv) == 1;
+}
+// The dQ adders of a tile: one per pair of key blocks, or per key block.
+constexpr int bwd_dq_adders(bool paired, int n_blocks) { return paired ? (n_blocks + 1) / 2 : n_blocks; }
 
 // The backward's scratch memory, for one problem: four arrays, each 256-byte aligned.
 //   dq_accum  float  [chains][batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order

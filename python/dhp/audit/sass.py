@@ -183,8 +183,10 @@ def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], lis
 
 # Spin loops: the only code whose execution count follows timing. A loop is a backward branch and the
 # instructions from its target up to it; it spins when it is short and holds a wait that may fail and be
-# retried: an mbarrier try-wait, the retry of setmaxnreg.inc, or a poll of a flag other CTAs publish.
-MAX_SPIN_BODY = 8
+# retried: an mbarrier try-wait, the retry of setmaxnreg.inc, or a poll of a flag other CTAs publish, with the
+# backward branch taken on the wait's result. In kernels launched as clusters ptxas recomputes the barrier's
+# shared-window address inside the loop (S2UR SR_CgaCtaId and four uniform instructions): nine instructions.
+MAX_SPIN_BODY = 12
 
 
 @dataclass
@@ -214,6 +216,21 @@ def _spin_kind(ins: Instruction) -> str | None:
     return None
 
 
+def _repeats_on_wait(body: list[Instruction]) -> bool:
+    """Whether the loop's backward branch (body[-1]) is guarded by a predicate computed from the wait's result
+    within the body (a loop counted by anything else runs a fixed number of times, whatever waits it holds)."""
+    branch = body[-1]
+    if branch.guard is None:
+        return False
+    needed = 1 << branch.guard
+    for ins in reversed(body[:-1]):
+        if ins.defs & needed:
+            if _spin_kind(ins):
+                return True
+            needed = (needed & ~ins.defs) | ins.uses
+    return False
+
+
 def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
     """The kernel's spin loops, by address (see MAX_SPIN_BODY)."""
     index = {ins.address: i for i, ins in enumerate(instructions)}
@@ -225,7 +242,7 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
         first = index[targets[-1]]
         body = instructions[first:i + 1]
         kinds = {k for k in map(_spin_kind, body) if k}
-        if len(body) > MAX_SPIN_BODY or len(kinds) != 1:
+        if len(body) > MAX_SPIN_BODY or len(kinds) != 1 or not _repeats_on_wait(body):
             continue
         after = instructions[i + 1] if i + 1 < len(instructions) else None
         exit_jump = after.address if after is not None and after.root == "BRA" and not after.guarded else None
@@ -236,16 +253,24 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
 FIRST_TRY_WINDOW = 256  # ptxas schedules dozens of instructions between an inline first try and its branch
 
 
-def _first_try_branch(instructions: list[Instruction], i: int, starts: set[int]) -> int | None:
-    """If the wait at i is an inline first try, the address of the later branch that, on its (unchanged) result
-    predicate, jumps into a spin loop retrying it out of line; else None."""
+def _first_try_sites(instructions: list[Instruction], i: int, starts: set[int]) -> set[int] | None:
+    """If the wait at i is an inline first try, the addresses whose counts follow its result: the later branch
+    that, on its (unchanged) result predicate, either jumps into a spin loop retrying it out of line or skips a
+    spin loop that follows it (on success; on failure it falls into the loop), and instructions guarded by that
+    predicate in between (a cluster-scope acquire's L1 invalidation, `@P0 CCTL.IVALL`); else None."""
     wait = instructions[i]
     predicates = wait.defs & PREDICATE_BITS
-    for ins in instructions[i + 1:i + 1 + FIRST_TRY_WINDOW]:
-        if ins.root == "BRA" and ins.guard is not None and predicates >> ins.guard & 1:
-            return ins.address if ins.targets() and ins.targets()[-1] in starts else None
+    guarded = set()
+    for j in range(i + 1, min(len(instructions), i + 1 + FIRST_TRY_WINDOW)):
+        ins = instructions[j]
+        if ins.root in ("BRA", "EXIT") and ins.guard is not None and predicates >> ins.guard & 1:
+            into_loop = ins.root == "BRA" and bool(ins.targets()) and ins.targets()[-1] in starts
+            skips_loop = j + 1 < len(instructions) and instructions[j + 1].address in starts
+            return guarded | {ins.address} if into_loop or skips_loop else None
         if ins.defs & predicates or ins.root in BRANCH_OPCODES:
             return None
+        if ins.guard is not None and predicates >> ins.guard & 1:
+            guarded.add(ins.address)
     return None
 
 
@@ -256,19 +281,20 @@ def _outside(instructions: list[Instruction], loops: list[SpinLoop]) -> list[int
 
 
 def unrecognised_waits(instructions: list[Instruction], loops: list[SpinLoop]) -> list[Instruction]:
-    """Wait instructions outside every spin loop that are not an inline first try either (see _first_try_branch).
+    """Wait instructions outside every spin loop that are not an inline first try either (see _first_try_sites).
     Their retries would go unrecognised."""
     starts = {loop.start for loop in loops}
     return [instructions[i] for i in _outside(instructions, loops)
-            if _first_try_branch(instructions, i, starts) is None]
+            if _first_try_sites(instructions, i, starts) is None]
 
 
 def first_try_branches(instructions: list[Instruction], loops: list[SpinLoop]) -> set[int]:
-    """Addresses of the branches by which inline first tries enter their spin loops: how often each is taken
-    follows timing (how often the first try fails), how often it executes does not."""
+    """Addresses of the branches by which inline first tries enter or skip their spin loops, and of instructions
+    guarded by a first try's result: how often each is taken (or predicated on) follows timing (how often the
+    first try fails), how often it executes does not."""
     starts = {loop.start for loop in loops}
-    found = (_first_try_branch(instructions, i, starts) for i in _outside(instructions, loops))
-    return {address for address in found if address is not None}
+    found = (_first_try_sites(instructions, i, starts) for i in _outside(instructions, loops))
+    return set().union(*(sites for sites in found if sites is not None))
 
 
 def is_flag_read(ins: Instruction) -> bool:
