@@ -37,6 +37,7 @@
 #include "hopper/sync.cuh"
 #include "hopper/tma.cuh"
 #include "hopper/wgmma.cuh"
+#include "kernels/fast_div.h"
 #include "kernels/fwd_config.h"
 #include "kernels/gemm.cuh"
 #include "kernels/softmax.cuh"
@@ -52,6 +53,7 @@ struct FwdKernelParams {
   int seqlen_q, seqlen_k;
   int heads_q, q_heads_per_kv;
   int num_m_blocks, num_tiles;
+  FastDiv by_m_blocks, by_heads_q;  // num_m_blocks, heads_q
   float scale_log2;  // softmax_scale * log2(e)
 };
 
@@ -116,8 +118,9 @@ struct FwdKernel {
   // The tile list: (batch, head) major, and within a head the query blocks from last to first, so that
   // causal tiles with the most key blocks start first and concurrently running CTAs share K/V in L2.
   __device__ static Tile tile_at(const FwdKernelParams& p, int t) {
-    const int head_batch = t / p.num_m_blocks;
-    return {p.num_m_blocks - 1 - t % p.num_m_blocks, head_batch % p.heads_q, head_batch / p.heads_q};
+    const int head_batch = p.by_m_blocks.div(t);
+    const int batch = p.by_heads_q.div(head_batch);
+    return {p.num_m_blocks - 1 - (t - head_batch * p.num_m_blocks), head_batch - batch * p.heads_q, batch};
   }
 
   // The CTA's tile of round k (G = gridDim.x tiles per round): position c = blockIdx.x in even rounds and
@@ -440,6 +443,8 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
                 prm.batch, prm.heads_q, prm.seqlen_q, K::kBlockM, (long long)num_tiles);
   kp.num_m_blocks = int(num_m_blocks);
   kp.num_tiles = int(num_tiles);
+  kp.by_m_blocks = FastDiv::make(uint32_t(num_m_blocks));
+  kp.by_heads_q = FastDiv::make(uint32_t(prm.heads_q));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = prm.softmax_scale * kLog2e;
 
