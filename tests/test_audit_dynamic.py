@@ -94,6 +94,11 @@ def test_selected_passes():
     assert inputs.selected_passes("bwd") == ("bwd",)
 
 
+def test_selected_causals():
+    assert inputs.selected_causals(None) == inputs.selected_causals("both") == (False, True)
+    assert inputs.selected_causals("true") == (True,) and inputs.selected_causals("false") == (False,)
+
+
 # ncu CSV and the counter verdict
 
 

@@ -31,6 +31,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "error.h"
 #include "hopper/smem.cuh"
@@ -92,6 +93,9 @@ struct FwdKernel {
   static constexpr int kQBuffers = kCfg.q_buffers;
   static constexpr int kBoxes = HeadDim / 64;              // 64-column (128-byte) boxes per row
   static constexpr int kWgRows = 64;                       // query rows per consumer warpgroup
+  // Under a causal mask, a tile's first key block is masked and softmaxed on its first half alone where no row of
+  // a warpgroup sees the second half (second_half_unseen); the half is whole k16 steps of the PV GEMM.
+  static constexpr bool kHalfFirstBlock = Causal && kCfg.half_first_block;
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
   static constexpr uint32_t kQBytes = kCfg.tile_bytes(kBlockM, sizeof(T));
@@ -145,6 +149,15 @@ struct FwdKernel {
     if (!Causal) return all;
     const int64_t last_col = int64_t(m_block + 1) * kBlockM - 1 + p.seqlen_k - p.seqlen_q;
     return last_col < 0 ? 0 : int(min(int64_t(all), last_col / kBlockN + 1));
+  }
+
+  // Whether no row of warpgroup `consumer` sees the second half of key block n_block (on the causal diagonal: the
+  // first rows of a tile). Shapes and block indices only. The result is the same bits either way: the unseen half
+  // would be -inf in S, 0 in P, and would add nothing to the row's maximum and sum.
+  __device__ static bool second_half_unseen(const FwdKernelParams& p, int m_block, int consumer, int n_block) {
+    const int64_t last_row = int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1;
+    const int64_t limit = Causal ? min(int64_t(p.seqlen_k), last_row + 1 + p.seqlen_k - p.seqlen_q) : int64_t(p.seqlen_k);
+    return limit <= int64_t(n_block) * kBlockN + kBlockN / 2;
   }
 
   __device__ static bool block_needs_mask(const FwdKernelParams& p, int m_block, int n_block) {
@@ -239,8 +252,17 @@ struct FwdKernel {
     uint32_t p_frag[kBlockN / 16][4];
     GemmTurns<kConsumers> turns{consumer};
 
-    // Masks key block `n_block` of S by position, then runs the softmax step on it.
-    auto mask_and_softmax = [&](int n_block, float (&rescale)[2]) {
+    // The first `Cols` columns of S (all of them, or a first block's first half): the leading registers of the
+    // fragment, whose column mapping does not depend on its width.
+    using AllCols = std::integral_constant<int, kBlockN>;
+    using HalfCols = std::integral_constant<int, kBlockN / 2>;
+    auto cols_of_s = [&](auto cols) -> float(&)[decltype(cols)::value / 2] {
+      return *reinterpret_cast<float(*)[decltype(cols)::value / 2]>(acc_s);
+    };
+    // Masks the first `cols` columns of key block `n_block` of S by position, then runs the softmax step on them.
+    auto mask_and_softmax = [&](int n_block, float (&rescale)[2], auto cols) {
+      constexpr int kCols = decltype(cols)::value;
+      float(&s_cols)[kCols / 2] = cols_of_s(cols);
       if (block_needs_mask(p, tile.m_block, n_block)) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -250,11 +272,11 @@ struct FwdKernel {
           const int limit_in_block =
               int(max(int64_t(-1), min(int64_t(kBlockN), limit - int64_t(n_block) * kBlockN)));
 #pragma unroll
-          for (int i = 0; i < FragS::kRegs; ++i)
-            if (FragS::row_half(i) == h) acc_s[i] = FragS::col(i, lane) < limit_in_block ? acc_s[i] : -INFINITY;
+          for (int i = 0; i < kCols / 2; ++i)
+            if (FragS::row_half(i) == h) s_cols[i] = FragS::col(i, lane) < limit_in_block ? s_cols[i] : -INFINITY;
         }
       }
-      softmax.step<kBlockN>(acc_s, rescale);
+      softmax.step<kCols>(s_cols, rescale);
     };
     auto pack_p = [&] {
 #pragma unroll
@@ -296,6 +318,8 @@ struct FwdKernel {
     hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
     if (n_blocks > 0) {
       float rescale[2];
+      const bool half_first =
+          kHalfFirstBlock && second_half_unseen(p, tile.m_block, consumer, n_blocks - 1);
       turns.first();
       hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
       turns.wait();
@@ -305,8 +329,15 @@ struct FwdKernel {
       hopper::wgmma_wait<0>();
       hopper::fence_registers(acc_s);
       hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
-      mask_and_softmax(n_blocks - 1, rescale);
+      if (half_first)
+        mask_and_softmax(n_blocks - 1, rescale, HalfCols{});
+      else
+        mask_and_softmax(n_blocks - 1, rescale, AllCols{});
       if constexpr (kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
+      if (half_first)  // P of the unseen half: 0, as the full softmax would give (zeros, not a second pack_p: two
+                       // definitions of the PV GEMM's A fragments make ptxas serialise every wgmma, C7511)
+#pragma unroll
+        for (int i = kBlockN / 4; i < kBlockN / 2; ++i) acc_s[i] = 0.f;
       pack_p();
 
       for (int it = 1; it < n_blocks; ++it) {
@@ -322,7 +353,7 @@ struct FwdKernel {
         hopper::wgmma_wait<1>();
         hopper::fence_registers(acc_s);
         hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
-        mask_and_softmax(n_blocks - 1 - it, rescale);
+        mask_and_softmax(n_blocks - 1 - it, rescale, AllCols{});
         if constexpr (kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
         retire_pv(prev.stage());
         pack_p();

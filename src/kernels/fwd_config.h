@@ -18,6 +18,8 @@ struct FwdConfig {
   int q_buffers;            // Q tiles in shared memory: with 2, a CTA's next tile loads while this one computes
   bool softmax_under_pv;    // a warpgroup's softmax of S(j+1) overlaps its own P(j) V(j) (attention_fwd.cuh)
   int softmax_chains;       // partial maxima and sums per row half (OnlineSoftmax, softmax.cuh)
+  bool half_first_block;    // causal: the diagonal key block masked and softmaxed on its first half where a
+                            // warpgroup's rows see none of the second (attention_fwd.cuh, second_half_unseen)
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -40,7 +42,7 @@ constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_short_keys(head_
 // (attention_fwd.cuh, launch_forward_tier, says why).
 constexpr int kPersistentCausalKeys = 4096;
 
-constexpr FwdConfig fwd_config(int head_dim, [[maybe_unused]] bool causal, int tier) {
+constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // Main tier: per head_dim, the largest key block whose S, P and O fragments fit the consumer register
   // budget and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax, so a
   // third consumer warpgroup gives the tensor cores more independent work. head_dim 128 gives 16 keys of its
@@ -64,19 +66,27 @@ constexpr FwdConfig fwd_config(int head_dim, [[maybe_unused]] bool causal, int t
   // 384 -> 391, 2k 465 -> 491; causal d64 512 207 -> 211. On the main tiers four chains lost at d128 (4k 632 ->
   // 612, 16k 639 -> 623 in one call, -1% in the next) and were even at d256; d64's three consumer warpgroups
   // gained slightly (512 355 -> 360, 1k 413 -> 416).
+  // half_first_block, measured on an H200 (bf16, 2026-11-26, alternating builds, six rounds in two calls): the
+  // causal diagonal is a large share of short sequences and of head_dim 64's cheap GEMMs: d64 512 +4%, 1k +7%,
+  // 2k +5..8%, 4k +4%, 16k +1%; d128 and d256 short tiers even to +2%. d128's main tier was even to -2% (4k-16k,
+  // its inner loop scheduled differently), and d256's 80-key block has no half of whole k16 steps.
   const bool short_keys = tier == kTierShortKeys;
+  const bool half_first = causal && (short_keys || head_dim == 64);
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false, 4} : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true, 4};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first}
+                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true, 4, half_first};
   if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false, 4}
-                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, true, 1};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false, 4} : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true, 1};
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first}
+                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, true, 1, half_first};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false, 4, half_first}
+                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true, 1, half_first};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
   return c.block_m == 64 * c.consumer_warpgroups && c.block_n % 16 == 0 && c.head_dim % 64 == 0 &&
          c.stages >= (c.softmax_under_pv ? 2 : 1) && c.q_buffers >= 1 &&
          c.softmax_chains >= 1 && (c.softmax_chains & (c.softmax_chains - 1)) == 0 &&
+         (!c.half_first_block || c.block_n / 2 % 16 == 0) &&
          register_budget_fits(c.consumer_warpgroups, c.producer_regs, c.consumer_regs);
 }
 

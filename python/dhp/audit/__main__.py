@@ -67,6 +67,11 @@ def main(argv=None) -> int:
         p.add_argument("--dtypes", help="comma list of dtypes to check (default: every compiled one)")
         p.add_argument("--head-dims", help="comma list of head_dims to check (default: every compiled one)")
 
+    def pass_and_mask(p):
+        p.add_argument("--pass", dest="passes", choices=["both", "fwd", "bwd"], default="both",
+                       help="forward, backward or both (default; the backward where the build has one)")
+        p.add_argument("--causal", choices=["both", "true", "false"], default="both")
+
     for name, help_text, json_help in (
             ("counters", "ncu counter invariance across input classes (GPU, ncu)",
              "write the verdicts and every counter to this JSON file"),
@@ -75,6 +80,7 @@ def main(argv=None) -> int:
         p = checks.add_parser(name, help=help_text)
         variant_filters(p)
         p.add_argument("--quick", action="store_true", help="first variant and first shape only")
+        pass_and_mask(p)
         p.add_argument("--order", help=f"launch order of classes (default {','.join(counters.DEFAULT_ORDER)}; "
                                        "random runs are the noise baseline)")
         p.add_argument("--seed", type=int, default=0)
@@ -85,9 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--launches", type=int, default=10_000, help="launches per class (default 10000)")
     p.add_argument("--quick", action="store_true",
                    help=f"one variant, non-causal, at most {timing.QUICK_LAUNCHES} launches per class")
-    p.add_argument("--pass", dest="passes", choices=["both", "fwd", "bwd"], default="both",
-                   help="forward, backward or both (default; the backward where the build has one)")
-    p.add_argument("--causal", choices=["both", "true", "false"], default="both")
+    pass_and_mask(p)
     p.add_argument("--peers", action="store_true", help="also time torch SDPA's cuDNN and flash backends")
     p.add_argument("--pool", type=int, default=8, help="buffers per class, used round robin (default 8)")
     p.add_argument("--batch", type=int, default=500, help="launches between synchronisations (default 500)")

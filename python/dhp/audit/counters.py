@@ -404,12 +404,12 @@ def profile_case(ncu: str, metrics: list, dtype, head_dim, causal, shape, order,
 
 def plan(args) -> tuple[str, list[dict]] | None:
     """ncu and the cases of an ncu check (this one, dhp.audit.instructions): every compiled variant narrowed by
-    args, forward and (where compiled) backward, full and causal, each shape; None, after saying why on stderr,
-    where it cannot run."""
+    args, forward and (where compiled) backward, full and causal (narrowed by --pass and --causal), each shape;
+    None, after saying why on stderr, where it cannot run."""
     import json
 
     from .. import _native
-    from .inputs import gpu_variants
+    from .inputs import gpu_variants, selected_causals, selected_passes
 
     ncu = find_ncu()
     if ncu is None:
@@ -425,11 +425,15 @@ def plan(args) -> tuple[str, list[dict]] | None:
         dtypes, head_dims = dtypes[:1], head_dims[:1]
     order = args.order.split(",") if args.order else list(DEFAULT_ORDER)
     backward_dims = set(json.loads(_native.ext().build_info()).get("backward_head_dims", []))
+    passes = selected_passes(getattr(args, "passes", None))
+    causals = selected_causals(getattr(args, "causal", None))
     cases = []
     for dtype in dtypes:
         for head_dim in head_dims:
             for backward in (False, True) if head_dim in backward_dims else (False,):
-                for causal in (False, True):
+                if ("bwd" if backward else "fwd") not in passes:
+                    continue
+                for causal in causals:
                     for shape in shapes:
                         name = f"{dtype} d{head_dim} {'bwd' if backward else 'fwd'} {'causal' if causal else 'full'} " \
                                f"b{shape[0]} s{shape[1]} h{shape[2]}/{shape[3]}"

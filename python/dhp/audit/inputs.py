@@ -168,3 +168,8 @@ def selected_passes(choice: str | None) -> tuple[str, ...]:
     """--pass both|fwd|bwd (None: both) as a tuple of passes."""
     return PASSES if choice in (None, "both") else (choice,)
 
+
+def selected_causals(choice: str | None) -> tuple[bool, ...]:
+    """--causal both|true|false (None: both) as a tuple of masks."""
+    return {None: (False, True), "both": (False, True), "true": (True,), "false": (False,)}[choice]
+

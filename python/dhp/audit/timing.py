@@ -64,9 +64,9 @@ def schedule(classes: int, per_class: int, seed: int) -> np.ndarray:
 def settings(args, dtypes, head_dims, backward_dims) -> dict:
     """What a run times: {"cases" (dhp.audit.inputs.plan), "launches", "block", "spin" {"fwd", "bwd"}}.
     --quick: the first dtype, one head_dim (128 where compiled), non-causal, fwd and bwd, capped launches."""
-    from .inputs import plan, selected_passes
+    from .inputs import plan, selected_causals, selected_passes
 
-    causals = {"both": (False, True), "true": (True,), "false": (False,)}[getattr(args, "causal", "both")]
+    causals = selected_causals(getattr(args, "causal", None))
     launches, block = args.launches, args.block
     if args.quick:
         dtypes, head_dims, causals = dtypes[:1], head_dims[-2:-1] or head_dims[:1], (False,)
