@@ -19,6 +19,7 @@
 #include "error.h"
 #include "kernels/bwd_config.h"
 #include "kernels/fwd_config.h"
+#include "kernels/tile_order.h"
 #include "memory_check.h"
 #include "params.h"
 
@@ -663,8 +664,9 @@ const char* build_info_json() {
       std::snprintf(entry, sizeof entry, "%s%d", pairs.empty() ? "" : ", ", head_dim);
       pairs += entry;
     }
-    char tail[64];
-    std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d", kernels::kPersistentCausalKeys);
+    char tail[128];
+    std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld",
+                  kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes);
     return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
            chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs + "]}";
   }();

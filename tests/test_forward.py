@@ -120,6 +120,24 @@ def test_bit_determinism(torch_cuda, dtype_name, head_dim):
                 assert_bitwise_equal(torch, first_lse, again_lse)
 
 
+def test_causal_sections(torch_cuda, dtype_name, head_dim):
+    """Beyond the persistent grid's limit a causal launch takes its heads in sections (src/kernels/tile_order.h):
+    batch 5 x 8 heads at 4200 keys makes 2, 4 or 8 sections at head_dim 64, 128 or 256 (tests/cpp/tile_order.cpp).
+    Every (batch, head) of the launch, NaN-poisoned beforehand, equals its own one-head launch to the bit."""
+    torch = torch_cuda
+    q, k, v = inputs(torch, dtype_name, 5, 4200, 4200, 8, 8, head_dim, seed=13)
+    out = torch.full(q.shape, math.nan, dtype=q.dtype, device="cuda")
+    with torch.no_grad():
+        _, lse = dhp.attention(q, k, v, causal=True, return_lse=True, out=out)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        for b in range(5):
+            for h in range(8):
+                one = [x[b : b + 1, :, h : h + 1].contiguous() for x in (q, k, v)]
+                one_out, one_lse = dhp.attention(*one, causal=True, return_lse=True)
+                assert_bitwise_equal(torch, out[b : b + 1, :, h : h + 1], one_out)
+                assert_bitwise_equal(torch, lse[b : b + 1, h : h + 1], one_lse)
+
+
 def test_batch_invariance(torch_cuda, dtype_name, head_dim):
     """A sequence's outputs do not depend on the rest of the batch."""
     torch = torch_cuda

@@ -68,6 +68,7 @@ def test_build_info_lists_the_forward_tiles(ext):
             assert causal or not any(t["half_first_block"] for t in family)
     assert {t["head_dim"] for t in tiles} == set(info["head_dims"])
     assert info["persistent_causal_max_seqlen_k"] > 0
+    assert info["causal_section_bytes"] >= 1 << 20
     backward = {str(d) for d in info["backward_head_dims"]}
     assert set(info["backward_two_dq_chains_max_seqlen_k"]) == backward
     assert {str(d) for d in info["backward_paired_key_blocks_head_dims"]} <= backward

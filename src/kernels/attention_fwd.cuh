@@ -42,6 +42,7 @@
 #include "kernels/fwd_config.h"
 #include "kernels/gemm.cuh"
 #include "kernels/softmax.cuh"
+#include "kernels/tile_order.h"
 #include "params.h"
 #include "tma.h"
 
@@ -53,8 +54,9 @@ struct FwdKernelParams {
   int64_t lse_stride_batch, lse_stride_head, lse_stride_seq;
   int seqlen_q, seqlen_k;
   int heads_q, q_heads_per_kv;
-  int num_m_blocks, num_tiles;
-  FastDiv by_m_blocks, by_heads_q;  // num_m_blocks, heads_q
+  int num_tiles;
+  TileOrder order;
+  FastDiv by_heads_q;
   float scale_log2;  // softmax_scale * log2(e)
 };
 
@@ -119,12 +121,13 @@ struct FwdKernel {
     int m_block, head, batch;
   };
 
-  // The tile list: (batch, head) major, and within a head the query blocks from last to first, so that
-  // causal tiles with the most key blocks start first and concurrently running CTAs share K/V in L2.
+  // The tile at list position t (tile_order.h): sections of one head on the persistent grid and without a
+  // causal mask (the list goes head by head and concurrently running CTAs share K/V in L2), of several on the
+  // causal grid of one CTA per tile (launch_forward_tier).
   __device__ static Tile tile_at(const FwdKernelParams& p, int t) {
-    const int head_batch = p.by_m_blocks.div(t);
-    const int batch = p.by_heads_q.div(head_batch);
-    return {p.num_m_blocks - 1 - (t - head_batch * p.num_m_blocks), head_batch - batch * p.heads_q, batch};
+    const TileOrder::Position pos = p.order.at(t);
+    const int batch = p.by_heads_q.div(pos.head);
+    return {pos.m_block, pos.head - batch * p.heads_q, batch};
   }
 
   // The CTA's tile of round k (G = gridDim.x tiles per round): position c = blockIdx.x in even rounds and
@@ -472,9 +475,21 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_q=%d x ceil(seqlen_q=%d / %d) = %lld query tiles: at most 2^31 - 1 are supported",
                 prm.batch, prm.heads_q, prm.seqlen_q, K::kBlockM, (long long)num_tiles);
-  kp.num_m_blocks = int(num_m_blocks);
   kp.num_tiles = int(num_tiles);
-  kp.by_m_blocks = FastDiv::make(uint32_t(num_m_blocks));
+  // Non-causal tiles all cost the same: a persistent grid of one CTA per SM takes them round by round,
+  // and the K/V loads of a CTA's next tile (and its Q, with two Q buffers) overlap its epilogue. Causal
+  // tiles cost 1..n key blocks: up to kPersistentCausalKeys keys the snake order of
+  // tile_of_round balances them well enough and the overlap wins (H100 bf16, alternating builds: d64 512
+  // 177 -> 217 TFLOP/s, d128 512 256 -> 302, 2k 472 -> 513, d256 4k 610 -> 650; d256 512 290 -> 281);
+  // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
+  // per tile and the hardware hands tiles, heaviest first within a section of heads, to SMs as they free up.
+  // The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
+  const bool persistent = !Causal || prm.seqlen_k <= kPersistentCausalKeys;
+  const int section_heads =
+      persistent ? 1
+                 : fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv,
+                                     int64_t(prm.seqlen_k) * HeadDim * 2 * int64_t(sizeof(T)));
+  kp.order = TileOrder::make(int(num_m_blocks), section_heads);
   kp.by_heads_q = FastDiv::make(uint32_t(prm.heads_q));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = prm.softmax_scale * kLog2e;
@@ -499,15 +514,6 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
     return fail(DHP_ERROR_CUDA, "could not read the multiprocessor count of device %d: %s", device,
                 cudaGetErrorString(err));
 
-  // Non-causal tiles all cost the same: a persistent grid of one CTA per SM takes them round by round,
-  // and the K/V loads of a CTA's next tile (and its Q, with two Q buffers) overlap its epilogue. Causal
-  // tiles cost 1..n key blocks: up to kPersistentCausalKeys keys the snake order of
-  // tile_of_round balances them well enough and the overlap wins (H100 bf16, alternating builds: d64 512
-  // 177 -> 217 TFLOP/s, d128 512 256 -> 302, 2k 472 -> 513, d256 4k 610 -> 650; d256 512 290 -> 281);
-  // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
-  // per tile and the hardware hands tiles, heaviest of each head first, to SMs as they free up. The
-  // tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
-  const bool persistent = !Causal || prm.seqlen_k <= kPersistentCausalKeys;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles));
   config.blockDim = dim3(K::kCfg.threads());

@@ -5,6 +5,12 @@
 
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define DHP_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DHP_HOST_DEVICE inline
+#endif
+
 namespace dhp::kernels {
 
 struct FastDiv {
@@ -17,11 +23,14 @@ struct FastDiv {
     const uint64_t m = ((uint64_t(1) << (31 + l)) + d - 1) / d;
     return {d, uint32_t(m), l - 1};
   }
-#ifdef __CUDACC__
-  __device__ __forceinline__ int div(int n) const {
-    return d == 1 ? n : int(__umulhi(uint32_t(n), mul) >> shift);
-  }
+  DHP_HOST_DEVICE int div(int n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t high = __umulhi(uint32_t(n), mul);
+#else
+    const uint32_t high = uint32_t((uint64_t(uint32_t(n)) * mul) >> 32);
 #endif
+    return d == 1 ? n : int(high >> shift);
+  }
 };
 
 }  // namespace dhp::kernels

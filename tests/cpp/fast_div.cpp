@@ -1,5 +1,5 @@
 // FastDiv (src/kernels/fast_div.h), the forward's division of the tile index by launch-time constants: the
-// multiply-high quotient, computed here as the device computes it, equals n / d for every divisor class (1, powers
+// multiply-high quotient (FastDiv::div, whose host path multiplies as __umulhi does on the device) equals n / d for every divisor class (1, powers
 // of two, odd, near 2^31) over small n exhaustively and a stride up to 2^31 - 1. Needs no GPU.
 #include <cstdint>
 #include <cstdio>
@@ -7,9 +7,7 @@
 #include "kernels/fast_div.h"
 
 namespace {
-uint32_t quotient(const dhp::kernels::FastDiv& f, uint32_t n) {
-  return f.d == 1 ? n : uint32_t((uint64_t(n) * f.mul) >> 32) >> f.shift;
-}
+uint32_t quotient(const dhp::kernels::FastDiv& f, uint32_t n) { return uint32_t(f.div(int(n))); }
 }  // namespace
 
 int main() {

@@ -1,0 +1,50 @@
+// The forward's tile list: list position -> (head, query block). Heads are counted batch-major (batch x query
+// heads) and taken in sections of `section_heads`; within a section the query blocks run from last to first
+// (under a causal mask the tiles with the most key blocks first), the section's heads taking turns at each.
+// With one head per section the list goes head by head. Host and device: tests/cpp/tile_order.cpp checks it.
+#pragma once
+
+#include "kernels/fast_div.h"
+
+namespace dhp::kernels {
+
+struct TileOrder {
+  FastDiv by_section_tiles, by_section_heads;  // num_m_blocks x section_heads, section_heads
+  int num_m_blocks;
+
+  static TileOrder make(int num_m_blocks, int section_heads) {
+    return {FastDiv::make(uint32_t(num_m_blocks) * uint32_t(section_heads)), FastDiv::make(uint32_t(section_heads)),
+            num_m_blocks};
+  }
+
+  struct Position {
+    int head, m_block;  // head: batch * heads_q + query head
+  };
+  DHP_HOST_DEVICE Position at(int t) const {
+    const int section = by_section_tiles.div(t);
+    const int in_section = t - section * int(by_section_tiles.d);
+    const int rank = by_section_heads.div(in_section);
+    const int head = section * int(by_section_heads.d) + in_section - rank * int(by_section_heads.d);
+    return {head, num_m_blocks - 1 - rank};
+  }
+};
+
+// On the grid of one CTA per causal tile the hardware hands tiles to SMs in list order. Head by head, the last
+// head's heaviest tile starts when little else is left and runs on alone; in sections, the list ends on the
+// light tiles of a section's heads. The K and V of a section's heads (at most kCausalSectionBytes, else one
+// head) stay in L2 while its tiles run. Measured against head by head (H100, bf16, 2026-11-26, two alternating
+// rounds, bench/results/2026-11-26-h100-fwd-causal-sections-ab.txt): 8k keys d64 +4%, d128 +2%, d256 +7.5%; 16k
+// d64 +2.5%, d128 and d256 even to -2%. Taking 4k keys off the persistent grid as well lost (d128 -3.5%, GQA -4%).
+constexpr long long kCausalSectionBytes = 32ll << 20;
+
+// Heads per section: the largest divisor of `heads` whose K and V fit kCausalSectionBytes, counting once the
+// query heads that share a K/V head; at least 1.
+constexpr int fwd_section_heads(long long heads, int q_heads_per_kv, long long kv_head_bytes) {
+  const long long kv_heads_fit = kCausalSectionBytes / kv_head_bytes;
+  const long long fit = (kv_heads_fit > 1 ? kv_heads_fit : 1) * q_heads_per_kv;
+  for (long long g = fit < heads ? fit : heads; g > 1; --g)
+    if (heads % g == 0) return int(g);
+  return 1;
+}
+
+}  // namespace dhp::kernels

@@ -1,0 +1,70 @@
+// The forward's tile list (src/kernels/tile_order.h) on the host, as the kernel computes it: every (head, query
+// block) exactly once; sections of section_heads heads in head order; within one, query blocks from last to
+// first with the section's heads in turn; one head per section is the plain head-by-head list. And
+// fwd_section_heads: the largest divisor of the head count whose K/V fit the section budget. Needs no GPU.
+#include <cstdio>
+#include <vector>
+
+#include "kernels/tile_order.h"
+
+namespace {
+
+using dhp::kernels::TileOrder;
+
+long failures = 0;
+
+void expect(bool ok, const char* what, long long a, long long b, long long c) {
+  if (!ok && failures++ < 10) std::printf("%s (%lld, %lld, %lld)\n", what, a, b, c);
+}
+
+void check_order(int heads, int m_blocks, int section_heads) {
+  const TileOrder order = TileOrder::make(m_blocks, section_heads);
+  std::vector<int> seen(size_t(heads) * m_blocks, 0);
+  for (int t = 0; t < heads * m_blocks; ++t) {
+    const TileOrder::Position p = order.at(t);
+    const bool in_range = p.head >= 0 && p.head < heads && p.m_block >= 0 && p.m_block < m_blocks;
+    expect(in_range, "position out of range", heads, m_blocks, t);
+    if (!in_range) continue;
+    ++seen[size_t(p.head) * m_blocks + p.m_block];
+    const int section = t / (section_heads * m_blocks), in_section = t % (section_heads * m_blocks);
+    expect(p.head == section * section_heads + in_section % section_heads, "head out of turn", heads, section_heads, t);
+    expect(p.m_block == m_blocks - 1 - in_section / section_heads, "query block out of order", heads, section_heads, t);
+    if (section_heads == 1)
+      expect(p.head == t / m_blocks && p.m_block == m_blocks - 1 - t % m_blocks, "not head by head", heads, m_blocks, t);
+  }
+  for (int count : seen) expect(count == 1, "a tile not listed exactly once", heads, m_blocks, section_heads);
+}
+
+void check_section_heads(long long heads, int q_heads_per_kv, long long kv_head_bytes, int expected) {
+  const int g = dhp::kernels::fwd_section_heads(heads, q_heads_per_kv, kv_head_bytes);
+  expect(g == expected, "fwd_section_heads", heads, kv_head_bytes, g);
+  expect(g >= 1 && heads % g == 0, "section heads must divide the heads", heads, q_heads_per_kv, g);
+  const long long fit = dhp::kernels::kCausalSectionBytes / kv_head_bytes;
+  const long long budget = (fit > 1 ? fit : 1) * q_heads_per_kv;
+  expect(g == 1 || g <= budget, "section over the budget", heads, kv_head_bytes, g);
+  for (long long larger = g + 1; larger <= heads && larger <= budget; ++larger)
+    expect(heads % larger != 0, "a larger divisor fits", heads, kv_head_bytes, larger);
+}
+
+}  // namespace
+
+int main() {
+  for (int heads : {1, 2, 3, 7, 12, 40, 64})
+    for (int m_blocks : {1, 2, 5, 43, 128})
+      for (int section_heads = 1; section_heads <= heads; ++section_heads)
+        if (heads % section_heads == 0) check_order(heads, m_blocks, section_heads);
+  const long long mb = 1 << 20;
+  // d64/d128/d256 at 4200 keys (K and V, bf16): 1.03, 2.05, 4.1 MB per K/V head.
+  const long long kv4200[] = {4200ll * 64 * 4, 4200ll * 128 * 4, 4200ll * 256 * 4};
+  check_section_heads(40, 1, kv4200[0], 20);
+  check_section_heads(40, 1, kv4200[1], 10);
+  check_section_heads(40, 1, kv4200[2], 5);
+  check_section_heads(40, 4, kv4200[2], 20);  // GQA: four query heads per K/V head
+  check_section_heads(13, 1, 3 * mb, 1);     // a prime head count over the budget: head by head
+  check_section_heads(13, 1, mb, 13);
+  check_section_heads(8, 1, 64 * mb, 1);     // one head's K/V over the budget
+  check_section_heads(8, 2, 64 * mb, 2);     // ... still shared by its two query heads
+  check_section_heads(1, 1, mb, 1);
+  std::printf("tile_order: %ld failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}
