@@ -122,7 +122,7 @@ def test_bit_determinism(torch_cuda, dtype_name, head_dim):
 
 def test_causal_sections(torch_cuda, dtype_name, head_dim):
     """Beyond the persistent grid's limit a causal launch takes its heads in sections (src/kernels/tile_order.h):
-    batch 5 x 8 heads at 4200 keys makes 2, 4 or 8 sections at head_dim 64, 128 or 256 (tests/cpp/tile_order.cpp).
+    batch 5 x 8 heads at 4200 keys makes 4, 8 or 20 sections at head_dim 64, 128 or 256 (tests/cpp/tile_order.cpp).
     Every (batch, head) of the launch, NaN-poisoned beforehand, equals its own one-head launch to the bit."""
     torch = torch_cuda
     q, k, v = inputs(torch, dtype_name, 5, 4200, 4200, 8, 8, head_dim, seed=13)

@@ -32,10 +32,12 @@ struct TileOrder {
 // On the grid of one CTA per causal tile the hardware hands tiles to SMs in list order. Head by head, the last
 // head's heaviest tile starts when little else is left and runs on alone; in sections, the list ends on the
 // light tiles of a section's heads. The K and V of a section's heads (at most kCausalSectionBytes, else one
-// head) stay in L2 while its tiles run. Measured against head by head (H100, bf16, 2026-11-26, two alternating
-// rounds, bench/results/2026-11-26-h100-fwd-causal-sections-ab.txt): 8k keys d64 +4%, d128 +2%, d256 +7.5%; 16k
-// d64 +2.5%, d128 and d256 even to -2%. Taking 4k keys off the persistent grid as well lost (d128 -3.5%, GQA -4%).
-constexpr long long kCausalSectionBytes = 32ll << 20;
+// head) stay in L2 while its tiles run. Measured against head by head (H100, bf16, 2026-11-26, alternating
+// builds, bench/results/2026-11-26-h100-fwd-causal-sections-ab.txt) with 16 MB: 8k keys d64 +3%, d128 +6%,
+// d256 +6%, GQA 32/8 +2%; 16k d64 +1%, d128 +1%, d256 even (one head per section there). 32 MB lost 2-3% against
+// 16 MB at d128 8k and d256 16k; 8 MB (one d256 8k head) lost 6% at d256 8k. Taking 4k keys off the persistent
+// grid as well lost (d128 -3.5%, GQA -4%).
+constexpr long long kCausalSectionBytes = 16ll << 20;
 
 // Heads per section: the largest divisor of `heads` whose K and V fit kCausalSectionBytes, counting once the
 // query heads that share a K/V head; at least 1.

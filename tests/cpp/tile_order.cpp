@@ -56,10 +56,11 @@ int main() {
   const long long mb = 1 << 20;
   // d64/d128/d256 at 4200 keys (K and V, bf16): 1.03, 2.05, 4.1 MB per K/V head.
   const long long kv4200[] = {4200ll * 64 * 4, 4200ll * 128 * 4, 4200ll * 256 * 4};
-  check_section_heads(40, 1, kv4200[0], 20);
-  check_section_heads(40, 1, kv4200[1], 10);
-  check_section_heads(40, 1, kv4200[2], 5);
-  check_section_heads(40, 4, kv4200[2], 20);  // GQA: four query heads per K/V head
+  // With the 16 MB budget: 15, 7 and 3 K/V heads fit.
+  check_section_heads(40, 1, kv4200[0], 10);
+  check_section_heads(40, 1, kv4200[1], 5);
+  check_section_heads(40, 1, kv4200[2], 2);
+  check_section_heads(40, 4, kv4200[2], 10);  // GQA: four query heads per K/V head
   check_section_heads(13, 1, 3 * mb, 1);     // a prime head count over the budget: head by head
   check_section_heads(13, 1, mb, 13);
   check_section_heads(8, 1, 64 * mb, 1);     // one head's K/V over the budget
