@@ -695,3 +695,22 @@ def test_peer_backward_call_runs_only_autograds_backward(monkeypatch):
         assert got.shape == want.shape  # (batch, seqlen, heads, head_dim), as dhp's
         torch.testing.assert_close(got, want)
         assert torch.equal(got, again)
+
+
+def test_grid_model():
+    """bench/grid_model.py, the list-scheduling model the docs quote: its tile list holds every (head, rank) once in
+    tile_order.h's order, one head per section is head by head, and sections end the causal forward on light tiles."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "grid_model.py"
+    spec = importlib.util.spec_from_file_location("grid_model", path)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    order = model.tile_list(6, 5, 3)
+    assert sorted(order) == [(h, r) for h in range(6) for r in range(5)]
+    assert order[:4] == [(0, 0), (1, 0), (2, 0), (0, 1)] and order[15] == (3, 0)
+    assert model.tile_list(4, 3, 1) == [(h, r) for h in range(4) for r in range(3)]
+    assert model.forward_costs(512, 128, 160) == [1, 2, 3, 4]
+    head_by_head, sections = model.forward(32, 8192, 128, 160, 1), model.forward(32, 8192, 128, 160, 4)
+    assert 0.9 < head_by_head < sections <= 1.0
+

@@ -30,8 +30,8 @@ struct TileOrder {
 };
 
 // On the grid of one CTA per causal tile the hardware hands tiles to SMs in list order. Head by head, the last
-// head's heaviest tile starts when little else is left and runs on alone; in sections, the list ends on the
-// light tiles of a section's heads. The K and V of a section's heads (at most kCausalSectionBytes, else one
+// head's heaviest tile starts when little else is left and runs on alone (bench/grid_model.py: 0.90-0.96 of the
+// SMs' time busy at 8k keys); in sections, the list ends on the light tiles of a section's heads (0.99). The K and V of a section's heads (at most kCausalSectionBytes, else one
 // head) stay in L2 while its tiles run. Measured against head by head (H100, bf16, 2026-11-26, alternating
 // builds, bench/results/2026-11-26-h100-fwd-causal-sections-ab.txt) with 16 MB: 8k keys d64 +3%, d128 +6%,
 // d256 +6%, GQA 32/8 +2%; 16k d64 +1%, d128 +1%, d256 even (one head per section there). 32 MB lost 2-3% against

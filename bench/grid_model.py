@@ -1,0 +1,111 @@
+"""A list-scheduling model of dhp's causal grids: how much of the SMs' time is busy, given a grid order.
+
+Not a timing tool: it counts work in units (forward: key blocks of a tile; backward: steps of a key block) and
+lets 132 SMs take the next CTA of the list whenever one is free, as the hardware does with a grid of one CTA per
+work item (the persistent forward grid is dealt out in rounds instead). Its numbers are fractions of busy time,
+which docs/performance.md and src/kernels/tile_order.h quote beside what was measured; where the two disagree
+(the backward's heavy-first order for MHA), the measurement wins.
+
+    python bench/grid_model.py            # the tables quoted in the docs
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+SMS = 132
+
+
+def forward_costs(seqlen: int, block_m: int, block_n: int) -> list[int]:
+    """Key blocks of each causal tile (query block m sees keys up to (m + 1) * block_m - 1)."""
+    return [min(math.ceil(seqlen / block_n), ((m + 1) * block_m - 1) // block_n + 1)
+            for m in range(math.ceil(seqlen / block_m))]
+
+
+def tile_list(heads: int, blocks: int, section_heads: int) -> list[tuple[int, int]]:
+    """(head, rank) in the order of tile_order.h: sections of heads taking turns rank by rank."""
+    return [(h, r) for s0 in range(0, heads, section_heads) for r in range(blocks)
+            for h in range(s0, min(heads, s0 + section_heads))]
+
+
+def hardware_grid(costs: list[float]) -> float:
+    """Busy fraction when SMs take the next item of the list as they free up."""
+    free = [0.0] * SMS
+    for c in costs:
+        heapq.heappush(free, heapq.heappop(free) + c)
+    return sum(costs) / SMS / max(free)
+
+
+def persistent_snake(costs: list[float]) -> float:
+    """Busy fraction of the persistent grid: round k gives item k * SMS + c to CTA c, reversed in odd rounds."""
+    load = [0.0] * SMS
+    for t, c in enumerate(costs):
+        k, c_ = divmod(t, SMS)
+        load[c_ if k % 2 == 0 else SMS - 1 - c_] += c
+    return sum(costs) / SMS / max(load)
+
+
+def forward(heads: int, seqlen: int, block_m: int, block_n: int, section_heads: int, tile_overhead: float = 2.0):
+    """Causal forward on the grid of one CTA per tile: query blocks from the last (rank 0) to the first."""
+    costs = forward_costs(seqlen, block_m, block_n)[::-1]
+    return hardware_grid([costs[r] + tile_overhead for _, r in tile_list(heads, len(costs), section_heads)])
+
+
+def backward(heads: int, n_blocks: int, m_blocks: int, q_heads_per_kv: int, heavy_first: bool,
+             section_heads: int = 16, add_latency: float = 0.5, dq_buffers: int = 2, overhead: float = 2.0) -> float:
+    """Causal backward, one CTA per (K/V head, key block) with a step per (query head, query block) it sees.
+
+    Each step's dQ part is added by a writer after the previous adder of that tile (the tile's key-block order),
+    taking add_latency steps, and the consumers run at most dq_buffers steps ahead of the writer. Lightest first:
+    head by head, key blocks from the last, walks up from the diagonal, adds descending. Heavy first: sections of
+    heads, key block 0 first, walks from the last query block down (query heads in turn at each), adds ascending.
+    In both, a tile's adders come in list order, so the model needs no lookahead."""
+    ratio = max(1, m_blocks // n_blocks)
+    if heavy_first:
+        items = tile_list(heads, n_blocks, section_heads)
+    else:
+        items = [(h, n_blocks - 1 - r) for h in range(heads) for r in range(n_blocks)]
+    last_add: dict[tuple[int, int, int], float] = {}
+    free = [0.0] * SMS
+    busy = end = 0.0
+    for head, n in items:
+        start = heapq.heappop(free)
+        first = min(m_blocks, n * ratio)
+        if heavy_first:
+            steps = [(g, m) for m in range(m_blocks - 1, first - 1, -1) for g in range(q_heads_per_kv)]
+        else:
+            steps = [(g, m) for g in range(q_heads_per_kv) for m in range(first, m_blocks)]
+        compute, added = start + overhead / 2, []
+        for i, (g, m) in enumerate(steps):
+            compute = max(compute, added[i - dq_buffers] if i >= dq_buffers else start) + 1.0
+            done = max(added[-1] if added else start, compute, last_add.get((head, g, m), 0.0)) + add_latency
+            added.append(done)
+            last_add[(head, g, m)] = done
+        finish = max(compute, added[-1] if added else start) + overhead / 2
+        busy += len(steps) + overhead
+        heapq.heappush(free, finish)
+        end = max(end, finish)
+    return busy / SMS / end
+
+
+def main() -> None:
+    print("forward, causal, one CTA per tile (16k tokens x 2048 per shape): busy fraction by section heads")
+    for d, block_m, block_n in ((64, 192, 128), (128, 128, 160), (256, 128, 80)):
+        for seqlen in (8192, 16384):
+            heads = 16384 // seqlen * (2048 // d)
+            fit = max(1, (16 << 20) // (seqlen * d * 2 * 2))  # K/V heads in 16 MB (tile_order.h)
+            g = max(x for x in range(1, min(fit, heads) + 1) if heads % x == 0)
+            print(f"  d{d} {seqlen:>5}: head by head {forward(heads, seqlen, block_m, block_n, 1):.3f}  "
+                  f"sections of {g} heads (16 MB) {forward(heads, seqlen, block_m, block_n, g):.3f}")
+    print("backward, causal, d128 (128-key blocks, 64-row query blocks): lightest first vs heavy first")
+    for seqlen, kv_per_q in ((4096, 1), (8192, 1), (16384, 1), (4096, 4), (8192, 4)):
+        heads_q = 2048 // 128 if kv_per_q == 1 else 32
+        heads = 16384 // seqlen * heads_q // kv_per_q
+        args = (heads, seqlen // 128, seqlen // 64, kv_per_q)
+        print(f"  {seqlen:>5} {'GQA 32/8' if kv_per_q > 1 else 'MHA':8}: lightest first "
+              f"{backward(*args, heavy_first=False):.3f}  heavy first {backward(*args, heavy_first=True):.3f}")
+
+
+if __name__ == "__main__":
+    main()
