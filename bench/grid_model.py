@@ -98,6 +98,11 @@ def main() -> None:
             g = max(x for x in range(1, min(fit, heads) + 1) if heads % x == 0)
             print(f"  d{d} {seqlen:>5}: head by head {forward(heads, seqlen, block_m, block_n, 1):.3f}  "
                   f"sections of {g} heads (16 MB) {forward(heads, seqlen, block_m, block_n, g):.3f}")
+    print("forward, causal, persistent grid (up to 4096 keys), snake rounds: busy fraction, head by head")
+    for d, block_m, block_n, seqlen in ((64, 192, 128, 4096), (128, 128, 160, 4096), (256, 128, 80, 4096)):
+        costs = forward_costs(seqlen, block_m, block_n)[::-1]
+        heads = 16384 // seqlen * (2048 // d)
+        print(f"  d{d} {seqlen:>5}: {persistent_snake([costs[r] + 0.5 for _, r in tile_list(heads, len(costs), 1)]):.3f}")
     print("backward, causal, d128 (128-key blocks, 64-row query blocks): lightest first vs heavy first")
     for seqlen, kv_per_q in ((4096, 1), (8192, 1), (16384, 1), (4096, 4), (8192, 4)):
         heads_q = 2048 // 128 if kv_per_q == 1 else 32
