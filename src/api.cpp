@@ -660,7 +660,7 @@ const char* build_info_json() {
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", chains.empty() ? "" : ", ", head_dim,
                     kernels::bwd_dq_chains_max_seqlen_k(head_dim));
       chains += entry;
-      if (!kernels::bwd_config(head_dim).pair_key_blocks) continue;
+      if (kernels::bwd_config(head_dim).pairs == kernels::BwdPairs::kNone) continue;
       std::snprintf(entry, sizeof entry, "%s%d", pairs.empty() ? "" : ", ", head_dim);
       pairs += entry;
     }

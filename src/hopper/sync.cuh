@@ -49,6 +49,16 @@ __device__ __forceinline__ void store_async_peer(uint32_t peer_addr, float4 v, u
                : "memory");
 }
 
+// cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [PTX 9.7.9.25.4.1]: `bytes` (a multiple of
+// 16) contiguous bytes of this CTA's shared memory into another CTA's (`peer_dst` and `peer_bar` from map_to_rank),
+// their arrival counted as complete-tx on that CTA's barrier. Issued by one thread.
+__device__ __forceinline__ void bulk_copy_to_peer(uint32_t peer_dst, const void* src, uint32_t bytes,
+                                                  uint32_t peer_bar) {
+  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+               ::"r"(peer_dst), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(src))), "r"(bytes), "r"(peer_bar)
+               : "memory");
+}
+
 // mapa.shared::cluster.u32 [PTX 9.7.9.22]: the address of the same shared-memory location (`local`, from this
 // CTA's window) in CTA `rank` of the cluster, for shared::cluster accesses.
 __device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank) {

@@ -27,9 +27,12 @@
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
 // threads take, never as long as values dictate.
 //
-// Pairs (without a causal mask, where bwd_paired_key_blocks says): CTAs 2c and 2c + 1 form a cluster; the lower key block
-// (rank 1) hands each step's dQ part to the upper one (rank 0) through its shared memory, and rank 0 adds the sum
-// in the turn of pair c. Rank 1's writer thread has nothing to do.
+// Pairs (BwdConfig::pairs, bwd_paired_key_blocks): CTAs 2c and 2c + 1 form a cluster, rank 0 the upper key block.
+// kSumDq (head_dim 128, without a causal mask where bwd_paired_key_blocks says): the lower key block (rank 1) hands
+// each step's dQ part to the upper one through its shared memory, and rank 0 adds the sum in the turn of pair c;
+// rank 1's writer thread has nothing to do. kSplitDq (head_dim 256, always): both walk the same steps and copy
+// their dS^T of each step into the other's shared memory; rank r computes dQ over the pair's keys for the r-th half
+// of head_dim's columns and adds it in pair c's turn of that half.
 //
 // Deadlock freedom of the dQ turns: a CTA waits only for higher key blocks (or pairs) of its own (head, batch),
 // which have lower block (cluster) indices (blockIdx.x counts key blocks from the last), so they were scheduled no
@@ -85,6 +88,14 @@ struct BwdKernelParams {
 // its pair's lower key block's parts, or it hands them to the upper key block of its pair.
 enum class DqRole : int { kAdd, kAddWithPeer, kGive };
 
+// What a CTA works on: its key block, the key block whose query blocks it walks (its own, or with kSplitDq pairs
+// the pair's lower one: both CTAs of the pair walk the same steps), its cluster rank and its role in the dQ sum.
+struct BwdCta {
+  int n_block, walk_block, kv_head, batch;
+  uint32_t rank;
+  DqRole role;
+};
+
 enum class BwdBarrier : int {
   kSyncThreads = 0,  // reserved: __syncthreads
   kDsReady = 1,      // without turns: both consumer warpgroups have written their P^T and dS^T of the step
@@ -114,23 +125,28 @@ struct BwdKernel {
   static constexpr int kBoxBytesKV = kBlockN * 128;  // one 64-column box of a K or V block
   static constexpr int kDsBoxes = kBlockM / 64;      // dS^T: kBlockN key rows x kBlockM query columns
   static constexpr int kBoxBytesDs = kBlockN * 128;
-  static constexpr int kDsTiles = kCfg.split_head_dim ? 2 : 1;  // dS^T, and P^T when head_dim is split
+  static constexpr bool kSplitPairs = kCfg.pairs == BwdPairs::kSplitDq;
+  static constexpr int kPeerBoxes = kSplitPairs ? kBoxes / 2 : 0;  // the pair's other K block, this CTA's dQ columns
+  // dS^T; P^T when head_dim is split; the pair's other dS^T with kSplitDq pairs.
+  static constexpr int kDsTiles = (kCfg.split_head_dim ? 2 : 1) + (kSplitPairs ? 1 : 0);
+  static constexpr int kPeerDsTile = kDsTiles - 1;
   static constexpr int kWgQueries = kCfg.wg_queries();           // query columns of a warpgroup's S^T, dP^T
   static constexpr int kDqRows = kCfg.dq_rows();
   static constexpr int kDqCols = kCfg.dq_cols();
-  static constexpr int kDqFloats = kBlockM * HeadDim;
+  static constexpr int kTileFloats = kBlockM * HeadDim;           // a dQ tile
+  static constexpr int kDqFloats = kTileFloats / kCfg.dq_ctas();  // the CTA's part of it, each step
   static constexpr int kWgCols = kCfg.wg_cols();  // dK and dV columns a consumer warpgroup owns
   static constexpr uint32_t kQBytes = kBlockM * HeadDim * sizeof(T);
   static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
-  static constexpr bool kMayPair = !Causal && kCfg.pair_key_blocks;  // p.paired decides per problem
+  static constexpr bool kMayPair = !Causal && kCfg.pairs == BwdPairs::kSumDq;  // p.paired decides per problem
 
   struct alignas(1024) Smem {
-    alignas(1024) uint8_t k[kBoxes][kBoxBytesKV];  // reused for dK in the epilogue
+    alignas(1024) uint8_t k[kBoxes + kPeerBoxes][kBoxBytesKV];  // reused for dK in the epilogue
     alignas(1024) uint8_t v[kBoxes][kBoxBytesKV];  // reused for dV
     alignas(1024) uint8_t q[kStages][kBoxes][kBoxBytesQ];
     alignas(1024) uint8_t dout[kStages][kBoxes][kBoxBytesQ];
-    alignas(1024) uint8_t ds[2][kDsTiles][kDsBoxes][kBoxBytesDs];  // [buffer][dS^T, P^T]
+    alignas(1024) uint8_t ds[2][kDsTiles][kDsBoxes][kBoxBytesDs];  // [buffer][dS^T, P^T, the other's dS^T]
     alignas(128) float dq[kDqBuffers][kDqFloats];
     alignas(16) float lse2[kStages][kBlockM];
     alignas(16) float delta[kStages][kBlockM];
@@ -140,6 +156,7 @@ struct BwdKernel {
     uint64_t ds_full[2], ds_empty[2];  // with turns: both warpgroups' dS^T rows stored / read by both dQ GEMMs
     uint64_t peer_full[kDqBuffers];    // pairs, upper key block: the lower one's dQ part has landed in dq
     uint64_t peer_empty[kDqBuffers];   // pairs, lower key block: the upper one's dq buffer is free again
+    uint64_t ds_peer_full[2];          // kSplitDq pairs: the other key block's dS^T has landed in ds[.][kPeerDsTile]
   };
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
@@ -161,24 +178,28 @@ struct BwdKernel {
   // The CTA's steps in order: every query head of the KV head, and within it the query blocks that see the
   // key block, first to last. f(step, head, m_block).
   template <class F>
-  __device__ static void for_each_step(const BwdKernelParams& p, int n_block, int kv_head, F&& f) {
-    const int m_first = first_m_block(p, n_block);
+  __device__ static void for_each_step(const BwdKernelParams& p, const BwdCta& c, F&& f) {
+    const int m_first = first_m_block(p, c.walk_block);
     int step = 0;
     for (int g = 0; g < p.q_heads_per_kv; ++g)
-      for (int m = m_first; m < p.m_blocks; ++m) f(step++, kv_head * p.q_heads_per_kv + g, m);
+      for (int m = m_first; m < p.m_blocks; ++m) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
   }
 
   __device__ static int64_t row_tile(const BwdKernelParams& p, int batch, int head, int m_block) {
     return (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
   }
 
-  __device__ static void produce(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch) {
-    hopper::mbarrier_arrive_expect_tx(&s.kv_full, 2 * kKVBytes);
+  __device__ static void produce(const BwdKernelParams& p, Smem& s, const BwdCta& c) {
+    hopper::mbarrier_arrive_expect_tx(&s.kv_full, 2 * kKVBytes + kPeerBoxes * kBoxBytesKV);
     for (int b = 0; b < kBoxes; ++b) {
-      hopper::tma_load_4d(s.k[b], &p.k, b * 64, n_block * kBlockN, kv_head, batch, &s.kv_full);
-      hopper::tma_load_4d(s.v[b], &p.v, b * 64, n_block * kBlockN, kv_head, batch, &s.kv_full);
+      hopper::tma_load_4d(s.k[b], &p.k, b * 64, c.n_block * kBlockN, c.kv_head, c.batch, &s.kv_full);
+      hopper::tma_load_4d(s.v[b], &p.v, b * 64, c.n_block * kBlockN, c.kv_head, c.batch, &s.kv_full);
     }
-    for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
+    for (int b = 0; b < kPeerBoxes; ++b)  // the other key block of the pair (n_block ^ 1), this CTA's dQ columns
+      hopper::tma_load_4d(s.k[kBoxes + b], &p.k, (int(c.rank) * kPeerBoxes + b) * 64, (c.n_block ^ 1) * kBlockN,
+                          c.kv_head, c.batch, &s.kv_full);
+    const int batch = c.batch;
+    for_each_step(p, c, [&](int step, int head, int m_block) {
       const int stage = step % kStages;
       hopper::mbarrier_wait(&s.empty[stage], ((step / kStages) & 1) ^ 1);
       hopper::mbarrier_arrive_expect_tx(&s.full[stage], 2 * kQBytes + 2 * kRowStatBytes);
@@ -199,22 +220,27 @@ struct BwdKernel {
   // soon as the reduce has completed (bulk wait_group: its writes are performed; the release store orders them
   // before the turn). Measured on the H100, head_dim 128, 8k: 452 -> 466 TFLOP/s against waiting for the part
   // first and fencing before the release.
-  __device__ static void write_dq(const BwdKernelParams& p, Smem& s, int n_block, int kv_head, int batch,
-                                  DqRole role) {
-    for_each_step(p, n_block, kv_head, [&](int step, int head, int m_block) {
+  __device__ static void write_dq(const BwdKernelParams& p, Smem& s, const BwdCta& c) {
+    const DqRole role = c.role;
+    const bool paired = kSplitPairs || (kMayPair && p.paired);
+    const int half = kSplitPairs ? int(c.rank) : 0;  // of the tile's columns, with kSplitDq pairs
+    for_each_step(p, c, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
       const int chains = Causal ? 1 : p.dq_chains;
       // Adders above this one: key blocks, or with pairs the pairs above (blockIdx.x / 2 counts them).
-      const int above = kMayPair && p.paired ? int(blockIdx.x) / 2 : p.n_blocks - 1 - n_block;
-      const int64_t slot = above % chains * p.tiles + row_tile(p, batch, head, m_block);
-      const int position = above / chains;  // key blocks of the chain that add before this one
-      int* turn = p.dq_turn + slot;
+      const int above = paired ? int(blockIdx.x) / 2 : p.n_blocks - 1 - c.n_block;
+      const int64_t slot = above % chains * p.tiles + row_tile(p, c.batch, head, m_block);
+      const int position = above / chains;  // adders of the chain that add before this one
+      int* turn = p.dq_turn + (kSplitPairs ? (above % chains * 2 + half) * p.tiles + row_tile(p, c.batch, head, m_block)
+                                           : slot);
       hopper::wait_flag_equals(turn, position);
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
-      float* sum = p.dq_accum + slot * kDqFloats;
-      // The chain's first part stores (no zeroes to add to): without a causal mask every key block sees the tile,
-      // so the first part of each chain comes from the chain's highest key block.
-      if (Causal ? n_block == key_blocks_seen(m_block, kBlockM, kBlockN, p.seqlen_q, p.seqlen_k, p.n_blocks, Causal) - 1
+      float* sum = p.dq_accum + slot * kTileFloats + half * kDqFloats;
+      // The chain's first part stores (no zeroes to add to): that of the highest adder that sees the tile (without
+      // a causal mask every key block sees it, so the chain's highest).
+      if (Causal ? position == bwd_dq_adders_skipped(paired, p.n_blocks,
+                                                     key_blocks_seen(m_block, kBlockM, kBlockN, p.seqlen_q,
+                                                                     p.seqlen_k, p.n_blocks, Causal))
                  : above < chains)
         hopper::bulk_store(sum, s.dq[buf], kDqFloats * sizeof(float));
       else
@@ -254,14 +280,15 @@ struct BwdKernel {
                                        hopper::advance(b0, t * 2048), 1);
   }
 
-  // acc (64 query rows x kDqCols) = dS (from dS^T in shared memory, M-major) * K (N-major), over the
-  // kBlockN keys in k16 steps of 16 rows (2048 B) of both.
-  __device__ static void gemm_dq(float (&acc)[kDqCols / 2], uint32_t ds_base, uint32_t k_base) {
+  // acc (64 query rows x kDqCols) = (accumulate ? acc : 0) + dS (from dS^T in shared memory, M-major) * K
+  // (N-major), over the kBlockN keys in k16 steps of 16 rows (2048 B) of both.
+  __device__ static void gemm_dq(float (&acc)[kDqCols / 2], uint32_t ds_base, uint32_t k_base, bool accumulate) {
     const uint64_t a0 = hopper::SmemDescriptor{ds_base, kBoxBytesDs, 1024}.encode();
     const uint64_t b0 = hopper::SmemDescriptor{k_base, kBoxBytesKV, 1024}.encode();
 #pragma unroll
     for (int t = 0; t < kBlockN / 16; ++t)
-      hopper::mma_ss<T, kDqCols, 1, 1>(acc, hopper::advance(a0, t * 2048), hopper::advance(b0, t * 2048), t > 0);
+      hopper::mma_ss<T, kDqCols, 1, 1>(acc, hopper::advance(a0, t * 2048), hopper::advance(b0, t * 2048),
+                                       accumulate || t > 0);
   }
 
   // The 128B-swizzled address of element (row, col) of a tile stored as 64-column boxes of `box_bytes`.
@@ -270,8 +297,9 @@ struct BwdKernel {
     return tile + (col / 64) * box_bytes + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
   }
 
-  __device__ static void consume(const BwdKernelParams& p, Smem& s, int consumer, int n_block, int kv_head,
-                                 int batch, DqRole role) {
+  __device__ static void consume(const BwdKernelParams& p, Smem& s, int consumer, const BwdCta& c) {
+    const int n_block = c.n_block;
+    const DqRole role = c.role;
     using FragS = AccFragment<kWgQueries>;
     using FragD = AccFragment<kWgCols>;
     const int t = threadIdx.x % 128;
@@ -285,7 +313,7 @@ struct BwdKernel {
     const uint32_t k_rows = smem(s.k[0]) + key_row0 * 128;
     const uint32_t v_rows = smem(s.v[0]) + key_row0 * 128;
     const int dq_row0 = kCfg.dq_split_rows() ? consumer * 64 : 0;
-    const int dq_col0 = kCfg.dq_split_rows() ? 0 : consumer * kDqCols;
+    const int dq_col0 = kCfg.dq_split_rows() ? 0 : (int(kSplitPairs ? c.rank : 0) * BwdConfig::kConsumers + consumer) * kDqCols;
 
     float acc_dk[kWgCols / 2], acc_dv[kWgCols / 2];
 #pragma unroll
@@ -299,7 +327,7 @@ struct BwdKernel {
     // from shared memory. P^T and dS^T are double-buffered: a buffer is written again two steps later, after
     // both warpgroups have passed the barrier of the step between, i.e. finished the GEMMs that read it.
     constexpr bool kTurns = kCfg.turns();
-    const int steps = p.q_heads_per_kv * (p.m_blocks - first_m_block(p, n_block));
+    const int steps = p.q_heads_per_kv * (p.m_blocks - first_m_block(p, c.walk_block));
     const auto turn_sync = [&] {
       if constexpr (kTurns) hopper::named_barrier_sync(int(BwdBarrier::kTurnFirst) + consumer, 256);
     };
@@ -343,19 +371,22 @@ struct BwdKernel {
       hopper::fence_view_async_shared();
       hopper::mbarrier_arrive(&s.dq_full[dq_buf]);
     };
+    // With kSplitDq pairs: over this key block's keys, then the other one's (its dS^T copied here, its K columns
+    // loaded after ours).
     const auto gemm_dq_of = [&](float (&acc_dq)[kDqCols / 2], int step) {
-      gemm_dq(acc_dq, smem(s.ds[step & 1][0][dq_row0 / 64]), smem(s.k[dq_col0 / 64]));
+      gemm_dq(acc_dq, smem(s.ds[step & 1][0][dq_row0 / 64]), smem(s.k[dq_col0 / 64]), false);
+      if constexpr (kSplitPairs) gemm_dq(acc_dq, smem(s.ds[step & 1][kPeerDsTile][0]), smem(s.k[kBoxes + consumer]), true);
     };
     // Step 0 has no previous dQ: its GEMM reads K's first box in place of dS^T and the result is dropped, so the
     // wgmma is issued unconditionally (a conditional one makes ptxas spill the accumulators).
     const auto gemm_dq_of_previous = [&](float (&acc_dq)[kDqCols / 2], int step) {
       const uint32_t a = step > 0 ? smem(s.ds[(step - 1) & 1][0][dq_row0 / 64]) : smem(s.k[0]);
-      gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]));
+      gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]), false);
     };
 
     hopper::mbarrier_wait(&s.kv_full, 0);
     if (consumer == 1 && steps > 0) turn_pass();  // warpgroup 0 issues first
-    for_each_step(p, n_block, kv_head, [&](int step, int /* head */, int m_block) {
+    for_each_step(p, c, [&](int step, int /* head */, int m_block) {
       const int stage = step % kStages;
       const int buf = step & 1;  // dS^T buffer
       hopper::mbarrier_wait(&s.full[stage], (step / kStages) & 1);
@@ -443,10 +474,21 @@ struct BwdKernel {
         gemm_dq_of_previous(acc_dq, step);
       } else {
         hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
+        // kSplitDq pairs: dS^T to the other CTA of the pair, whose buffer is free: it sent its dS^T of the step before
+        // after its dQ GEMMs of the step before that had read the buffer. The copy has landed (and read ours) before
+        // the other CTA's dQ GEMM of this step, which our step after next waits for before writing ours again.
+        const bool sender = kSplitPairs && consumer == 0 && t == 0;
+        if (sender)
+          hopper::bulk_copy_to_peer(hopper::map_to_rank(s.ds[buf][kPeerDsTile][0], c.rank ^ 1), s.ds[buf][0][0],
+                                    kBoxBytesDs, hopper::map_to_rank(&s.ds_peer_full[buf], c.rank ^ 1));
         hopper::wgmma_fence();
         gemm_into_keys_ss(acc_dv, smem(s.ds[buf][1][0]), dout_tile + (col0 / 64) * kBoxBytesQ);
         gemm_into_keys_ss(acc_dk, smem(s.ds[buf][0][0]), q_tile + (col0 / 64) * kBoxBytesQ);
         hopper::wgmma_commit();
+        if constexpr (kSplitPairs) {  // the other's dS^T of this step, under the dV and dK GEMMs
+          hopper::mbarrier_wait(&s.ds_peer_full[buf], (step / 2) & 1);
+          if (sender) hopper::mbarrier_arrive_expect_tx(&s.ds_peer_full[buf], kBoxBytesDs);  // for step + 2
+        }
         gemm_dq_of(acc_dq, step);
       }
       hopper::wgmma_commit();
@@ -499,8 +541,8 @@ struct BwdKernel {
     const int key0 = n_block * kBlockN + key_row0;
     if (t == 0 && key0 < p.seqlen_k) {
       for (int b = col0 / 64; b < (col0 + kWgCols) / 64; ++b) {
-        hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, kv_head, batch);
-        hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, kv_head, batch);
+        hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
+        hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
       }
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
@@ -517,10 +559,15 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     attention_bwd_kernel(const __grid_constant__ BwdKernelParams p) {
   using K = BwdKernel<T, HeadDim, Causal>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
-  const int n_block = p.n_blocks - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
-  const bool paired = K::kMayPair && p.paired;
+  // blockIdx.x counts key blocks from the last (kSplitDq pairs: from the last of an even number).
+  const int n_top = K::kSplitPairs ? (p.n_blocks + 1) / 2 * 2 : p.n_blocks;
+  const int n_block = n_top - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
+  const bool sum_pairs = K::kMayPair && p.paired;
+  const bool paired = K::kSplitPairs || sum_pairs;
   const uint32_t rank = paired ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
-  const DqRole role = rank == 1 ? DqRole::kGive : paired && n_block > 0 ? DqRole::kAddWithPeer : DqRole::kAdd;
+  const DqRole role = !sum_pairs ? DqRole::kAdd : rank == 1 ? DqRole::kGive : n_block > 0 ? DqRole::kAddWithPeer
+                                                                                       : DqRole::kAdd;
+  const BwdCta cta{n_block, K::kSplitPairs ? n_block & ~1 : n_block, kv_head, batch, rank, role};
 
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
@@ -542,6 +589,11 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
         hopper::mbarrier_init(&s.ds_full[i], 128 * BwdConfig::kConsumers);
         hopper::mbarrier_init(&s.ds_empty[i], 128 * BwdConfig::kConsumers);
       }
+    if constexpr (K::kSplitPairs)
+      for (int i = 0; i < 2; ++i) {  // expects the other key block's dS^T of steps 0 and 1 (later ones: consume)
+        hopper::mbarrier_init(&s.ds_peer_full[i], 1);
+        hopper::mbarrier_arrive_expect_tx(&s.ds_peer_full[i], K::kBoxBytesDs);
+      }
     hopper::fence_barrier_init();
   }
   if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
@@ -557,13 +609,18 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     if (threadIdx.x == 0) {
       hopper::prefetch_tensormap(&p.q);
       hopper::prefetch_tensormap(&p.dout);
-      K::produce(p, s, n_block, kv_head, batch);
+      K::produce(p, s, cta);
     } else if (threadIdx.x == 32 && role != DqRole::kGive) {
-      K::write_dq(p, s, n_block, kv_head, batch, role);
+      K::write_dq(p, s, cta);
     }
   } else {
     hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
-    K::consume(p, s, warpgroup - 1, n_block, kv_head, batch, role);
+    K::consume(p, s, warpgroup - 1, cta);
+  }
+  // kSplitDq pairs: neither CTA leaves while a copy of its dS^T may still read its shared memory.
+  if constexpr (K::kSplitPairs) {
+    hopper::cluster_arrive();
+    hopper::cluster_wait();
   }
 }
 
@@ -584,7 +641,7 @@ struct BwdRowParams {
   int64_t tiles;
   int dq_chains;
   int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
-  bool causal;
+  bool causal, paired;
   float softmax_scale;
 };
 
@@ -637,7 +694,8 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
     float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
     for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
   }
-  if (threadIdx.x < p.dq_chains) p.dq_turn[threadIdx.x * p.tiles + tile] = p.n_blocks - seen;
+  if (threadIdx.x < p.dq_chains * bwd_config(HeadDim).dq_ctas())
+    p.dq_turn[threadIdx.x * p.tiles + tile] = bwd_dq_adders_skipped(p.paired, p.n_blocks, seen);
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 (+ ...) in that
@@ -649,29 +707,34 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
   constexpr int kDqCols = kCfg.dq_cols();
   constexpr int kPitch = HeadDim + 16 / sizeof(T);  // a row and 16 bytes: the fragment stores hit 32 banks
   constexpr int kChunksPerRow = HeadDim * sizeof(T) / 16;
-  static_assert(kRowKernelThreads == 128 * BwdConfig::kConsumers, "one thread per consumer thread");
+  static_assert(kCfg.dq_parts() % (kRowKernelThreads / 128) == 0, "128 threads a part (64 rows x kDqCols), each "
+                "group of 128 the same number of parts");
   __shared__ alignas(16) T rows[kCfg.block_m * kPitch];
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int64_t tile = (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
-  const int part = threadIdx.x / 128, t = threadIdx.x % 128, lane = t % 32;
-  const int row0 = (kCfg.dq_split_rows() ? part * 64 : 0) + 16 * (t / 32) + lane / 4;
-  const int col0 = (kCfg.dq_split_rows() ? 0 : part * kDqCols) + 2 * (lane % 4);
-  const auto sums = [&](int chain) {
-    return reinterpret_cast<const float4*>(p.dq_accum + (chain * p.tiles + tile) * kCfg.block_m * HeadDim) +
-           part * 64 * kDqCols / 4;
-  };
+  const int t = threadIdx.x % 128, lane = t % 32;
 #pragma unroll
-  for (int j = 0; j < kDqCols / 8; ++j) {
-    float4 v = sums(0)[j * 128 + t];
-    for (int c = 1; c < p.dq_chains; ++c) {
-      const float4 w = sums(c)[j * 128 + t];
-      v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
+  for (int i = 0; i < kCfg.dq_parts() / (kRowKernelThreads / 128); ++i) {
+    const int part = threadIdx.x / 128 + i * (kRowKernelThreads / 128);
+    const int row0 = (kCfg.dq_split_rows() ? part * 64 : 0) + 16 * (t / 32) + lane / 4;
+    const int col0 = (kCfg.dq_split_rows() ? 0 : part * kDqCols) + 2 * (lane % 4);
+    const auto sums = [&](int chain) {
+      return reinterpret_cast<const float4*>(p.dq_accum + (chain * p.tiles + tile) * kCfg.block_m * HeadDim) +
+             part * 64 * kDqCols / 4;
+    };
+#pragma unroll
+    for (int j = 0; j < kDqCols / 8; ++j) {
+      float4 v = sums(0)[j * 128 + t];
+      for (int c = 1; c < p.dq_chains; ++c) {
+        const float4 w = sums(c)[j * 128 + t];
+        v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
+      }
+      const int col = col0 + 8 * j;
+      *reinterpret_cast<uint32_t*>(&rows[row0 * kPitch + col]) =
+          hopper::pack2<T>(v.x * p.softmax_scale, v.y * p.softmax_scale);
+      *reinterpret_cast<uint32_t*>(&rows[(row0 + 8) * kPitch + col]) =
+          hopper::pack2<T>(v.z * p.softmax_scale, v.w * p.softmax_scale);
     }
-    const int col = col0 + 8 * j;
-    *reinterpret_cast<uint32_t*>(&rows[row0 * kPitch + col]) =
-        hopper::pack2<T>(v.x * p.softmax_scale, v.y * p.softmax_scale);
-    *reinterpret_cast<uint32_t*>(&rows[(row0 + 8) * kPitch + col]) =
-        hopper::pack2<T>(v.z * p.softmax_scale, v.w * p.softmax_scale);
   }
   __syncthreads();
   T* dq = static_cast<T*>(p.dq);
@@ -742,6 +805,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
   rp.dq_chains = std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));  // a chain without adders is never written
   rp.causal = Causal;
+  rp.paired = paired;
   rp.softmax_scale = f.softmax_scale;
 
   BwdKernelParams kp{};

@@ -4,9 +4,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "fast_div.h"
 #include "register_budget.h"
 
 namespace dhp::kernels {
+
+enum class BwdPairs : int { kNone, kSumDq, kSplitDq };
 
 struct BwdConfig {
   int head_dim;
@@ -23,9 +26,12 @@ struct BwdConfig {
   // computes S^T and dP^T for half the query block, and both halves of P^T and dS^T meet in shared memory, where
   // the dV, dK and dQ GEMMs read them after a barrier every step.
   bool split_head_dim;
-  // Without a causal mask, key blocks add their dQ parts in pairs (bwd_paired_key_blocks). It needs a second dQ
-  // buffer: with one, the lower key block's push waits for the upper one's reduce every step.
-  bool pair_key_blocks;
+  // Key blocks in pairs, 2-CTA clusters (bwd_paired_key_blocks):
+  //   kSumDq: without a causal mask, the lower key block hands each dQ part to the upper one, which adds the sum.
+  //           It needs a second dQ buffer: with one, the lower key block's push waits for the upper one's reduce.
+  //   kSplitDq: always; both key blocks walk the same query blocks, each sends its dS^T to the other, and each
+  //           computes dQ over the pair's keys for half of head_dim: half the dQ bytes a CTA adds per step.
+  BwdPairs pairs;
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
@@ -34,9 +40,13 @@ struct BwdConfig {
   constexpr bool turns() const { return !split_head_dim; }
   // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
   // can take 64 of them, else by head_dim columns.
+  // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
+  // can take 64 of them, else by head_dim columns; with kSplitDq pairs, a CTA takes half the columns first.
+  constexpr int dq_ctas() const { return pairs == BwdPairs::kSplitDq ? 2 : 1; }
   constexpr bool dq_split_rows() const { return block_m == 64 * kConsumers; }
   constexpr int dq_rows() const { return dq_split_rows() ? 64 : block_m; }
-  constexpr int dq_cols() const { return dq_split_rows() ? head_dim : head_dim / kConsumers; }
+  constexpr int dq_cols() const { return dq_split_rows() ? head_dim : head_dim / kConsumers / dq_ctas(); }
+  constexpr int dq_parts() const { return block_m * head_dim / (dq_rows() * dq_cols()); }  // of a dQ tile
 };
 
 // Per head_dim: a warpgroup keeps dK and dV of its keys in registers (wg_cols/2 + wg_cols/2 floats per thread)
@@ -44,18 +54,20 @@ struct BwdConfig {
 // head_dim 128 takes 64. Shared memory: K, V, a Q/dO ring, double-buffered dS^T, and dQ tiles (two at head_dim
 // 128; one at head_dim 64, whose 128-row tiles leave no room for a second): 224 KB. head_dim 256 cannot keep
 // 2 x 64 x 256 dK/dV floats per warpgroup, so it splits head_dim (64-key blocks) and has room for one Q/dO
-// stage only (K, V 32 KB each, Q, dO 32 KB each, dS^T and P^T 2 x 8 KB each, dQ tile 64 KB).
+// stage only (K, V 32 KB each, the pair's other K block's half of the columns 16 KB, Q, dO 32 KB each, dS^T,
+// P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a dQ tile 32 KB).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, false}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, true}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, false};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, BwdPairs::kNone}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
   return c.block_n == (c.split_head_dim ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.wg_queries() % 16 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
-         c.dq_rows() == 64 && c.dq_cols() % 64 == 0 && c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers ==
-         c.block_m * c.head_dim && register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
-         (!c.pair_key_blocks || c.dq_buffers >= 2);
+         c.dq_rows() == 64 && c.dq_cols() % 64 == 0 &&
+         c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers * c.dq_ctas() == c.block_m * c.head_dim &&
+         register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
+         (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_head_dim);
 }
 
 static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&
@@ -76,27 +88,41 @@ constexpr int bwd_dq_chains(int head_dim, bool causal, int seqlen_k, int heads_q
   return !causal && heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
 }
 
-// Without a causal mask the key blocks of a BwdConfig::pair_key_blocks head_dim run in pairs where they sum dQ in
-// one chain (longer MHA problems, GQA): a 2-CTA cluster, blockIdx.x 2c and 2c + 1, key blocks n_blocks - 1 - 2c and
-// the one below. The lower one pushes its dQ part into the upper one's shared memory, which adds the sum (its own
-// part + the lower one's, in that order) to the tile's chain once: half the adders per tile (half the wait at a
-// walk's start, half the bulk reduces in L2), with one fp32 sum for the post kernel to read. Under a causal mask
-// the two key blocks of a pair see different query blocks, and the mask's order already keeps them from waiting.
+// Key blocks in pairs (BwdConfig::pairs), a 2-CTA cluster each: blockIdx.x 2c and 2c + 1 are the key blocks
+// N - 1 - 2c and the one below, N the number of key blocks (kSumDq; an odd N leaves the last pair without its lower
+// one) or N rounded up to even (kSplitDq; an odd N gives the first pair an upper key block past the keys, whose
+// keys are all masked and whose dK, dV are not stored).
+//   kSumDq, without a causal mask where dQ is summed in one chain (longer MHA problems, GQA): the lower key block
+//   pushes its dQ part into the upper one's shared memory, which adds the sum (its own part + the lower one's, in
+//   that order) to the tile's chain once: half the adders per tile (half the wait at a walk's start, half the bulk
+//   reduces in L2), with one fp32 sum for the post kernel to read. Under a causal mask the two key blocks of a pair
+//   see different query blocks, and the mask's order already keeps them from waiting.
+//   kSplitDq, always: both walk the query blocks the lower key block sees; the upper one's rows before its first
+//   are masked out. Each sends its dS^T of every step into the other's shared memory and computes dQ over the
+//   pair's 2 x 64 keys for its half of head_dim: each CTA adds half the dQ bytes per step (measured to be what
+//   bounds head_dim 256), and each half of a tile has half the adders, in its own turn order.
 // Chosen from shapes only, like the chains.
 constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
-  return !causal && bwd_config(head_dim).pair_key_blocks &&
-         bwd_dq_chains(head_dim, causal, seqlen_k, heads_q, heads_kv) == 1;
+  const BwdPairs pairs = bwd_config(head_dim).pairs;
+  return pairs == BwdPairs::kSplitDq ||
+         (pairs == BwdPairs::kSumDq && !causal && bwd_dq_chains(head_dim, causal, seqlen_k, heads_q, heads_kv) == 1);
 }
-// The dQ adders of a tile: one per pair of key blocks, or per key block.
+// The dQ adders of a tile (of each half with kSplitDq): one per pair of key blocks, or per key block.
 constexpr int bwd_dq_adders(bool paired, int n_blocks) { return paired ? (n_blocks + 1) / 2 : n_blocks; }
+// The adders, counted from the highest, that never add to a tile whose rows see key blocks [0, seen): the turn
+// counter's start and the index of the adder that stores the tile's first part. (Only kSplitDq pairs run under a
+// causal mask, where seen < N; their pairs count from N rounded up to even.)
+DHP_HOST_DEVICE constexpr int bwd_dq_adders_skipped(bool paired, int n_blocks, int seen) {
+  return paired ? ((n_blocks + 1) / 2 * 2 - seen) / 2 : n_blocks - seen;
+}
 
 // The backward's scratch memory, for one problem: four arrays, each 256-byte aligned.
 //   dq_accum  float  [chains][batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order
 //   lse2      float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
 //                                                                    rows that saw no key
 //   delta     float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
-//   dq_turn   int    [chains][batch][heads_q][m_blocks]              key blocks of the chain that have added to the
-//                                                                    tile or never will
+//   dq_turn   int    [chains][dq_ctas][batch][heads_q][m_blocks]     adders of the chain that have added to the
+//                                                                    tile (its half: kSplitDq pairs) or never will
 struct BwdWorkspace {
   size_t dq_accum, lse2, delta, dq_turn, bytes;  // byte offsets of the arrays, total size
 
@@ -112,7 +138,7 @@ struct BwdWorkspace {
     w.lse2 = round_up(chains * rows * c.head_dim * sizeof(float));
     w.delta = w.lse2 + round_up(rows * sizeof(float));
     w.dq_turn = w.delta + round_up(rows * sizeof(float));
-    w.bytes = w.dq_turn + round_up(chains * size_t(batch) * heads_q * m_blocks * sizeof(int));
+    w.bytes = w.dq_turn + round_up(chains * c.dq_ctas() * size_t(batch) * heads_q * m_blocks * sizeof(int));
     return w;
   }
 };
