@@ -77,12 +77,14 @@ static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(12
 // before its first dQ add. Two chains of dQ sums, key blocks alternating between them (each in descending order;
 // the post kernel adds chain 0 + chain 1), halve that wait but double the dQ sums held in L2. Measured (H200, bf16,
 // alternating builds, 2026-11-25, docs/performance.md): head_dim 64 +2% at 512 keys, +9..13% at 1k-8k, -2% at 16k;
-// 128 +3..4% at 1k-2k, -2..-6% at 4k-16k (2026-11-26, same GPU: +5% at 3k, +3..4% at 4k, so 4k is in); 256
-// +7..11% up to 4k, -5% at 8k; GQA 32/8 -3..-5% at every length (2026-11-26: -5% at d128 512 keys).
+// 128 +3..4% at 1k-2k, -2..-6% at 4k-16k (2026-11-26, same GPU: +5% at 3k, +3..4% at 4k, so 4k is in); GQA 32/8
+// -3..-5% at every length (2026-11-26: -5% at d128 512 keys). Head_dim 256 had them up to 4k (+7..11%) until its
+// key blocks went in kSplitDq pairs, which halve the adders per tile themselves: two chains on top measured even
+// (H100, 2026-11-26: 512 keys -6%, 2k +3%, 1k and 4k within the spread), so it keeps one.
 // Under a causal mask the descending order already keeps key blocks from waiting. The choice depends on public
 // values only (shapes and options), never on the batch size, so a sequence's dQ bits do not depend on its batch.
 constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
-  return head_dim == 64 ? 8192 : 4096;
+  return head_dim == 64 ? 8192 : head_dim == 128 ? 4096 : 0;
 }
 constexpr int bwd_dq_chains(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
   return !causal && heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
