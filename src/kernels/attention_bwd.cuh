@@ -157,6 +157,7 @@ struct BwdKernel {
     uint64_t peer_full[kDqBuffers];    // pairs, upper key block: the lower one's dQ part has landed in dq
     uint64_t peer_empty[kDqBuffers];   // pairs, lower key block: the upper one's dq buffer is free again
     uint64_t ds_peer_full[2];          // kSplitDq pairs: the other key block's dS^T has landed in ds[.][kPeerDsTile]
+    uint64_t ds_peer_done;             // kSplitDq pairs: our last dS^T has landed in the other's (no copy reads ours)
   };
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
@@ -487,7 +488,10 @@ struct BwdKernel {
         hopper::wgmma_commit();
         if constexpr (kSplitPairs) {  // the other's dS^T of this step, under the dV and dK GEMMs
           hopper::mbarrier_wait(&s.ds_peer_full[buf], (step / 2) & 1);
-          if (sender) hopper::mbarrier_arrive_expect_tx(&s.ds_peer_full[buf], kBoxBytesDs);  // for step + 2
+          if (sender) {
+            hopper::mbarrier_arrive_expect_tx(&s.ds_peer_full[buf], kBoxBytesDs);  // for step + 2
+            if (step == steps - 1) hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.ds_peer_done, c.rank ^ 1));
+          }
         }
         gemm_dq_of(acc_dq, step);
       }
@@ -547,6 +551,8 @@ struct BwdKernel {
       hopper::tma_store_commit();
       hopper::tma_store_wait_read();
     }
+    // kSplitDq pairs: stay until the other CTA has our last dS^T (its arrival also ends its accesses to ours).
+    if (kSplitPairs && consumer == 0 && t == 0 && steps > 0) hopper::mbarrier_wait(&s.ds_peer_done, 0);
     // The upper key block's writer signals this CTA after each of its adds: stay until the last has come.
     if (role == DqRole::kGive)
       for (int k = 0; k < kDqBuffers; ++k)
@@ -589,11 +595,13 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
         hopper::mbarrier_init(&s.ds_full[i], 128 * BwdConfig::kConsumers);
         hopper::mbarrier_init(&s.ds_empty[i], 128 * BwdConfig::kConsumers);
       }
-    if constexpr (K::kSplitPairs)
+    if constexpr (K::kSplitPairs) {
       for (int i = 0; i < 2; ++i) {  // expects the other key block's dS^T of steps 0 and 1 (later ones: consume)
         hopper::mbarrier_init(&s.ds_peer_full[i], 1);
         hopper::mbarrier_arrive_expect_tx(&s.ds_peer_full[i], K::kBoxBytesDs);
       }
+      hopper::mbarrier_init(&s.ds_peer_done, 1);
+    }
     hopper::fence_barrier_init();
   }
   if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
@@ -616,11 +624,6 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   } else {
     hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
     K::consume(p, s, warpgroup - 1, cta);
-  }
-  // kSplitDq pairs: neither CTA leaves while a copy of its dS^T may still read its shared memory.
-  if constexpr (K::kSplitPairs) {
-    hopper::cluster_arrive();
-    hopper::cluster_wait();
   }
 }
 
