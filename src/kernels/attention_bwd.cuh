@@ -104,15 +104,6 @@ enum class BwdBarrier : int {
   kStoreFirst = 5,   // + consumer index: a consumer warpgroup's own 128 threads
 };
 
-// Key blocks [0, n) see some row of query block m_block, the others none (causal: row r sees the keys up to
-// r + seqlen_k - seqlen_q).
-__device__ inline int key_blocks_seen(int m_block, int block_m, int block_n, int seqlen_q, int seqlen_k,
-                                      int n_blocks, bool causal) {
-  if (!causal) return n_blocks;
-  const int64_t keys = min(int64_t(m_block + 1) * block_m, int64_t(seqlen_q)) + seqlen_k - seqlen_q;
-  return int(max(int64_t(0), min(int64_t(n_blocks), (keys + block_n - 1) / block_n)));
-}
-
 template <class T, int HeadDim, bool Causal>
 struct BwdKernel {
   static constexpr BwdConfig kCfg = bwd_config(HeadDim);
@@ -162,12 +153,8 @@ struct BwdKernel {
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
 
-  // The first query block whose rows see key block n_block (m_blocks: none).
   __device__ static int first_m_block(const BwdKernelParams& p, int n_block) {
-    if (!Causal) return 0;
-    const int64_t first_row = int64_t(n_block) * kBlockN - (p.seqlen_k - p.seqlen_q);
-    if (first_row <= 0) return 0;
-    return first_row >= p.seqlen_q ? p.m_blocks : int(first_row / kBlockM);
+    return bwd_first_m_block(n_block, kBlockM, kBlockN, p.seqlen_q, p.seqlen_k, p.m_blocks, Causal);
   }
 
   __device__ static bool block_needs_mask(const BwdKernelParams& p, int m_block, int n_block) {
@@ -565,15 +552,14 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     attention_bwd_kernel(const __grid_constant__ BwdKernelParams p) {
   using K = BwdKernel<T, HeadDim, Causal>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
-  // blockIdx.x counts key blocks from the last (kSplitDq pairs: from the last of an even number).
-  const int n_top = K::kSplitPairs ? (p.n_blocks + 1) / 2 * 2 : p.n_blocks;
-  const int n_block = n_top - 1 - int(blockIdx.x), kv_head = blockIdx.y, batch = blockIdx.z;
+  const int n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, int(blockIdx.x)), kv_head = blockIdx.y,
+            batch = blockIdx.z;
   const bool sum_pairs = K::kMayPair && p.paired;
   const bool paired = K::kSplitPairs || sum_pairs;
   const uint32_t rank = paired ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
   const DqRole role = !sum_pairs ? DqRole::kAdd : rank == 1 ? DqRole::kGive : n_block > 0 ? DqRole::kAddWithPeer
                                                                                        : DqRole::kAdd;
-  const BwdCta cta{n_block, K::kSplitPairs ? n_block & ~1 : n_block, kv_head, batch, rank, role};
+  const BwdCta cta{n_block, bwd_walk_block(K::kCfg.pairs, n_block), kv_head, batch, rank, role};
 
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {

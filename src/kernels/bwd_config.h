@@ -118,6 +118,41 @@ DHP_HOST_DEVICE constexpr int bwd_dq_adders_skipped(bool paired, int n_blocks, i
   return paired ? ((n_blocks + 1) / 2 * 2 - seen) / 2 : n_blocks - seen;
 }
 
+// Which rows see which keys, and which key blocks a CTA and its pair walk: the kernels' index arithmetic, host and
+// device (tests/cpp/dq_turns.cpp checks the turn orders it implies on the host).
+
+// Key blocks [0, n) see some row of query block m_block, the others none (causal: row r sees the keys up to
+// r + seqlen_k - seqlen_q).
+DHP_HOST_DEVICE int key_blocks_seen(int m_block, int block_m, int block_n, int seqlen_q, int seqlen_k, int n_blocks,
+                                    bool causal) {
+  if (!causal) return n_blocks;
+  const int64_t end = int64_t(m_block + 1) * block_m;
+  const int64_t keys = (end < seqlen_q ? end : int64_t(seqlen_q)) + seqlen_k - seqlen_q;
+  const int64_t blocks = (keys + block_n - 1) / block_n;
+  const int64_t capped = blocks < n_blocks ? blocks : int64_t(n_blocks);
+  return int(capped > 0 ? capped : 0);
+}
+
+// The first query block whose rows see key block n_block (m_blocks: none).
+DHP_HOST_DEVICE int bwd_first_m_block(int n_block, int block_m, int block_n, int seqlen_q, int seqlen_k, int m_blocks,
+                                      bool causal) {
+  if (!causal) return 0;
+  const int64_t first_row = int64_t(n_block) * block_n - (seqlen_k - seqlen_q);
+  if (first_row <= 0) return 0;
+  return first_row >= seqlen_q ? m_blocks : int(first_row / block_m);
+}
+
+// The key block of the CTA with blockIdx.x = x: counted from the last, with kSplitDq pairs from the last of an even
+// number (n_blocks for an odd n_blocks: all its keys past seqlen_k). Negative for kSumDq's missing lower key block.
+DHP_HOST_DEVICE int bwd_key_block(BwdPairs pairs, int n_blocks, int x) {
+  return (pairs == BwdPairs::kSplitDq ? (n_blocks + 1) / 2 * 2 : n_blocks) - 1 - x;
+}
+
+// The key block whose query blocks a CTA walks: its own, or with kSplitDq pairs the pair's lower (even) one.
+DHP_HOST_DEVICE int bwd_walk_block(BwdPairs pairs, int n_block) {
+  return pairs == BwdPairs::kSplitDq ? n_block & ~1 : n_block;
+}
+
 // The backward's scratch memory, for one problem: four arrays, each 256-byte aligned.
 //   dq_accum  float  [chains][batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order
 //   lse2      float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
