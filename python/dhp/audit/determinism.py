@@ -40,9 +40,10 @@ import sys
 
 # (seqlen, heads_q, heads_kv): tails and GQA. The forward's launch depends on seqlen_k (dhp_build_info's
 # "forward_tiles" and "persistent_causal_max_seqlen_k"), and the backward's dQ summation (one chain or two) on
-# seqlen_k and heads (its "backward_two_dq_chains_max_seqlen_k", MHA only; with one chain, the head_dims of
-# "backward_paired_key_blocks_head_dims" add in pairs of key blocks): the shapes fall on both sides of every such
-# limit, with MHA shapes on both sides of the backward's, and pairs with an odd number of key blocks.
+# seqlen_k and heads (its "backward_two_dq_chains_max_seqlen_k", MHA only; the head_dims of
+# "backward_paired_key_blocks_head_dims" add in pairs of key blocks: 128 without a causal mask where dQ has one
+# chain, 256 always): the shapes fall on both sides of every such limit, with MHA shapes on both sides of the
+# backward's, and pairs with an odd number of key blocks.
 SHAPES = ((1000, 2, 2), (2100, 4, 2), (4200, 2, 1), (8300, 1, 1))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
 SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
