@@ -301,7 +301,8 @@ struct BwdKernel {
     const uint32_t k_rows = smem(s.k[0]) + key_row0 * 128;
     const uint32_t v_rows = smem(s.v[0]) + key_row0 * 128;
     const int dq_row0 = kCfg.dq_split_rows() ? consumer * 64 : 0;
-    const int dq_col0 = kCfg.dq_split_rows() ? 0 : (int(kSplitPairs ? c.rank : 0) * BwdConfig::kConsumers + consumer) * kDqCols;
+    const int dq_half = kSplitPairs ? int(c.rank) : 0;  // with kSplitDq pairs, the CTA's half of the columns
+    const int dq_col0 = kCfg.dq_split_rows() ? 0 : (dq_half * BwdConfig::kConsumers + consumer) * kDqCols;
 
     float acc_dk[kWgCols / 2], acc_dv[kWgCols / 2];
 #pragma unroll
@@ -363,7 +364,8 @@ struct BwdKernel {
     // loaded after ours).
     const auto gemm_dq_of = [&](float (&acc_dq)[kDqCols / 2], int step) {
       gemm_dq(acc_dq, smem(s.ds[step & 1][0][dq_row0 / 64]), smem(s.k[dq_col0 / 64]), false);
-      if constexpr (kSplitPairs) gemm_dq(acc_dq, smem(s.ds[step & 1][kPeerDsTile][0]), smem(s.k[kBoxes + consumer]), true);
+      if constexpr (kSplitPairs)
+        gemm_dq(acc_dq, smem(s.ds[step & 1][kPeerDsTile][0]), smem(s.k[kBoxes + consumer]), true);
     };
     // Step 0 has no previous dQ: its GEMM reads K's first box in place of dS^T and the result is dropped, so the
     // wgmma is issued unconditionally (a conditional one makes ptxas spill the accumulators).

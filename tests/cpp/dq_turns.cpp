@@ -86,7 +86,8 @@ int main() {
     for (bool causal : {false, true})
       for (auto [seqlen_q, seqlen_k] : {std::pair{1, 1}, {64, 64}, {100, 300}, {300, 100}, {1000, 1000}, {1000, 2100},
                                         {2100, 2100}, {4096, 4096}, {4200, 4200}, {5000, 8300}, {8300, 8300}})
-        for (auto [heads_q, heads_kv] : {std::pair{2, 2}, {4, 2}, {32, 8}}) check(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+        for (auto [heads_q, heads_kv] : {std::pair{2, 2}, {4, 2}, {32, 8}})
+          check(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
   std::printf("dq_turns: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
