@@ -653,7 +653,7 @@ const char* build_info_json() {
     }
     std::string cmake = DHP_BUILD_INFO_JSON;
     cmake.pop_back();  // the closing brace
-    std::string chains, pairs;
+    std::string chains, pairs, unpaired;
     for (int head_dim : {64, 128, 256}) {
       if (!backward_variant_exists(DType::bf16, head_dim) && !backward_variant_exists(DType::fp16, head_dim)) continue;
       char entry[48];
@@ -663,12 +663,16 @@ const char* build_info_json() {
       if (kernels::bwd_config(head_dim).pairs == kernels::BwdPairs::kNone) continue;
       std::snprintf(entry, sizeof entry, "%s%d", pairs.empty() ? "" : ", ", head_dim);
       pairs += entry;
+      std::snprintf(entry, sizeof entry, "%s\"%d\": %d", unpaired.empty() ? "" : ", ", head_dim,
+                    kernels::bwd_unpaired_max_seqlen_k(head_dim));
+      unpaired += entry;
     }
     char tail[128];
     std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld",
                   kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes);
     return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
-           chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs + "]}";
+           chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +
+           "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}}";
   }();
   return json.c_str();
 }

@@ -457,6 +457,22 @@ def test_determinism_shapes_fall_on_both_sides_of_the_backward_dq_chains_limits(
         assert limit == 0 or any(s <= limit for s in mha), (head_dim, limit, mha)
 
 
+def test_determinism_shapes_fall_on_both_sides_of_the_backward_pairs_limits(ext):
+    """Without a causal mask, MHA backwards of head_dims that pair key blocks run unpaired up to a seqlen_k
+    (dhp_build_info), paired beyond it, with two dQ chains up to the chains' limit: the determinism audit must run
+    each of these summations."""
+    from dhp import _native
+
+    info = _native.build_info()
+    unpaired, chains = info["backward_unpaired_max_seqlen_k"], info["backward_two_dq_chains_max_seqlen_k"]
+    mha = [seqlen for seqlen, heads_q, heads_kv in determinism.SHAPES if heads_q == heads_kv]
+    for head_dim, limit in unpaired.items():
+        assert limit == 0 or any(s <= limit for s in mha), (head_dim, limit, mha)
+        assert any(s > limit for s in mha), (head_dim, limit, mha)
+        if chains[head_dim] > limit:
+            assert any(limit < s <= chains[head_dim] for s in mha), (head_dim, limit, chains[head_dim], mha)
+
+
 @pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])
 def test_cli_exit_2_without_what_it_needs(check):
     """Where the GPU tool cannot run here, it exits 2 with a sentence (and never 0)."""

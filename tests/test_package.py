@@ -72,6 +72,8 @@ def test_build_info_lists_the_forward_tiles(ext):
     backward = {str(d) for d in info["backward_head_dims"]}
     assert set(info["backward_two_dq_chains_max_seqlen_k"]) == backward
     assert {str(d) for d in info["backward_paired_key_blocks_head_dims"]} <= backward
+    assert set(info["backward_unpaired_max_seqlen_k"]) == {str(d) for d in info["backward_paired_key_blocks_head_dims"]}
+    assert all(limit >= 0 for limit in info["backward_unpaired_max_seqlen_k"].values())
 
 
 def test_devices(ext):

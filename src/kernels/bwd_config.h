@@ -39,8 +39,6 @@ struct BwdConfig {
   constexpr int wg_queries() const { return split_head_dim ? block_m / kConsumers : block_m; }  // of S^T, dP^T
   constexpr bool turns() const { return !split_head_dim; }
   // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
-  // can take 64 of them, else by head_dim columns.
-  // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
   // can take 64 of them, else by head_dim columns; with kSplitDq pairs, a CTA takes half the columns first.
   constexpr int dq_ctas() const { return pairs == BwdPairs::kSplitDq ? 2 : 1; }
   constexpr bool dq_split_rows() const { return block_m == 64 * kConsumers; }
@@ -94,20 +92,26 @@ constexpr int bwd_dq_chains(int head_dim, bool causal, int seqlen_k, int heads_q
 // N - 1 - 2c and the one below, N the number of key blocks (kSumDq; an odd N leaves the last pair without its lower
 // one) or N rounded up to even (kSplitDq; an odd N gives the first pair an upper key block past the keys, whose
 // keys are all masked and whose dK, dV are not stored).
-//   kSumDq, without a causal mask where dQ is summed in one chain (longer MHA problems, GQA): the lower key block
-//   pushes its dQ part into the upper one's shared memory, which adds the sum (its own part + the lower one's, in
-//   that order) to the tile's chain once: half the adders per tile (half the wait at a walk's start, half the bulk
-//   reduces in L2), with one fp32 sum for the post kernel to read. Under a causal mask the two key blocks of a pair
-//   see different query blocks, and the mask's order already keeps them from waiting.
+//   kSumDq, without a causal mask, except MHA problems of at most bwd_unpaired_max_seqlen_k keys: the lower key
+//   block pushes its dQ part into the upper one's shared memory, which adds the sum (its own part + the lower one's,
+//   in that order) to the tile's chain once: half the adders per tile (half the wait at a walk's start, half the
+//   bulk reduces in L2). Under a causal mask the two key blocks of a pair see different query blocks, and the mask's
+//   order already keeps them from waiting. Measured (H100, bf16, head_dim 128 MHA, six alternating rounds,
+//   2026-11-26, docs/performance.md): with two chains too +1.6% at 2k keys, +0.9% at 3k, +1.7% at 4k, but -0.5% at
+//   1k and -3% at 512; with one chain (above 4096 keys, GQA) +1..+2%.
 //   kSplitDq, always: both walk the query blocks the lower key block sees; the upper one's rows before its first
 //   are masked out. Each sends its dS^T of every step into the other's shared memory and computes dQ over the
 //   pair's 2 x 64 keys for its half of head_dim: each CTA adds half the dQ bytes per step (measured to be what
 //   bounds head_dim 256), and each half of a tile has half the adders, in its own turn order.
 // Chosen from shapes only, like the chains.
+constexpr int bwd_unpaired_max_seqlen_k(int head_dim) {
+  return bwd_config(head_dim).pairs == BwdPairs::kSumDq ? 1024 : 0;
+}
 constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
   const BwdPairs pairs = bwd_config(head_dim).pairs;
   return pairs == BwdPairs::kSplitDq ||
-         (pairs == BwdPairs::kSumDq && !causal && bwd_dq_chains(head_dim, causal, seqlen_k, heads_q, heads_kv) == 1);
+         (pairs == BwdPairs::kSumDq && !causal &&
+          (heads_q != heads_kv || seqlen_k > bwd_unpaired_max_seqlen_k(head_dim)));
 }
 // The dQ adders of a tile (of each half with kSplitDq): one per pair of key blocks, or per key block.
 constexpr int bwd_dq_adders(bool paired, int n_blocks) { return paired ? (n_blocks + 1) / 2 : n_blocks; }
