@@ -29,12 +29,12 @@ def tile_list(heads: int, blocks: int, section_heads: int) -> list[tuple[int, in
             for h in range(s0, min(heads, s0 + section_heads))]
 
 
-def hardware_grid(costs: list[float]) -> float:
-    """Busy fraction when SMs take the next item of the list as they free up."""
-    free = [0.0] * SMS
+def hardware_grid(costs: list[float], slots: int = SMS) -> float:
+    """Busy fraction when SMs (or 2-CTA clusters: slots = SMS // 2) take the next item of the list as they free up."""
+    free = [0.0] * slots
     for c in costs:
         heapq.heappush(free, heapq.heappop(free) + c)
-    return sum(costs) / SMS / max(free)
+    return sum(costs) / slots / max(free)
 
 
 def persistent_snake(costs: list[float]) -> float:
@@ -89,6 +89,20 @@ def backward(heads: int, n_blocks: int, m_blocks: int, q_heads_per_kv: int, heav
     return busy / SMS / end
 
 
+def backward_pairs(heads: int, m_blocks: int, section_heads: int = 1, split_over: float | None = None,
+                   overhead: float = 1.0) -> float:
+    """Causal head_dim 256 backward: key blocks in pairs (2-CTA clusters, SMS // 2 at a time), pair c of a head
+    walking the m_blocks - 2c query blocks from its lower key block's diagonal; lightest first, no waits (the
+    descending adds never wait there). Sections as tile_list; split_over: walks longer than that many steps run as
+    two halves (a what-if: the halves' dK/dV partials and a second dQ chain are not modelled)."""
+    walks = [m_blocks - 2 * c for c in range(m_blocks // 2)][::-1]  # rank 0: the lightest pair
+    costs = []
+    for _, r in tile_list(heads, len(walks), section_heads):
+        halves = 2 if split_over is not None and walks[r] > split_over else 1
+        costs += [walks[r] / halves + overhead] * halves
+    return hardware_grid(costs, SMS // 2)
+
+
 def main() -> None:
     print("forward, causal, one CTA per tile (16k tokens x 2048 per shape): busy fraction by section heads")
     for d, block_m, block_n in ((64, 192, 128), (128, 128, 160), (256, 128, 80)):
@@ -110,6 +124,13 @@ def main() -> None:
         args = (heads, seqlen // 128, seqlen // 64, kv_per_q)
         print(f"  {seqlen:>5} {'GQA 32/8' if kv_per_q > 1 else 'MHA':8}: lightest first "
               f"{backward(*args, heavy_first=False):.3f}  heavy first {backward(*args, heavy_first=True):.3f}")
+    print("backward, causal, d256 (key blocks in pairs, 64-row query blocks): lightest first, rank-major sections, "
+          "walks over half the query blocks split")
+    for seqlen in (2048, 4096, 8192, 16384):
+        heads, m_blocks = 16384 // seqlen * 8, seqlen // 64
+        sections = "  ".join(f"s{s} {backward_pairs(heads, m_blocks, s):.3f}" for s in (4, 16) if heads % s == 0)
+        print(f"  {seqlen:>5}: lightest first {backward_pairs(heads, m_blocks):.3f}  {sections}  "
+              f"split {backward_pairs(heads, m_blocks, split_over=m_blocks / 2):.3f}")
 
 
 if __name__ == "__main__":
