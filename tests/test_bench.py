@@ -713,4 +713,9 @@ def test_grid_model():
     assert model.forward_costs(512, 128, 160) == [1, 2, 3, 4]
     head_by_head, sections = model.forward(32, 8192, 128, 160, 1), model.forward(32, 8192, 128, 160, 4)
     assert 0.9 < head_by_head < sections <= 1.0
+    # head_dim 256's pairs: one head of 4 pairs (walks 2, 4, 6, 8) on 66 slots ends on the heaviest walk; split walks
+    # (over 4 steps: 6 and 8 in halves) shorten it
+    assert model.backward_pairs(1, 8, overhead=0.0) == pytest.approx(20 / 66 / 8)
+    assert model.backward_pairs(1, 8, split_over=4, overhead=0.0) == pytest.approx(20 / 66 / 4)
+    assert 0.9 < model.backward_pairs(32, 64) < model.backward_pairs(32, 64, split_over=32) <= 1.0
 
