@@ -45,9 +45,9 @@ DHP_API const char* dhp_version(void);
 /* How this library was built, as one JSON object: {"version", "cuda", "arch", "dtypes", "head_dims",
  * "backward_head_dims", "forward_tiles", "persistent_causal_max_seqlen_k", "causal_section_bytes",
  * "backward_two_dq_chains_max_seqlen_k", "backward_paired_key_blocks_head_dims", "backward_unpaired_max_seqlen_k"}.
- * "forward_tiles" lists the forward's
- * tile configurations: {"head_dim", "causal", "max_seqlen_k" (null: any seqlen_k; else the short-key tier's
- * limit, which takes precedence up to it), "block_m", "block_n", "stages", "q_buffers", "consumer_warpgroups"}.
+ * "forward_tiles" lists the forward's tile configurations: {"head_dim", "causal", "max_seqlen_k" (null: any
+ * seqlen_k; else the short-key tier's limit, which takes precedence up to it), "block_m", "block_n", "stages",
+ * "q_buffers", "consumer_warpgroups"}.
  * Causal forwards with seqlen_k <= "persistent_causal_max_seqlen_k" run on a persistent grid; longer ones take
  * the heads in sections whose K and V fit "causal_section_bytes", heaviest query blocks first (tile order only:
  * the results do not depend on it).
