@@ -10,12 +10,12 @@
 //              dV += P^T dO, dK += dS^T Q (dS^T from registers), dQ_part = dS K (dS^T through shared memory).
 //          dK and dV accumulate in registers across all steps, so they need no reduction at all. dQ_part goes
 //          to shared memory and a writer thread adds it to the tile's fp32 sum in the workspace with one bulk
-//          reduce (the first part is stored, so the sums need no zeroing), in descending key-block order: it
-//          waits until the tile's turn counter says every higher key block that sees the tile has added, adds,
-//          and passes the turn on. Without a causal mask, short MHA problems keep two such sums per tile, key
-//          blocks alternating between them (bwd_dq_chains, chosen from shapes only); without a causal mask the
-//          key blocks also add in pairs (below). Every dQ element is
-//          therefore summed in the same order on every run.
+//          reduce (the first part is stored, so the sums need no zeroing), in descending key-block order (heavy
+//          first, ascending: below): it waits until the tile's turn counter says every key block before it that
+//          sees the tile has added, adds, and passes the turn on. Without a causal mask, short MHA problems keep
+//          two such sums per tile, key blocks alternating between them (bwd_dq_chains, chosen from shapes only);
+//          without a causal mask the key blocks also add in pairs (below). Every dQ element is therefore summed in
+//          the same order on every run.
 //   post:  dq = (chain 0 + chain 1) * scale, converted and written with the caller's strides.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; thread 32 is the dQ writer); warpgroups 1 and 2 each own 64 keys and take
@@ -36,13 +36,18 @@
 //
 // Deadlock freedom of the dQ turns: a CTA waits only for higher key blocks (or pairs) of its own (head, batch),
 // which have lower block (cluster) indices (blockIdx.x counts key blocks from the last), so they were scheduled no
-// later and never wait on it; within a pair the two CTAs are co-scheduled, as a cluster's CTAs are.
+// later and never wait on it; within a pair the two CTAs are co-scheduled, as a cluster's CTAs are. Heavy first
+// (below), for lower key blocks, which come earlier in its one-dimensional grid.
 //
 // Why descending: a CTA walks its query blocks upwards from the first one its keys see, so under a causal mask
 // key block n + 1 reaches every query block before key block n does (its first block is later and it has fewer
 // of them), and its turn is passed on before key block n asks for it: no CTA waits to start. (In ascending order
 // every key block would queue behind all lower ones on the first query block; measured on the H100 at
-// head_dim 128, 8k, causal: 377 TFLOP/s that way.)
+// head_dim 128, 8k, causal: 377 TFLOP/s that way.) But the grid then ends on the heaviest CTAs, key block 0 of each
+// head, and with GQA a CTA walks every query head of its group. There (bwd_causal_heavy_first) the grid is
+// one-dimensional (tile_order.h): key block 0 of every (batch, K/V head) of a section first, then key block 1, and
+// so on; each CTA walks its query blocks from the last down, at each the query heads of its group in turn, and a
+// tile's parts are added in ascending key-block order, so the grid ends on light CTAs.
 #pragma once
 
 #include <cuda.h>
@@ -63,6 +68,7 @@
 #include "kernels/bwd_config.h"
 #include "kernels/gemm.cuh"
 #include "kernels/softmax.cuh"
+#include "kernels/tile_order.h"
 #include "params.h"
 #include "tma.h"
 
@@ -82,6 +88,8 @@ struct BwdKernelParams {
   int64_t tiles;  // dQ tiles of one chain: batch * heads_q * m_blocks
   int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), at most the adders (1 under a causal mask)
   int paired;     // key blocks in pairs (bwd_paired_key_blocks): launched as 2-CTA clusters
+  TileOrder order;  // heavy first (bwd_causal_heavy_first): the 1-d grid's list of (batch x K/V head, key block)
+  int heads_kv;
 };
 
 // How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
@@ -104,7 +112,9 @@ enum class BwdBarrier : int {
   kStoreFirst = 5,   // + consumer index: a consumer warpgroup's own 128 threads
 };
 
-template <class T, int HeadDim, bool Causal>
+// HeavyFirst: the causal backward's key blocks heaviest first (bwd_causal_heavy_first, the file comment), a kernel of
+// its own so that the other kernels' code does not change with it.
+template <class T, int HeadDim, bool Causal, bool HeavyFirst>
 struct BwdKernel {
   static constexpr BwdConfig kCfg = bwd_config(HeadDim);
   static constexpr int kBlockM = kCfg.block_m;
@@ -131,6 +141,7 @@ struct BwdKernel {
   static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
   static constexpr bool kMayPair = !Causal && kCfg.pairs == BwdPairs::kSumDq;  // p.paired decides per problem
+  static_assert(!HeavyFirst || (Causal && !kSplitPairs), "heavy first: causal kernels without kSplitDq pairs only");
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes + kPeerBoxes][kBoxBytesKV];  // reused for dK in the epilogue
@@ -163,14 +174,20 @@ struct BwdKernel {
     return block_end > p.seqlen_k || (Causal && block_end - 1 > first_row_limit);
   }
 
-  // The CTA's steps in order: every query head of the KV head, and within it the query blocks that see the
-  // key block, first to last. f(step, head, m_block).
+  // The CTA's steps in order, f(step, head, m_block): every query head of the KV head, and within it the query
+  // blocks that see the key block, first to last; heavy first, the query blocks from the last down, at each the
+  // query heads of the KV head in turn.
   template <class F>
   __device__ static void for_each_step(const BwdKernelParams& p, const BwdCta& c, F&& f) {
     const int m_first = first_m_block(p, c.walk_block);
     int step = 0;
-    for (int g = 0; g < p.q_heads_per_kv; ++g)
-      for (int m = m_first; m < p.m_blocks; ++m) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
+    if constexpr (HeavyFirst) {
+      for (int m = p.m_blocks - 1; m >= m_first; --m)
+        for (int g = 0; g < p.q_heads_per_kv; ++g) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
+    } else {
+      for (int g = 0; g < p.q_heads_per_kv; ++g)
+        for (int m = m_first; m < p.m_blocks; ++m) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
+    }
   }
 
   __device__ static int64_t row_tile(const BwdKernelParams& p, int batch, int head, int m_block) {
@@ -215,21 +232,20 @@ struct BwdKernel {
     for_each_step(p, c, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
       const int chains = Causal ? 1 : p.dq_chains;
-      // Adders above this one: key blocks, or with pairs the pairs above (blockIdx.x / 2 counts them).
-      const int above = paired ? int(blockIdx.x) / 2 : p.n_blocks - 1 - c.n_block;
-      const int64_t slot = above % chains * p.tiles + row_tile(p, c.batch, head, m_block);
-      const int position = above / chains;  // adders of the chain that add before this one
-      int* turn = p.dq_turn + (kSplitPairs ? (above % chains * 2 + half) * p.tiles + row_tile(p, c.batch, head, m_block)
+      const int order = bwd_dq_turn(HeavyFirst, paired, p.n_blocks, c.n_block, int(blockIdx.x));
+      const int64_t slot = order % chains * p.tiles + row_tile(p, c.batch, head, m_block);
+      const int position = order / chains;  // adders of the chain that add before this one
+      int* turn = p.dq_turn + (kSplitPairs ? (order % chains * 2 + half) * p.tiles + row_tile(p, c.batch, head, m_block)
                                            : slot);
       hopper::wait_flag_equals(turn, position);
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
       float* sum = p.dq_accum + slot * kTileFloats + half * kDqFloats;
-      // The chain's first part stores (no zeroes to add to): that of the highest adder that sees the tile (without
-      // a causal mask every key block sees it, so the chain's highest).
-      if (Causal ? position == bwd_dq_adders_skipped(paired, p.n_blocks,
+      // The chain's first part stores (no zeroes to add to): that of the first adder that sees the tile (without
+      // a causal mask every key block sees it, so the chain's first).
+      if (Causal ? position == bwd_dq_first_position(HeavyFirst, paired, p.n_blocks,
                                                      key_blocks_seen(m_block, kBlockM, kBlockN, p.seqlen_q,
                                                                      p.seqlen_k, p.n_blocks, Causal))
-                 : above < chains)
+                 : order < chains)
         hopper::bulk_store(sum, s.dq[buf], kDqFloats * sizeof(float));
       else
         hopper::bulk_reduce_add(sum, s.dq[buf], kDqFloats * sizeof(float));
@@ -549,13 +565,18 @@ struct BwdKernel {
   }
 };
 
-template <class T, int HeadDim, bool Causal>
+template <class T, int HeadDim, bool Causal, bool HeavyFirst>
 __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     attention_bwd_kernel(const __grid_constant__ BwdKernelParams p) {
-  using K = BwdKernel<T, HeadDim, Causal>;
+  using K = BwdKernel<T, HeadDim, Causal, HeavyFirst>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
-  const int n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, int(blockIdx.x)), kv_head = blockIdx.y,
-            batch = blockIdx.z;
+  int n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, int(blockIdx.x)), kv_head = blockIdx.y, batch = blockIdx.z;
+  if constexpr (HeavyFirst) {
+    const TileOrder::Position pos = p.order.at(int(blockIdx.x));
+    batch = pos.head / p.heads_kv;
+    kv_head = pos.head - batch * p.heads_kv;
+    n_block = p.n_blocks - 1 - pos.m_block;
+  }
   const bool sum_pairs = K::kMayPair && p.paired;
   const bool paired = K::kSplitPairs || sum_pairs;
   const uint32_t rank = paired ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
@@ -632,7 +653,7 @@ struct BwdRowParams {
   int64_t tiles;
   int dq_chains;
   int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
-  bool causal, paired;
+  bool causal, paired, heavy_first;
   float softmax_scale;
 };
 
@@ -686,7 +707,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
     for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
   }
   if (threadIdx.x < p.dq_chains * bwd_config(HeadDim).dq_ctas())
-    p.dq_turn[threadIdx.x * p.tiles + tile] = bwd_dq_adders_skipped(p.paired, p.n_blocks, seen);
+    p.dq_turn[threadIdx.x * p.tiles + tile] = bwd_dq_first_position(p.heavy_first, p.paired, p.n_blocks, seen);
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 (+ ...) in that
@@ -747,10 +768,24 @@ __global__ void attention_bwd_zero_kernel(void* dk, void* dv, BshdStrides dk_str
   *reinterpret_cast<uint4*>(static_cast<T*>(dv) + bshd_offset(dv_stride, batch, row, head) + c) = uint4{};
 }
 
+// The dynamic shared memory of a backward kernel, reserved once per kernel and device ordinal (as in the forward).
+template <auto kKernel>
+cudaError_t reserve_backward_smem(size_t bytes) {
+  static std::atomic<uint64_t> reserved{0};  // per kernel: one instance of this function each
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  const uint64_t device_bit = device < 64 ? uint64_t{1} << device : 0;
+  if (err == cudaSuccess && !(reserved.load(std::memory_order_acquire) & device_bit)) {
+    err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (err == cudaSuccess) reserved.fetch_or(device_bit, std::memory_order_release);
+  }
+  return err;
+}
+
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   using T = std::conditional_t<DT == DType::bf16, __nv_bfloat16, __half>;
-  using K = BwdKernel<T, HeadDim, Causal>;
+  using K = BwdKernel<T, HeadDim, Causal, false>;
   const FwdParams& f = prm.fwd;
   constexpr BwdConfig kCfg = bwd_config(HeadDim);
 
@@ -797,6 +832,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.dq_chains = std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));  // a chain without adders is never written
   rp.causal = Causal;
   rp.paired = paired;
+  rp.heavy_first = bwd_causal_heavy_first(HeadDim, Causal, f.heads_q, f.heads_kv);
   rp.softmax_scale = f.softmax_scale;
 
   BwdKernelParams kp{};
@@ -823,19 +859,25 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.q_heads_per_kv = f.heads_q / f.heads_kv;
   kp.m_blocks = rp.m_blocks;
   kp.n_blocks = rp.n_blocks;
+  kp.heads_kv = f.heads_kv;
+  const bool heavy_first = rp.heavy_first;
+  const int64_t kv_heads = int64_t(f.batch) * f.heads_kv;
+  if (heavy_first && kv_heads * kp.n_blocks > INT32_MAX)
+    return fail(DHP_ERROR_INVALID_VALUE,
+                "batch=%d x heads_kv=%d x ceil(seqlen_k=%d / %d) = %lld key blocks: at most 2^31 - 1 are supported",
+                f.batch, f.heads_kv, f.seqlen_k, kCfg.block_n, (long long)(kv_heads * kp.n_blocks));
+  if (heavy_first) kp.order = TileOrder::make(kp.n_blocks, bwd_causal_section_heads(kv_heads));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = f.softmax_scale * kLog2e;
   kp.softmax_scale = f.softmax_scale;
 
-  auto kernel = attention_bwd_kernel<T, HeadDim, Causal>;
-  static std::atomic<uint64_t> smem_reserved{0};  // per device ordinal, as in the forward
-  int device = 0;
-  err = cudaGetDevice(&device);
-  const uint64_t device_bit = device < 64 ? uint64_t{1} << device : 0;
-  if (err == cudaSuccess && !(smem_reserved.load(std::memory_order_acquire) & device_bit)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(K::kSmemBytes));
-    if (err == cudaSuccess) smem_reserved.fetch_or(device_bit, std::memory_order_release);
-  }
+  auto kernel = attention_bwd_kernel<T, HeadDim, Causal, false>;
+  err = reserve_backward_smem<attention_bwd_kernel<T, HeadDim, Causal, false>>(K::kSmemBytes);
+  if constexpr (Causal && !K::kSplitPairs)
+    if (heavy_first && err == cudaSuccess) {
+      kernel = attention_bwd_kernel<T, HeadDim, Causal, true>;
+      err = reserve_backward_smem<attention_bwd_kernel<T, HeadDim, Causal, true>>(K::kSmemBytes);
+    }
   if (err != cudaSuccess)
     return fail(DHP_ERROR_CUDA, "could not reserve %zu bytes of shared memory for the backward kernel: %s",
                 K::kSmemBytes, cudaGetErrorString(err));
@@ -847,8 +889,9 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   cluster.val.clusterDim.x = paired ? 2 : 1;
   cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks), unsigned(f.heads_kv),
-                       unsigned(f.batch));
+  config.gridDim = heavy_first ? dim3(unsigned(kv_heads * kp.n_blocks))
+                                  : dim3(unsigned(paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks), unsigned(f.heads_kv),
+                                         unsigned(f.batch));
   config.blockDim = dim3(kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;

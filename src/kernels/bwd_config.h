@@ -115,11 +115,35 @@ constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, in
 }
 // The dQ adders of a tile (of each half with kSplitDq): one per pair of key blocks, or per key block.
 constexpr int bwd_dq_adders(bool paired, int n_blocks) { return paired ? (n_blocks + 1) / 2 : n_blocks; }
-// The adders, counted from the highest, that never add to a tile whose rows see key blocks [0, seen): the turn
-// counter's start and the index of the adder that stores the tile's first part. (Only kSplitDq pairs run under a
-// causal mask, where seen < N; their pairs count from N rounded up to even.)
+// The adders, counted from the highest, that never add to a tile whose rows see key blocks [0, seen). (Only kSplitDq
+// pairs run under a causal mask, where seen < N; their pairs count from N rounded up to even.)
 DHP_HOST_DEVICE constexpr int bwd_dq_adders_skipped(bool paired, int n_blocks, int seen) {
   return paired ? ((n_blocks + 1) / 2 * 2 - seen) / 2 : n_blocks - seen;
+}
+
+// Under a causal mask, the order in which a head's key blocks run and add their dQ parts (attention_bwd.cuh, file
+// comment): lightest first by default; heavy first where a key block walks several query heads (GQA), so its CTA
+// runs G times a head's steps and the lightest-first grid would end on the heaviest CTAs, unless its key blocks are
+// in kSplitDq pairs (a pair walks upwards from the lower key block's diagonal). Measured on the H100 (bf16,
+// 2026-11-26, alternating builds): heavy first for every problem gave GQA 32/8 at 4k keys +6%, but MHA -3..-18%
+// (its key blocks then add to the same tile one after another); for GQA only, head_dim 128 32/8 causal 1k-16k
+// +3..+9%, 32/4 at 4k +13%, head_dim 64 32/8 at 4k +4%. Chosen from shapes only. The two measurements:
+//   bench/results/2026-11-26-h100-bwd-causal-heavy-first-ab.txt
+//   bench/results/2026-11-26-h100-bwd-gqa-causal-heavy-first-ab.txt
+constexpr bool bwd_causal_heavy_first(int head_dim, bool causal, int heads_q, int heads_kv) {
+  return causal && heads_q > heads_kv && bwd_config(head_dim).pairs != BwdPairs::kSplitDq;
+}
+
+// A CTA's turn in the chains of the tiles it adds to (turn % chains: its chain; turn / chains: its position there):
+// key blocks, or pairs (x / 2, x the CTA's index among its head's), counted from the highest; heavy first, key
+// blocks counted from 0 (the key blocks that see a tile are always the lowest ones).
+DHP_HOST_DEVICE constexpr int bwd_dq_turn(bool heavy_first, bool paired, int n_blocks, int n_block, int x) {
+  return heavy_first ? n_block : paired ? x / 2 : n_blocks - 1 - n_block;
+}
+// The position of a tile's first adder, which stores its part (no zeros to add to), and the turn counter's start
+// (the prep kernel): the adders skipped before it.
+DHP_HOST_DEVICE constexpr int bwd_dq_first_position(bool heavy_first, bool paired, int n_blocks, int seen) {
+  return heavy_first ? 0 : bwd_dq_adders_skipped(paired, n_blocks, seen);
 }
 
 // Which rows see which keys, and which key blocks a CTA and its pair walk: the kernels' index arithmetic, host and

@@ -1,7 +1,8 @@
 // The forward's tile list (src/kernels/tile_order.h) on the host, as the kernel computes it: every (head, query
 // block) exactly once; sections of section_heads heads in head order; within one, query blocks from last to
 // first with the section's heads in turn; one head per section is the plain head-by-head list. And
-// fwd_section_heads: the largest divisor of the head count whose K/V fit the section budget. Needs no GPU.
+// the section sizes: fwd_section_heads (the largest divisor of the head count whose K/V fit the section budget)
+// and bwd_causal_section_heads (the causal backward heavy first). Needs no GPU.
 #include <cstdio>
 #include <vector>
 
@@ -66,6 +67,10 @@ int main() {
   check_section_heads(8, 1, 64 * mb, 1);     // one head's K/V over the budget
   check_section_heads(8, 2, 64 * mb, 2);     // ... still shared by its two query heads
   check_section_heads(1, 1, mb, 1);
+  const int bwd[][2] = {{1, 1}, {8, 8}, {16, 16}, {32, 16}, {40, 10}, {13, 13}, {17, 1}, {64, 16}};
+  for (const auto& [kv_heads, expected] : bwd)
+    expect(dhp::kernels::bwd_causal_section_heads(kv_heads) == expected, "bwd_causal_section_heads", kv_heads,
+           expected, dhp::kernels::bwd_causal_section_heads(kv_heads));
   std::printf("tile_order: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
