@@ -653,14 +653,18 @@ const char* build_info_json() {
     }
     std::string cmake = DHP_BUILD_INFO_JSON;
     cmake.pop_back();  // the closing brace
-    std::string chains, pairs, unpaired;
+    std::string chains, pairs, unpaired, split;
     for (int head_dim : {64, 128, 256}) {
       if (!backward_variant_exists(DType::bf16, head_dim) && !backward_variant_exists(DType::fp16, head_dim)) continue;
       char entry[48];
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", chains.empty() ? "" : ", ", head_dim,
                     kernels::bwd_dq_chains_max_seqlen_k(head_dim));
       chains += entry;
-      if (kernels::bwd_config(head_dim).pairs == kernels::BwdPairs::kNone) continue;
+      const kernels::BwdConfig c = kernels::bwd_config(head_dim);
+      std::snprintf(entry, sizeof entry, "%s\"%d\": %d", split.empty() ? "" : ", ", head_dim,
+                    c.split_walks_over * c.block_m);
+      split += entry;
+      if (c.pairs == kernels::BwdPairs::kNone) continue;
       std::snprintf(entry, sizeof entry, "%s%d", pairs.empty() ? "" : ", ", head_dim);
       pairs += entry;
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", unpaired.empty() ? "" : ", ", head_dim,
@@ -672,7 +676,8 @@ const char* build_info_json() {
                   kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes);
     return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
            chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +
-           "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}}";
+           "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}, \"backward_causal_split_walks_over\": {" +
+           split + "}}";
   }();
   return json.c_str();
 }

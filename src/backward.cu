@@ -39,9 +39,7 @@ bool backward_variant_exists(DType dtype, int head_dim) { return find_variant(dt
 
 size_t backward_workspace_bytes(const FwdParams& p) {
   if (p.batch == 0 || p.seqlen_q == 0 || !backward_variant_exists(p.dtype, p.head_dim)) return 0;
-  const int chains = kernels::bwd_dq_chains(p.head_dim, p.causal, p.seqlen_k, p.heads_q, p.heads_kv);
-  return kernels::BwdWorkspace::make(kernels::bwd_config(p.head_dim), p.batch, p.heads_q, p.seqlen_q, chains)
-      .bytes;
+  return kernels::bwd_workspace(p.head_dim, p.causal, p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv).bytes;
 }
 
 dhp_status launch_backward(const BwdParams& params, cudaStream_t stream) {

@@ -473,6 +473,22 @@ def test_determinism_shapes_fall_on_both_sides_of_the_backward_pairs_limits(ext)
             assert any(limit < s <= chains[head_dim] for s in mha), (head_dim, limit, chains[head_dim], mha)
 
 
+@pytest.mark.parametrize("tool", ["counters", "determinism"])
+def test_audit_shapes_fall_on_both_sides_of_the_backward_split_walks_limits(ext, tool):
+    """A causal MHA backward splits the walks of its heaviest key blocks from a seqlen_q on (dhp_build_info; 0: never):
+    both audits must run the split and the unsplit walks at every head_dim that has both."""
+    from dhp import _native
+
+    info = _native.build_info()
+    limits = info["backward_causal_split_walks_over"]
+    assert set(limits) == {str(d) for d in info["backward_head_dims"]}
+    shapes = [(s[1], s[2], s[3]) for s in counters.SHAPES] if tool == "counters" else list(determinism.SHAPES)
+    mha = [seqlen for seqlen, heads_q, heads_kv in shapes if heads_q == heads_kv]
+    for head_dim, rows in limits.items():
+        if rows:
+            assert any(s <= rows for s in mha) and any(s > rows for s in mha), (tool, head_dim, rows, mha)
+
+
 @pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])
 def test_cli_exit_2_without_what_it_needs(check):
     """Where the GPU tool cannot run here, it exits 2 with a sentence (and never 0)."""

@@ -47,7 +47,9 @@
 // head, and with GQA a CTA walks every query head of its group. There (bwd_causal_heavy_first) the grid is
 // one-dimensional (tile_order.h): key block 0 of every (batch, K/V head) of a section first, then key block 1, and
 // so on; each CTA walks its query blocks from the last down, at each the query heads of its group in turn, and a
-// tile's parts are added in ascending key-block order, so the grid ends on light CTAs.
+// tile's parts are added in ascending key-block order, so the grid ends on light CTAs. Without GQA, at head_dim 128,
+// the longest walks are split in two halves instead (BwdSplit in bwd_config.h: a second dQ chain for the second
+// halves, the first half's dK/dV sums handed over through the workspace).
 #pragma once
 
 #include <cuda.h>
@@ -90,18 +92,23 @@ struct BwdKernelParams {
   int paired;     // key blocks in pairs (bwd_paired_key_blocks): launched as 2-CTA clusters
   TileOrder order;  // heavy first (bwd_causal_heavy_first): the 1-d grid's list of (batch x K/V head, key block)
   int heads_kv;
+  BwdSplit split;      // causal, lightest first: the units of a (batch, K/V head) and their walks
+  float* dkv_partial;  // split walks: the first halves' dK and dV sums (BwdWorkspace)
+  int* split_flag;     // split walks: 1 once a first half's sums are written
 };
 
 // How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
 // its pair's lower key block's parts, or it hands them to the upper key block of its pair.
 enum class DqRole : int { kAdd, kAddWithPeer, kGive };
 
-// What a CTA works on: its key block, the key block whose query blocks it walks (its own, or with kSplitDq pairs
-// the pair's lower one: both CTAs of the pair walk the same steps), its cluster rank and its role in the dQ sum.
+// What a CTA works on: its key block, the query blocks it walks [m_begin, m_end) (from the first that sees its key
+// block, or with kSplitDq pairs the pair's lower one: both CTAs of the pair walk the same steps; or half of them),
+// its cluster rank, its role in the dQ sum, its position in the dQ turns (adder) and the half of a split walk.
 struct BwdCta {
-  int n_block, walk_block, kv_head, batch;
+  int n_block, kv_head, batch, m_begin, m_end, adder;
   uint32_t rank;
   DqRole role;
+  BwdHalf half;
 };
 
 enum class BwdBarrier : int {
@@ -142,6 +149,10 @@ struct BwdKernel {
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
   static constexpr bool kMayPair = !Causal && kCfg.pairs == BwdPairs::kSumDq;  // p.paired decides per problem
   static_assert(!HeavyFirst || (Causal && !kSplitPairs), "heavy first: causal kernels without kSplitDq pairs only");
+  // Split walks (BwdSplit): causal, lightest first, where the configuration splits; not with kSplitDq pairs (measured
+  // +1..+1.5% at 8k-16k keys, -4..-21% below: bwd_split's comment), so the pair terms stay out of the code.
+  static constexpr bool kSplitWalks = Causal && !HeavyFirst && kCfg.split_walks_over > 0;
+  static_assert(!kSplitWalks || !kSplitPairs, "split walks: not with kSplitDq pairs");
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes + kPeerBoxes][kBoxBytesKV];  // reused for dK in the epilogue
@@ -175,23 +186,23 @@ struct BwdKernel {
   }
 
   // The CTA's steps in order, f(step, head, m_block): every query head of the KV head, and within it the query
-  // blocks that see the key block, first to last; heavy first, the query blocks from the last down, at each the
-  // query heads of the KV head in turn.
+  // blocks of its walk, first to last; heavy first, the query blocks from the last down, at each the query heads of
+  // the KV head in turn.
   template <class F>
   __device__ static void for_each_step(const BwdKernelParams& p, const BwdCta& c, F&& f) {
-    const int m_first = first_m_block(p, c.walk_block);
     int step = 0;
     if constexpr (HeavyFirst) {
-      for (int m = p.m_blocks - 1; m >= m_first; --m)
+      for (int m = c.m_end - 1; m >= c.m_begin; --m)
         for (int g = 0; g < p.q_heads_per_kv; ++g) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
     } else {
       for (int g = 0; g < p.q_heads_per_kv; ++g)
-        for (int m = m_first; m < p.m_blocks; ++m) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
+        for (int m = c.m_begin; m < c.m_end; ++m) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
     }
   }
 
-  __device__ static int64_t row_tile(const BwdKernelParams& p, int batch, int head, int m_block) {
-    return (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
+  // A dQ tile's index in a chain (p.tiles <= INT32_MAX, checked before the launch).
+  __device__ static int row_tile(const BwdKernelParams& p, int batch, int head, int m_block) {
+    return (batch * p.heads_q + head) * p.m_blocks + m_block;
   }
 
   __device__ static void produce(const BwdKernelParams& p, Smem& s, const BwdCta& c) {
@@ -212,7 +223,7 @@ struct BwdKernel {
         hopper::tma_load_4d(s.q[stage][b], &p.q, b * 64, m_block * kBlockM, head, batch, &s.full[stage]);
         hopper::tma_load_4d(s.dout[stage][b], &p.dout, b * 64, m_block * kBlockM, head, batch, &s.full[stage]);
       }
-      const int64_t row0 = row_tile(p, batch, head, m_block) * kBlockM;
+      const int64_t row0 = int64_t(row_tile(p, batch, head, m_block)) * kBlockM;
       hopper::bulk_load(s.lse2[stage], p.lse2 + row0, kRowStatBytes, &s.full[stage]);
       hopper::bulk_load(s.delta[stage], p.delta + row0, kRowStatBytes, &s.full[stage]);
     });
@@ -229,23 +240,22 @@ struct BwdKernel {
     const DqRole role = c.role;
     const bool paired = kSplitPairs || (kMayPair && p.paired);
     const int half = kSplitPairs ? int(c.rank) : 0;  // of the tile's columns, with kSplitDq pairs
+    const int first_below = Causal && !HeavyFirst ? p.split.first_below(c.adder, c.half) : 0;  // (lightest first)
     for_each_step(p, c, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
-      const int chains = Causal ? 1 : p.dq_chains;
-      const int order = bwd_dq_turn(HeavyFirst, paired, p.n_blocks, c.n_block, int(blockIdx.x));
-      const int64_t slot = order % chains * p.tiles + row_tile(p, c.batch, head, m_block);
-      const int position = order / chains;  // adders of the chain that add before this one
-      int* turn = p.dq_turn + (kSplitPairs ? (order % chains * 2 + half) * p.tiles + row_tile(p, c.batch, head, m_block)
-                                           : slot);
+      // Under a causal mask: chain 1 for the second half of a split walk, the adder's position in either; without
+      // one, adders alternate between the chains.
+      const int chain = Causal ? int(c.half == BwdHalf::kSecond) : c.adder % p.dq_chains;
+      const int position = Causal ? c.adder : c.adder / p.dq_chains;  // adders of the chain that add before this one
+      const int tile = row_tile(p, c.batch, head, m_block);
+      int* turn = p.dq_turn + (chain * kCfg.dq_ctas() + half) * p.tiles + tile;
       hopper::wait_flag_equals(turn, position);
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
-      float* sum = p.dq_accum + slot * kTileFloats + half * kDqFloats;
+      float* sum = p.dq_accum + (chain * p.tiles + tile) * kTileFloats + half * kDqFloats;
       // The chain's first part stores (no zeroes to add to): that of the first adder that sees the tile (without
-      // a causal mask every key block sees it, so the chain's first).
-      if (Causal ? position == bwd_dq_first_position(HeavyFirst, paired, p.n_blocks,
-                                                     key_blocks_seen(m_block, kBlockM, kBlockN, p.seqlen_q,
-                                                                     p.seqlen_k, p.n_blocks, Causal))
-                 : order < chains)
+      // a causal mask every key block sees it, so the chain's first; heavy first, key block 0; else
+      // BwdSplit::first_below).
+      if (Causal ? (HeavyFirst ? position == 0 : m_block < first_below) : c.adder < p.dq_chains)
         hopper::bulk_store(sum, s.dq[buf], kDqFloats * sizeof(float));
       else
         hopper::bulk_reduce_add(sum, s.dq[buf], kDqFloats * sizeof(float));
@@ -332,7 +342,7 @@ struct BwdKernel {
     // from shared memory. P^T and dS^T are double-buffered: a buffer is written again two steps later, after
     // both warpgroups have passed the barrier of the step between, i.e. finished the GEMMs that read it.
     constexpr bool kTurns = kCfg.turns();
-    const int steps = p.q_heads_per_kv * (p.m_blocks - first_m_block(p, c.walk_block));
+    const int steps = p.q_heads_per_kv * (c.m_end - c.m_begin);
     const auto turn_sync = [&] {
       if constexpr (kTurns) hopper::named_barrier_sync(int(BwdBarrier::kTurnFirst) + consumer, 256);
     };
@@ -533,28 +543,65 @@ struct BwdKernel {
       hand_dq_to_writer(last, acc_dq);
     }
 
-    // dK (scaled) and dV -> this warpgroup's rows of the K and V buffers, once neither warpgroup reads them,
-    // then out through TMA (rows past seqlen_k are clipped).
-    hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+    // A split walk (BwdSplit): the first half hands its dK and dV sums to the second through the workspace, each
+    // thread its own registers (float4 j of consumer w's thread t at (w * kWgCols / 4 + j) * 128 + t), and the second
+    // adds them to its own once: dK = second half's + first half's, the same order on every run. The first half's
+    // sums are released after a barrier of both consumer warpgroups (the second half acquires them likewise).
+    if constexpr (kSplitWalks) {
+      if (c.half != BwdHalf::kWhole) {
+        const int64_t slot =
+            (int64_t(c.batch) * p.heads_kv + c.kv_head) * (p.split.adders - p.split.split_from) + c.adder -
+            p.split.split_from;
+        float4* partial = reinterpret_cast<float4*>(p.dkv_partial) +
+                          (slot * BwdConfig::kConsumers + consumer) * (kWgCols / 4) * 128 + t;
+        int* flag = p.split_flag + slot;
+        if (c.half == BwdHalf::kFirst) {
 #pragma unroll
-    for (int i = 0; i < FragD::kRegs; i += 2) {
-      const int row = key_row0 + row_in_wg + 8 * FragD::row_half(i);
-      const int col = col0 + FragD::col(i, lane);
-      *reinterpret_cast<uint32_t*>(swizzled(s.k[0], kBoxBytesKV, row, col)) =
-          hopper::pack2<T>(acc_dk[i] * p.softmax_scale, acc_dk[i + 1] * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(swizzled(s.v[0], kBoxBytesKV, row, col)) =
-          hopper::pack2<T>(acc_dv[i], acc_dv[i + 1]);
-    }
-    hopper::fence_view_async_shared();
-    hopper::named_barrier_sync(int(BwdBarrier::kStoreFirst) + consumer, 128);
-    const int key0 = n_block * kBlockN + key_row0;
-    if (t == 0 && key0 < p.seqlen_k) {
-      for (int b = col0 / 64; b < (col0 + kWgCols) / 64; ++b) {
-        hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
-        hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
+          for (int j = 0; j < kWgCols / 8; ++j) {
+            __stcg(partial + j * 128,
+                   make_float4(acc_dk[4 * j], acc_dk[4 * j + 1], acc_dk[4 * j + 2], acc_dk[4 * j + 3]));
+            __stcg(partial + (kWgCols / 8 + j) * 128,
+                   make_float4(acc_dv[4 * j], acc_dv[4 * j + 1], acc_dv[4 * j + 2], acc_dv[4 * j + 3]));
+          }
+          hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+          if (consumer == 0 && t == 0) hopper::store_release_gpu(flag, 1);
+        } else {
+          if (consumer == 0 && t == 0) hopper::wait_flag_equals(flag, 1);
+          hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+#pragma unroll
+          for (int j = 0; j < kWgCols / 8; ++j) {
+            const float4 dk = __ldcg(partial + j * 128), dv = __ldcg(partial + (kWgCols / 8 + j) * 128);
+            acc_dk[4 * j] += dk.x, acc_dk[4 * j + 1] += dk.y, acc_dk[4 * j + 2] += dk.z, acc_dk[4 * j + 3] += dk.w;
+            acc_dv[4 * j] += dv.x, acc_dv[4 * j + 1] += dv.y, acc_dv[4 * j + 2] += dv.z, acc_dv[4 * j + 3] += dv.w;
+          }
+        }
       }
-      hopper::tma_store_commit();
-      hopper::tma_store_wait_read();
+    }
+
+    // dK (scaled) and dV -> this warpgroup's rows of the K and V buffers, once neither warpgroup reads them,
+    // then out through TMA (rows past seqlen_k are clipped). Not for the first half of a split walk.
+    if (c.half != BwdHalf::kFirst) {
+      hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+#pragma unroll
+      for (int i = 0; i < FragD::kRegs; i += 2) {
+        const int row = key_row0 + row_in_wg + 8 * FragD::row_half(i);
+        const int col = col0 + FragD::col(i, lane);
+        *reinterpret_cast<uint32_t*>(swizzled(s.k[0], kBoxBytesKV, row, col)) =
+            hopper::pack2<T>(acc_dk[i] * p.softmax_scale, acc_dk[i + 1] * p.softmax_scale);
+        *reinterpret_cast<uint32_t*>(swizzled(s.v[0], kBoxBytesKV, row, col)) =
+            hopper::pack2<T>(acc_dv[i], acc_dv[i + 1]);
+      }
+      hopper::fence_view_async_shared();
+      hopper::named_barrier_sync(int(BwdBarrier::kStoreFirst) + consumer, 128);
+      const int key0 = n_block * kBlockN + key_row0;
+      if (t == 0 && key0 < p.seqlen_k) {
+        for (int b = col0 / 64; b < (col0 + kWgCols) / 64; ++b) {
+          hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
+          hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
+        }
+        hopper::tma_store_commit();
+        hopper::tma_store_wait_read();
+      }
     }
     // kSplitDq pairs: stay until the other CTA has our last dS^T (its arrival also ends its accesses to ours).
     if (kSplitPairs && consumer == 0 && t == 0 && steps > 0) hopper::mbarrier_wait(&s.ds_peer_done, 0);
@@ -570,19 +617,31 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     attention_bwd_kernel(const __grid_constant__ BwdKernelParams p) {
   using K = BwdKernel<T, HeadDim, Causal, HeavyFirst>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
-  int n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, int(blockIdx.x)), kv_head = blockIdx.y, batch = blockIdx.z;
-  if constexpr (HeavyFirst) {
-    const TileOrder::Position pos = p.order.at(int(blockIdx.x));
-    batch = pos.head / p.heads_kv;
-    kv_head = pos.head - batch * p.heads_kv;
-    n_block = p.n_blocks - 1 - pos.m_block;
-  }
+  const int x = int(blockIdx.x);
   const bool sum_pairs = K::kMayPair && p.paired;
   const bool paired = K::kSplitPairs || sum_pairs;
   const uint32_t rank = paired ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
+  int n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, x), kv_head = blockIdx.y, batch = blockIdx.z;
+  int adder = bwd_dq_turn(HeavyFirst, paired, p.n_blocks, n_block, x);
+  BwdHalf half = BwdHalf::kWhole;
+  if constexpr (HeavyFirst) {
+    const TileOrder::Position pos = p.order.at(x);
+    batch = pos.head / p.heads_kv;
+    kv_head = pos.head - batch * p.heads_kv;
+    n_block = p.n_blocks - 1 - pos.m_block;
+    adder = n_block;
+  } else if constexpr (K::kSplitWalks) {  // the units of split walks (BwdSplit)
+    const BwdUnit unit = p.split.unit(x);
+    n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, unit.adder);
+    adder = unit.adder;
+    half = unit.half;
+  }
   const DqRole role = !sum_pairs ? DqRole::kAdd : rank == 1 ? DqRole::kGive : n_block > 0 ? DqRole::kAddWithPeer
                                                                                        : DqRole::kAdd;
-  const BwdCta cta{n_block, bwd_walk_block(K::kCfg.pairs, n_block), kv_head, batch, rank, role};
+  const BwdSplit::Range walk =
+      K::kSplitWalks ? p.split.walk({adder, half})
+                     : BwdSplit::Range{K::first_m_block(p, bwd_walk_block(K::kCfg.pairs, n_block)), p.m_blocks};
+  const BwdCta cta{n_block, kv_head, batch, walk.begin, walk.end, adder, rank, role, half};
 
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
@@ -650,10 +709,12 @@ struct BwdRowParams {
   float* lse2;
   float* delta;
   int* dq_turn;
+  int* split_flag;
   int64_t tiles;
   int dq_chains;
-  int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
+  int seqlen_q, seqlen_k, heads_q, q_heads_per_kv, m_blocks, n_blocks;
   bool causal, paired, heavy_first;
+  BwdSplit split;  // causal: the chains' adders at each query block, the split walks' flags
   float softmax_scale;
 };
 
@@ -665,8 +726,10 @@ __device__ inline int64_t bshd_offset(const BshdStrides& s, int batch, int row, 
 
 
 // Per query block of one (batch, head): delta and lse2 of its rows (8 threads a row, 16-byte loads), and the
-// turn counter at the number of key blocks that will not add to the tile. The dQ sums need no zeroing: the
-// first key block to reach a tile stores its part, the others add; only a tile no key block reaches is zeroed.
+// turn counters at the number of adders that will not add to the tile before the chain's first. The dQ sums need
+// no zeroing: the first adder to reach a tile stores its part, the others add; only chain 0 of a tile it has no
+// adder in is zeroed (chain 1 of such a tile the post kernel does not read). The split walks' flags are zeroed by
+// the first query head of each K/V head.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(const BwdRowParams p) {
   constexpr int kBlockM = bwd_config(HeadDim).block_m;
@@ -702,16 +765,23 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   }
   const int seen = key_blocks_seen(m_block, kBlockM, bwd_config(HeadDim).block_n, p.seqlen_q, p.seqlen_k,
                                    p.n_blocks, p.causal);
-  if (seen == 0) {  // no key block adds to this tile (its rows see no key): its dQ is 0
+  const int first = bwd_dq_first_position(p.heavy_first, p.paired, p.n_blocks, seen);
+  const int chain1_first = p.causal ? p.split.chain1_start(m_block) : first;
+  if (seen == 0 || (p.causal && first >= chain1_first)) {  // no adder in chain 0 (e.g. rows that see no key)
     float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
     for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
   }
-  if (threadIdx.x < p.dq_chains * bwd_config(HeadDim).dq_ctas())
-    p.dq_turn[threadIdx.x * p.tiles + tile] = bwd_dq_first_position(p.heavy_first, p.paired, p.n_blocks, seen);
+  constexpr int kHalves = bwd_config(HeadDim).dq_ctas();
+  if (threadIdx.x < p.dq_chains * kHalves)
+    p.dq_turn[threadIdx.x * p.tiles + tile] = threadIdx.x / kHalves == 0 ? first : chain1_first;
+  const int split_ctas = p.split.adders - p.split.split_from;  // of a (batch, K/V head)
+  if (head % p.q_heads_per_kv == 0)
+    for (int i = m_block * kRowKernelThreads + threadIdx.x; i < split_ctas; i += p.m_blocks * kRowKernelThreads)
+      p.split_flag[(int64_t(batch) * (p.heads_q / p.q_heads_per_kv) + head / p.q_heads_per_kv) * split_ctas + i] = 0;
 }
 
-// dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 (+ ...) in that
-// order. The sums are in fragment order (each thread's values are 2 columns of 2 rows): they are scaled,
+// dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 in that order
+// (under a causal mask chain 1 only where a split walk's second half adds to the tile). The sums are in fragment order (each thread's values are 2 columns of 2 rows): they are scaled,
 // converted and put in row order in shared memory, then written 16 bytes a thread along the rows.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(const BwdRowParams p) {
@@ -725,6 +795,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int64_t tile = (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
   const int t = threadIdx.x % 128, lane = t % 32;
+  const int chains = p.causal && p.split.chain1_start(m_block) == p.split.adders ? 1 : p.dq_chains;
 #pragma unroll
   for (int i = 0; i < kCfg.dq_parts() / (kRowKernelThreads / 128); ++i) {
     const int part = threadIdx.x / 128 + i * (kRowKernelThreads / 128);
@@ -737,7 +808,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
 #pragma unroll
     for (int j = 0; j < kDqCols / 8; ++j) {
       float4 v = sums(0)[j * 128 + t];
-      for (int c = 1; c < p.dq_chains; ++c) {
+      for (int c = 1; c < chains; ++c) {
         const float4 w = sums(c)[j * 128 + t];
         v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
       }
@@ -804,9 +875,14 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
                 "heads_q/heads_kv=%d x ceil(seqlen_q=%d / %d) = %lld steps for one key block: at most 2^31 - 1 are "
                 "supported", f.heads_q / f.heads_kv, f.seqlen_q, kCfg.block_m,
                 (long long)(m_blocks * (f.heads_q / f.heads_kv)));
-  const int dq_chains = bwd_dq_chains(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
+  if (int64_t(f.batch) * f.heads_q * m_blocks > INT32_MAX)
+    return fail(DHP_ERROR_INVALID_VALUE,
+                "batch=%d x heads_q=%d x ceil(seqlen_q=%d / %d) = %lld dQ tiles: at most 2^31 - 1 are supported",
+                f.batch, f.heads_q, f.seqlen_q, kCfg.block_m, (long long)(int64_t(f.batch) * f.heads_q * m_blocks));
+  const int dq_chains = bwd_dq_chains(HeadDim, Causal, f.seqlen_q, f.seqlen_k, f.heads_q, f.heads_kv);
   const bool paired = bwd_paired_key_blocks(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
-  const BwdWorkspace ws = BwdWorkspace::make(kCfg, f.batch, f.heads_q, f.seqlen_q, dq_chains);
+  const BwdSplit split = bwd_split(HeadDim, Causal, f.seqlen_q, f.seqlen_k, f.heads_q, f.heads_kv);
+  const BwdWorkspace ws = bwd_workspace(HeadDim, Causal, f.batch, f.seqlen_q, f.seqlen_k, f.heads_q, f.heads_kv);
   uint8_t* base = static_cast<uint8_t*>(prm.workspace);
   BwdRowParams rp{};
   rp.out = f.out;
@@ -823,16 +899,20 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.lse2 = reinterpret_cast<float*>(base + ws.lse2);
   rp.delta = reinterpret_cast<float*>(base + ws.delta);
   rp.dq_turn = reinterpret_cast<int*>(base + ws.dq_turn);
+  rp.split_flag = reinterpret_cast<int*>(base + ws.split_flag);
   rp.seqlen_q = f.seqlen_q;
   rp.seqlen_k = f.seqlen_k;
   rp.heads_q = f.heads_q;
+  rp.q_heads_per_kv = f.heads_q / f.heads_kv;
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
-  rp.dq_chains = std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));  // a chain without adders is never written
+  // Without a causal mask a chain without adders is never written; under one, chain 1 exists only where walks split.
+  rp.dq_chains = Causal ? dq_chains : std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));
   rp.causal = Causal;
   rp.paired = paired;
   rp.heavy_first = bwd_causal_heavy_first(HeadDim, Causal, f.heads_q, f.heads_kv);
+  rp.split = split;
   rp.softmax_scale = f.softmax_scale;
 
   BwdKernelParams kp{};
@@ -860,6 +940,9 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.m_blocks = rp.m_blocks;
   kp.n_blocks = rp.n_blocks;
   kp.heads_kv = f.heads_kv;
+  kp.split = split;
+  kp.dkv_partial = reinterpret_cast<float*>(base + ws.dkv_partial);
+  kp.split_flag = rp.split_flag;
   const bool heavy_first = rp.heavy_first;
   const int64_t kv_heads = int64_t(f.batch) * f.heads_kv;
   if (heavy_first && kv_heads * kp.n_blocks > INT32_MAX)
@@ -889,9 +972,10 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   cluster.val.clusterDim.x = paired ? 2 : 1;
   cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
   cudaLaunchConfig_t config{};
+  // Grid x: a head's CTAs, or heavy first every (batch, K/V head)'s; under a causal mask its units of split walks.
+  const int head_ctas = Causal ? split.units() << int(paired) : paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks;
   config.gridDim = heavy_first ? dim3(unsigned(kv_heads * kp.n_blocks))
-                                  : dim3(unsigned(paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks), unsigned(f.heads_kv),
-                                         unsigned(f.batch));
+                               : dim3(unsigned(head_ctas), unsigned(f.heads_kv), unsigned(f.batch));
   config.blockDim = dim3(kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;

@@ -32,6 +32,9 @@ struct BwdConfig {
   //   kSplitDq: always; both key blocks walk the same query blocks, each sends its dS^T to the other, and each
   //           computes dQ over the pair's keys for half of head_dim: half the dQ bytes a CTA adds per step.
   BwdPairs pairs;
+  // Under a causal mask, lightest first: walks longer than this many query blocks (and than half of them) run in
+  // two halves (BwdSplit); 0: never.
+  int split_walks_over;
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
@@ -55,9 +58,9 @@ struct BwdConfig {
 // stage only (K, V 32 KB each, the pair's other K block's half of the columns 16 KB, Q, dO 32 KB each, dS^T,
 // P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a dQ tile 32 KB).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, BwdPairs::kNone}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, BwdPairs::kNone, 0}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
@@ -65,7 +68,8 @@ constexpr bool bwd_config_valid(const BwdConfig& c) {
          c.dq_rows() == 64 && c.dq_cols() % 64 == 0 &&
          c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers * c.dq_ctas() == c.block_m * c.head_dim &&
          register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
-         (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_head_dim);
+         (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_head_dim) &&
+         c.split_walks_over >= 0 && (c.split_walks_over == 0 || c.pairs != BwdPairs::kSplitDq);
 }
 
 static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&
@@ -79,13 +83,11 @@ static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(12
 // -3..-5% at every length (2026-11-26: -5% at d128 512 keys). Head_dim 256 had them up to 4k (+7..11%) until its
 // key blocks went in kSplitDq pairs, which halve the adders per tile themselves: two chains on top measured even
 // (H100, 2026-11-26: 512 keys -6%, 2k +3%, 1k and 4k within the spread), so it keeps one.
-// Under a causal mask the descending order already keeps key blocks from waiting. The choice depends on public
-// values only (shapes and options), never on the batch size, so a sequence's dQ bits do not depend on its batch.
+// Under a causal mask the descending order already keeps key blocks from waiting; there the second chain takes the
+// second halves of split walks (BwdSplit, bwd_dq_chains below). The choice depends on public values only (shapes
+// and options), never on the batch size, so a sequence's dQ bits do not depend on its batch.
 constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
   return head_dim == 64 ? 8192 : head_dim == 128 ? 4096 : 0;
-}
-constexpr int bwd_dq_chains(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
-  return !causal && heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
 }
 
 // Key blocks in pairs (BwdConfig::pairs), a 2-CTA cluster each: blockIdx.x 2c and 2c + 1 are the key blocks
@@ -136,7 +138,8 @@ constexpr bool bwd_causal_heavy_first(int head_dim, bool causal, int heads_q, in
 
 // A CTA's turn in the chains of the tiles it adds to (turn % chains: its chain; turn / chains: its position there):
 // key blocks, or pairs (x / 2, x the CTA's index among its head's), counted from the highest; heavy first, key
-// blocks counted from 0 (the key blocks that see a tile are always the lowest ones).
+// blocks counted from 0 (the key blocks that see a tile are always the lowest ones). Under a causal mask with split
+// walks (BwdSplit, below) the position is the unit's adder and the chain its half's.
 DHP_HOST_DEVICE constexpr int bwd_dq_turn(bool heavy_first, bool paired, int n_blocks, int n_block, int x) {
   return heavy_first ? n_block : paired ? x / 2 : n_blocks - 1 - n_block;
 }
@@ -181,20 +184,138 @@ DHP_HOST_DEVICE int bwd_walk_block(BwdPairs pairs, int n_block) {
   return pairs == BwdPairs::kSplitDq ? n_block & ~1 : n_block;
 }
 
-// The backward's scratch memory, for one problem: four arrays, each 256-byte aligned.
-//   dq_accum  float  [chains][batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order
-//   lse2      float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
-//                                                                    rows that saw no key
-//   delta     float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
-//   dq_turn   int    [chains][dq_ctas][batch][heads_q][m_blocks]     adders of the chain that have added to the
-//                                                                    tile (its half: kSplitDq pairs) or never will
+// Split walks. Under a causal mask, lightest first, key block 0 (or pair 0) walks every query block, and the grid ends
+// on such CTAs: list scheduling leaves about 7% of the SMs' time idle at head_dim 128 (bench/grid_model.py). So the
+// adders (key blocks, or pairs) whose walk is longer than half the query blocks run as two CTAs (or clusters), launched
+// one after the other: the first half walks [first, mid), the second [mid, m_blocks). The first half's dQ parts stay in
+// chain 0 with the unsplit adders, the second halves' go to chain 1, both in descending key-block order (adder c
+// counted from the highest, the position in either chain), and since mid falls as c grows, each chain's adders at a
+// query block are a contiguous range: chain 0 [bwd_dq_adders_skipped(seen), chain1_start(m)), chain 1
+// [chain1_start(m), adders). Both chains therefore advance as today's single one does, without waits: adder c + 1's
+// half reaches a query block after adder c's. The first half hands its dK and dV sums (fp32) to the second through
+// the workspace, which adds them to its own once at the end: the same order on every run.
+enum class BwdHalf : int { kWhole, kFirst, kSecond };
+
+struct BwdUnit {
+  int adder;     // counted from the highest key block (or pair): the dQ chains' position
+  BwdHalf half;  // of its walk
+};
+
+// One (batch, K/V head)'s adders under a causal mask, lightest first. Host and device.
+struct BwdSplit {
+  int block_m, block_n, seqlen_q, seqlen_k, m_blocks, n_blocks;
+  bool paired;     // kSplitDq pairs: an adder is a pair of key blocks, launched as a 2-CTA cluster (never split)
+  int adders;      // bwd_dq_adders
+  int split_from;  // adders c >= split_from walk in two halves (adders: none)
+
+  // The first query block of adder c's walk (that of its key block, or its pair's lower one).
+  DHP_HOST_DEVICE int first_m(int c) const {
+    const int walk = paired ? (n_blocks + 1) / 2 * 2 - 2 - 2 * c : n_blocks - 1 - c;
+    return bwd_first_m_block(walk, block_m, block_n, seqlen_q, seqlen_k, m_blocks, true);
+  }
+  DHP_HOST_DEVICE int mid(int c) const {
+    const int first = first_m(c);
+    return first + (m_blocks - first) / 2;
+  }
+  // The query blocks [begin, end) a unit walks: the adder's, or one half of them.
+  struct Range {
+    int begin, end;
+  };
+  DHP_HOST_DEVICE Range walk(BwdUnit u) const {
+    if (u.half == BwdHalf::kWhole) return {first_m(u.adder), m_blocks};
+    const int m = mid(u.adder);
+    return u.half == BwdHalf::kFirst ? Range{first_m(u.adder), m} : Range{m, m_blocks};
+  }
+  // Units of the launch (CTAs, or clusters with pairs): each adder below split_from, then each split adder's halves.
+  DHP_HOST_DEVICE int units() const { return 2 * adders - split_from; }
+  DHP_HOST_DEVICE BwdUnit unit(int u) const {
+    if (u < split_from) return {u, BwdHalf::kWhole};
+    const int j = u - split_from;
+    return {split_from + j / 2, j % 2 ? BwdHalf::kSecond : BwdHalf::kFirst};
+  }
+  // The first adder of chain 1 at query block m: the lowest split adder whose second half walks it (mid(c) <= m;
+  // mid falls as c grows), adders if none.
+  DHP_HOST_DEVICE int chain1_start(int m) const {
+    int lo = split_from, hi = adders;
+    while (lo < hi) {
+      const int c = (lo + hi) / 2;
+      if (mid(c) <= m) hi = c;
+      else lo = c + 1;
+    }
+    return lo;
+  }
+  // The query blocks where adder c's part of a tile is its chain's first, seen from the adder's side: those below
+  // this, which the adder before it (higher) does not walk in the same chain: chain 0 the whole adder's walk (its
+  // first query block), chain 1 a second half's (its mid). The writer's test, with no search per step; prep's
+  // counters (bwd_dq_first_position, chain1_start) agree (tests/cpp/dq_turns.cpp).
+  DHP_HOST_DEVICE int first_below(int c, BwdHalf half) const {
+    if (half == BwdHalf::kSecond) return c > split_from ? mid(c - 1) : m_blocks;
+    return c > 0 ? first_m(c - 1) : m_blocks;
+  }
+};
+
+// The policy: causal problems that are not heavy first (bwd_causal_heavy_first) and not in kSplitDq pairs split the
+// walks longer than half the query blocks and than BwdConfig::split_walks_over; the others have split_from = adders.
+// Chosen from shapes only.
+// Measured (H100, bf16, MHA, alternating builds, 2026-11-26; bench/results/2026-11-26-h100-bwd-split-walks-ab.txt):
+// every walk over half the query blocks split, head_dim 128 8k keys +7%, 16k +10%, but 4k -5%, 2k -9%, 1k -15%;
+// head_dim 64 -3% at 8k, even at 16k, -7..-20% below; head_dim 256 (pairs) +1..+1.5% at 8k-16k, -4..-21% below.
+// A half's fixed costs (its K/V load, pipeline fill and drain, the dK/dV sums through the workspace) weigh on short
+// walks, so only head_dim 128 splits, and only walks over 64 query blocks (from 8k keys on): 8k +7.6%, 16k +11%,
+// the rest within ±0.5% (three rounds, same file).
+inline BwdSplit bwd_split_walks_over(int over, int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q,
+                                     int heads_kv) {
+  const BwdConfig c = bwd_config(head_dim);
+  const bool paired = bwd_paired_key_blocks(head_dim, causal, seqlen_k, heads_q, heads_kv);
+  BwdSplit s{c.block_m, c.block_n, seqlen_q, seqlen_k, (seqlen_q + c.block_m - 1) / c.block_m,
+             (seqlen_k + c.block_n - 1) / c.block_n, paired, 0, 0};
+  s.adders = bwd_dq_adders(paired, s.n_blocks);
+  s.split_from = s.adders;
+  if (!causal || over == 0 || paired || bwd_causal_heavy_first(head_dim, causal, heads_q, heads_kv)) return s;
+  // Walks grow with c: the first adder whose walk is long enough.
+  int lo = 0, hi = s.adders;
+  while (lo < hi) {
+    const int a = (lo + hi) / 2;
+    const int walk = s.m_blocks - s.first_m(a);
+    if (walk > over && 2 * walk > s.m_blocks) hi = a;
+    else lo = a + 1;
+  }
+  s.split_from = lo;
+  return s;
+}
+inline BwdSplit bwd_split(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv) {
+  return bwd_split_walks_over(bwd_config(head_dim).split_walks_over, head_dim, causal, seqlen_q, seqlen_k, heads_q,
+                              heads_kv);
+}
+
+// Chains of dQ sums: two for short MHA problems without a causal mask (bwd_dq_chains_max_seqlen_k), and under one
+// where walks are split (chain 1: the second halves).
+inline int bwd_dq_chains(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv) {
+  if (causal) {
+    const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+    return s.split_from < s.adders ? 2 : 1;
+  }
+  return heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
+}
+
+// The backward's scratch memory, for one problem: six arrays, each 256-byte aligned.
+//   dq_accum     float  [chains][batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order
+//   lse2         float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
+//                                                                       rows that saw no key
+//   delta        float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
+//   dq_turn      int    [chains][dq_ctas][batch][heads_q][m_blocks]     adders of the chain that have added to the
+//                                                                       tile (its half: kSplitDq pairs) or never will
+//   dkv_partial  float  [batch][heads_kv][split adders][2 x 128 threads x wg_cols]  first halves' dK, dV sums
+//   split_flag   int    [batch][heads_kv][split adders]                 1: the first half's sums are written
 struct BwdWorkspace {
-  size_t dq_accum, lse2, delta, dq_turn, bytes;  // byte offsets of the arrays, total size
+  size_t dq_accum, lse2, delta, dq_turn, dkv_partial, split_flag, bytes;  // byte offsets of the arrays, total size
 
   static constexpr size_t kAlign = 256;
   static constexpr size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-  static constexpr BwdWorkspace make(const BwdConfig& c, int batch, int heads_q, int seqlen_q, int dq_chains) {
+  // split_ctas: the CTAs that walk a first half, over the whole problem.
+  static constexpr BwdWorkspace make(const BwdConfig& c, int batch, int heads_q, int seqlen_q, int dq_chains,
+                                     size_t split_ctas) {
     const size_t m_blocks = (size_t(seqlen_q) + c.block_m - 1) / c.block_m;
     const size_t rows = size_t(batch) * heads_q * m_blocks * c.block_m;
     const size_t chains = size_t(dq_chains);
@@ -203,9 +324,20 @@ struct BwdWorkspace {
     w.lse2 = round_up(chains * rows * c.head_dim * sizeof(float));
     w.delta = w.lse2 + round_up(rows * sizeof(float));
     w.dq_turn = w.delta + round_up(rows * sizeof(float));
-    w.bytes = w.dq_turn + round_up(chains * c.dq_ctas() * size_t(batch) * heads_q * m_blocks * sizeof(int));
+    w.dkv_partial = w.dq_turn + round_up(chains * c.dq_ctas() * size_t(batch) * heads_q * m_blocks * sizeof(int));
+    w.split_flag = w.dkv_partial + round_up(split_ctas * BwdConfig::kConsumers * 128 * c.wg_cols() * sizeof(float));
+    w.bytes = w.split_flag + round_up(split_ctas * sizeof(int));
     return w;
   }
 };
+
+// The workspace of a problem (the C API's size query and the launch).
+inline BwdWorkspace bwd_workspace(int head_dim, bool causal, int batch, int seqlen_q, int seqlen_k, int heads_q,
+                                  int heads_kv) {
+  const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+  const size_t split_ctas = size_t(batch) * heads_kv * (s.adders - s.split_from);
+  return BwdWorkspace::make(bwd_config(head_dim), batch, heads_q, seqlen_q,
+                            bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv), split_ctas);
+}
 
 }  // namespace dhp::kernels

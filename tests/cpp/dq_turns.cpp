@@ -7,7 +7,10 @@
 // waits for a turn that never comes (or for a CTA launched after it: a deadlock where the grid is not all
 // resident), or a part lands on another's sum, or the tile's first part is added to a sum nobody stored. The two
 // CTAs of a kSplitDq pair walk the same query blocks, and the upper one's rows before its own first query block see
-// none of its keys (the kernel masks them). Needs no GPU.
+// none of its keys (the kernel masks them). Under a causal mask, lightest first, the launch runs BwdSplit's units:
+// a split adder's halves partition its walk, its first half is launched before its second (which waits for its
+// dK/dV sums), chain 1 holds the second halves from chain1_start on, and the writer's test for a chain's first part
+// (first_below) agrees with prep's counters. Needs no GPU.
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -29,25 +32,44 @@ void expect(bool ok, const char* what, int head_dim, int seqlen_q, int seqlen_k,
     std::printf("%s (head_dim %d, seqlen_q %d, seqlen_k %d: %lld)\n", what, head_dim, seqlen_q, seqlen_k, detail);
 }
 
-void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv) {
+// split_over: the split walks' threshold (BwdConfig::split_walks_over; -1: the configuration's, 1: every walk over
+// half the query blocks, to check the mechanism where the configuration does not use it).
+void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int split_over) {
   const BwdConfig c = bwd_config(head_dim);
   const int m_blocks = (seqlen_q + c.block_m - 1) / c.block_m;
   const int n_blocks = (seqlen_k + c.block_n - 1) / c.block_n;
   const bool paired = bwd_paired_key_blocks(head_dim, causal, seqlen_k, heads_q, heads_kv);
   const int adders = bwd_dq_adders(paired, n_blocks);
-  const int chains = causal ? 1 : std::min(bwd_dq_chains(head_dim, causal, seqlen_k, heads_q, heads_kv), adders);
   const bool heavy_first = bwd_causal_heavy_first(head_dim, causal, heads_q, heads_kv);
-  const int ctas = paired ? (n_blocks + 1) / 2 * 2 : n_blocks;  // the launch's grid.x (one K/V head)
+  const BwdSplit split = split_over < 0 ? bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv)
+                                        : bwd_split_walks_over(split_over, head_dim, causal, seqlen_q, seqlen_k,
+                                                               heads_q, heads_kv);
+  const int dq_chains = bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+  // as run_backward clips them; under a causal mask chain 1 where walks split
+  const int chains = !causal ? std::min(dq_chains, adders) : split.split_from < adders ? 2 : 1;
+  const bool units = causal && !heavy_first;  // the grid runs split's units
+  expect(split.adders == adders && split.paired == paired, "the split's adders", head_dim, seqlen_q,
+         seqlen_k, split.adders);
+  expect(chains == dq_chains || !causal || split_over >= 0, "a second chain exactly where walks are split", head_dim,
+         seqlen_q, seqlen_k, chains);
+  // the launch's grid.x (one K/V head)
+  const int ctas = units ? split.units() << int(paired) : paired ? (n_blocks + 1) / 2 * 2 : n_blocks;
   const int kv_heads = heavy_first ? 3 : 1;                      // heavy first: sections of the 1-d grid
   const TileOrder order = TileOrder::make(n_blocks, bwd_causal_section_heads(kv_heads));
   const int halves = c.dq_ctas();
   // (K/V head, chain, half, m_block) -> the positions of its adders, in launch order
   std::map<std::tuple<int, int, int, int>, std::vector<int>> positions;
+  // split walks: (adder, rank) -> the launch of its first half, and the query blocks each half walked
+  std::map<std::pair<int, int>, int> first_half_launch;
+  std::map<std::pair<int, int>, std::vector<int>> walked;
   for (int launch = 0; launch < (heavy_first ? kv_heads * n_blocks : ctas); ++launch) {
     const TileOrder::Position pos = order.at(launch);
     const int x = heavy_first ? -1 : launch, kv_head = heavy_first ? pos.head : 0;  // x: the 3-d grid's blockIdx.x
-    const int n_block = heavy_first ? n_blocks - 1 - pos.m_block : bwd_key_block(c.pairs, n_blocks, x);
     const int rank = paired ? x % 2 : 0;
+    const BwdUnit unit = units ? split.unit(paired ? x / 2 : x) : BwdUnit{-1, BwdHalf::kWhole};
+    const int n_block = heavy_first ? n_blocks - 1 - pos.m_block
+                        : units     ? bwd_key_block(c.pairs, n_blocks, paired ? 2 * unit.adder + rank : unit.adder)
+                                    : bwd_key_block(c.pairs, n_blocks, x);
     if (n_block < 0) continue;                                          // kSumDq: no lower key block
     if (c.pairs == BwdPairs::kSumDq && paired && rank == 1) continue;  // it hands its parts to rank 0
     const int walk = bwd_walk_block(c.pairs, n_block);
@@ -61,29 +83,67 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
         expect(key_blocks_seen(m, c.block_m, c.block_n, seqlen_q, seqlen_k, n_blocks, causal) <= n_block,
                "a row before the key block's first query block sees its keys", head_dim, seqlen_q, seqlen_k, m);
     }
-    const int turn = bwd_dq_turn(heavy_first, paired, n_blocks, n_block, x);
-    for (int m = first; m < m_blocks; ++m)
-      positions[{kv_head, turn % chains, c.pairs == BwdPairs::kSplitDq ? rank : 0, m}].push_back(turn / chains);
+    // The kernel's walk, chain and position (attention_bwd_kernel, write_dq).
+    const BwdSplit::Range steps = units ? split.walk(unit) : BwdSplit::Range{first, m_blocks};
+    const int adder = units ? unit.adder : bwd_dq_turn(heavy_first, paired, n_blocks, n_block, x);
+    const int chain = causal ? int(unit.half == BwdHalf::kSecond) : adder % chains;
+    const int position = causal ? adder : adder / chains;
+    if (units) {
+      expect(steps.begin < steps.end || unit.half == BwdHalf::kWhole, "an empty half walk", head_dim, seqlen_q, seqlen_k,
+             x);
+      expect(split.first_m(unit.adder) == first, "the split's first query block", head_dim, seqlen_q, seqlen_k, x);
+      if (unit.half == BwdHalf::kFirst) first_half_launch[{unit.adder, rank}] = launch;
+      if (unit.half == BwdHalf::kSecond)
+        expect(first_half_launch.count({unit.adder, rank}) == 1, "a second half launched before its first", head_dim,
+               seqlen_q, seqlen_k, x);
+      for (int m = steps.begin; m < steps.end; ++m) {
+        walked[{unit.adder, rank}].push_back(m);
+        const int seen = key_blocks_seen(m, c.block_m, c.block_n, seqlen_q, seqlen_k, n_blocks, causal);
+        const int chain_first = unit.half == BwdHalf::kSecond ? split.chain1_start(m)
+                                                               : bwd_dq_first_position(false, paired, n_blocks, seen);
+        expect((m < split.first_below(unit.adder, unit.half)) == (chain_first == unit.adder),
+               "the writer's first of a chain differs from prep's", head_dim, seqlen_q, seqlen_k, m);
+      }
+    }
+    for (int m = steps.begin; m < steps.end; ++m)
+      positions[{kv_head, chain, c.pairs == BwdPairs::kSplitDq ? rank : 0, m}].push_back(position);
     // A key block reaches every query block that sees it.
     for (int m = 0; m < m_blocks && n_block < n_blocks; ++m)
       if (key_blocks_seen(m, c.block_m, c.block_n, seqlen_q, seqlen_k, n_blocks, causal) > n_block)
         expect(m >= first, "a query block that sees the key block is not walked", head_dim, seqlen_q, seqlen_k, m);
   }
+  // A split adder's two halves walk its query blocks once each, in order.
+  for (const auto& [key, ms] : walked) {
+    std::vector<int> want;
+    for (int m = split.first_m(key.first); m < m_blocks; ++m) want.push_back(m);
+    expect(ms == want, "a split walk's halves do not partition it", head_dim, seqlen_q, seqlen_k, key.first);
+  }
   for (int kv_head = 0; kv_head < kv_heads; ++kv_head)
     for (int m = 0; m < m_blocks; ++m) {
       const int seen = key_blocks_seen(m, c.block_m, c.block_n, seqlen_q, seqlen_k, n_blocks, causal);
-      // prep's counter and the first store's position; the adders that never see the tile (the highest ones)
-      const int start = bwd_dq_first_position(heavy_first, paired, n_blocks, seen);
+      // prep's counters and the first stores' positions; the adders that never see the tile (the highest ones)
+      const int first = bwd_dq_first_position(heavy_first, paired, n_blocks, seen);
       const int skipped = bwd_dq_adders_skipped(paired, n_blocks, seen);
+      const int chain1 = causal ? split.chain1_start(m) : first;  // under a causal mask, chain 1's first adder
       for (int chain = 0; chain < chains; ++chain)
         for (int half = 0; half < halves; ++half) {
           const auto it = positions.find({kv_head, chain, half, m});
           const std::vector<int> got = it == positions.end() ? std::vector<int>{} : it->second;
-          // Chain `chain` holds adders chain, chain + chains, ...; under a causal mask (one chain) all but those
-          // skipped, from `start` on.
-          const int count = seen == 0 ? 0 : (adders - chain + chains - 1) / chains - (causal ? skipped : 0);
+          const int start = chain == 0 ? first : chain1;
+          // Without a causal mask chain `chain` holds adders chain, chain + chains, ...; under one, chain 0 the
+          // adders from the first that sees the tile up to chain 1's first, chain 1 the rest.
+          const int count = seen == 0  ? 0
+                            : !causal  ? (adders - chain + chains - 1) / chains
+                            : chain == 0 ? std::max(0, chain1 - skipped)
+                                         : adders - chain1;
           expect(int(got.size()) == count, "adders of a tile", head_dim, seqlen_q, seqlen_k,
                  m * 100 + chain * 10 + half);
+          // prep zeroes chain 0 where it has no adder, post reads chain 1 only where it has one
+          if (chain == 0 && half == 0)
+            expect((seen == 0 || (causal && first >= chain1)) == got.empty(), "prep's zeroed chain 0", head_dim,
+                   seqlen_q, seqlen_k, m);
+          if (chain == 1 && causal)
+            expect((chain1 < adders) == !got.empty(), "post's chain 1", head_dim, seqlen_q, seqlen_k, m);
           for (size_t i = 0; i < got.size() && int(got.size()) == count; ++i)
             expect(got[i] == start + int(i), "adder positions not consecutive from prep's count in launch order",
                    head_dim, seqlen_q, seqlen_k, m);
@@ -99,7 +159,7 @@ int main() {
       for (auto [seqlen_q, seqlen_k] : {std::pair{1, 1}, {64, 64}, {100, 300}, {300, 100}, {1000, 1000}, {1000, 2100},
                                         {2100, 2100}, {4096, 4096}, {4200, 4200}, {5000, 8300}, {8300, 8300}})
         for (auto [heads_q, heads_kv] : {std::pair{2, 2}, {4, 2}, {32, 8}})
-          check(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+          for (int split_over : {-1, 1}) check(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv, split_over);
   std::printf("dq_turns: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
