@@ -546,7 +546,8 @@ struct BwdKernel {
     // A split walk (BwdSplit): the first half hands its dK and dV sums to the second through the workspace, each
     // thread its own registers (float4 j of consumer w's thread t at (w * kWgCols / 4 + j) * 128 + t), and the second
     // adds them to its own once: dK = second half's + first half's, the same order on every run. The first half's
-    // sums are released after a barrier of both consumer warpgroups (the second half acquires them likewise).
+    // sums are released after a barrier of both consumer warpgroups; each thread of the second half acquires them
+    // itself (no divergent wait before a barrier, and its plain loads are ordered after its own acquire).
     if constexpr (kSplitWalks) {
       if (c.half != BwdHalf::kWhole) {
         const int64_t slot =
@@ -558,19 +559,17 @@ struct BwdKernel {
         if (c.half == BwdHalf::kFirst) {
 #pragma unroll
           for (int j = 0; j < kWgCols / 8; ++j) {
-            __stcg(partial + j * 128,
-                   make_float4(acc_dk[4 * j], acc_dk[4 * j + 1], acc_dk[4 * j + 2], acc_dk[4 * j + 3]));
-            __stcg(partial + (kWgCols / 8 + j) * 128,
-                   make_float4(acc_dv[4 * j], acc_dv[4 * j + 1], acc_dv[4 * j + 2], acc_dv[4 * j + 3]));
+            partial[j * 128] = make_float4(acc_dk[4 * j], acc_dk[4 * j + 1], acc_dk[4 * j + 2], acc_dk[4 * j + 3]);
+            partial[(kWgCols / 8 + j) * 128] =
+                make_float4(acc_dv[4 * j], acc_dv[4 * j + 1], acc_dv[4 * j + 2], acc_dv[4 * j + 3]);
           }
           hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
           if (consumer == 0 && t == 0) hopper::store_release_gpu(flag, 1);
         } else {
-          if (consumer == 0 && t == 0) hopper::wait_flag_equals(flag, 1);
-          hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+          hopper::wait_flag_equals(flag, 1);
 #pragma unroll
           for (int j = 0; j < kWgCols / 8; ++j) {
-            const float4 dk = __ldcg(partial + j * 128), dv = __ldcg(partial + (kWgCols / 8 + j) * 128);
+            const float4 dk = partial[j * 128], dv = partial[(kWgCols / 8 + j) * 128];
             acc_dk[4 * j] += dk.x, acc_dk[4 * j + 1] += dk.y, acc_dk[4 * j + 2] += dk.z, acc_dk[4 * j + 3] += dk.w;
             acc_dv[4 * j] += dv.x, acc_dv[4 * j + 1] += dv.y, acc_dv[4 * j + 2] += dv.z, acc_dv[4 * j + 3] += dv.w;
           }
