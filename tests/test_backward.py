@@ -31,6 +31,8 @@ LARGE_CASES = [
     (4097, 1000, True, "gqa2"),
     (1000, 4097, True, "mqa"),
     (799, 3, False, "mha"),
+    (4200, 4200, True, "mha"),  # head_dim 128: key block 0's walk split in two (BwdSplit)
+    (5000, 8300, True, "mha"),  # head_dim 128: the walks of the lowest key blocks split, seqlen_q < seqlen_k
 ]
 LARGE_IDS = [f"sq{sq}_sk{sk}_{'causal' if causal else 'full'}_{h}" for sq, sk, causal, h in LARGE_CASES]
 
