@@ -93,8 +93,9 @@ struct BwdKernelParams {
   TileOrder order;  // heavy first (bwd_causal_heavy_first): the 1-d grid's list of (batch x K/V head, key block)
   int heads_kv;
   BwdSplit split;      // causal, lightest first: the units of a (batch, K/V head) and their walks
-  float* dkv_partial;  // split walks: the first halves' dK and dV sums (BwdWorkspace)
-  int* split_flag;     // split walks: 1 once a first half's sums are written
+  float* dkv_partial;  // split walks: the first halves' dK and dV sums, a ring of split_slots (bwd_split_slots)
+  int* split_flag;     // split walks: each slot's uses (2u + 1: the u-th sums written, 2u + 2: read)
+  int split_slots;
 };
 
 // How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
@@ -543,20 +544,22 @@ struct BwdKernel {
       hand_dq_to_writer(last, acc_dq);
     }
 
-    // A split walk (BwdSplit): the first half hands its dK and dV sums to the second through the workspace, each
-    // thread its own registers (float4 j of consumer w's thread t at (w * kWgCols / 4 + j) * 128 + t), and the second
-    // adds them to its own once: dK = second half's + first half's, the same order on every run. The first half's
-    // sums are released after a barrier of both consumer warpgroups; each thread of the second half acquires them
-    // itself (no divergent wait before a barrier, and its plain loads are ordered after its own acquire).
+    // A split walk (BwdSplit): the first half hands its dK and dV sums to the second through a slot of the workspace's
+    // ring (bwd_split_slots), each thread its own registers (float4 j of consumer w's thread t at
+    // (w * kWgCols / 4 + j) * 128 + t), and the second adds them to its own once: dK = second half's + first half's,
+    // the same order on every run. The first half waits until the slot's last user has read it, and releases its
+    // sums after a barrier of both consumer warpgroups; the second half's threads each acquire them, read them, and
+    // free the slot after a barrier. Every thread polls for itself: no divergent wait before a barrier.
     if constexpr (kSplitWalks) {
       if (c.half != BwdHalf::kWhole) {
-        const int64_t slot =
-            (int64_t(c.batch) * p.heads_kv + c.kv_head) * (p.split.adders - p.split.split_from) + c.adder -
-            p.split.split_from;
+        const int64_t g = (int64_t(c.batch) * p.heads_kv + c.kv_head) * (p.split.adders - p.split.split_from) +
+                          c.adder - p.split.split_from;  // the launch's split adders, in launch order
+        const int slot = int(g % p.split_slots), use = int(g / p.split_slots);
         float4* partial = reinterpret_cast<float4*>(p.dkv_partial) +
-                          (slot * BwdConfig::kConsumers + consumer) * (kWgCols / 4) * 128 + t;
+                          (int64_t(slot) * BwdConfig::kConsumers + consumer) * (kWgCols / 4) * 128 + t;
         int* flag = p.split_flag + slot;
         if (c.half == BwdHalf::kFirst) {
+          hopper::wait_flag_equals(flag, 2 * use);
 #pragma unroll
           for (int j = 0; j < kWgCols / 8; ++j) {
             partial[j * 128] = make_float4(acc_dk[4 * j], acc_dk[4 * j + 1], acc_dk[4 * j + 2], acc_dk[4 * j + 3]);
@@ -564,15 +567,17 @@ struct BwdKernel {
                 make_float4(acc_dv[4 * j], acc_dv[4 * j + 1], acc_dv[4 * j + 2], acc_dv[4 * j + 3]);
           }
           hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
-          if (consumer == 0 && t == 0) hopper::store_release_gpu(flag, 1);
+          if (consumer == 0 && t == 0) hopper::store_release_gpu(flag, 2 * use + 1);
         } else {
-          hopper::wait_flag_equals(flag, 1);
+          hopper::wait_flag_equals(flag, 2 * use + 1);
 #pragma unroll
           for (int j = 0; j < kWgCols / 8; ++j) {
             const float4 dk = partial[j * 128], dv = partial[(kWgCols / 8 + j) * 128];
             acc_dk[4 * j] += dk.x, acc_dk[4 * j + 1] += dk.y, acc_dk[4 * j + 2] += dk.z, acc_dk[4 * j + 3] += dk.w;
             acc_dv[4 * j] += dv.x, acc_dv[4 * j + 1] += dv.y, acc_dv[4 * j + 2] += dv.z, acc_dv[4 * j + 3] += dv.w;
           }
+          hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+          if (consumer == 0 && t == 0) hopper::store_release_gpu(flag, 2 * use + 2);
         }
       }
     }
@@ -709,15 +714,17 @@ struct BwdRowParams {
   float* delta;
   int* dq_turn;
   int* split_flag;
+  int split_slots;  // at most kBwdSplitSlots <= kRowKernelThreads
   int64_t tiles;
   int dq_chains;
-  int seqlen_q, seqlen_k, heads_q, q_heads_per_kv, m_blocks, n_blocks;
+  int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
   bool causal, paired, heavy_first;
   BwdSplit split;  // causal: the chains' adders at each query block, the split walks' flags
   float softmax_scale;
 };
 
 constexpr int kRowKernelThreads = 256;
+static_assert(kBwdSplitSlots <= kRowKernelThreads, "prep's first block zeroes the split walks' slot flags");
 
 __device__ inline int64_t bshd_offset(const BshdStrides& s, int batch, int row, int head) {
   return batch * s.batch + row * s.seq + head * s.head;
@@ -727,8 +734,8 @@ __device__ inline int64_t bshd_offset(const BshdStrides& s, int batch, int row, 
 // Per query block of one (batch, head): delta and lse2 of its rows (8 threads a row, 16-byte loads), and the
 // turn counters at the number of adders that will not add to the tile before the chain's first. The dQ sums need
 // no zeroing: the first adder to reach a tile stores its part, the others add; only chain 0 of a tile it has no
-// adder in is zeroed (chain 1 of such a tile the post kernel does not read). The split walks' flags are zeroed by
-// the first query head of each K/V head.
+// adder in is zeroed (chain 1 of such a tile the post kernel does not read). The first block zeroes the split walks'
+// slot flags.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(const BwdRowParams p) {
   constexpr int kBlockM = bwd_config(HeadDim).block_m;
@@ -773,10 +780,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   constexpr int kHalves = bwd_config(HeadDim).dq_ctas();
   if (threadIdx.x < p.dq_chains * kHalves)
     p.dq_turn[threadIdx.x * p.tiles + tile] = threadIdx.x / kHalves == 0 ? first : chain1_first;
-  const int split_ctas = p.split.adders - p.split.split_from;  // of a (batch, K/V head)
-  if (head % p.q_heads_per_kv == 0)
-    for (int i = m_block * kRowKernelThreads + threadIdx.x; i < split_ctas; i += p.m_blocks * kRowKernelThreads)
-      p.split_flag[(int64_t(batch) * (p.heads_q / p.q_heads_per_kv) + head / p.q_heads_per_kv) * split_ctas + i] = 0;
+  if (m_block == 0 && head == 0 && batch == 0 && int(threadIdx.x) < p.split_slots) p.split_flag[threadIdx.x] = 0;
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 in that order
@@ -902,7 +906,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.seqlen_q = f.seqlen_q;
   rp.seqlen_k = f.seqlen_k;
   rp.heads_q = f.heads_q;
-  rp.q_heads_per_kv = f.heads_q / f.heads_kv;
+  rp.split_slots = bwd_split_slots(split, f.batch, f.heads_kv);
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
@@ -942,6 +946,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.split = split;
   kp.dkv_partial = reinterpret_cast<float*>(base + ws.dkv_partial);
   kp.split_flag = rp.split_flag;
+  kp.split_slots = rp.split_slots;
   const bool heavy_first = rp.heavy_first;
   const int64_t kv_heads = int64_t(f.batch) * f.heads_kv;
   if (heavy_first && kv_heads * kp.n_blocks > INT32_MAX)

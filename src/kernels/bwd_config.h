@@ -193,7 +193,8 @@ DHP_HOST_DEVICE int bwd_walk_block(BwdPairs pairs, int n_block) {
 // query block are a contiguous range: chain 0 [bwd_dq_adders_skipped(seen), chain1_start(m)), chain 1
 // [chain1_start(m), adders). Both chains therefore advance as today's single one does, without waits: adder c + 1's
 // half reaches a query block after adder c's. The first half hands its dK and dV sums (fp32) to the second through
-// the workspace, which adds them to its own once at the end: the same order on every run.
+// the workspace (a ring of slots, bwd_split_slots), which adds them to its own once at the end: the same order on
+// every run.
 enum class BwdHalf : int { kWhole, kFirst, kSecond };
 
 struct BwdUnit {
@@ -305,17 +306,17 @@ inline int bwd_dq_chains(int head_dim, bool causal, int seqlen_q, int seqlen_k, 
 //   delta        float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
 //   dq_turn      int    [chains][dq_ctas][batch][heads_q][m_blocks]     adders of the chain that have added to the
 //                                                                       tile (its half: kSplitDq pairs) or never will
-//   dkv_partial  float  [batch][heads_kv][split adders][2 x 128 threads x wg_cols]  first halves' dK, dV sums
-//   split_flag   int    [batch][heads_kv][split adders]                 1: the first half's sums are written
+//   dkv_partial  float  [slots][2 x 128 threads x wg_cols]            first halves' dK, dV sums (bwd_split_slots)
+//   split_flag   int    [slots]                                         the slot's uses: 2u + 1 written, 2u + 2 read
 struct BwdWorkspace {
   size_t dq_accum, lse2, delta, dq_turn, dkv_partial, split_flag, bytes;  // byte offsets of the arrays, total size
 
   static constexpr size_t kAlign = 256;
   static constexpr size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-  // split_ctas: the CTAs that walk a first half, over the whole problem.
+  // split_slots: bwd_split_slots.
   static constexpr BwdWorkspace make(const BwdConfig& c, int batch, int heads_q, int seqlen_q, int dq_chains,
-                                     size_t split_ctas) {
+                                     size_t split_slots) {
     const size_t m_blocks = (size_t(seqlen_q) + c.block_m - 1) / c.block_m;
     const size_t rows = size_t(batch) * heads_q * m_blocks * c.block_m;
     const size_t chains = size_t(dq_chains);
@@ -325,19 +326,31 @@ struct BwdWorkspace {
     w.delta = w.lse2 + round_up(rows * sizeof(float));
     w.dq_turn = w.delta + round_up(rows * sizeof(float));
     w.dkv_partial = w.dq_turn + round_up(chains * c.dq_ctas() * size_t(batch) * heads_q * m_blocks * sizeof(int));
-    w.split_flag = w.dkv_partial + round_up(split_ctas * BwdConfig::kConsumers * 128 * c.wg_cols() * sizeof(float));
-    w.bytes = w.split_flag + round_up(split_ctas * sizeof(int));
+    w.split_flag = w.dkv_partial + round_up(split_slots * BwdConfig::kConsumers * 128 * c.wg_cols() * sizeof(float));
+    w.bytes = w.split_flag + round_up(split_slots * sizeof(int));
     return w;
   }
 };
+
+// Split walks hand their dK/dV sums over through a ring of slots: split adder g of the launch (counted over batch x
+// K/V heads in launch order) uses slot g % slots for the (g / slots)-th time, once the second half of adder
+// g - slots has read it; that half was launched earlier and waits for nothing launched after it, so the ring cannot
+// deadlock, and the sums are the same bits whichever slot carries them. A slot is held from a first half's end to its
+// second half's, about as long, so two per SM wait rarely; 256 slots of 128 KB (head_dim 128) are 32 MB whatever
+// the length, where one per split adder took 128 MB at 16k keys x 16 heads.
+constexpr int kBwdSplitSlots = 256;
+inline int bwd_split_slots(const BwdSplit& s, int batch, int heads_kv) {
+  const int64_t split_adders = int64_t(batch) * heads_kv * (s.adders - s.split_from);
+  return int(split_adders < kBwdSplitSlots ? split_adders : kBwdSplitSlots);
+}
 
 // The workspace of a problem (the C API's size query and the launch).
 inline BwdWorkspace bwd_workspace(int head_dim, bool causal, int batch, int seqlen_q, int seqlen_k, int heads_q,
                                   int heads_kv) {
   const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
-  const size_t split_ctas = size_t(batch) * heads_kv * (s.adders - s.split_from);
   return BwdWorkspace::make(bwd_config(head_dim), batch, heads_q, seqlen_q,
-                            bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv), split_ctas);
+                            bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv),
+                            size_t(bwd_split_slots(s, batch, heads_kv)));
 }
 
 }  // namespace dhp::kernels
