@@ -784,8 +784,9 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 in that order
-// (under a causal mask chain 1 only where a split walk's second half adds to the tile). The sums are in fragment order (each thread's values are 2 columns of 2 rows): they are scaled,
-// converted and put in row order in shared memory, then written 16 bytes a thread along the rows.
+// (under a causal mask chain 1 only where a split walk's second half adds to the tile). The sums are in fragment
+// order (each thread's values are 2 columns of 2 rows): they are scaled, converted and put in row order in shared
+// memory, then written 16 bytes a thread along the rows.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(const BwdRowParams p) {
   constexpr BwdConfig kCfg = bwd_config(HeadDim);

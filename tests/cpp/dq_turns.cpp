@@ -89,8 +89,8 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
     const int chain = causal ? int(unit.half == BwdHalf::kSecond) : adder % chains;
     const int position = causal ? adder : adder / chains;
     if (units) {
-      expect(steps.begin < steps.end || unit.half == BwdHalf::kWhole, "an empty half walk", head_dim, seqlen_q, seqlen_k,
-             x);
+      expect(steps.begin < steps.end || unit.half == BwdHalf::kWhole, "an empty half walk", head_dim, seqlen_q,
+             seqlen_k, x);
       expect(split.first_m(unit.adder) == first, "the split's first query block", head_dim, seqlen_q, seqlen_k, x);
       if (unit.half == BwdHalf::kFirst) first_half_launch[{unit.adder, rank}] = launch;
       if (unit.half == BwdHalf::kSecond)
