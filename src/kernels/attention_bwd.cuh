@@ -88,7 +88,8 @@ struct BwdKernelParams {
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;
   int64_t tiles;  // dQ tiles of one chain: batch * heads_q * m_blocks
-  int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), at most the adders (1 under a causal mask)
+  int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), without a causal mask at most the adders
+  int chain1_m0;  // chain 1's first query block (bwd_dq_chain1_m0)
   int paired;     // key blocks in pairs (bwd_paired_key_blocks): launched as 2-CTA clusters
   TileOrder order;  // heavy first (bwd_causal_heavy_first): the 1-d grid's list of (batch x K/V head, key block)
   int heads_kv;
@@ -201,7 +202,7 @@ struct BwdKernel {
     }
   }
 
-  // A dQ tile's index in a chain (p.tiles <= INT32_MAX, checked before the launch).
+  // A query block's index among all of them (p.tiles <= INT32_MAX, checked before the launch).
   __device__ static int row_tile(const BwdKernelParams& p, int batch, int head, int m_block) {
     return (batch * p.heads_q + head) * p.m_blocks + m_block;
   }
@@ -248,11 +249,15 @@ struct BwdKernel {
       // one, adders alternate between the chains.
       const int chain = Causal ? int(c.half == BwdHalf::kSecond) : c.adder % p.dq_chains;
       const int position = Causal ? c.adder : c.adder / p.dq_chains;  // adders of the chain that add before this one
-      const int tile = row_tile(p, c.batch, head, m_block);
-      int* turn = p.dq_turn + (chain * kCfg.dq_ctas() + half) * p.tiles + tile;
+      // (without a causal mask chain 1 covers every query block: chain * tiles + the query block's, bwd_dq_tile with
+      // m1 = 0, written so, which keeps those kernels' code as it was measured)
+      const int tile = Causal ? bwd_dq_tile(chain, c.batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0,
+                                            int(p.tiles))
+                              : chain * int(p.tiles) + row_tile(p, c.batch, head, m_block);
+      int* turn = p.dq_turn + half * p.tiles + tile;
       hopper::wait_flag_equals(turn, position);
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
-      float* sum = p.dq_accum + (chain * p.tiles + tile) * kTileFloats + half * kDqFloats;
+      float* sum = p.dq_accum + int64_t(tile) * kTileFloats + half * kDqFloats;
       // The chain's first part stores (no zeroes to add to): that of the first adder that sees the tile (without
       // a causal mask every key block sees it, so the chain's first; heavy first, key block 0; else
       // BwdSplit::first_below).
@@ -717,6 +722,7 @@ struct BwdRowParams {
   int split_slots;  // at most kBwdSplitSlots <= kRowKernelThreads
   int64_t tiles;
   int dq_chains;
+  int chain1_m0;  // chain 1's first query block (bwd_dq_chain1_m0)
   int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
   bool causal, paired, heavy_first;
   BwdSplit split;  // causal: the chains' adders at each query block, the split walks' flags
@@ -778,8 +784,10 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
     for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
   }
   constexpr int kHalves = bwd_config(HeadDim).dq_ctas();
-  if (threadIdx.x < p.dq_chains * kHalves)
-    p.dq_turn[threadIdx.x * p.tiles + tile] = threadIdx.x / kHalves == 0 ? first : chain1_first;
+  if (threadIdx.x < kHalves)
+    p.dq_turn[threadIdx.x * p.tiles + tile] = first;
+  else if (threadIdx.x == kHalves && p.dq_chains > 1 && m_block >= p.chain1_m0)
+    p.dq_turn[bwd_dq_tile(1, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles))] = chain1_first;
   if (m_block == 0 && head == 0 && batch == 0 && int(threadIdx.x) < p.split_slots) p.split_flag[threadIdx.x] = 0;
 }
 
@@ -797,23 +805,23 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
                 "group of 128 the same number of parts");
   __shared__ alignas(16) T rows[kCfg.block_m * kPitch];
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
-  const int64_t tile = (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
   const int t = threadIdx.x % 128, lane = t % 32;
-  const int chains = p.causal && p.split.chain1_start(m_block) == p.split.adders ? 1 : p.dq_chains;
+  const int chains = m_block >= p.chain1_m0 ? p.dq_chains : 1;  // (under a causal mask: chain1_start(m) < adders)
 #pragma unroll
   for (int i = 0; i < kCfg.dq_parts() / (kRowKernelThreads / 128); ++i) {
     const int part = threadIdx.x / 128 + i * (kRowKernelThreads / 128);
     const int row0 = (kCfg.dq_split_rows() ? part * 64 : 0) + 16 * (t / 32) + lane / 4;
     const int col0 = (kCfg.dq_split_rows() ? 0 : part * kDqCols) + 2 * (lane % 4);
     const auto sums = [&](int chain) {
-      return reinterpret_cast<const float4*>(p.dq_accum + (chain * p.tiles + tile) * kCfg.block_m * HeadDim) +
-             part * 64 * kDqCols / 4;
+      const int64_t index =
+          bwd_dq_tile(chain, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles));
+      return reinterpret_cast<const float4*>(p.dq_accum + index * kCfg.block_m * HeadDim) + part * 64 * kDqCols / 4;
     };
 #pragma unroll
     for (int j = 0; j < kDqCols / 8; ++j) {
       float4 v = sums(0)[j * 128 + t];
-      for (int c = 1; c < chains; ++c) {
-        const float4 w = sums(c)[j * 128 + t];
+      if (chains > 1) {
+        const float4 w = sums(1)[j * 128 + t];
         v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
       }
       const int col = col0 + 8 * j;
@@ -879,9 +887,9 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
                 "heads_q/heads_kv=%d x ceil(seqlen_q=%d / %d) = %lld steps for one key block: at most 2^31 - 1 are "
                 "supported", f.heads_q / f.heads_kv, f.seqlen_q, kCfg.block_m,
                 (long long)(m_blocks * (f.heads_q / f.heads_kv)));
-  if (int64_t(f.batch) * f.heads_q * m_blocks > INT32_MAX)
+  if (2 * int64_t(f.batch) * f.heads_q * m_blocks > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
-                "batch=%d x heads_q=%d x ceil(seqlen_q=%d / %d) = %lld dQ tiles: at most 2^31 - 1 are supported",
+                "batch=%d x heads_q=%d x ceil(seqlen_q=%d / %d) = %lld dQ tiles: at most 2^30 - 1 are supported",
                 f.batch, f.heads_q, f.seqlen_q, kCfg.block_m, (long long)(int64_t(f.batch) * f.heads_q * m_blocks));
   const int dq_chains = bwd_dq_chains(HeadDim, Causal, f.seqlen_q, f.seqlen_k, f.heads_q, f.heads_kv);
   const bool paired = bwd_paired_key_blocks(HeadDim, Causal, f.seqlen_k, f.heads_q, f.heads_kv);
@@ -913,6 +921,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
   // Without a causal mask a chain without adders is never written; under one, chain 1 exists only where walks split.
   rp.dq_chains = Causal ? dq_chains : std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));
+  rp.chain1_m0 = bwd_dq_chain1_m0(split, Causal);
   rp.causal = Causal;
   rp.paired = paired;
   rp.heavy_first = bwd_causal_heavy_first(HeadDim, Causal, f.heads_q, f.heads_kv);
@@ -936,6 +945,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.dq_turn = rp.dq_turn;
   kp.tiles = rp.tiles;
   kp.dq_chains = rp.dq_chains;
+  kp.chain1_m0 = rp.chain1_m0;
   kp.paired = paired;
   kp.seqlen_q = f.seqlen_q;
   kp.seqlen_k = f.seqlen_k;

@@ -89,6 +89,12 @@ static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(12
 constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
   return head_dim == 64 ? 8192 : head_dim == 128 ? 4096 : 0;
 }
+// A second chain only where a dQ tile is added by one CTA (bwd_dq_tile's layout): not with kSplitDq halves.
+constexpr bool bwd_second_chain_valid(int head_dim) {
+  const BwdConfig c = bwd_config(head_dim);
+  return (bwd_dq_chains_max_seqlen_k(head_dim) == 0 && c.split_walks_over == 0) || c.dq_ctas() == 1;
+}
+static_assert(bwd_second_chain_valid(64) && bwd_second_chain_valid(128) && bwd_second_chain_valid(256));
 
 // Key blocks in pairs (BwdConfig::pairs), a 2-CTA cluster each: blockIdx.x 2c and 2c + 1 are the key blocks
 // N - 1 - 2c and the one below, N the number of key blocks (kSumDq; an odd N leaves the last pair without its lower
@@ -245,6 +251,9 @@ struct BwdSplit {
     }
     return lo;
   }
+  // The first query block with chain 1 adders (mid falls as c grows: the last adder's), m_blocks if none: chain 1
+  // holds the tiles from there on only (BwdWorkspace).
+  DHP_HOST_DEVICE int chain1_first_m() const { return split_from < adders ? mid(adders - 1) : m_blocks; }
   // The query blocks where adder c's part of a tile is its chain's first, seen from the adder's side: those below
   // this, which the adder before it (higher) does not walk in the same chain: chain 0 the whole adder's walk (its
   // first query block), chain 1 a second half's (its mid). The writer's test, with no search per step; prep's
@@ -300,11 +309,13 @@ inline int bwd_dq_chains(int head_dim, bool causal, int seqlen_q, int seqlen_k, 
 }
 
 // The backward's scratch memory, for one problem: six arrays, each 256-byte aligned.
-//   dq_accum     float  [chains][batch][heads_q][m_blocks][block_m * head_dim]  dQ sums, each tile in fragment order
+//   dq_accum     float  [tiles + tiles1][block_m * head_dim]           dQ sums, each tile in fragment order: chain 0
+//                                                                       [batch][heads_q][m_blocks], then chain 1
+//                                                                       [batch][heads_q][m_blocks - m1] (bwd_dq_tile)
 //   lse2         float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
 //                                                                       rows that saw no key
 //   delta        float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
-//   dq_turn      int    [chains][dq_ctas][batch][heads_q][m_blocks]     adders of the chain that have added to the
+//   dq_turn      int    [dq_ctas x tiles + tiles1]                      adders of the chain that have added to the
 //                                                                       tile (its half: kSplitDq pairs) or never will
 //   dkv_partial  float  [slots][2 x 128 threads x wg_cols]            first halves' dK, dV sums (bwd_split_slots)
 //   split_flag   int    [slots]                                         the slot's uses: 2u + 1 written, 2u + 2 read
@@ -314,18 +325,19 @@ struct BwdWorkspace {
   static constexpr size_t kAlign = 256;
   static constexpr size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-  // split_slots: bwd_split_slots.
+  // chain1_m0: chain 1's first query block (bwd_dq_chain1_m0); split_slots: bwd_split_slots.
   static constexpr BwdWorkspace make(const BwdConfig& c, int batch, int heads_q, int seqlen_q, int dq_chains,
-                                     size_t split_slots) {
+                                     int chain1_m0, size_t split_slots) {
     const size_t m_blocks = (size_t(seqlen_q) + c.block_m - 1) / c.block_m;
     const size_t rows = size_t(batch) * heads_q * m_blocks * c.block_m;
-    const size_t chains = size_t(dq_chains);
+    const size_t tiles = size_t(batch) * heads_q * m_blocks;
+    const size_t tiles1 = dq_chains > 1 ? size_t(batch) * heads_q * (m_blocks - size_t(chain1_m0)) : 0;
     BwdWorkspace w{};
     w.dq_accum = 0;
-    w.lse2 = round_up(chains * rows * c.head_dim * sizeof(float));
+    w.lse2 = round_up((tiles + tiles1) * c.block_m * c.head_dim * sizeof(float));
     w.delta = w.lse2 + round_up(rows * sizeof(float));
     w.dq_turn = w.delta + round_up(rows * sizeof(float));
-    w.dkv_partial = w.dq_turn + round_up(chains * c.dq_ctas() * size_t(batch) * heads_q * m_blocks * sizeof(int));
+    w.dkv_partial = w.dq_turn + round_up((c.dq_ctas() * tiles + tiles1) * sizeof(int));
     w.split_flag = w.dkv_partial + round_up(split_slots * BwdConfig::kConsumers * 128 * c.wg_cols() * sizeof(float));
     w.bytes = w.split_flag + round_up(split_slots * sizeof(int));
     return w;
@@ -344,13 +356,23 @@ inline int bwd_split_slots(const BwdSplit& s, int batch, int heads_kv) {
   return int(split_adders < kBwdSplitSlots ? split_adders : kBwdSplitSlots);
 }
 
+// Chain 1's first query block: under a causal mask the first a second half walks (BwdSplit::chain1_first_m), else 0.
+inline int bwd_dq_chain1_m0(const BwdSplit& s, bool causal) { return causal ? s.chain1_first_m() : 0; }
+
+// A dQ tile's index in dq_accum (in tiles), and in dq_turn with `half * tiles` added: chain 0's tile of (batch x
+// heads_q + head) bh at query block m, or chain 1's (m >= m1), which follows chain 0's tiles (chain 1 exists only
+// where dq_ctas is 1: bwd_config_valid). 32 bits: run_backward checks 2 x tiles <= INT32_MAX.
+DHP_HOST_DEVICE int bwd_dq_tile(int chain, int bh, int m, int m_blocks, int m1, int tiles) {
+  return chain ? tiles + bh * (m_blocks - m1) + (m - m1) : bh * m_blocks + m;
+}
+
 // The workspace of a problem (the C API's size query and the launch).
 inline BwdWorkspace bwd_workspace(int head_dim, bool causal, int batch, int seqlen_q, int seqlen_k, int heads_q,
                                   int heads_kv) {
   const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
   return BwdWorkspace::make(bwd_config(head_dim), batch, heads_q, seqlen_q,
                             bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv),
-                            size_t(bwd_split_slots(s, batch, heads_kv)));
+                            bwd_dq_chain1_m0(s, causal), size_t(bwd_split_slots(s, batch, heads_kv)));
 }
 
 }  // namespace dhp::kernels

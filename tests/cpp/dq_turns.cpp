@@ -118,6 +118,23 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
     for (int m = split.first_m(key.first); m < m_blocks; ++m) want.push_back(m);
     expect(ms == want, "a split walk's halves do not partition it", head_dim, seqlen_q, seqlen_k, key.first);
   }
+  // Chain 1 holds the query blocks from chain1_first_m on, exactly those with chain 1 adders; bwd_dq_tile puts the
+  // two chains' tiles of two heads at distinct indices in [0, tiles + tiles1).
+  const int m1 = bwd_dq_chain1_m0(split, causal);
+  if (causal)
+    for (int m = 0; m < m_blocks; ++m)
+      expect((split.chain1_start(m) < adders) == (m >= m1), "chain 1's first query block", head_dim, seqlen_q,
+             seqlen_k, m);
+  std::vector<int> seen_tiles;
+  for (int bh = 0; bh < 2; ++bh)
+    for (int m = 0; m < m_blocks; ++m)
+      for (int chain = 0; chain < (m >= m1 ? chains : 1); ++chain)
+        seen_tiles.push_back(bwd_dq_tile(chain, bh, m, m_blocks, m1, 2 * m_blocks));
+  std::sort(seen_tiles.begin(), seen_tiles.end());
+  const int tiles1 = chains > 1 ? 2 * (m_blocks - m1) : 0;
+  expect(std::adjacent_find(seen_tiles.begin(), seen_tiles.end()) == seen_tiles.end() &&
+             (seen_tiles.empty() || (seen_tiles.front() >= 0 && seen_tiles.back() < 2 * m_blocks + tiles1)),
+         "dQ tiles overlap or fall outside the workspace", head_dim, seqlen_q, seqlen_k, m1);
   for (int kv_head = 0; kv_head < kv_heads; ++kv_head)
     for (int m = 0; m < m_blocks; ++m) {
       const int seen = key_blocks_seen(m, c.block_m, c.block_n, seqlen_q, seqlen_k, n_blocks, causal);
