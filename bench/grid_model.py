@@ -53,35 +53,49 @@ def forward(heads: int, seqlen: int, block_m: int, block_n: int, section_heads: 
 
 
 def backward(heads: int, n_blocks: int, m_blocks: int, q_heads_per_kv: int, heavy_first: bool,
-             section_heads: int = 16, add_latency: float = 0.5, dq_buffers: int = 2, overhead: float = 2.0) -> float:
+             section_heads: int = 16, add_latency: float = 0.5, dq_buffers: int = 2, overhead: float = 2.0,
+             split_over: int | None = None) -> float:
     """Causal backward, one CTA per (K/V head, key block) with a step per (query head, query block) it sees.
 
     Each step's dQ part is added by a writer after the previous adder of that tile (the tile's key-block order),
     taking add_latency steps, and the consumers run at most dq_buffers steps ahead of the writer. Lightest first:
     head by head, key blocks from the last, walks up from the diagonal, adds descending. Heavy first: sections of
     heads, key block 0 first, walks from the last query block down (query heads in turn at each), adds ascending.
-    In both, a tile's adders come in list order, so the model needs no lookahead."""
+    In both, a tile's adders come in list order, so the model needs no lookahead. split_over (lightest first only,
+    BwdSplit in src/kernels/bwd_config.h): walks longer than that many query blocks and than half of them run as two
+    CTAs, adjacent in the list, the second half's adds in a second chain (the dK/dV hand-over is not modelled)."""
     ratio = max(1, m_blocks // n_blocks)
     if heavy_first:
-        items = tile_list(heads, n_blocks, section_heads)
+        items = [(h, n, m_blocks) for h, n in tile_list(heads, n_blocks, section_heads)]
     else:
-        items = [(h, n_blocks - 1 - r) for h in range(heads) for r in range(n_blocks)]
+        items = []
+        for h in range(heads):
+            for r in range(n_blocks):
+                n = n_blocks - 1 - r
+                first = min(m_blocks, n * ratio)
+                walk = m_blocks - first
+                if split_over is not None and walk > split_over and 2 * walk > m_blocks:
+                    items += [(h, n, first + walk // 2), (h, n, -(first + walk // 2))]  # first half, second half
+                else:
+                    items.append((h, n, m_blocks))
     last_add: dict[tuple[int, int, int], float] = {}
     free = [0.0] * SMS
     busy = end = 0.0
-    for head, n in items:
+    for head, n, end_m in items:
         start = heapq.heappop(free)
         first = min(m_blocks, n * ratio)
+        chain = int(end_m < 0)  # a second half: its walk [-end_m, m_blocks), its adds in chain 1
+        first, end_m = (-end_m, m_blocks) if chain else (first, end_m)
         if heavy_first:
             steps = [(g, m) for m in range(m_blocks - 1, first - 1, -1) for g in range(q_heads_per_kv)]
         else:
-            steps = [(g, m) for g in range(q_heads_per_kv) for m in range(first, m_blocks)]
+            steps = [(g, m) for g in range(q_heads_per_kv) for m in range(first, end_m)]
         compute, added = start + overhead / 2, []
         for i, (g, m) in enumerate(steps):
             compute = max(compute, added[i - dq_buffers] if i >= dq_buffers else start) + 1.0
-            done = max(added[-1] if added else start, compute, last_add.get((head, g, m), 0.0)) + add_latency
+            done = max(added[-1] if added else start, compute, last_add.get((head, g, m, chain), 0.0)) + add_latency
             added.append(done)
-            last_add[(head, g, m)] = done
+            last_add[(head, g, m, chain)] = done
         finish = max(compute, added[-1] if added else start) + overhead / 2
         busy += len(steps) + overhead
         heapq.heappush(free, finish)
@@ -122,8 +136,9 @@ def main() -> None:
         heads_q = 2048 // 128 if kv_per_q == 1 else 32
         heads = 16384 // seqlen * heads_q // kv_per_q
         args = (heads, seqlen // 128, seqlen // 64, kv_per_q)
+        split = f"  split walks over 64 {backward(*args, heavy_first=False, split_over=64):.3f}" if kv_per_q == 1 else ""
         print(f"  {seqlen:>5} {'GQA 32/8' if kv_per_q > 1 else 'MHA':8}: lightest first "
-              f"{backward(*args, heavy_first=False):.3f}  heavy first {backward(*args, heavy_first=True):.3f}")
+              f"{backward(*args, heavy_first=False):.3f}  heavy first {backward(*args, heavy_first=True):.3f}{split}")
     print("backward, causal, d256 (key blocks in pairs, 64-row query blocks): lightest first, rank-major sections, "
           "walks over half the query blocks split")
     for seqlen in (2048, 4096, 8192, 16384):

@@ -718,4 +718,9 @@ def test_grid_model():
     assert model.backward_pairs(1, 8, overhead=0.0) == pytest.approx(20 / 66 / 8)
     assert model.backward_pairs(1, 8, split_over=4, overhead=0.0) == pytest.approx(20 / 66 / 4)
     assert 0.9 < model.backward_pairs(32, 64) < model.backward_pairs(32, 64, split_over=32) <= 1.0
+    # head_dim 128 MHA, lightest first: split walks (BwdSplit, over 64 query blocks) end the grid on shorter CTAs; below
+    # the threshold the list is the same
+    light = model.backward(16, 128, 256, 1, heavy_first=False)
+    assert 0.85 < light < model.backward(16, 128, 256, 1, heavy_first=False, split_over=64) <= 1.0
+    assert model.backward(8, 32, 64, 1, heavy_first=False, split_over=64) == model.backward(8, 32, 64, 1, False)
 
