@@ -12,7 +12,7 @@
 //     O += P V (wgmma with P from registers), release V. The QK^T of the next block is issued with the
 //     PV of the current one, and the warpgroups take turns issuing GEMMs (named barriers), so one's
 //     softmax overlaps the others' tensor-core work and, where the tile says so, its own PV. Finally O / rowsum goes to shared memory (over the
-//     warpgroup's own Q rows) and out via TMA store; the LSE is stored directly.
+//     warpgroup's own Q rows, or through a staging buffer of its own) and out via TMA store; the LSE is stored directly.
 // Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first.
 //
 // Constant time: trip counts, addresses and the masking branch depend only on shapes, options and
@@ -85,6 +85,14 @@ struct GemmTurns {
   }
 };
 
+// The O tile's own staging buffer (FwdConfig::o_stage_boxes): a base of Smem, empty where O goes through Q's rows.
+template <int Boxes, int BoxBytes>
+struct alignas(1024) OStage {
+  alignas(1024) uint8_t o[Boxes][BoxBytes];
+};
+template <int BoxBytes>
+struct OStage<0, BoxBytes> {};
+
 template <class T, int HeadDim, bool Causal, int Tier>
 struct FwdKernel {
   static constexpr FwdConfig kCfg = fwd_config(HeadDim, Causal, Tier);
@@ -100,10 +108,15 @@ struct FwdKernel {
   static constexpr bool kHalfFirstBlock = Causal && kCfg.half_first_block;
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
+  // With a staging buffer of its own, O leaves in passes of kOPassBoxes boxes, and a warpgroup's Q rows are free
+  // once its last QK^T has completed (the next tile's Q loads under the last P V and the epilogue); without one, O
+  // goes out through the Q rows, which are free once that store has read them.
+  static constexpr bool kOwnOStage = kCfg.o_stage_boxes > 0;
+  static constexpr int kOPassBoxes = kOwnOStage ? kCfg.o_stage_boxes : kBoxes;
   static constexpr uint32_t kQBytes = kCfg.tile_bytes(kBlockM, sizeof(T));
   static constexpr uint32_t kKVBytes = kCfg.tile_bytes(kBlockN, sizeof(T));
 
-  struct alignas(1024) Smem {
+  struct alignas(1024) Smem : OStage<kOwnOStage ? kConsumers * kOPassBoxes : 0, kBoxBytesQ> {
     alignas(1024) uint8_t q[kQBuffers][kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
     alignas(1024) uint8_t k[kStages][kBoxes][kBoxBytesKV];
     alignas(1024) uint8_t v[kStages][kBoxes][kBoxBytesKV];
@@ -204,17 +217,23 @@ struct FwdKernel {
 
   // A Q buffer holds the O tile until its TMA store has read it. With one Q buffer the epilogue waits for that
   // and frees the buffer at once (the producer needs it for the next tile). With two it hands the wait to the next
-  // tile, which does it under its first QK^T: the producer needs the buffer only for the tile after next.
-  static constexpr bool kDeferStoreWait = kQBuffers >= 2;
+  // tile, which does it under its first QK^T: the producer needs the buffer only for the tile after next. With O's
+  // own staging buffer the Q buffer is freed earlier (consume_tile) and the next tile waits for the store's last
+  // pass, under its first QK^T, before it writes that buffer again.
+  static constexpr bool kDeferStoreWait = kQBuffers >= 2 || kOwnOStage;
   struct PendingStore {
     int qb = -1;          // the Q buffer to free, -1 if none
-    bool stored = false;  // whether a store from it is in flight
+    bool stored = false;  // whether a store from shared memory is in flight
   };
-  // Thread 0 of a consumer warpgroup: the store has read the buffer, the producer may refill it.
+  // Thread 0 of a consumer warpgroup: the store has read shared memory; the producer may refill the Q buffer.
   __device__ static void free_q_buffer(Smem& s, const PendingStore& pending) {
-    if (pending.qb < 0) return;
     if (pending.stored) hopper::tma_store_wait_read();
-    hopper::mbarrier_arrive(&s.q_empty[pending.qb]);
+    if (pending.qb >= 0) hopper::mbarrier_arrive(&s.q_empty[pending.qb]);
+  }
+  // The box of shared memory that column box b of this warpgroup's O tile passes through.
+  __device__ static uint8_t* o_box(Smem& s, int consumer, uint8_t (&q_tile)[kBoxes][kBoxBytesQ], int b) {
+    if constexpr (kOwnOStage) return s.o[consumer * kOPassBoxes + b % kOPassBoxes];
+    return q_tile[b];
   }
 
   __device__ static void consume(const FwdKernelParams& p, Smem& s, int consumer) {
@@ -363,6 +382,7 @@ struct FwdKernel {
       }
 
       if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
+      if (kOwnOStage && t == 0) hopper::mbarrier_arrive(&s.q_empty[qb]);  // every QK^T has completed
       turns.wait();
       rescale_o(rescale);
       issue_pv(ring.stage());
@@ -370,29 +390,39 @@ struct FwdKernel {
       retire_pv(ring.stage());
     } else if (t == 0) {
       free_q_buffer(s, previous);
+      if constexpr (kOwnOStage) hopper::mbarrier_arrive(&s.q_empty[qb]);
     }
 
     float inv_sum[2], lse[2];
     softmax.finish(inv_sum, lse);
 
-    // O tile -> this warpgroup's Q boxes (no longer read), in the 128B-swizzled layout TMA stores from:
-    // 16-byte chunk c of row r lives at chunk c ^ (r % 8).
+    // O tile -> shared memory (this warpgroup's Q boxes, no longer read, or O's own buffer, pass by pass), in the
+    // 128B-swizzled layout TMA stores from: 16-byte chunk c of row r lives at chunk c ^ (r % 8).
+    const int epilogue_barrier = int(FwdBarrier::kEpilogueFirst) + consumer;
 #pragma unroll
-    for (int i = 0; i < FragO::kRegs; i += 2) {
-      const int h = FragO::row_half(i);
-      const int row = row_in_wg + 8 * h;
-      const int col = FragO::col(i, lane);
-      const int box = col / 64;
-      const int chunk = (col % 64) / 8;
-      uint8_t* dst = q_tile[box] + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
-      *reinterpret_cast<uint32_t*>(dst) = hopper::pack2<T>(acc_o[i] * inv_sum[h], acc_o[i + 1] * inv_sum[h]);
-    }
-    hopper::fence_view_async_shared();
-    hopper::named_barrier_sync(int(FwdBarrier::kEpilogueFirst) + consumer, 128);
-    if (t == 0 && wg_row0 < p.seqlen_q) {
-      for (int b = 0; b < kBoxes; ++b)
-        hopper::tma_store_4d(&p.out, q_tile[b], b * 64, wg_row0, tile.head, tile.batch);
-      hopper::tma_store_commit();
+    for (int pass = 0; pass < kBoxes / kOPassBoxes; ++pass) {
+      if (pass > 0) {  // the previous pass's store has read the buffer
+        if (t == 0) hopper::tma_store_wait_read();
+        hopper::named_barrier_sync(epilogue_barrier, 128);
+      }
+#pragma unroll
+      for (int i = 0; i < FragO::kRegs; i += 2) {
+        const int h = FragO::row_half(i);
+        const int row = row_in_wg + 8 * h;
+        const int col = FragO::col(i, lane);
+        const int box = FragO::col(i, 0) / 64;  // the lane adds less than 8 columns: known at compile time
+        if (box / kOPassBoxes != pass) continue;
+        const int chunk = (col % 64) / 8;
+        uint8_t* dst = o_box(s, consumer, q_tile, box) + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
+        *reinterpret_cast<uint32_t*>(dst) = hopper::pack2<T>(acc_o[i] * inv_sum[h], acc_o[i + 1] * inv_sum[h]);
+      }
+      hopper::fence_view_async_shared();
+      hopper::named_barrier_sync(epilogue_barrier, 128);
+      if (t == 0 && wg_row0 < p.seqlen_q) {
+        for (int b = pass * kOPassBoxes; b < (pass + 1) * kOPassBoxes; ++b)
+          hopper::tma_store_4d(&p.out, o_box(s, consumer, q_tile, b), b * 64, wg_row0, tile.head, tile.batch);
+        hopper::tma_store_commit();
+      }
     }
 
     if (p.lse != nullptr && lane % 4 == 0) {
@@ -403,8 +433,8 @@ struct FwdKernel {
           p.lse[tile.batch * p.lse_stride_batch + tile.head * p.lse_stride_head + row * p.lse_stride_seq] = lse[h];
       }
     }
-    // The producer may refill this warpgroup's Q buffer once the store has read it.
-    const PendingStore mine{qb, wg_row0 < p.seqlen_q};
+    // The producer may refill this warpgroup's Q buffer once the store has read it (with O's own buffer: done).
+    const PendingStore mine{kOwnOStage ? -1 : qb, wg_row0 < p.seqlen_q};
     if (kDeferStoreWait) return mine;
     if (t == 0) free_q_buffer(s, mine);
     return PendingStore{};

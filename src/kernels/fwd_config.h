@@ -20,6 +20,9 @@ struct FwdConfig {
   int softmax_chains;       // partial maxima and sums per row half (OnlineSoftmax, softmax.cuh)
   bool half_first_block;    // causal: the diagonal key block masked and softmaxed on its first half where a
                             // warpgroup's rows see none of the second (attention_fwd.cuh, second_half_unseen)
+  int o_stage_boxes;        // 0: O goes out through the warpgroup's Q rows; > 0: through a buffer of its own of this
+                            // many 64-column boxes per warpgroup, in head_dim / 64 / o_stage_boxes passes, so the Q
+                            // buffer is free once the tile's last QK^T has completed (attention_fwd.cuh)
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -73,16 +76,22 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // causal diagonal is a large share of short sequences and of head_dim 64's cheap GEMMs: d64 512 +4%, 1k +7%,
   // 2k +5..8%, 4k +4%, 16k +1%; d128 and d256 short tiers even to +2%. d128's main tier was even to -2% (4k-16k,
   // its inner loop scheduled differently), and d256's 80-key block has no half of whole k16 steps.
+  // o_stage_boxes, measured on an H100 (bf16, 2026-11-26, four alternating rounds in one call): head_dim 256's short
+  // tier has one Q buffer (64 KB beside two 64-key K/V stages) and 32 KB free, so O leaves through a buffer of its
+  // own in two passes of two boxes, and the next tile's Q loads under the last P V instead of after the O store:
+  // 512 keys +5.3%, causal 512 +7.2%, causal 1k +4.8%, 1k even. The same short tier up to 1k or 2k keys without a
+  // mask was even at 1k and lost 2-3% at 2k; head_dim 128's main tier with 176-key blocks, one Q buffer and a
+  // one-box O stage lost 3-6% at 3k-4k (causal 4k 567 -> 533).
   const bool short_keys = tier == kTierShortKeys;
   const bool half_first = causal && (short_keys || head_dim == 64);
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first}
-                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true, 4, half_first};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first, 0}
+                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true, 4, half_first, 0};
   if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first}
-                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, true, 1, half_first};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false, 4, half_first}
-                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true, 1, half_first};
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first, 0}
+                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, true, 1, half_first, 0};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false, 4, half_first, 2}
+                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true, 1, half_first, 0};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
@@ -90,6 +99,7 @@ constexpr bool fwd_config_valid(const FwdConfig& c) {
          c.stages >= (c.softmax_under_pv ? 2 : 1) && c.q_buffers >= 1 &&
          c.softmax_chains >= 1 && (c.softmax_chains & (c.softmax_chains - 1)) == 0 &&
          (!c.half_first_block || c.block_n / 2 % 16 == 0) &&
+         (c.o_stage_boxes == 0 || (c.head_dim / 64) % c.o_stage_boxes == 0) &&
          register_budget_fits(c.consumer_warpgroups, c.producer_regs, c.consumer_regs);
 }
 
