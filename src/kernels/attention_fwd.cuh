@@ -225,10 +225,16 @@ struct FwdKernel {
     int qb = -1;          // the Q buffer to free, -1 if none
     bool stored = false;  // whether a store from shared memory is in flight
   };
-  // Thread 0 of a consumer warpgroup: the store has read shared memory; the producer may refill the Q buffer.
+  // Thread 0 of a consumer warpgroup: the store has read shared memory; the producer may refill the Q buffer (with
+  // O's own buffer, freed already).
   __device__ static void free_q_buffer(Smem& s, const PendingStore& pending) {
+    if constexpr (kOwnOStage) {
+      if (pending.stored) hopper::tma_store_wait_read();
+      return;
+    }
+    if (pending.qb < 0) return;
     if (pending.stored) hopper::tma_store_wait_read();
-    if (pending.qb >= 0) hopper::mbarrier_arrive(&s.q_empty[pending.qb]);
+    hopper::mbarrier_arrive(&s.q_empty[pending.qb]);
   }
   // The box of shared memory that column box b of this warpgroup's O tile passes through.
   __device__ static uint8_t* o_box(Smem& s, int consumer, uint8_t (&q_tile)[kBoxes][kBoxBytesQ], int b) {
