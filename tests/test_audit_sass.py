@@ -207,6 +207,9 @@ def test_first_tries_that_skip_their_loop():
     kernels = parse_sass((FIXTURES / "spin.sass").read_text())
     instructions = next(k for k in kernels if k.name == "spin_cluster_acquire").instructions
     assert first_try_branches(instructions, v.spin_loops) == {0x20, 0x40, 0x90, 0xA0}
+    # The exit after the second loop runs once per slow-path wait (a first try that succeeds exits at 0xa0): as
+    # timed as the loop (ptxas writes the backward kernels' final waits so).
+    assert {(loop.start, loop.exit_jump) for loop in v.spin_loops} == {(0x50, None), (0xB0, 0xE0)}
 
 
 def test_a_wait_without_a_retry_loop_is_noted():

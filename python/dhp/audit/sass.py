@@ -194,7 +194,9 @@ class SpinLoop:
     start: int  # address of the first instruction (the backward branch's target)
     end: int  # address of the backward branch
     kind: str  # "mbarrier wait" | "register allocation retry" | "flag poll"
-    exit_jump: int | None  # address of an unguarded BRA right after the loop: runs once per slow-path wait
+    # address of an unguarded BRA or EXIT right after the loop: runs once per slow-path wait (a first try that
+    # succeeds jumps or exits past the loop, _first_try_sites)
+    exit_jump: int | None
 
     def addresses(self, instructions: list[Instruction]) -> set[int]:
         """The addresses whose execution count depends on how long the waits last."""
@@ -245,7 +247,7 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
         if len(body) > MAX_SPIN_BODY or len(kinds) != 1 or not _repeats_on_wait(body):
             continue
         after = instructions[i + 1] if i + 1 < len(instructions) else None
-        exit_jump = after.address if after is not None and after.root == "BRA" and not after.guarded else None
+        exit_jump = after.address if after is not None and after.root in ("BRA", "EXIT") and not after.guarded else None
         loops.append(SpinLoop(body[0].address, ins.address, kinds.pop(), exit_jump))
     return loops
 
