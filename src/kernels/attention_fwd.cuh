@@ -12,7 +12,8 @@
 //     O += P V (wgmma with P from registers), release V. The QK^T of the next block is issued with the
 //     PV of the current one, and the warpgroups take turns issuing GEMMs (named barriers), so one's
 //     softmax overlaps the others' tensor-core work and, where the tile says so, its own PV. Finally O / rowsum goes to shared memory (over the
-//     warpgroup's own Q rows, or through a staging buffer of its own) and out via TMA store; the LSE is stored directly.
+//     warpgroup's own Q rows, or through a staging buffer of its own) and out via TMA store; the LSE is stored
+//     directly.
 // Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first.
 //
 // Constant time: trip counts, addresses and the masking branch depend only on shapes, options and
