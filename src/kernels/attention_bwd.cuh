@@ -20,8 +20,8 @@
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; threads 32, 64, ... are the dQ writers, one per dQ buffer); warpgroups 1 and 2
 // each own 64 keys and take turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns(), in `consume`).
-// At head_dim 256 both own the block's 64 keys and half of head_dim each; each computes S^T and dP^T for half the query block, and P^T and
-// dS^T meet in shared memory for the dV, dK and dQ GEMMs (bwd_config.h).
+// At head_dim 256 both own the block's 64 keys and half of head_dim each; each computes S^T and dP^T for half the
+// query block, and P^T and dS^T meet in shared memory for the dV, dK and dQ GEMMs (bwd_config.h).
 //
 // Constant time: trip counts, addresses and branches depend on shapes, options and block indices only; the
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
