@@ -123,6 +123,7 @@ def test_predicated_store_is_the_store_itself():
     ("clean.sass", "clean_waterfall_loop"),  # known P1 = true on entry; leaks.sass has it from data
     ("clean.sass", "clean_same_guard_address"),  # @!P1 MOV R10.. then @!P1 STG [R10.64]: the new, public address
     ("clean.sass", "clean_flag_wait"),  # spin on an ld.acquire.gpu flag (LDG.E.STRONG.GPU): public
+    ("clean.sass", "clean_returns_to_own_callers"),  # a subroutine on data returns to its caller, not the other's
 ])
 def test_clean_kernels_pass(fixture, kernel):
     verdict = verdicts(fixture)[kernel]
@@ -142,6 +143,7 @@ def test_clean_kernels_pass(fixture, kernel):
     ("unanalysable_external_call", [(0x30, "unanalysable", "target is not in this kernel")]),
     ("leak_other_guard_address", [(0x80, "memory", "address depends on tainted R10, R11")]),
     ("leak_spin_on_weak_load", [(0x50, "branch", "branch taken or not by tainted P0")]),
+    ("leak_address_from_subroutine", [(0x50, "memory", "address depends on tainted R4, R5")]),
 ])
 def test_hand_written_leaks(kernel, expected):
     verdict = verdicts("leaks.sass")[kernel]
@@ -164,7 +166,7 @@ def test_cli_exit_status_and_json(tmp_path, capsys):
     out = tmp_path / "verdicts.json"
     assert main(["sass", "--sass", str(FIXTURES / "clean.sass"), "--json", str(out)]) == 0
     document = json.loads(out.read_text())
-    assert document["verdict"] == "pass" and len(document["kernels"]) == 5
+    assert document["verdict"] == "pass" and len(document["kernels"]) == 6
     assert main(["sass", "--sass", str(FIXTURES / "leaks.sass"), "--json", str(out)]) == 1
     kernels = {k["name"]: k for k in json.loads(out.read_text())["kernels"]}
     violation = kernels["leak_guarded_overwrite"]["violations"][0]

@@ -153,6 +153,7 @@ def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], lis
     problems: list[Violation] = []
     notes: list[str] = []
     return_sites: list[int] = []
+    callers: dict[int, list[int]] = {}  # subroutine entry -> its call sites' return sites
     returns: list[int] = []
     for i, ins in enumerate(instructions):
         root, after = ins.root, [i + 1] if i + 1 < n else []
@@ -166,6 +167,7 @@ def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], lis
             succ.append([index[targets[-1]], *falls])
             if root == "CALL":
                 return_sites += after
+                callers.setdefault(index[targets[-1]], []).extend(after)
         elif root in ("BRX", "BRXU", "JMX", "JMXU"):
             notes.append(f"indirect branch at 0x{ins.address:04x}: assumed to reach every instruction")
             succ.append(list(range(n)))
@@ -176,8 +178,22 @@ def _control_flow(instructions: list[Instruction]) -> tuple[list[list[int]], lis
             succ.append(falls)
         else:
             succ.append(after)
-    for i in returns:  # context-insensitive: every RET may return to every call site
-        succ[i] = sorted(set(succ[i] + return_sites))
+    # A RET returns to the call sites of the subroutines it ends: those from whose entry it is reached without
+    # entering a callee (a call goes on at its return site). A RET that no entry reaches may return anywhere.
+    ends: dict[int, set[int]] = {i: set() for i in returns}
+    for entry, sites in callers.items():
+        seen, todo = {entry}, [entry]
+        while todo:
+            i = todo.pop()
+            if instructions[i].root == "RET":
+                ends[i].update(sites)
+            following = [i + 1] if instructions[i].root == "CALL" and i + 1 < n else succ[i]
+            for j in following:
+                if j not in seen:
+                    seen.add(j)
+                    todo.append(j)
+    for i in returns:
+        succ[i] = sorted(set(succ[i]) | (ends[i] or set(return_sites)))
     return succ, problems, notes
 
 
