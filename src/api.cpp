@@ -654,7 +654,7 @@ const char* build_info_json() {
     }
     std::string cmake = DHP_BUILD_INFO_JSON;
     cmake.pop_back();  // the closing brace
-    std::string chains, pairs, unpaired, split;
+    std::string chains, pairs, unpaired, split, causal_pairs;
     for (int head_dim : {64, 128, 256}) {
       if (!backward_variant_exists(DType::bf16, head_dim) && !backward_variant_exists(DType::fp16, head_dim)) continue;
       char entry[48];
@@ -671,14 +671,17 @@ const char* build_info_json() {
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", unpaired.empty() ? "" : ", ", head_dim,
                     kernels::bwd_unpaired_max_seqlen_k(head_dim));
       unpaired += entry;
+      std::snprintf(entry, sizeof entry, "%s\"%d\": %d", causal_pairs.empty() ? "" : ", ", head_dim,
+                    kernels::bwd_causal_paired_min_group(head_dim));
+      causal_pairs += entry;
     }
     char tail[128];
     std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld",
                   kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes);
     return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
            chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +
-           "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}, \"backward_causal_split_walks_over\": {" +
-           split + "}}";
+           "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}, \"backward_causal_paired_min_group\": {" +
+           causal_pairs + "}, \"backward_causal_split_walks_over\": {" + split + "}}";
   }();
   return json.c_str();
 }

@@ -489,6 +489,24 @@ def test_audit_shapes_fall_on_both_sides_of_the_backward_split_walks_limits(ext,
             assert any(s <= rows for s in mha) and any(s > rows for s in mha), (tool, head_dim, rows, mha)
 
 
+@pytest.mark.parametrize("tool", ["counters", "determinism"])
+def test_audit_shapes_fall_on_both_sides_of_the_causal_pairs_limit(ext, tool):
+    """A causal GQA backward runs its key blocks in pairs from a number of query heads per K/V head on
+    (dhp_build_info; 1: always): both audits must run a GQA shape paired and one unpaired at every head_dim where that
+    number is above 1, the paired one with an odd number of key blocks (a cluster with one key block)."""
+    from dhp import _native
+
+    info = _native.build_info()
+    groups = info["backward_causal_paired_min_group"]
+    shapes = [(s[1], s[2], s[3]) for s in counters.SHAPES] if tool == "counters" else list(determinism.SHAPES)
+    gqa = [(seqlen, heads_q // heads_kv) for seqlen, heads_q, heads_kv in shapes if heads_q > heads_kv]
+    for head_dim, group in groups.items():
+        if group > 1:
+            assert any(g < group for _, g in gqa), (tool, head_dim, group, gqa)
+            # (head_dim 128: 128-key blocks)
+            assert any(g >= group and -(-s // 128) % 2 == 1 for s, g in gqa), (tool, head_dim, group, gqa)
+
+
 @pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])
 def test_cli_exit_2_without_what_it_needs(check):
     """Where the GPU tool cannot run here, it exits 2 with a sentence (and never 0)."""

@@ -28,16 +28,18 @@
 // threads take, never as long as values dictate.
 //
 // Pairs (BwdConfig::pairs, bwd_paired_key_blocks): CTAs 2c and 2c + 1 form a cluster, rank 0 the upper key block.
-// kSumDq (head_dim 128, without a causal mask where bwd_paired_key_blocks says): the lower key block (rank 1) hands
-// each step's dQ part to the upper one through its shared memory, and rank 0 adds the sum in the turn of pair c;
-// rank 1's writer thread has nothing to do. kSplitDq (head_dim 256, always): both walk the same steps and copy
-// their dS^T of each step into the other's shared memory; rank r computes dQ over the pair's keys for the r-th half
-// of head_dim's columns and adds it in pair c's turn of that half.
+// kSumDq (head_dim 128, without a causal mask, or heavy first with a large enough group, where bwd_paired_key_blocks
+// says): the lower key block (rank 1) hands each step's dQ part to the upper one through its shared memory, and
+// rank 0 adds the sum in the pair's turn; rank 1's writer thread has nothing to do. Heavy first, both walk the lower
+// one's query blocks, and the lowest key blocks run two to a cluster without pairing (bwd_heavy_first_cta).
+// kSplitDq (head_dim 256, always): both walk the same steps and copy their dS^T of each step into the other's shared
+// memory; rank r computes dQ over the pair's keys for the r-th half of head_dim's columns and adds it in pair c's
+// turn of that half.
 //
 // Deadlock freedom of the dQ turns: a CTA waits only for higher key blocks (or pairs) of its own (head, batch),
 // which have lower block (cluster) indices (blockIdx.x counts key blocks from the last), so they were scheduled no
 // later and never wait on it; within a pair the two CTAs are co-scheduled, as a cluster's CTAs are. Heavy first
-// (below), for lower key blocks, which come earlier in its one-dimensional grid.
+// (below), for lower key blocks (or pairs), which come earlier in its one-dimensional grid or in the same cluster.
 //
 // Why descending: a CTA walks its query blocks upwards from the first one its keys see, so under a causal mask
 // key block n + 1 reaches every query block before key block n does (its first block is later and it has fewer
@@ -150,7 +152,8 @@ struct BwdKernel {
   static constexpr uint32_t kQBytes = kBlockM * HeadDim * sizeof(T);
   static constexpr uint32_t kKVBytes = kBlockN * HeadDim * sizeof(T);
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
-  static constexpr bool kMayPair = !Causal && kCfg.pairs == BwdPairs::kSumDq;  // p.paired decides per problem
+  // kSumDq pairs: without a causal mask, or heavy first; p.paired decides per problem.
+  static constexpr bool kMayPair = (!Causal || HeavyFirst) && kCfg.pairs == BwdPairs::kSumDq;
   static_assert(!HeavyFirst || (Causal && !kSplitPairs), "heavy first: causal kernels without kSplitDq pairs only");
   // Split walks (BwdSplit): causal, lightest first, where the configuration splits; not with kSplitDq pairs (measured
   // +1..+1.5% at 8k-16k keys, -4..-21% below: bwd_split's comment), so the pair terms stay out of the code.
@@ -638,25 +641,33 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   const bool paired = K::kSplitPairs || sum_pairs;
   const uint32_t rank = paired ? hopper::cluster_rank() : 0;  // 1: the lower key block of a pair
   int n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, x), kv_head = blockIdx.y, batch = blockIdx.z;
-  int adder = bwd_dq_turn(HeavyFirst, paired, p.n_blocks, n_block, x);
+  int adder = bwd_dq_turn(paired, p.n_blocks, n_block, x);
+  bool heavy_pair = false;  // heavy first: in a kSumDq pair (bwd_heavy_first_cta)
   BwdHalf half = BwdHalf::kWhole;
   if constexpr (HeavyFirst) {
-    const TileOrder::Position pos = p.order.at(x);
-    batch = pos.head / p.heads_kv;
-    kv_head = pos.head - batch * p.heads_kv;
-    n_block = p.n_blocks - 1 - pos.m_block;
-    adder = n_block;
+    const BwdHeavyCta h = bwd_heavy_first_cta(p.order, sum_pairs, p.n_blocks, x);
+    batch = h.head / p.heads_kv;
+    kv_head = h.head - batch * p.heads_kv;
+    n_block = h.n_block;
+    adder = h.adder;
+    heavy_pair = h.pair;
   } else if constexpr (K::kSplitWalks) {  // the units of split walks (BwdSplit)
     const BwdUnit unit = p.split.unit(x);
     n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, unit.adder);
     adder = unit.adder;
     half = unit.half;
   }
-  const DqRole role = !sum_pairs ? DqRole::kAdd : rank == 1 ? DqRole::kGive : n_block > 0 ? DqRole::kAddWithPeer
-                                                                                       : DqRole::kAdd;
-  const BwdSplit::Range walk =
-      K::kSplitWalks ? p.split.walk({adder, half})
-                     : BwdSplit::Range{K::first_m_block(p, bwd_walk_block(K::kCfg.pairs, n_block)), p.m_blocks};
+  // kSumDq pairs: rank 1 (the lower key block) hands its parts to rank 0; counted from the highest (without a causal
+  // mask), key block 0 of an odd N has no lower one and adds alone.
+  const DqRole role = HeavyFirst ? (!heavy_pair ? DqRole::kAdd : rank == 1 ? DqRole::kGive : DqRole::kAddWithPeer)
+                      : !sum_pairs ? DqRole::kAdd
+                      : rank == 1  ? DqRole::kGive
+                      : n_block > 0 ? DqRole::kAddWithPeer
+                                    : DqRole::kAdd;
+  // A heavy-first pair walks from its lower key block's first query block (rank 1's).
+  const int walk_block = heavy_pair ? n_block - 1 + int(rank) : bwd_walk_block(K::kCfg.pairs, n_block);
+  const BwdSplit::Range walk = K::kSplitWalks ? p.split.walk({adder, half})
+                                              : BwdSplit::Range{K::first_m_block(p, walk_block), p.m_blocks};
   const BwdCta cta{n_block, kv_head, batch, walk.begin, walk.end, adder, rank, role, half};
 
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
@@ -691,7 +702,8 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
     hopper::cluster_arrive();
     hopper::cluster_wait();
-    if (n_block < 0) return;  // an odd number of key blocks: the last pair has no lower one
+    // An odd number of key blocks: the last pair (kSumDq) has no lower key block, heavy first no upper one.
+    if (HeavyFirst ? n_block >= p.n_blocks : n_block < 0) return;
   } else {
     __syncthreads();
   }
@@ -967,11 +979,14 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.split_slots = rp.split_slots;
   const bool heavy_first = rp.heavy_first;
   const int64_t kv_heads = int64_t(f.batch) * f.heads_kv;
-  if (heavy_first && kv_heads * kp.n_blocks > INT32_MAX)
+  // Heavy first: the one-dimensional grid's list, over key blocks or (with pairs) 2-CTA clusters.
+  const int heavy_units = paired ? bwd_heavy_first_clusters(kp.n_blocks) : kp.n_blocks;
+  if (heavy_first && kv_heads * heavy_units * (paired ? 2 : 1) > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
-                "batch=%d x heads_kv=%d x ceil(seqlen_k=%d / %d) = %lld key blocks: at most 2^31 - 1 are supported",
-                f.batch, f.heads_kv, f.seqlen_k, kCfg.block_n, (long long)(kv_heads * kp.n_blocks));
-  if (heavy_first) kp.order = TileOrder::make(kp.n_blocks, bwd_causal_section_heads(kv_heads));
+                "batch=%d x heads_kv=%d x ceil(seqlen_k=%d / %d) key blocks = %lld CTAs: at most 2^31 - 1 are "
+                "supported", f.batch, f.heads_kv, f.seqlen_k, kCfg.block_n,
+                (long long)(kv_heads * heavy_units * (paired ? 2 : 1)));
+  if (heavy_first) kp.order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = f.softmax_scale * kLog2e;
   kp.softmax_scale = f.softmax_scale;
@@ -996,7 +1011,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   cudaLaunchConfig_t config{};
   // Grid x: a head's CTAs, or heavy first every (batch, K/V head)'s; under a causal mask its units of split walks.
   const int head_ctas = Causal ? split.units() << int(paired) : paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks;
-  config.gridDim = heavy_first ? dim3(unsigned(kv_heads * kp.n_blocks))
+  config.gridDim = heavy_first ? dim3(unsigned(kv_heads * heavy_units * (paired ? 2 : 1)))
                                : dim3(unsigned(head_ctas), unsigned(f.heads_kv), unsigned(f.batch));
   config.blockDim = dim3(kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;

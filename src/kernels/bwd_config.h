@@ -6,6 +6,7 @@
 
 #include "fast_div.h"
 #include "register_budget.h"
+#include "tile_order.h"
 
 namespace dhp::kernels {
 
@@ -99,14 +100,19 @@ static_assert(bwd_second_chain_valid(64) && bwd_second_chain_valid(128) && bwd_s
 // Key blocks in pairs (BwdConfig::pairs), a 2-CTA cluster each: blockIdx.x 2c and 2c + 1 are the key blocks
 // N - 1 - 2c and the one below, N the number of key blocks (kSumDq; an odd N leaves the last pair without its lower
 // one) or N rounded up to even (kSplitDq; an odd N gives the first pair an upper key block past the keys, whose
-// keys are all masked and whose dK, dV are not stored).
+// keys are all masked and whose dK, dV are not stored). Heavy first, clusters count from key block 0 instead
+// (bwd_heavy_first_cta).
 //   kSumDq, without a causal mask, except MHA problems of at most bwd_unpaired_max_seqlen_k keys: the lower key
 //   block pushes its dQ part into the upper one's shared memory, which adds the sum (its own part + the lower one's,
 //   in that order) to the tile's chain once: half the adders per tile (half the wait at a walk's start, half the
-//   bulk reduces in L2). Under a causal mask the two key blocks of a pair see different query blocks, and the mask's
-//   order already keeps them from waiting. Measured (H100, bf16, head_dim 128 MHA, six alternating rounds,
-//   2026-11-26, docs/performance.md): with two chains too +1.6% at 2k keys, +0.9% at 3k, +1.7% at 4k, but -0.5% at
-//   1k and -3% at 512; with one chain (above 4096 keys, GQA) +1..+2%.
+//   bulk reduces in L2). Measured (H100, bf16, head_dim 128 MHA, six alternating rounds, 2026-11-26,
+//   docs/performance.md): with two chains too +1.6% at 2k keys, +0.9% at 3k, +1.7% at 4k, but -0.5% at 1k and -3%
+//   at 512; with one chain (above 4096 keys, GQA) +1..+2%. Under a causal mask, where at least
+//   kBwdCausalPairsMinGroup query heads share a K/V head (heavy first, bwd_heavy_first_cta): the two key blocks walk
+//   the lower one's query blocks, the upper one's first steps masked out (its parts there are zeros). Measured (H100,
+//   bf16, head_dim 128, 2026-11-26, bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt): 8 or 16 query heads per
+//   K/V head +3..+30% (32/4 at 1k-16k keys +11..+24%, 64/8 at 4k +29%); on a grid of one wave (128 CTAs) -8..+4%;
+//   with 4 per K/V head -7..+10% (left unpaired); MHA, lightest first, -9..-10% (left unpaired).
 //   kSplitDq, always: both walk the query blocks the lower key block sees; the upper one's rows before its first
 //   are masked out. Each sends its dS^T of every step into the other's shared memory and computes dQ over the
 //   pair's 2 x 64 keys for its half of head_dim: each CTA adds half the dQ bytes per step (measured to be what
@@ -115,16 +121,23 @@ static_assert(bwd_second_chain_valid(64) && bwd_second_chain_valid(128) && bwd_s
 constexpr int bwd_unpaired_max_seqlen_k(int head_dim) {
   return bwd_config(head_dim).pairs == BwdPairs::kSumDq ? 1024 : 0;
 }
+// Under a causal mask, the query heads per K/V head from which key blocks pair (0: never; kSplitDq: always).
+constexpr int kBwdCausalPairsMinGroup = 8;
+constexpr int bwd_causal_paired_min_group(int head_dim) {
+  const BwdPairs pairs = bwd_config(head_dim).pairs;
+  return pairs == BwdPairs::kSplitDq ? 1 : pairs == BwdPairs::kSumDq ? kBwdCausalPairsMinGroup : 0;
+}
+static_assert(kBwdCausalPairsMinGroup > 1, "causal kSumDq pairs run heavy first, which is for GQA only");
 constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
   const BwdPairs pairs = bwd_config(head_dim).pairs;
+  if (causal) return pairs != BwdPairs::kNone && heads_q >= bwd_causal_paired_min_group(head_dim) * heads_kv;
   return pairs == BwdPairs::kSplitDq ||
-         (pairs == BwdPairs::kSumDq && !causal &&
-          (heads_q != heads_kv || seqlen_k > bwd_unpaired_max_seqlen_k(head_dim)));
+         (pairs == BwdPairs::kSumDq && (heads_q != heads_kv || seqlen_k > bwd_unpaired_max_seqlen_k(head_dim)));
 }
 // The dQ adders of a tile (of each half with kSplitDq): one per pair of key blocks, or per key block.
 constexpr int bwd_dq_adders(bool paired, int n_blocks) { return paired ? (n_blocks + 1) / 2 : n_blocks; }
-// The adders, counted from the highest, that never add to a tile whose rows see key blocks [0, seen). (Only kSplitDq
-// pairs run under a causal mask, where seen < N; their pairs count from N rounded up to even.)
+// The adders, counted from the highest, that never add to a tile whose rows see key blocks [0, seen). (Lightest
+// first, only kSplitDq pairs run under a causal mask, where seen < N; their pairs count from N rounded up to even.)
 DHP_HOST_DEVICE constexpr int bwd_dq_adders_skipped(bool paired, int n_blocks, int seen) {
   return paired ? ((n_blocks + 1) / 2 * 2 - seen) / 2 : n_blocks - seen;
 }
@@ -143,11 +156,11 @@ constexpr bool bwd_causal_heavy_first(int head_dim, bool causal, int heads_q, in
 }
 
 // A CTA's turn in the chains of the tiles it adds to (turn % chains: its chain; turn / chains: its position there):
-// key blocks, or pairs (x / 2, x the CTA's index among its head's), counted from the highest; heavy first, key
-// blocks counted from 0 (the key blocks that see a tile are always the lowest ones). Under a causal mask with split
-// walks (BwdSplit, below) the position is the unit's adder and the chain its half's.
-DHP_HOST_DEVICE constexpr int bwd_dq_turn(bool heavy_first, bool paired, int n_blocks, int n_block, int x) {
-  return heavy_first ? n_block : paired ? x / 2 : n_blocks - 1 - n_block;
+// key blocks, or pairs (x / 2, x the CTA's index among its head's), counted from the highest; heavy first, counted
+// from the lowest (bwd_heavy_first_cta: the key blocks that see a tile are always the lowest ones). Under a causal
+// mask with split walks (BwdSplit, below) the position is the unit's adder and the chain its half's.
+DHP_HOST_DEVICE constexpr int bwd_dq_turn(bool paired, int n_blocks, int n_block, int x) {
+  return paired ? x / 2 : n_blocks - 1 - n_block;
 }
 // The position of a tile's first adder, which stores its part (no zeros to add to), and the turn counter's start
 // (the prep kernel): the adders skipped before it.
@@ -190,6 +203,40 @@ DHP_HOST_DEVICE int bwd_walk_block(BwdPairs pairs, int n_block) {
   return pairs == BwdPairs::kSplitDq ? n_block & ~1 : n_block;
 }
 
+// Heavy first (bwd_causal_heavy_first), the one-dimensional grid: CTA x takes list position order.at(x) over
+// (batch x K/V head, key block counted from the highest). With pairs (bwd_paired_key_blocks) the list is over 2-CTA
+// clusters, order.at(x / 2) giving cluster k counted from the highest of ceil(N / 2). Clusters below
+// kBwdHeavyUnpairedClusters hold key blocks 2k (rank 0) and 2k + 1 (rank 1), each adding alone: the longest walks,
+// which bound a grid of one wave, where a pair's hand-over costs it ~10% (measured: 8 query heads per K/V head, 128
+// CTAs, -7..-13% with every key block paired). The others hold kSumDq pairs, 2k + 1 (rank 0, the upper) and 2k
+// (rank 1, which hands its parts over), both walking from 2k's first query block. A key block past the keys (the
+// last cluster of an odd N) exits. Adders count from the lowest: key blocks 0 .. 2U - 1 alone, then one per pair.
+constexpr int kBwdHeavyUnpairedClusters = 2;
+struct BwdHeavyCta {
+  int head, n_block, adder;
+  bool pair;  // hands its parts over (rank 1) or adds them summed with the other's (rank 0)
+};
+DHP_HOST_DEVICE int bwd_heavy_first_clusters(int n_blocks) { return (n_blocks + 1) / 2; }
+DHP_HOST_DEVICE BwdHeavyCta bwd_heavy_first_cta(const TileOrder& order, bool paired, int n_blocks, int x) {
+  if (!paired) {
+    const TileOrder::Position pos = order.at(x);
+    const int n_block = n_blocks - 1 - pos.m_block;
+    return {pos.head, n_block, n_block, false};
+  }
+  constexpr int kU = kBwdHeavyUnpairedClusters;
+  const TileOrder::Position pos = order.at(x / 2);
+  const int k = bwd_heavy_first_clusters(n_blocks) - 1 - pos.m_block;
+  if (k < kU) return {pos.head, 2 * k + x % 2, 2 * k + x % 2, false};
+  const int n_block = 2 * k + 1 - x % 2;
+  return {pos.head, n_block, kU + k, 2 * k + 1 < n_blocks};
+}
+// The adders of one (batch, K/V head), heavy first.
+DHP_HOST_DEVICE int bwd_heavy_first_adders(bool paired, int n_blocks) {
+  constexpr int kU = kBwdHeavyUnpairedClusters;
+  const int clusters = bwd_heavy_first_clusters(n_blocks);
+  return !paired || clusters <= kU ? n_blocks : kU + clusters;
+}
+
 // Split walks. Under a causal mask, lightest first, key block 0 (or pair 0) walks every query block, and the grid ends
 // on such CTAs: list scheduling leaves about 7% of the SMs' time idle at head_dim 128 (bench/grid_model.py). So the
 // adders (key blocks, or pairs) whose walk is longer than half the query blocks run as two CTAs (or clusters), launched
@@ -211,7 +258,8 @@ struct BwdUnit {
 // One (batch, K/V head)'s adders under a causal mask, lightest first. Host and device.
 struct BwdSplit {
   int block_m, block_n, seqlen_q, seqlen_k, m_blocks, n_blocks;
-  bool paired;     // kSplitDq pairs: an adder is a pair of key blocks, launched as a 2-CTA cluster (never split)
+  bool paired;     // an adder is a pair of key blocks, a 2-CTA cluster (kSplitDq; never split; heavy-first kernels
+                   // take their pairs from bwd_heavy_first_cta instead)
   int adders;      // bwd_dq_adders
   int split_from;  // adders c >= split_from walk in two halves (adders: none)
 

@@ -55,37 +55,53 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
   // the launch's grid.x (one K/V head)
   const int ctas = units ? split.units() << int(paired) : paired ? (n_blocks + 1) / 2 * 2 : n_blocks;
   const int kv_heads = heavy_first ? 3 : 1;                      // heavy first: sections of the 1-d grid
-  const TileOrder order = TileOrder::make(n_blocks, bwd_causal_section_heads(kv_heads));
+  const bool sum_pairs = paired && c.pairs == BwdPairs::kSumDq;
+  const int heavy_units = paired ? bwd_heavy_first_clusters(n_blocks) : n_blocks;  // of the 1-d grid's list
+  const TileOrder order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads));
   const int halves = c.dq_ctas();
   // (K/V head, chain, half, m_block) -> the positions of its adders, in launch order
   std::map<std::tuple<int, int, int, int>, std::vector<int>> positions;
   // split walks: (adder, rank) -> the launch of its first half, and the query blocks each half walked
   std::map<std::pair<int, int>, int> first_half_launch;
   std::map<std::pair<int, int>, std::vector<int>> walked;
-  for (int launch = 0; launch < (heavy_first ? kv_heads * n_blocks : ctas); ++launch) {
-    const TileOrder::Position pos = order.at(launch);
-    const int x = heavy_first ? -1 : launch, kv_head = heavy_first ? pos.head : 0;  // x: the 3-d grid's blockIdx.x
+  for (int launch = 0; launch < (heavy_first ? kv_heads * heavy_units * (paired ? 2 : 1) : ctas); ++launch) {
+    const int x = launch;  // blockIdx.x of the 3-d grid, or heavy first of the 1-d one
+    const BwdHeavyCta heavy = heavy_first ? bwd_heavy_first_cta(order, sum_pairs, n_blocks, x) : BwdHeavyCta{};
+    const int kv_head = heavy.head;
     const int rank = paired ? x % 2 : 0;
     const BwdUnit unit = units ? split.unit(paired ? x / 2 : x) : BwdUnit{-1, BwdHalf::kWhole};
-    const int n_block = heavy_first ? n_blocks - 1 - pos.m_block
+    const int n_block = heavy_first ? heavy.n_block
                         : units     ? bwd_key_block(c.pairs, n_blocks, paired ? 2 * unit.adder + rank : unit.adder)
                                     : bwd_key_block(c.pairs, n_blocks, x);
-    if (n_block < 0) continue;                                          // kSumDq: no lower key block
-    if (c.pairs == BwdPairs::kSumDq && paired && rank == 1) continue;  // it hands its parts to rank 0
-    const int walk = bwd_walk_block(c.pairs, n_block);
+    // kSumDq: a pair's other key block outside the keys (the kernel's `absent`)
+    if (n_block < 0 || (heavy_first && n_block >= n_blocks)) continue;
+    // in a kSumDq pair (the kernel's `pair`): rank 1 hands its parts to rank 0, which adds them in its own turn
+    const bool pair = heavy_first ? heavy.pair : sum_pairs && (rank == 1 || n_block > 0);
+    const auto peer_of = [](int n, int r) { return r == 0 ? n - 1 : n + 1; };  // rank 0 is the upper key block
+    if (pair) {
+      const int peer = peer_of(n_block, rank);
+      expect(peer >= 0 && peer < n_blocks, "a pair's other key block outside the keys", head_dim, seqlen_q, seqlen_k,
+             x);
+      if (heavy_first)
+        expect(bwd_heavy_first_cta(order, sum_pairs, n_blocks, x ^ 1).n_block == peer &&
+                   bwd_heavy_first_cta(order, sum_pairs, n_blocks, x ^ 1).pair,
+               "a cluster's other CTA is not the pair's other key block", head_dim, seqlen_q, seqlen_k, x);
+    }
+    const int walk = pair ? std::min(n_block, peer_of(n_block, rank)) : bwd_walk_block(c.pairs, n_block);
     const int first = bwd_first_m_block(walk, c.block_m, c.block_n, seqlen_q, seqlen_k, m_blocks, causal);
-    if (c.pairs == BwdPairs::kSplitDq) {
-      const int peer = n_block ^ 1;
-      expect(bwd_walk_block(c.pairs, peer) == walk, "the pair walks different query blocks", head_dim, seqlen_q,
-             seqlen_k, x);
+    if (c.pairs == BwdPairs::kSplitDq || pair) {  // the upper key block's rows before its first see none of its keys
+      if (c.pairs == BwdPairs::kSplitDq)
+        expect(bwd_walk_block(c.pairs, n_block ^ 1) == walk, "the pair walks different query blocks", head_dim,
+               seqlen_q, seqlen_k, x);
       const int own_first = bwd_first_m_block(n_block, c.block_m, c.block_n, seqlen_q, seqlen_k, m_blocks, causal);
       for (int m = first; m < own_first && m < m_blocks; ++m)
         expect(key_blocks_seen(m, c.block_m, c.block_n, seqlen_q, seqlen_k, n_blocks, causal) <= n_block,
                "a row before the key block's first query block sees its keys", head_dim, seqlen_q, seqlen_k, m);
     }
+    if (pair && rank == 1) continue;
     // The kernel's walk, chain and position (attention_bwd_kernel, write_dq).
     const BwdSplit::Range steps = units ? split.walk(unit) : BwdSplit::Range{first, m_blocks};
-    const int adder = units ? unit.adder : bwd_dq_turn(heavy_first, paired, n_blocks, n_block, x);
+    const int adder = units ? unit.adder : heavy_first ? heavy.adder : bwd_dq_turn(paired, n_blocks, n_block, x);
     const int chain = causal ? int(unit.half == BwdHalf::kSecond) : adder % chains;
     const int position = causal ? adder : adder / chains;
     if (units) {
@@ -149,10 +165,14 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
           const int start = chain == 0 ? first : chain1;
           // Without a causal mask chain `chain` holds adders chain, chain + chains, ...; under one, chain 0 the
           // adders from the first that sees the tile up to chain 1's first, chain 1 the rest.
-          const int count = seen == 0  ? 0
-                            : !causal  ? (adders - chain + chains - 1) / chains
-                            : chain == 0 ? std::max(0, chain1 - skipped)
-                                         : adders - chain1;
+          // Heavy first with kSumDq pairs: the lowest 2 x kBwdHeavyUnpairedClusters key blocks add alone, the
+          // others in pairs.
+          const int alone = 2 * kBwdHeavyUnpairedClusters;
+          const int count = seen == 0     ? 0
+                            : !causal     ? (adders - chain + chains - 1) / chains
+                            : heavy_first ? (!sum_pairs || seen <= alone ? seen : alone + (seen - alone + 1) / 2)
+                            : chain == 0  ? std::max(0, chain1 - skipped)
+                                          : adders - chain1;
           expect(int(got.size()) == count, "adders of a tile", head_dim, seqlen_q, seqlen_k,
                  m * 100 + chain * 10 + half);
           // prep zeroes chain 0 where it has no adder, post reads chain 1 only where it has one
@@ -176,7 +196,7 @@ int main() {
       for (auto [seqlen_q, seqlen_k] : {std::pair{1, 1}, {64, 64}, {100, 300}, {300, 100}, {1000, 1000}, {1000, 2100},
                                         {2100, 2100}, {4096, 4096}, {4200, 4200}, {5000, 8300}, {8300, 5000},
                                         {8300, 8300}})
-        for (auto [heads_q, heads_kv] : {std::pair{2, 2}, {4, 2}, {32, 8}})
+        for (auto [heads_q, heads_kv] : {std::pair{2, 2}, {4, 2}, {32, 8}, {16, 2}})
           for (int split_over : {-1, 1}) check(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv, split_over);
   std::printf("dq_turns: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
