@@ -491,9 +491,10 @@ def test_audit_shapes_fall_on_both_sides_of_the_backward_split_walks_limits(ext,
 
 @pytest.mark.parametrize("tool", ["counters", "determinism"])
 def test_audit_shapes_fall_on_both_sides_of_the_causal_pairs_limit(ext, tool):
-    """A causal GQA backward runs its key blocks in pairs from a number of query heads per K/V head on
-    (dhp_build_info; 1: always): both audits must run a GQA shape paired and one unpaired at every head_dim where that
-    number is above 1, the paired one with an odd number of key blocks (a cluster with one key block)."""
+    """A causal GQA backward runs its key blocks in pairs, and each key block's walk in two halves of the query heads,
+    from numbers of query heads per K/V head on (dhp_build_info; pairs 1: always; halves 0: never): both audits must
+    run GQA shapes on both sides of each at every head_dim where it is above 1, a paired one with an odd number of key
+    blocks (a cluster with one key block), and one in halves without pairs where halves start lower."""
     from dhp import _native
 
     info = _native.build_info()
@@ -505,6 +506,13 @@ def test_audit_shapes_fall_on_both_sides_of_the_causal_pairs_limit(ext, tool):
             assert any(g < group for _, g in gqa), (tool, head_dim, group, gqa)
             # (head_dim 128: 128-key blocks)
             assert any(g >= group and -(-s // 128) % 2 == 1 for s, g in gqa), (tool, head_dim, group, gqa)
+    # the walks in halves of the query heads, likewise
+    for head_dim, group in info["backward_causal_head_halves_min_group"].items():
+        if group > 1:
+            assert any(g < group for _, g in gqa) and any(g >= group for _, g in gqa), (tool, head_dim, group, gqa)
+            paired_from = groups.get(head_dim, 0)
+            if paired_from > group:  # halves without pairs, too
+                assert any(group <= g < paired_from for _, g in gqa), (tool, head_dim, group, paired_from, gqa)
 
 
 @pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])

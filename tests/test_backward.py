@@ -19,7 +19,9 @@ from torch_helpers import assert_bitwise_equal, check_gradients, inputs, randn
 
 pytestmark = pytest.mark.backward
 
-HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
+# (heads_q, heads_kv); causal at head_dim 128, gqa4 runs each walk in two halves of the query heads, mqa in halves and
+# in pairs of key blocks (dhp_build_info's backward_causal_head_halves_min_group, backward_causal_paired_min_group)
+HEADS = {"mha": (2, 2), "gqa2": (4, 2), "gqa4": (4, 1), "mqa": (8, 1)}
 SMALL_SEQLENS = [(1, 1), (17, 17), (128, 128), (113, 203), (239, 17), (1, 239)]
 # (seqlen_q, seqlen_k, causal, heads): causal with seqlen_q > seqlen_k leaves the first rows without a key.
 LARGE_CASES = [
@@ -30,6 +32,7 @@ LARGE_CASES = [
     (4097, 4097, False, "gqa2"),
     (4097, 1000, True, "gqa2"),
     (1000, 4097, True, "mqa"),
+    (2100, 2100, True, "gqa4"),
     (799, 3, False, "mha"),
     (4200, 4200, True, "mha"),  # head_dim 128: key block 0's walk split in two (BwdSplit)
     (5000, 8300, True, "mha"),  # head_dim 128: the walks of the lowest key blocks split, seqlen_q < seqlen_k

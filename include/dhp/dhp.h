@@ -45,7 +45,7 @@ DHP_API const char* dhp_version(void);
 /* How this library was built, as one JSON object: {"version", "cuda", "arch", "dtypes", "head_dims",
  * "backward_head_dims", "forward_tiles", "persistent_causal_max_seqlen_k", "causal_section_bytes",
  * "backward_two_dq_chains_max_seqlen_k", "backward_paired_key_blocks_head_dims", "backward_unpaired_max_seqlen_k",
- * "backward_causal_paired_min_group", "backward_causal_split_walks_over"}.
+ * "backward_causal_paired_min_group", "backward_causal_split_walks_over", "backward_causal_head_halves_min_group"}.
  * "forward_tiles" lists the forward's tile configurations: {"head_dim", "causal", "max_seqlen_k" (null: any
  * seqlen_k; else the short-key tier's limit, which takes precedence up to it), "block_m", "block_n", "stages",
  * "q_buffers", "consumer_warpgroups"}.
@@ -60,7 +60,9 @@ DHP_API const char* dhp_version(void);
  * "backward_causal_split_walks_over"
  * maps each backward head_dim to the query rows over which a key block's walk (the query rows that see it) is split
  * between two CTAs in a causal backward that is not GQA (0: never); an MHA problem with seqlen_q = seqlen_k splits
- * from seqlen_q above that. */
+ * from seqlen_q above that. "backward_causal_head_halves_min_group" maps each backward head_dim to the number of query
+ * heads per K/V head from which a causal GQA backward runs each key block's walk as two CTAs, each over half of the
+ * group's query heads (0: never). */
 DHP_API const char* dhp_build_info(void);
 
 /* Number of visible CUDA devices; *count = 0 (and DHP_SUCCESS) when there is no GPU or driver. */

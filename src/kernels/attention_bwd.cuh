@@ -93,12 +93,13 @@ struct BwdKernelParams {
   int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), without a causal mask at most the adders
   int chain1_m0;  // chain 1's first query block (bwd_dq_chain1_m0)
   int paired;     // key blocks in pairs (bwd_paired_key_blocks): launched as 2-CTA clusters
-  TileOrder order;  // heavy first (bwd_causal_heavy_first): the 1-d grid's list of (batch x K/V head, key block)
+  TileOrder order;  // heavy first (bwd_causal_heavy_first): the 1-d grid's list of (batch x K/V head, unit)
   int heads_kv;
   BwdSplit split;      // causal, lightest first: the units of a (batch, K/V head) and their walks
-  float* dkv_partial;  // split walks: the first halves' dK and dV sums, a ring of split_slots (bwd_split_slots)
-  int* split_flag;     // split walks: each slot's uses (2u + 1: the u-th sums written, 2u + 2: read)
+  float* dkv_partial;  // split walks, head halves: the first halves' dK and dV sums, a ring (bwd_dkv_slots)
+  int* split_flag;     // the ring: each slot's uses (2u + 1: the u-th sums written, 2u + 2: read)
   int split_slots;
+  int heavy_halves;  // heavy first in head halves (bwd_heavy_first_halves)
 };
 
 // How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
@@ -113,6 +114,7 @@ struct BwdCta {
   uint32_t rank;
   DqRole role;
   BwdHalf half;
+  int split;  // heavy first in head halves: BwdHeavyCta::split
 };
 
 enum class BwdBarrier : int {
@@ -159,6 +161,7 @@ struct BwdKernel {
   // +1..+1.5% at 8k-16k keys, -4..-21% below: bwd_split's comment), so the pair terms stay out of the code.
   static constexpr bool kSplitWalks = Causal && !HeavyFirst && kCfg.split_walks_over > 0;
   static_assert(!kSplitWalks || !kSplitPairs, "split walks: not with kSplitDq pairs");
+  static constexpr bool kHeadHalves = HeavyFirst && kCfg.head_halves;  // p.heavy_halves decides per problem
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes + kPeerBoxes][kBoxBytesKV];  // reused for dK in the epilogue
@@ -191,15 +194,24 @@ struct BwdKernel {
     return block_end > p.seqlen_k || (Causal && block_end - 1 > first_row_limit);
   }
 
+  // The query heads of the KV head's group that the CTA walks, [begin, end): all, or heavy first in head halves the
+  // first G / 2 or the rest.
+  __device__ static BwdSplit::Range group_heads(const BwdKernelParams& p, const BwdCta& c) {
+    if constexpr (!kHeadHalves) return {0, p.q_heads_per_kv};
+    const int half = p.q_heads_per_kv / 2;
+    return {c.half == BwdHalf::kSecond ? half : 0, c.half == BwdHalf::kFirst ? half : p.q_heads_per_kv};
+  }
+
   // The CTA's steps in order, f(step, head, m_block): every query head of the KV head, and within it the query
   // blocks of its walk, first to last; heavy first, the query blocks from the last down, at each the query heads of
-  // the KV head in turn.
+  // the KV head (or of its half) in turn.
   template <class F>
   __device__ static void for_each_step(const BwdKernelParams& p, const BwdCta& c, F&& f) {
     int step = 0;
     if constexpr (HeavyFirst) {
+      const BwdSplit::Range heads = group_heads(p, c);
       for (int m = c.m_end - 1; m >= c.m_begin; --m)
-        for (int g = 0; g < p.q_heads_per_kv; ++g) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
+        for (int g = heads.begin; g < heads.end; ++g) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
     } else {
       for (int g = 0; g < p.q_heads_per_kv; ++g)
         for (int m = c.m_begin; m < c.m_end; ++m) f(step++, c.kv_head * p.q_heads_per_kv + g, m);
@@ -255,9 +267,9 @@ struct BwdKernel {
     for_each_step(p, c, [&](int step, int head, int m_block) {
       const int buf = step % kDqBuffers;
       if (kDqBuffers > 1 && buf != writer) return;
-      // Under a causal mask: chain 1 for the second half of a split walk, the adder's position in either; without
-      // one, adders alternate between the chains.
-      const int chain = Causal ? int(c.half == BwdHalf::kSecond) : c.adder % p.dq_chains;
+      // Under a causal mask: chain 1 for the second half of a split walk (not heavy first's head halves, whose tiles
+      // are other query heads'), the adder's position in either; without one, adders alternate between the chains.
+      const int chain = Causal ? int(!HeavyFirst && c.half == BwdHalf::kSecond) : c.adder % p.dq_chains;
       const int position = Causal ? c.adder : c.adder / p.dq_chains;  // adders of the chain that add before this one
       // (without a causal mask chain 1 covers every query block: chain * tiles + the query block's, bwd_dq_tile with
       // m1 = 0, written so, which keeps those kernels' code as it was measured)
@@ -358,7 +370,8 @@ struct BwdKernel {
     // from shared memory. P^T and dS^T are double-buffered: a buffer is written again two steps later, after
     // both warpgroups have passed the barrier of the step between, i.e. finished the GEMMs that read it.
     constexpr bool kTurns = kCfg.turns();
-    const int steps = p.q_heads_per_kv * (c.m_end - c.m_begin);
+    const int steps = (HeavyFirst ? group_heads(p, c).end - group_heads(p, c).begin : p.q_heads_per_kv) *
+                      (c.m_end - c.m_begin);
     const auto turn_sync = [&] {
       if constexpr (kTurns) hopper::named_barrier_sync(int(BwdBarrier::kTurnFirst) + consumer, 256);
     };
@@ -559,16 +572,20 @@ struct BwdKernel {
       hand_dq_to_writer(last, acc_dq);
     }
 
-    // A split walk (BwdSplit): the first half hands its dK and dV sums to the second through a slot of the workspace's
-    // ring (bwd_split_slots), each thread its own registers (float4 j of consumer w's thread t at
+    // A split walk (BwdSplit) or heavy first's head halves: the first half hands its dK and dV sums to the second
+    // through a slot of the workspace's ring (bwd_dkv_slots), each thread its own registers (float4 j of consumer w's
+    // thread t at
     // (w * kWgCols / 4 + j) * 128 + t), and the second adds them to its own once: dK = second half's + first half's,
     // the same order on every run. The first half waits until the slot's last user has read it, and releases its
     // sums after a barrier of both consumer warpgroups; the second half's threads each acquire them, read them, and
     // free the slot after a barrier. Every thread polls for itself: no divergent wait before a barrier.
-    if constexpr (kSplitWalks) {
+    if constexpr (kSplitWalks || kHeadHalves) {
       if (c.half != BwdHalf::kWhole) {
-        const int64_t g = (int64_t(c.batch) * p.heads_kv + c.kv_head) * (p.split.adders - p.split.split_from) +
-                          c.adder - p.split.split_from;  // the launch's split adders, in launch order
+        // the launch's split adders (heavy first: (unit, rank)s), in launch order
+        const int split_adders = p.split.adders - p.split.split_from;
+        const int64_t g = kHeadHalves ? int64_t(c.split)
+                                      : (int64_t(c.batch) * p.heads_kv + c.kv_head) * split_adders + c.adder -
+                                            p.split.split_from;
         const int slot = int(g % p.split_slots), use = int(g / p.split_slots);
         float4* partial = reinterpret_cast<float4*>(p.dkv_partial) +
                           (int64_t(slot) * BwdConfig::kConsumers + consumer) * (kWgCols / 4) * 128 + t;
@@ -644,13 +661,16 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   int adder = bwd_dq_turn(paired, p.n_blocks, n_block, x);
   bool heavy_pair = false;  // heavy first: in a kSumDq pair (bwd_heavy_first_cta)
   BwdHalf half = BwdHalf::kWhole;
+  int split = 0;
   if constexpr (HeavyFirst) {
-    const BwdHeavyCta h = bwd_heavy_first_cta(p.order, sum_pairs, p.n_blocks, x);
+    const BwdHeavyCta h = bwd_heavy_first_cta(p.order, sum_pairs, K::kHeadHalves && p.heavy_halves, p.n_blocks, x);
     batch = h.head / p.heads_kv;
     kv_head = h.head - batch * p.heads_kv;
     n_block = h.n_block;
     adder = h.adder;
     heavy_pair = h.pair;
+    half = h.half;
+    split = h.split;
   } else if constexpr (K::kSplitWalks) {  // the units of split walks (BwdSplit)
     const BwdUnit unit = p.split.unit(x);
     n_block = bwd_key_block(K::kCfg.pairs, p.n_blocks, unit.adder);
@@ -668,7 +688,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   const int walk_block = heavy_pair ? n_block - 1 + int(rank) : bwd_walk_block(K::kCfg.pairs, n_block);
   const BwdSplit::Range walk = K::kSplitWalks ? p.split.walk({adder, half})
                                               : BwdSplit::Range{K::first_m_block(p, walk_block), p.m_blocks};
-  const BwdCta cta{n_block, kv_head, batch, walk.begin, walk.end, adder, rank, role, half};
+  const BwdCta cta{n_block, kv_head, batch, walk.begin, walk.end, adder, rank, role, half, split};
 
   const int warpgroup = __shfl_sync(0xffffffffu, threadIdx.x / 128, 0);
   if (threadIdx.x == 0) {
@@ -702,8 +722,17 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
     hopper::cluster_arrive();
     hopper::cluster_wait();
-    // An odd number of key blocks: the last pair (kSumDq) has no lower key block, heavy first no upper one.
-    if (HeavyFirst ? n_block >= p.n_blocks : n_block < 0) return;
+    // An odd number of key blocks: the last pair (kSumDq) has no lower key block, heavy first no upper one (whose
+    // head halves still pass their slot of the dK/dV ring on to its next user).
+    if (HeavyFirst ? n_block >= p.n_blocks : n_block < 0) {
+      if (K::kHeadHalves && half != BwdHalf::kWhole && threadIdx.x == 0) {
+        int* flag = p.split_flag + split % p.split_slots;
+        const int use = split / p.split_slots, first = int(half == BwdHalf::kFirst);
+        hopper::wait_flag_equals(flag, 2 * use + 1 - first);
+        hopper::store_release_gpu(flag, 2 * use + 2 - first);
+      }
+      return;
+    }
   } else {
     __syncthreads();
   }
@@ -934,7 +963,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.seqlen_q = f.seqlen_q;
   rp.seqlen_k = f.seqlen_k;
   rp.heads_q = f.heads_q;
-  rp.split_slots = bwd_split_slots(split, f.batch, f.heads_kv);
+  rp.split_slots = bwd_dkv_slots(HeadDim, Causal, f.batch, f.seqlen_q, f.seqlen_k, f.heads_q, f.heads_kv);
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
   rp.tiles = int64_t(f.batch) * f.heads_q * m_blocks;
@@ -979,13 +1008,15 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.split_slots = rp.split_slots;
   const bool heavy_first = rp.heavy_first;
   const int64_t kv_heads = int64_t(f.batch) * f.heads_kv;
-  // Heavy first: the one-dimensional grid's list, over key blocks or (with pairs) 2-CTA clusters.
-  const int heavy_units = paired ? bwd_heavy_first_clusters(kp.n_blocks) : kp.n_blocks;
-  if (heavy_first && kv_heads * heavy_units * (paired ? 2 : 1) > INT32_MAX)
+  // Heavy first: the one-dimensional grid's list, over key blocks or (with pairs) 2-CTA clusters, each unit once or
+  // in two head halves.
+  const int heavy_units = bwd_heavy_first_units(paired, kp.n_blocks);
+  kp.heavy_halves = bwd_heavy_first_halves(HeadDim, Causal, f.heads_q, f.heads_kv);
+  const int64_t heavy_ctas = kv_heads * heavy_units * (paired ? 2 : 1) * (kp.heavy_halves ? 2 : 1);
+  if (heavy_first && heavy_ctas > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_kv=%d x ceil(seqlen_k=%d / %d) key blocks = %lld CTAs: at most 2^31 - 1 are "
-                "supported", f.batch, f.heads_kv, f.seqlen_k, kCfg.block_n,
-                (long long)(kv_heads * heavy_units * (paired ? 2 : 1)));
+                "supported", f.batch, f.heads_kv, f.seqlen_k, kCfg.block_n, (long long)heavy_ctas);
   if (heavy_first) kp.order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = f.softmax_scale * kLog2e;
@@ -1011,7 +1042,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   cudaLaunchConfig_t config{};
   // Grid x: a head's CTAs, or heavy first every (batch, K/V head)'s; under a causal mask its units of split walks.
   const int head_ctas = Causal ? split.units() << int(paired) : paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks;
-  config.gridDim = heavy_first ? dim3(unsigned(kv_heads * heavy_units * (paired ? 2 : 1)))
+  config.gridDim = heavy_first ? dim3(unsigned(heavy_ctas))
                                : dim3(unsigned(head_ctas), unsigned(f.heads_kv), unsigned(f.batch));
   config.blockDim = dim3(kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;

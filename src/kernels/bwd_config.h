@@ -36,6 +36,9 @@ struct BwdConfig {
   // Under a causal mask, lightest first: walks longer than this many query blocks (and than half of them) run in
   // two halves (BwdSplit); 0: never.
   int split_walks_over;
+  // Under a causal mask, heavy first (GQA): each key block's (or pair's) walk runs in two halves of the group's query
+  // heads (bwd_heavy_first_halves).
+  bool head_halves;
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
@@ -59,9 +62,9 @@ struct BwdConfig {
 // stage only (K, V 32 KB each, the pair's other K block's half of the columns 16 KB, Q, dO 32 KB each, dS^T,
 // P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a dQ tile 32 KB).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, BwdPairs::kNone, 0}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, BwdPairs::kNone, 0, false}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, true}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, false};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
@@ -203,38 +206,65 @@ DHP_HOST_DEVICE int bwd_walk_block(BwdPairs pairs, int n_block) {
   return pairs == BwdPairs::kSplitDq ? n_block & ~1 : n_block;
 }
 
-// Heavy first (bwd_causal_heavy_first), the one-dimensional grid: CTA x takes list position order.at(x) over
-// (batch x K/V head, key block counted from the highest). With pairs (bwd_paired_key_blocks) the list is over 2-CTA
-// clusters, order.at(x / 2) giving cluster k counted from the highest of ceil(N / 2). Clusters below
-// kBwdHeavyUnpairedClusters hold key blocks 2k (rank 0) and 2k + 1 (rank 1), each adding alone: the longest walks,
-// which bound a grid of one wave, where a pair's hand-over costs it ~10% (measured: 8 query heads per K/V head, 128
-// CTAs, -7..-13% with every key block paired). The others hold kSumDq pairs, 2k + 1 (rank 0, the upper) and 2k
-// (rank 1, which hands its parts over), both walking from 2k's first query block. A key block past the keys (the
-// last cluster of an odd N) exits. Adders count from the lowest: key blocks 0 .. 2U - 1 alone, then one per pair.
+// A walk in two halves (split walks, heavy-first head halves), or whole.
+enum class BwdHalf : int { kWhole, kFirst, kSecond };
+
+// Heavy first (bwd_causal_heavy_first), the one-dimensional grid, over list units: key blocks, or (with pairs,
+// bwd_paired_key_blocks) 2-CTA clusters; with head halves (bwd_heavy_first_halves) each unit runs twice, its first
+// half of the group's query heads, then its second. Unit u = order.at(u) over (batch x K/V head, unit counted from the
+// highest). With pairs, cluster k counted from the lowest of ceil(N / 2): below kBwdHeavyUnpairedClusters it holds key
+// blocks 2k (rank 0) and 2k + 1 (rank 1), each adding alone: the longest walks, which bound a grid of one wave, where a
+// pair's hand-over costs it ~10% (measured: 8 query heads per K/V head, 128 CTAs, -7..-13% with every key block
+// paired). The others hold kSumDq pairs, 2k + 1 (rank 0, the upper) and 2k (rank 1, which hands its parts over), both
+// walking from 2k's first query block. A key block past the keys (the last cluster of an odd N) exits. Adders count
+// from the lowest: key blocks 0 .. 2U - 1 alone, then one per pair.
 constexpr int kBwdHeavyUnpairedClusters = 2;
 struct BwdHeavyCta {
   int head, n_block, adder;
-  bool pair;  // hands its parts over (rank 1) or adds them summed with the other's (rank 0)
+  bool pair;     // hands its parts over (rank 1) or adds them summed with the other's (rank 0)
+  BwdHalf half;  // of the group's query heads
+  int split;     // with halves: the (unit, rank) in launch order, whose halves share a slot of the dK/dV ring
 };
 DHP_HOST_DEVICE int bwd_heavy_first_clusters(int n_blocks) { return (n_blocks + 1) / 2; }
-DHP_HOST_DEVICE BwdHeavyCta bwd_heavy_first_cta(const TileOrder& order, bool paired, int n_blocks, int x) {
+DHP_HOST_DEVICE BwdHeavyCta bwd_heavy_first_cta(const TileOrder& order, bool paired, bool halves, int n_blocks,
+                                                int x) {
+  const int rank = paired ? x % 2 : 0, unit_ctas = paired ? 2 : 1;
+  const int y = x / unit_ctas;  // the cluster (or CTA) in launch order
+  const int u = halves ? y / 2 : y;
+  const BwdHalf half = !halves ? BwdHalf::kWhole : y % 2 ? BwdHalf::kSecond : BwdHalf::kFirst;
+  const int split = u * unit_ctas + rank;
+  const TileOrder::Position pos = order.at(u);
   if (!paired) {
-    const TileOrder::Position pos = order.at(x);
     const int n_block = n_blocks - 1 - pos.m_block;
-    return {pos.head, n_block, n_block, false};
+    return {pos.head, n_block, n_block, false, half, split};
   }
   constexpr int kU = kBwdHeavyUnpairedClusters;
-  const TileOrder::Position pos = order.at(x / 2);
   const int k = bwd_heavy_first_clusters(n_blocks) - 1 - pos.m_block;
-  if (k < kU) return {pos.head, 2 * k + x % 2, 2 * k + x % 2, false};
-  const int n_block = 2 * k + 1 - x % 2;
-  return {pos.head, n_block, kU + k, 2 * k + 1 < n_blocks};
+  if (k < kU) return {pos.head, 2 * k + rank, 2 * k + rank, false, half, split};
+  const int n_block = 2 * k + 1 - rank;
+  return {pos.head, n_block, kU + k, 2 * k + 1 < n_blocks, half, split};
 }
-// The adders of one (batch, K/V head), heavy first.
-DHP_HOST_DEVICE int bwd_heavy_first_adders(bool paired, int n_blocks) {
-  constexpr int kU = kBwdHeavyUnpairedClusters;
-  const int clusters = bwd_heavy_first_clusters(n_blocks);
-  return !paired || clusters <= kU ? n_blocks : kU + clusters;
+// The list units of one (batch, K/V head), heavy first.
+DHP_HOST_DEVICE int bwd_heavy_first_units(bool paired, int n_blocks) {
+  return paired ? bwd_heavy_first_clusters(n_blocks) : n_blocks;
+}
+
+// Heavy first in head halves, from kBwdHeadHalvesMinGroup query heads per K/V head: a unit's walk over its group's G
+// query heads runs as two launches, one after the other, the first over heads [0, G / 2), the second over [G / 2, G),
+// both over the same query blocks (from the last down). Every dQ tile belongs to one query head, so its adders and
+// their turns stay as they were; the first half hands its dK and dV sums to the second through the split walks' ring
+// of slots (bwd_dkv_slots), which adds them to its own once at the end: the same order on every run. A unit's
+// heaviest walk is halved, so a grid of few units (few K/V heads) ends sooner. Measured (H100, bf16, head_dim 128,
+// 2026-11-26, bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt): grids of one wave (128 CTAs) 8/1 at 4k keys
+// +48%, at 1k +20%, 16/1 at 8k +59%; grids of several waves -2..+4% (32/8, 32/4, 64/8); groups of 2 (4/2) -5% at 4k,
+// +2% at 16k, so they stay whole. Chosen from shapes only.
+constexpr int kBwdHeadHalvesMinGroup = 4;
+constexpr int bwd_causal_head_halves_min_group(int head_dim) {
+  return bwd_config(head_dim).head_halves ? kBwdHeadHalvesMinGroup : 0;
+}
+constexpr bool bwd_heavy_first_halves(int head_dim, bool causal, int heads_q, int heads_kv) {
+  return bwd_config(head_dim).head_halves && bwd_causal_heavy_first(head_dim, causal, heads_q, heads_kv) &&
+         heads_q >= kBwdHeadHalvesMinGroup * heads_kv;
 }
 
 // Split walks. Under a causal mask, lightest first, key block 0 (or pair 0) walks every query block, and the grid ends
@@ -248,7 +278,6 @@ DHP_HOST_DEVICE int bwd_heavy_first_adders(bool paired, int n_blocks) {
 // half reaches a query block after adder c's. The first half hands its dK and dV sums (fp32) to the second through
 // the workspace (a ring of slots, bwd_split_slots), which adds them to its own once at the end: the same order on
 // every run.
-enum class BwdHalf : int { kWhole, kFirst, kSecond };
 
 struct BwdUnit {
   int adder;     // counted from the highest key block (or pair): the dQ chains' position
@@ -398,11 +427,22 @@ struct BwdWorkspace {
 // deadlock, and the sums are the same bits whichever slot carries them. A slot is held from a first half's end to its
 // second half's, about as long, so two per SM wait rarely; 256 slots of 128 KB (head_dim 128) are 32 MB whatever
 // the length, where one per split adder took 128 MB at 16k keys x 16 heads.
+// Heavy first in head halves, the same ring over the launch's (unit, rank)s (BwdHeavyCta::split): an even number of
+// slots, so a slot's next user is a later unit's.
 constexpr int kBwdSplitSlots = 256;
 inline int bwd_split_slots(const BwdSplit& s, int batch, int heads_kv) {
   const int64_t split_adders = int64_t(batch) * heads_kv * (s.adders - s.split_from);
   return int(split_adders < kBwdSplitSlots ? split_adders : kBwdSplitSlots);
 }
+inline int bwd_dkv_slots(int head_dim, bool causal, int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv) {
+  if (!bwd_heavy_first_halves(head_dim, causal, heads_q, heads_kv))
+    return bwd_split_slots(bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv), batch, heads_kv);
+  const bool paired = bwd_paired_key_blocks(head_dim, causal, seqlen_k, heads_q, heads_kv);
+  const int64_t n_blocks = (int64_t(seqlen_k) + bwd_config(head_dim).block_n - 1) / bwd_config(head_dim).block_n;
+  const int64_t ctas = int64_t(batch) * heads_kv * bwd_heavy_first_units(paired, int(n_blocks)) * (paired ? 2 : 1);
+  return int(ctas < kBwdSplitSlots ? ctas : kBwdSplitSlots);
+}
+static_assert(kBwdSplitSlots % 2 == 0, "heavy-first halves with pairs: two (unit, rank)s per unit");
 
 // Chain 1's first query block: under a causal mask the first a second half walks (BwdSplit::chain1_first_m), else 0.
 inline int bwd_dq_chain1_m0(const BwdSplit& s, bool causal) { return causal ? s.chain1_first_m() : 0; }
@@ -420,7 +460,8 @@ inline BwdWorkspace bwd_workspace(int head_dim, bool causal, int batch, int seql
   const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
   return BwdWorkspace::make(bwd_config(head_dim), batch, heads_q, seqlen_q,
                             bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv),
-                            bwd_dq_chain1_m0(s, causal), size_t(bwd_split_slots(s, batch, heads_kv)));
+                            bwd_dq_chain1_m0(s, causal),
+                            size_t(bwd_dkv_slots(head_dim, causal, batch, seqlen_q, seqlen_k, heads_q, heads_kv)));
 }
 
 }  // namespace dhp::kernels

@@ -56,18 +56,25 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
   const int ctas = units ? split.units() << int(paired) : paired ? (n_blocks + 1) / 2 * 2 : n_blocks;
   const int kv_heads = heavy_first ? 3 : 1;                      // heavy first: sections of the 1-d grid
   const bool sum_pairs = paired && c.pairs == BwdPairs::kSumDq;
-  const int heavy_units = paired ? bwd_heavy_first_clusters(n_blocks) : n_blocks;  // of the 1-d grid's list
+  const int heavy_units = bwd_heavy_first_units(paired, n_blocks);  // of the 1-d grid's list
   const TileOrder order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads));
+  // heavy first in head halves: each half's tiles (its query heads') are a group of their own, groups 2h and 2h + 1
+  const bool head_halves = bwd_heavy_first_halves(head_dim, causal, heads_q, heads_kv);
+  const int groups = kv_heads * (head_halves ? 2 : 1);
+  std::map<int, std::vector<std::pair<int, int>>> ring;  // heavy halves: split index -> (launch, half) of its users
   const int halves = c.dq_ctas();
   // (K/V head, chain, half, m_block) -> the positions of its adders, in launch order
   std::map<std::tuple<int, int, int, int>, std::vector<int>> positions;
   // split walks: (adder, rank) -> the launch of its first half, and the query blocks each half walked
   std::map<std::pair<int, int>, int> first_half_launch;
   std::map<std::pair<int, int>, std::vector<int>> walked;
-  for (int launch = 0; launch < (heavy_first ? kv_heads * heavy_units * (paired ? 2 : 1) : ctas); ++launch) {
+  const int heavy_ctas = kv_heads * heavy_units * (paired ? 2 : 1) * (head_halves ? 2 : 1);
+  for (int launch = 0; launch < (heavy_first ? heavy_ctas : ctas); ++launch) {
     const int x = launch;  // blockIdx.x of the 3-d grid, or heavy first of the 1-d one
-    const BwdHeavyCta heavy = heavy_first ? bwd_heavy_first_cta(order, sum_pairs, n_blocks, x) : BwdHeavyCta{};
-    const int kv_head = heavy.head;
+    const BwdHeavyCta heavy =
+        heavy_first ? bwd_heavy_first_cta(order, sum_pairs, head_halves, n_blocks, x) : BwdHeavyCta{};
+    const int kv_head = heavy.head * (head_halves ? 2 : 1) + int(heavy.half == BwdHalf::kSecond);  // its tiles' group
+    if (head_halves) ring[heavy.split].emplace_back(launch, int(heavy.half));
     const int rank = paired ? x % 2 : 0;
     const BwdUnit unit = units ? split.unit(paired ? x / 2 : x) : BwdUnit{-1, BwdHalf::kWhole};
     const int n_block = heavy_first ? heavy.n_block
@@ -83,8 +90,8 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
       expect(peer >= 0 && peer < n_blocks, "a pair's other key block outside the keys", head_dim, seqlen_q, seqlen_k,
              x);
       if (heavy_first)
-        expect(bwd_heavy_first_cta(order, sum_pairs, n_blocks, x ^ 1).n_block == peer &&
-                   bwd_heavy_first_cta(order, sum_pairs, n_blocks, x ^ 1).pair,
+        expect(bwd_heavy_first_cta(order, sum_pairs, head_halves, n_blocks, x ^ 1).n_block == peer &&
+                   bwd_heavy_first_cta(order, sum_pairs, head_halves, n_blocks, x ^ 1).pair,
                "a cluster's other CTA is not the pair's other key block", head_dim, seqlen_q, seqlen_k, x);
     }
     const int walk = pair ? std::min(n_block, peer_of(n_block, rank)) : bwd_walk_block(c.pairs, n_block);
@@ -102,7 +109,9 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
     // The kernel's walk, chain and position (attention_bwd_kernel, write_dq).
     const BwdSplit::Range steps = units ? split.walk(unit) : BwdSplit::Range{first, m_blocks};
     const int adder = units ? unit.adder : heavy_first ? heavy.adder : bwd_dq_turn(paired, n_blocks, n_block, x);
-    const int chain = causal ? int(unit.half == BwdHalf::kSecond) : adder % chains;
+    // (the kernel's chain: a split walk's second half adds to chain 1; heavy first's head halves to chain 0)
+    const BwdHalf half = heavy_first ? heavy.half : unit.half;
+    const int chain = causal ? int(!heavy_first && half == BwdHalf::kSecond) : adder % chains;
     const int position = causal ? adder : adder / chains;
     if (units) {
       expect(steps.begin < steps.end || unit.half == BwdHalf::kWhole, "an empty half walk", head_dim, seqlen_q,
@@ -151,7 +160,22 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
   expect(std::adjacent_find(seen_tiles.begin(), seen_tiles.end()) == seen_tiles.end() &&
              (seen_tiles.empty() || (seen_tiles.front() >= 0 && seen_tiles.back() < 2 * m_blocks + tiles1)),
          "dQ tiles overlap or fall outside the workspace", head_dim, seqlen_q, seqlen_k, m1);
-  for (int kv_head = 0; kv_head < kv_heads; ++kv_head)
+  // The dK/dV ring of heavy first's head halves: every (unit, rank) index once, used by its first half, then by its
+  // second, launched later; each slot's next user (index + an even number of slots) a later unit's first half.
+  if (head_halves) {
+    expect(int(ring.size()) * 2 == heavy_ctas, "head halves: split indices", head_dim, seqlen_q, seqlen_k,
+           int(ring.size()));
+    for (const auto& [split, users] : ring) {
+      expect(split >= 0 && split < int(ring.size()) && users.size() == 2 && users[0].second == int(BwdHalf::kFirst) &&
+                 users[1].second == int(BwdHalf::kSecond) && users[0].first < users[1].first,
+             "head halves: a ring index not used by a first half, then its second", head_dim, seqlen_q, seqlen_k,
+             split);
+      const auto next = ring.find(split + 2);  // with 2 slots, the slot's next user
+      if (next != ring.end()) expect(next->second[0].first > users[1].first, "head halves: a slot's next user "
+                                     "launched before its last", head_dim, seqlen_q, seqlen_k, split);
+    }
+  }
+  for (int kv_head = 0; kv_head < groups; ++kv_head)
     for (int m = 0; m < m_blocks; ++m) {
       const int seen = key_blocks_seen(m, c.block_m, c.block_n, seqlen_q, seqlen_k, n_blocks, causal);
       // prep's counters and the first stores' positions; the adders that never see the tile (the highest ones)
