@@ -255,10 +255,13 @@ DHP_HOST_DEVICE int bwd_heavy_first_units(bool paired, int n_blocks) {
 // their turns stay as they were; the first half hands its dK and dV sums to the second through the split walks' ring
 // of slots (bwd_dkv_slots), which adds them to its own once at the end: the same order on every run. A unit's
 // heaviest walk is halved, so a grid of few units (few K/V heads) ends sooner. Measured (H100, bf16, head_dim 128,
-// 2026-11-26, bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt): grids of one wave (128 CTAs) 8/1 at 4k keys
-// +48%, at 1k +20%, 16/1 at 8k +59%; grids of several waves -2..+4% (32/8, 32/4, 64/8); groups of 2 (4/2) -5% at 4k,
-// +2% at 16k, so they stay whole. Chosen from shapes only.
-constexpr int kBwdHeadHalvesMinGroup = 4;
+// 2026-11-26, bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt, sections 10-11): grids of one wave (128 CTAs) 8/1
+// at 4k keys +48%, at 1k +20%, 16/1 at 8k +59%, 4/1 at 4k +60%; with 8 or more per K/V head, grids of several waves
+// -1..+1% (32/4, 64/8); with 4, grids of several waves -5..-12% at 4k (32/8, 16/4, 64/16), +2.5% at 16k; with 2
+// (4/2) -5% at 4k. The choice cannot look at the batch (it decides how many waves; a sequence's dK/dV bits would then
+// depend on it), so groups below 8 stay whole, and a one-wave grid with 4 per K/V head stays that slow. Chosen from
+// shapes only.
+constexpr int kBwdHeadHalvesMinGroup = 8;
 constexpr int bwd_causal_head_halves_min_group(int head_dim) {
   return bwd_config(head_dim).head_halves ? kBwdHeadHalvesMinGroup : 0;
 }
