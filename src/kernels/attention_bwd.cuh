@@ -49,9 +49,11 @@
 // head, and with GQA a CTA walks every query head of its group. There (bwd_causal_heavy_first) the grid is
 // one-dimensional (tile_order.h): key block 0 of every (batch, K/V head) of a section first, then key block 1, and
 // so on; each CTA walks its query blocks from the last down, at each the query heads of its group in turn, and a
-// tile's parts are added in ascending key-block order, so the grid ends on light CTAs. Without GQA, at head_dim 128,
-// the longest walks are split in two halves instead (BwdSplit in bwd_config.h: a second dQ chain for the second
-// halves, the first half's dK/dV sums handed over through the workspace).
+// tile's parts are added in ascending key-block order, so the grid ends on light CTAs. With many query heads per K/V
+// head (head_dim 128) the key blocks go in pairs and each walk in two halves of the group's query heads
+// (bwd_heavy_first_cta, bwd_heavy_first_halves: the first half's dK/dV sums handed over through the workspace).
+// Without GQA, at head_dim 128, the longest walks are split in two halves of their query blocks instead (BwdSplit in
+// bwd_config.h: a second dQ chain for the second halves, the dK/dV sums handed over the same way).
 #pragma once
 
 #include <cuda.h>
