@@ -263,7 +263,6 @@ struct BwdKernel {
   // sum costs (a probe without it: causal 4k +13%, GQA causal 4k +33%, non-causal 4k +7%).
   __device__ static void write_dq(const BwdKernelParams& p, Smem& s, const BwdCta& c, int writer) {
     const DqRole role = c.role;
-    const bool paired = kSplitPairs || (kMayPair && p.paired);
     const int half = kSplitPairs ? int(c.rank) : 0;  // of the tile's columns, with kSplitDq pairs
     const int first_below = Causal && !HeavyFirst ? p.split.first_below(c.adder, c.half) : 0;  // (lightest first)
     for_each_step(p, c, [&](int step, int head, int m_block) {

@@ -60,9 +60,12 @@ struct BwdConfig {
 // 128; one at head_dim 64, whose 128-row tiles leave no room for a second): 224 KB. head_dim 256 cannot keep
 // 2 x 64 x 256 dK/dV floats per warpgroup, so it splits head_dim (64-key blocks) and has room for one Q/dO
 // stage only (K, V 32 KB each, the pair's other K block's half of the columns 16 KB, Q, dO 32 KB each, dS^T,
-// P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a dQ tile 32 KB).
+// P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a dQ tile 32 KB). Register budgets: every
+// head_dim runs 24 / 240 (head_dim 64 ran 40 / 232 while its dQ writer spilled at 24; since it compiles without
+// spills, 24 / 240 measured +1..+3% without a causal mask and even under one, H100 bf16, 2026-11-26,
+// bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 40, 232, false, BwdPairs::kNone, 0, false}
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, true}
          : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, true}
                            : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, false};
 }
@@ -252,15 +255,17 @@ DHP_HOST_DEVICE int bwd_heavy_first_units(bool paired, int n_blocks) {
 // Heavy first in head halves, from kBwdHeadHalvesMinGroup query heads per K/V head: a unit's walk over its group's G
 // query heads runs as two launches, one after the other, the first over heads [0, G / 2), the second over [G / 2, G),
 // both over the same query blocks (from the last down). Every dQ tile belongs to one query head, so its adders and
-// their turns stay as they were; the first half hands its dK and dV sums to the second through the split walks' ring
-// of slots (bwd_dkv_slots), which adds them to its own once at the end: the same order on every run. A unit's
-// heaviest walk is halved, so a grid of few units (few K/V heads) ends sooner. Measured (H100, bf16, head_dim 128,
-// 2026-11-26, bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt, sections 10-11): grids of one wave (128 CTAs) 8/1
-// at 4k keys +48%, at 1k +20%, 16/1 at 8k +59%, 4/1 at 4k +60%; with 8 or more per K/V head, grids of several waves
-// -1..+1% (32/4, 64/8); with 4, grids of several waves -5..-12% at 4k (32/8, 16/4, 64/16), +2.5% at 16k; with 2
-// (4/2) -5% at 4k. The choice cannot look at the batch (it decides how many waves; a sequence's dK/dV bits would then
-// depend on it), so groups below 8 stay whole, and a one-wave grid with 4 per K/V head stays that slow. Chosen from
-// shapes only.
+// their turns stay as they were; the first half hands its dK and dV sums to the second through the split walks' ring of
+// slots (bwd_dkv_slots), which adds them to its own once at the end: the same order on every run. A unit's heaviest
+// walk is halved, so a grid of few units (few K/V heads) ends sooner. Measured (H100, bf16, head_dim 128, 2026-11-26,
+// bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt, sections 10-11): grids of one wave (128 CTAs) 8/1 at 4k keys
+// +48%, at 1k +20%, 16/1 at 8k +59%, 4/1 at 4k +60%; with 8 or more per K/V head, grids of several waves -1..+1% (32/4,
+// 64/8); with 4, grids of several waves -5..-12% at 4k (32/8, 16/4, 64/16), +2.5% at 16k; with 2 (4/2) -5% at 4k.
+// Head_dim 64 (H100, bf16, 2026-11-26, bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt, three alternating rounds):
+// 16/1 at 4k +54% (one wave; 287 -> 434 TFLOP/s, cuDNN 352), at 1k +25%, 32/4 at 4k +8%, at 16k +10%; MHA and 32/8
+// (whole groups) even. The choice cannot look at the batch (it decides how many waves; a sequence's dK/dV bits would
+// then depend on it), so groups below 8 stay whole, and a one-wave grid with 4 per K/V head stays that slow. Chosen
+// from shapes only.
 constexpr int kBwdHeadHalvesMinGroup = 8;
 constexpr int bwd_causal_head_halves_min_group(int head_dim) {
   return bwd_config(head_dim).head_halves ? kBwdHeadHalvesMinGroup : 0;
