@@ -1018,7 +1018,8 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_kv=%d x ceil(seqlen_k=%d / %d) key blocks = %lld CTAs: at most 2^31 - 1 are "
                 "supported", f.batch, f.heads_kv, f.seqlen_k, kCfg.block_n, (long long)heavy_ctas);
-  if (heavy_first) kp.order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads));
+  const long long kv_head_dq_bytes = 4ll * f.heads_q / f.heads_kv * f.seqlen_q * HeadDim;
+  if (heavy_first) kp.order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads, kv_head_dq_bytes));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = f.softmax_scale * kLog2e;
   kp.softmax_scale = f.softmax_scale;

@@ -58,11 +58,20 @@ constexpr int fwd_section_heads(long long heads, int q_heads_per_kv, long long k
 // The causal backward, heavy first (bwd_causal_heavy_first): one CTA per (key block, K/V head, batch), key block 0
 // of every (batch, K/V head) of a section first, then key block 1, and so on. A list-scheduling model of the grid
 // put 8-16 K/V heads per section at 0.98-0.99 of the busy time for GQA 32/8 at 4k-8k keys (head by head, lightest
-// first: 0.86); 2 to 4 lost at 1k-2k. Heads per section: the largest divisor of the (batch x K/V head) count up to
-// kBwdCausalSectionHeads.
+// first: 0.86); 2 to 4 lost at 1k-2k. But every dQ tile of a section's query heads takes its adds (fp32 bulk reduces
+// into L2) from key blocks that run up to the section's whole time apart, so the section's dQ sums must stay in L2:
+// with 16 heads per section, GQA 32/8 at 4k keys (128 MB of dQ sums a section) read 1.7 TB/s from DRAM and hit L2 on
+// 72% of its accesses (Nsight Compute, H100; MHA, lightest first: 92%). Heads per section: the largest divisor of the
+// (batch x K/V head) count up to kBwdCausalSectionHeads whose dQ sums (fp32, seqlen_q x head_dim per query head) fit
+// kBwdCausalSectionDqBytes; at least 1. Measured against 16 heads by count alone (H100, bf16, 2026-11-26, two calls,
+// bench/results/2026-11-26-h100-bwd-dq-sections-ab.txt; the list order changes no bits): 64 MB gave GQA 32/8 at 4k
+// +7% (L2 hits 72% -> 83%), 8k +15%, 16k +2%, head_dim 64 32/8 at 4k +3..+5%, 32/4 at 4k +2..+3%, and 32/4 at 16k (64
+// MB a K/V head: one per section) -1.4%; 32 MB lost 6% at 2k (8 heads a section, where 64 MB keeps 16).
 constexpr int kBwdCausalSectionHeads = 16;
-constexpr int bwd_causal_section_heads(long long kv_heads) {
-  return largest_divisor_at_most(kv_heads, kBwdCausalSectionHeads);
+constexpr long long kBwdCausalSectionDqBytes = 64ll << 20;
+constexpr int bwd_causal_section_heads(long long kv_heads, long long kv_head_dq_bytes) {
+  const long long fit = kBwdCausalSectionDqBytes / kv_head_dq_bytes;
+  return largest_divisor_at_most(kv_heads, fit < 1 ? 1 : fit < kBwdCausalSectionHeads ? fit : kBwdCausalSectionHeads);
 }
 
 }  // namespace dhp::kernels

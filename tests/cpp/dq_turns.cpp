@@ -57,7 +57,8 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
   const int kv_heads = heavy_first ? 3 : 1;                      // heavy first: sections of the 1-d grid
   const bool sum_pairs = paired && c.pairs == BwdPairs::kSumDq;
   const int heavy_units = bwd_heavy_first_units(paired, n_blocks);  // of the 1-d grid's list
-  const TileOrder order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads));
+  const long long kv_head_dq_bytes = 4ll * heads_q / heads_kv * seqlen_q * head_dim;
+  const TileOrder order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads, kv_head_dq_bytes));
   // heavy first in head halves: each half's tiles (its query heads') are a group of their own, groups 2h and 2h + 1
   const bool head_halves = bwd_heavy_first_halves(head_dim, causal, heads_q, heads_kv);
   const int groups = kv_heads * (head_halves ? 2 : 1);

@@ -2,7 +2,7 @@
 // block) exactly once; sections of section_heads heads in head order; within one, query blocks from last to
 // first with the section's heads in turn; one head per section is the plain head-by-head list. And
 // the section sizes: fwd_section_heads (the largest divisor of the head count whose K/V fit the section budget)
-// and bwd_causal_section_heads (the causal backward heavy first). Needs no GPU.
+// and bwd_causal_section_heads (the causal backward heavy first, within its dQ budget). Needs no GPU.
 #include <cstdio>
 #include <vector>
 
@@ -67,10 +67,15 @@ int main() {
   check_section_heads(8, 1, 64 * mb, 1);     // one head's K/V over the budget
   check_section_heads(8, 2, 64 * mb, 2);     // ... still shared by its two query heads
   check_section_heads(1, 1, mb, 1);
-  const int bwd[][2] = {{1, 1}, {8, 8}, {16, 16}, {32, 16}, {40, 10}, {13, 13}, {17, 1}, {64, 16}};
-  for (const auto& [kv_heads, expected] : bwd)
-    expect(dhp::kernels::bwd_causal_section_heads(kv_heads) == expected, "bwd_causal_section_heads", kv_heads,
-           expected, dhp::kernels::bwd_causal_section_heads(kv_heads));
+  // The backward's sections: at most 16 (batch x K/V) heads, and the dQ sums of a section within 64 MB. A K/V head's
+  // dQ sums: 4 bytes x G x seqlen_q x head_dim (GQA 32/8 at 4k, head_dim 128: 8 MB).
+  const long long bwd[][3] = {{1, mb, 1},       {8, mb, 8},       {16, mb, 16},      {32, mb, 16},
+                              {40, mb, 10},     {13, mb, 13},     {17, mb, 1},       {64, mb, 16},
+                              {32, 8 * mb, 8},  {16, 16 * mb, 4}, {8, 32 * mb, 2},   {12, 16 * mb, 4},
+                              {10, 16 * mb, 2}, {8, 64 * mb, 1},  {8, 128 * mb, 1},  {64, 4 * mb, 16}};
+  for (const auto& [kv_heads, dq_bytes, expected] : bwd)
+    expect(dhp::kernels::bwd_causal_section_heads(kv_heads, dq_bytes) == expected, "bwd_causal_section_heads",
+           kv_heads, expected, dhp::kernels::bwd_causal_section_heads(kv_heads, dq_bytes));
   std::printf("tile_order: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
