@@ -19,8 +19,8 @@ from torch_helpers import assert_bitwise_equal, check_gradients, inputs, randn
 
 pytestmark = pytest.mark.backward
 
-# (heads_q, heads_kv); causal, mqa runs each walk in two halves of the query heads (head_dims 64 and 128) and, at
-# head_dim 128, in pairs of key blocks (dhp_build_info's backward_causal_head_halves_min_group,
+# (heads_q, heads_kv); causal, gqa4 runs each walk in two halves of the query heads at head_dim 128, mqa at head_dims 64
+# and 128 and, at head_dim 128, in pairs of key blocks too (dhp_build_info's backward_causal_head_halves_min_group,
 # backward_causal_paired_min_group), the others whole
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "gqa4": (4, 1), "mqa": (8, 1)}
 SMALL_SEQLENS = [(1, 1), (17, 17), (128, 128), (113, 203), (239, 17), (1, 239)]

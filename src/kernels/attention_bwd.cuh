@@ -163,7 +163,7 @@ struct BwdKernel {
   // +1..+1.5% at 8k-16k keys, -4..-21% below: bwd_split's comment), so the pair terms stay out of the code.
   static constexpr bool kSplitWalks = Causal && !HeavyFirst && kCfg.split_walks_over > 0;
   static_assert(!kSplitWalks || !kSplitPairs, "split walks: not with kSplitDq pairs");
-  static constexpr bool kHeadHalves = HeavyFirst && kCfg.head_halves;  // p.heavy_halves decides per problem
+  static constexpr bool kHeadHalves = HeavyFirst && kCfg.head_halves_from > 0;  // p.heavy_halves decides per problem
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes + kPeerBoxes][kBoxBytesKV];  // reused for dK in the epilogue

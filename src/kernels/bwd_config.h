@@ -36,9 +36,9 @@ struct BwdConfig {
   // Under a causal mask, lightest first: walks longer than this many query blocks (and than half of them) run in
   // two halves (BwdSplit); 0: never.
   int split_walks_over;
-  // Under a causal mask, heavy first (GQA): each key block's (or pair's) walk runs in two halves of the group's query
-  // heads (bwd_heavy_first_halves).
-  bool head_halves;
+  // Under a causal mask, heavy first (GQA): from this many query heads per K/V head, each key block's (or pair's)
+  // walk runs in two halves of the group's query heads (bwd_heavy_first_halves); 0: never.
+  int head_halves_from;
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
@@ -65,9 +65,9 @@ struct BwdConfig {
 // spills, 24 / 240 measured +1..+3% without a causal mask and even under one, H100 bf16, 2026-11-26,
 // bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, true}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, true}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, false};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, 8}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, 4}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, 0};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
@@ -76,7 +76,8 @@ constexpr bool bwd_config_valid(const BwdConfig& c) {
          c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers * c.dq_ctas() == c.block_m * c.head_dim &&
          register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
          (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_head_dim) &&
-         c.split_walks_over >= 0 && (c.split_walks_over == 0 || c.pairs != BwdPairs::kSplitDq);
+         c.split_walks_over >= 0 && (c.split_walks_over == 0 || c.pairs != BwdPairs::kSplitDq) &&
+         (c.head_halves_from == 0 || c.head_halves_from >= 2);
 }
 
 static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&
@@ -252,27 +253,28 @@ DHP_HOST_DEVICE int bwd_heavy_first_units(bool paired, int n_blocks) {
   return paired ? bwd_heavy_first_clusters(n_blocks) : n_blocks;
 }
 
-// Heavy first in head halves, from kBwdHeadHalvesMinGroup query heads per K/V head: a unit's walk over its group's G
-// query heads runs as two launches, one after the other, the first over heads [0, G / 2), the second over [G / 2, G),
+// Heavy first in head halves, from BwdConfig::head_halves_from query heads per K/V head: a unit's walk over its group's
+// G query heads runs as two launches, one after the other, the first over heads [0, G / 2), the second over [G / 2, G),
 // both over the same query blocks (from the last down). Every dQ tile belongs to one query head, so its adders and
 // their turns stay as they were; the first half hands its dK and dV sums to the second through the split walks' ring of
 // slots (bwd_dkv_slots), which adds them to its own once at the end: the same order on every run. A unit's heaviest
-// walk is halved, so a grid of few units (few K/V heads) ends sooner. Measured (H100, bf16, head_dim 128, 2026-11-26,
-// bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt, sections 10-11): grids of one wave (128 CTAs) 8/1 at 4k keys
-// +48%, at 1k +20%, 16/1 at 8k +59%, 4/1 at 4k +60%; with 8 or more per K/V head, grids of several waves -1..+1% (32/4,
-// 64/8); with 4, grids of several waves -5..-12% at 4k (32/8, 16/4, 64/16), +2.5% at 16k; with 2 (4/2) -5% at 4k.
-// Head_dim 64 (H100, bf16, 2026-11-26, bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt, three alternating rounds):
-// 16/1 at 4k +54% (one wave; 287 -> 434 TFLOP/s, cuDNN 352), at 1k +25%, 32/4 at 4k +8%, at 16k +10%; MHA and 32/8
-// (whole groups) even. The choice cannot look at the batch (it decides how many waves; a sequence's dK/dV bits would
-// then depend on it), so groups below 8 stay whole, and a one-wave grid with 4 per K/V head stays that slow. Chosen
-// from shapes only.
-constexpr int kBwdHeadHalvesMinGroup = 8;
-constexpr int bwd_causal_head_halves_min_group(int head_dim) {
-  return bwd_config(head_dim).head_halves ? kBwdHeadHalvesMinGroup : 0;
-}
+// walk is halved, so a grid of few units (few K/V heads) ends sooner. Measured (H100, bf16, 2026-11-26):
+// - head_dim 128 (bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt, sections 10-11): grids of one wave (128
+//   CTAs) 8/1 at 4k keys +48%, at 1k +20%, 16/1 at 8k +59%, 4/1 at 4k +60%; with 8 or more per K/V head, grids of
+//   several waves -1..+1% (32/4, 64/8). With 4 per K/V head, grids of several waves lost 5-12% at 4k (32/8, 16/4,
+//   64/16) while sections of up to 16 K/V heads let the dQ sums leave L2; with sections sized by their dQ sums
+//   (tile_order.h) they gain (bench/results/2026-11-26-h100-bwd-g4-halves-ab.txt, three rounds): 32/8 at 4k +2%, 8k
+//   +3%, 16k +3%, 1k-2k -0.5..-1.3%, 64/16 and 16/4 at 4k +1%, 64/16 at 16k +3%, 4/1 at 4k (one wave) +56%; with 2
+//   (4/2) -5% at 4k: head_dim 128 halves from 4.
+// - head_dim 64 (bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt, three alternating rounds): 16/1 at 4k +54% (one
+//   wave; 287 -> 434 TFLOP/s, cuDNN 352), at 1k +25%, 32/4 at 4k +8%, at 16k +10%; MHA and 32/8 (whole groups) even.
+//   From 4 (same file as head_dim 128's): 32/8 at 4k -11%, 16k +2%: head_dim 64 halves from 8.
+// The choice cannot look at the batch (it decides how many waves; a sequence's dK/dV bits would then depend on it), so
+// smaller groups stay whole, and a one-wave grid of them stays that slow. Chosen from shapes only.
+constexpr int bwd_causal_head_halves_min_group(int head_dim) { return bwd_config(head_dim).head_halves_from; }
 constexpr bool bwd_heavy_first_halves(int head_dim, bool causal, int heads_q, int heads_kv) {
-  return bwd_config(head_dim).head_halves && bwd_causal_heavy_first(head_dim, causal, heads_q, heads_kv) &&
-         heads_q >= kBwdHeadHalvesMinGroup * heads_kv;
+  const int from = bwd_config(head_dim).head_halves_from;
+  return from > 0 && bwd_causal_heavy_first(head_dim, causal, heads_q, heads_kv) && heads_q >= from * heads_kv;
 }
 
 // Split walks. Under a causal mask, lightest first, key block 0 (or pair 0) walks every query block, and the grid ends

@@ -89,7 +89,7 @@ DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", 
 # per K/V head, in pairs of key blocks from "backward_causal_paired_min_group") and, for MHA, on seqlen_q
 # ("backward_causal_split_walks_over"): the shapes fall on both sides of every such limit, so each compiled kernel,
 # grid and walk runs (tests check this).
-SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1))
+SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 1100, 4, 1))
 KERNEL_REGEX = "attention_fwd_kernel"
 BACKWARD_KERNEL_REGEX = "attention_bwd_kernel"  # the backward's main kernel (not its prep and post kernels)
 
