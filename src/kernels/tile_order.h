@@ -66,7 +66,8 @@ constexpr int fwd_section_heads(long long heads, int q_heads_per_kv, long long k
 // kBwdCausalSectionDqBytes; at least 1. Measured against 16 heads by count alone (H100, bf16, 2026-11-26, two calls,
 // bench/results/2026-11-26-h100-bwd-dq-sections-ab.txt; the list order changes no bits): 64 MB gave GQA 32/8 at 4k
 // +7% (L2 hits 72% -> 83%), 8k +15%, 16k +2%, head_dim 64 32/8 at 4k +3..+5%, 32/4 at 4k +2..+3%, and 32/4 at 16k (64
-// MB a K/V head: one per section) -1.4%; 32 MB lost 6% at 2k (8 heads a section, where 64 MB keeps 16).
+// MB a K/V head: one per section) -1.4%; 32 MB lost 6% at 2k (8 heads a section, where 64 MB keeps 16); at least two
+// heads a section did not win that back (0.97-1.00 on the shapes it changes).
 constexpr int kBwdCausalSectionHeads = 16;
 constexpr long long kBwdCausalSectionDqBytes = 64ll << 20;
 constexpr int bwd_causal_section_heads(long long kv_heads, long long kv_head_dq_bytes) {
