@@ -71,7 +71,7 @@ constexpr int fwd_section_heads(long long heads, int q_heads_per_kv, long long k
 constexpr int kBwdCausalSectionHeads = 16;
 constexpr long long kBwdCausalSectionDqBytes = 64ll << 20;
 constexpr int bwd_causal_section_heads(long long kv_heads, long long kv_head_dq_bytes) {
-  const long long fit = kBwdCausalSectionDqBytes / kv_head_dq_bytes;
+  const long long fit = kBwdCausalSectionDqBytes / (kv_head_dq_bytes > 0 ? kv_head_dq_bytes : 1);
   return largest_divisor_at_most(kv_heads, fit < 1 ? 1 : fit < kBwdCausalSectionHeads ? fit : kBwdCausalSectionHeads);
 }
 

@@ -72,7 +72,8 @@ int main() {
   const long long bwd[][3] = {{1, mb, 1},       {8, mb, 8},       {16, mb, 16},      {32, mb, 16},
                               {40, mb, 10},     {13, mb, 13},     {17, mb, 1},       {64, mb, 16},
                               {32, 8 * mb, 8},  {16, 16 * mb, 4}, {8, 32 * mb, 2},   {12, 16 * mb, 4},
-                              {10, 16 * mb, 2}, {8, 64 * mb, 1},  {8, 128 * mb, 1},  {64, 4 * mb, 16}};
+                              {10, 16 * mb, 2}, {8, 64 * mb, 1},  {8, 128 * mb, 1},  {64, 4 * mb, 16},
+                              {4, 0, 4}};  // (no query rows: no dQ sums to bound)
   for (const auto& [kv_heads, dq_bytes, expected] : bwd)
     expect(dhp::kernels::bwd_causal_section_heads(kv_heads, dq_bytes) == expected, "bwd_causal_section_heads",
            kv_heads, expected, dhp::kernels::bwd_causal_section_heads(kv_heads, dq_bytes));
