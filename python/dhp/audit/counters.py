@@ -83,7 +83,7 @@ WAIT_AFFECTED = ("smsp__inst_executed.sum", "smsp__sass_inst_executed_op_branch.
                  "smsp__sass_inst_executed_op_global_ld.sum")
 # Launch order of one case: the baseline class three times, spread out, the other classes between.
 DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", "nan", "inf", "random")
-# Shapes (batch, seqlen, heads_q, heads_kv): one aligned, the others with a sequence tail, two GQA. The forward's
+# Shapes (batch, seqlen, heads_q, heads_kv): one aligned, the others with a sequence tail, three GQA. The forward's
 # launch depends on seqlen_k (dhp_build_info's "forward_tiles" and "persistent_causal_max_seqlen_k"), the causal
 # backward's on GQA (heavy first; in halves of the query heads from "backward_causal_head_halves_min_group" query heads
 # per K/V head, in pairs of key blocks from "backward_causal_paired_min_group") and, for MHA, on seqlen_q
