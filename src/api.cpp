@@ -654,7 +654,7 @@ const char* build_info_json() {
     }
     std::string cmake = DHP_BUILD_INFO_JSON;
     cmake.pop_back();  // the closing brace
-    std::string chains, pairs, unpaired, split, causal_pairs, halves;
+    std::string chains, pairs, unpaired, split, causal_pairs, heavy, halves;
     for (int head_dim : {64, 128, 256}) {
       if (!backward_variant_exists(DType::bf16, head_dim) && !backward_variant_exists(DType::fp16, head_dim)) continue;
       char entry[48];
@@ -665,6 +665,9 @@ const char* build_info_json() {
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", split.empty() ? "" : ", ", head_dim,
                     c.split_walks_over * c.block_m);
       split += entry;
+      std::snprintf(entry, sizeof entry, "%s\"%d\": %d", heavy.empty() ? "" : ", ", head_dim,
+                    kernels::bwd_causal_heavy_first_min_group(head_dim));
+      heavy += entry;
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", halves.empty() ? "" : ", ", head_dim,
                     kernels::bwd_causal_head_halves_min_group(head_dim));
       halves += entry;
@@ -685,6 +688,7 @@ const char* build_info_json() {
            chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +
            "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}, \"backward_causal_paired_min_group\": {" +
            causal_pairs + "}, \"backward_causal_split_walks_over\": {" + split +
+           "}, \"backward_causal_heavy_first_min_group\": {" + heavy +
            "}, \"backward_causal_head_halves_min_group\": {" + halves + "}}";
   }();
   return json.c_str();

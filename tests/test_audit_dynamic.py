@@ -491,8 +491,9 @@ def test_audit_shapes_fall_on_both_sides_of_the_backward_split_walks_limits(ext,
 
 @pytest.mark.parametrize("tool", ["counters", "determinism"])
 def test_audit_shapes_fall_on_both_sides_of_the_causal_pairs_limit(ext, tool):
-    """A causal GQA backward runs its key blocks in pairs, and each key block's walk in two halves of the query heads,
-    from numbers of query heads per K/V head on (dhp_build_info; pairs 1: always; halves 0: never): both audits must
+    """A causal GQA backward runs its key blocks heavy first, in pairs, and each key block's walk in two halves of the
+    query heads, from numbers of query heads per K/V head on (dhp_build_info; pairs 1: always; halves 0: never): both
+    audits must
     run GQA shapes on both sides of each at every head_dim where it is above 1, a paired one with an odd number of key
     blocks (a cluster with one key block), and one in halves without pairs where halves start lower."""
     from dhp import _native
@@ -506,6 +507,11 @@ def test_audit_shapes_fall_on_both_sides_of_the_causal_pairs_limit(ext, tool):
             assert any(g < group for _, g in gqa), (tool, head_dim, group, gqa)
             # (head_dim 128: 128-key blocks)
             assert any(g >= group and -(-s // 128) % 2 == 1 for s, g in gqa), (tool, head_dim, group, gqa)
+    # heavy first, likewise (MHA shapes below every limit)
+    every = [heads_q // heads_kv for _, heads_q, heads_kv in shapes]
+    for head_dim, group in info["backward_causal_heavy_first_min_group"].items():
+        if group > 1:
+            assert any(g < group for g in every) and any(g >= group for g in every), (tool, head_dim, group, every)
     # the walks in halves of the query heads, likewise
     for head_dim, group in info["backward_causal_head_halves_min_group"].items():
         if group > 1:

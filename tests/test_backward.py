@@ -19,9 +19,10 @@ from torch_helpers import assert_bitwise_equal, check_gradients, inputs, randn
 
 pytestmark = pytest.mark.backward
 
-# (heads_q, heads_kv); causal, gqa4 runs each walk in two halves of the query heads at head_dim 128, mqa at head_dims 64
-# and 128 and, at head_dim 128, in pairs of key blocks too (dhp_build_info's backward_causal_head_halves_min_group,
-# backward_causal_paired_min_group), the others whole
+# (heads_q, heads_kv); causal, the GQA shapes run heavy first at head_dims 64 and 128, gqa4 and mqa at 256
+# (backward_causal_heavy_first_min_group); gqa4 runs each walk in two halves of the query heads at head_dim 128, mqa at
+# head_dims 64 and 128 and, at head_dim 128, in pairs of key blocks too (dhp_build_info's
+# backward_causal_head_halves_min_group, backward_causal_paired_min_group), the others whole
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "gqa4": (4, 1), "mqa": (8, 1)}
 SMALL_SEQLENS = [(1, 1), (17, 17), (128, 128), (113, 203), (239, 17), (1, 239)]
 # (seqlen_q, seqlen_k, causal, heads): causal with seqlen_q > seqlen_k leaves the first rows without a key.

@@ -77,6 +77,8 @@ def test_build_info_lists_the_forward_tiles(ext):
     assert all(limit >= 0 for limit in info["backward_unpaired_max_seqlen_k"].values())
     assert set(info["backward_causal_paired_min_group"]) == set(info["backward_unpaired_max_seqlen_k"])
     assert all(group >= 1 for group in info["backward_causal_paired_min_group"].values())
+    assert set(info["backward_causal_heavy_first_min_group"]) == backward
+    assert all(group == 0 or group >= 2 for group in info["backward_causal_heavy_first_min_group"].values())
     assert set(info["backward_causal_head_halves_min_group"]) == backward
     assert all(group == 0 or group >= 2 for group in info["backward_causal_head_halves_min_group"].values())
     assert set(info["backward_causal_split_walks_over"]) == backward

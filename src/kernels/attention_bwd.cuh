@@ -49,9 +49,10 @@
 // head, and with GQA a CTA walks every query head of its group. There (bwd_causal_heavy_first) the grid is
 // one-dimensional (tile_order.h): key block 0 of every (batch, K/V head) of a section first, then key block 1, and
 // so on; each CTA walks its query blocks from the last down, at each the query heads of its group in turn, and a
-// tile's parts are added in ascending key-block order, so the grid ends on light CTAs. With many query heads per K/V
-// head (head_dim 128) the key blocks go in pairs and each walk in two halves of the group's query heads
-// (bwd_heavy_first_cta, bwd_heavy_first_halves: the first half's dK/dV sums handed over through the workspace).
+// tile's parts are added in ascending key-block order, so the grid ends on light CTAs (head_dim 256: its kSplitDq
+// pairs, from 4 query heads per K/V head). With many query heads per K/V head (head_dim 128) the key blocks go in
+// kSumDq pairs and each walk in two halves of the group's query heads (bwd_heavy_first_cta, bwd_heavy_first_halves:
+// the first half's dK/dV sums handed over through the workspace).
 // Without GQA, at head_dim 128, the longest walks are split in two halves of their query blocks instead (BwdSplit in
 // bwd_config.h: a second dQ chain for the second halves, the dK/dV sums handed over the same way).
 #pragma once
@@ -158,7 +159,7 @@ struct BwdKernel {
   static constexpr uint32_t kRowStatBytes = kBlockM * sizeof(float);
   // kSumDq pairs: without a causal mask, or heavy first; p.paired decides per problem.
   static constexpr bool kMayPair = (!Causal || HeavyFirst) && kCfg.pairs == BwdPairs::kSumDq;
-  static_assert(!HeavyFirst || (Causal && !kSplitPairs), "heavy first: causal kernels without kSplitDq pairs only");
+  static_assert(!HeavyFirst || Causal, "heavy first: causal kernels only");
   // Split walks (BwdSplit): causal, lightest first, where the configuration splits; not with kSplitDq pairs (measured
   // +1..+1.5% at 8k-16k keys, -4..-21% below: bwd_split's comment), so the pair terms stay out of the code.
   static constexpr bool kSplitWalks = Causal && !HeavyFirst && kCfg.split_walks_over > 0;
@@ -664,7 +665,8 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
   BwdHalf half = BwdHalf::kWhole;
   int split = 0;
   if constexpr (HeavyFirst) {
-    const BwdHeavyCta h = bwd_heavy_first_cta(p.order, sum_pairs, K::kHeadHalves && p.heavy_halves, p.n_blocks, x);
+    const BwdPairs pairs = K::kSplitPairs ? BwdPairs::kSplitDq : sum_pairs ? BwdPairs::kSumDq : BwdPairs::kNone;
+    const BwdHeavyCta h = bwd_heavy_first_cta(p.order, pairs, K::kHeadHalves && p.heavy_halves, p.n_blocks, x);
     batch = h.head / p.heads_kv;
     kv_head = h.head - batch * p.heads_kv;
     n_block = h.n_block;
@@ -725,7 +727,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     hopper::cluster_wait();
     // An odd number of key blocks: the last pair (kSumDq) has no lower key block, heavy first no upper one (whose
     // head halves still pass their slot of the dK/dV ring on to its next user).
-    if (HeavyFirst ? n_block >= p.n_blocks : n_block < 0) {
+    if (HeavyFirst && !K::kSplitPairs ? n_block >= p.n_blocks : n_block < 0) {
       if (K::kHeadHalves && half != BwdHalf::kWhole && threadIdx.x == 0) {
         int* flag = p.split_flag + split % p.split_slots;
         const int use = split / p.split_slots, first = int(half == BwdHalf::kFirst);
@@ -1026,7 +1028,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
 
   auto kernel = attention_bwd_kernel<T, HeadDim, Causal, false>;
   err = reserve_backward_smem<attention_bwd_kernel<T, HeadDim, Causal, false>>(K::kSmemBytes);
-  if constexpr (Causal && !K::kSplitPairs)
+  if constexpr (Causal)
     if (heavy_first && err == cudaSuccess) {
       kernel = attention_bwd_kernel<T, HeadDim, Causal, true>;
       err = reserve_backward_smem<attention_bwd_kernel<T, HeadDim, Causal, true>>(K::kSmemBytes);

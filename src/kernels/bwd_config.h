@@ -36,6 +36,9 @@ struct BwdConfig {
   // Under a causal mask, lightest first: walks longer than this many query blocks (and than half of them) run in
   // two halves (BwdSplit); 0: never.
   int split_walks_over;
+  // Under a causal mask, from this many query heads per K/V head the key blocks run heavy first
+  // (bwd_causal_heavy_first); 0: never.
+  int heavy_first_from;
   // Under a causal mask, heavy first (GQA): from this many query heads per K/V head, each key block's (or pair's)
   // walk runs in two halves of the group's query heads (bwd_heavy_first_halves); 0: never.
   int head_halves_from;
@@ -65,9 +68,9 @@ struct BwdConfig {
 // spills, 24 / 240 measured +1..+3% without a causal mask and even under one, H100 bf16, 2026-11-26,
 // bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt).
 constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, 8}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, 4}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, 0};
+  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, 2, 8}
+         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, 2, 4}
+                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, 4, 0};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
@@ -77,7 +80,8 @@ constexpr bool bwd_config_valid(const BwdConfig& c) {
          register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
          (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_head_dim) &&
          c.split_walks_over >= 0 && (c.split_walks_over == 0 || c.pairs != BwdPairs::kSplitDq) &&
-         (c.head_halves_from == 0 || c.head_halves_from >= 2);
+         (c.heavy_first_from == 0 || c.heavy_first_from >= 2) &&
+         (c.head_halves_from == 0 || (c.heavy_first_from > 0 && c.head_halves_from >= c.heavy_first_from));
 }
 
 static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&
@@ -134,7 +138,13 @@ constexpr int bwd_causal_paired_min_group(int head_dim) {
   const BwdPairs pairs = bwd_config(head_dim).pairs;
   return pairs == BwdPairs::kSplitDq ? 1 : pairs == BwdPairs::kSumDq ? kBwdCausalPairsMinGroup : 0;
 }
-static_assert(kBwdCausalPairsMinGroup > 1, "causal kSumDq pairs run heavy first, which is for GQA only");
+constexpr bool bwd_causal_sum_pairs_heavy_first(int head_dim) {
+  const BwdConfig c = bwd_config(head_dim);
+  return c.pairs != BwdPairs::kSumDq || (c.heavy_first_from > 0 && kBwdCausalPairsMinGroup >= c.heavy_first_from);
+}
+static_assert(bwd_causal_sum_pairs_heavy_first(64) && bwd_causal_sum_pairs_heavy_first(128) &&
+                  bwd_causal_sum_pairs_heavy_first(256),
+              "causal kSumDq pairs run heavy first (bwd_heavy_first_cta maps them)");
 constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
   const BwdPairs pairs = bwd_config(head_dim).pairs;
   if (causal) return pairs != BwdPairs::kNone && heads_q >= bwd_causal_paired_min_group(head_dim) * heads_kv;
@@ -150,16 +160,22 @@ DHP_HOST_DEVICE constexpr int bwd_dq_adders_skipped(bool paired, int n_blocks, i
 }
 
 // Under a causal mask, the order in which a head's key blocks run and add their dQ parts (attention_bwd.cuh, file
-// comment): lightest first by default; heavy first where a key block walks several query heads (GQA), so its CTA
-// runs G times a head's steps and the lightest-first grid would end on the heaviest CTAs, unless its key blocks are
-// in kSplitDq pairs (a pair walks upwards from the lower key block's diagonal). Measured on the H100 (bf16,
-// 2026-11-26, alternating builds): heavy first for every problem gave GQA 32/8 at 4k keys +6%, but MHA -3..-18%
-// (its key blocks then add to the same tile one after another); for GQA only, head_dim 128 32/8 causal 1k-16k
-// +3..+9%, 32/4 at 4k +13%, head_dim 64 32/8 at 4k +4%. Chosen from shapes only. The two measurements:
+// comment): lightest first by default; heavy first from BwdConfig::heavy_first_from query heads per K/V head (GQA),
+// where a key block walks several query heads, so its CTA runs G times a head's steps and the lightest-first grid
+// would end on the heaviest CTAs. Measured on the H100 (bf16, 2026-11-26, alternating builds): heavy first for every
+// problem gave GQA 32/8 at 4k keys +6%, but MHA -3..-18% (its key blocks then add to the same tile one after another);
+// for GQA only, head_dim 128 32/8 causal 1k-16k +3..+9%, 32/4 at 4k +13%, head_dim 64 32/8 at 4k +4%. Head_dim 256,
+// whose key blocks run in kSplitDq pairs (2026-11-26, one build, the order switched per call, three rounds): MHA
+// -10..-16% at 1k-16k keys (sections of 1, 2, 4 or 16 heads alike; Nsight Compute at 4k: the same L2 hit rate, 92%,
+// the schedulers idle 82% of the time against 78%: waits, not memory), GQA 8/4 at 4k -7%, but 8/2 +3% at 1k, +7% at
+// 4k, +12% at 16k and MQA 8/1 at 4k +22%: head_dim 256 from 4. Chosen from shapes only. The measurements:
 //   bench/results/2026-11-26-h100-bwd-causal-heavy-first-ab.txt
 //   bench/results/2026-11-26-h100-bwd-gqa-causal-heavy-first-ab.txt
+//   bench/results/2026-11-26-h100-bwd-d256-heavy-first-ab.txt
+constexpr int bwd_causal_heavy_first_min_group(int head_dim) { return bwd_config(head_dim).heavy_first_from; }
 constexpr bool bwd_causal_heavy_first(int head_dim, bool causal, int heads_q, int heads_kv) {
-  return causal && heads_q > heads_kv && bwd_config(head_dim).pairs != BwdPairs::kSplitDq;
+  const int from = bwd_causal_heavy_first_min_group(head_dim);
+  return causal && from > 0 && heads_q >= int64_t(from) * heads_kv;
 }
 
 // A CTA's turn in the chains of the tiles it adds to (turn % chains: its chain; turn / chains: its position there):
@@ -221,7 +237,9 @@ enum class BwdHalf : int { kWhole, kFirst, kSecond };
 // pair's hand-over costs it ~10% (measured: 8 query heads per K/V head, 128 CTAs, -7..-13% with every key block
 // paired). The others hold kSumDq pairs, 2k + 1 (rank 0, the upper) and 2k (rank 1, which hands its parts over), both
 // walking from 2k's first query block. A key block past the keys (the last cluster of an odd N) exits. Adders count
-// from the lowest: key blocks 0 .. 2U - 1 alone, then one per pair.
+// from the lowest: key blocks 0 .. 2U - 1 alone, then one per pair. kSplitDq pairs (head_dim 256) are always pairs:
+// cluster k holds key blocks 2k + 1 (rank 0; past the keys for the last cluster of an odd N, which still computes its
+// half of the pair's dQ columns) and 2k (rank 1), adder k.
 constexpr int kBwdHeavyUnpairedClusters = 2;
 struct BwdHeavyCta {
   int head, n_block, adder;
@@ -230,8 +248,9 @@ struct BwdHeavyCta {
   int split;     // with halves: the (unit, rank) in launch order, whose halves share a slot of the dK/dV ring
 };
 DHP_HOST_DEVICE int bwd_heavy_first_clusters(int n_blocks) { return (n_blocks + 1) / 2; }
-DHP_HOST_DEVICE BwdHeavyCta bwd_heavy_first_cta(const TileOrder& order, bool paired, bool halves, int n_blocks,
+DHP_HOST_DEVICE BwdHeavyCta bwd_heavy_first_cta(const TileOrder& order, BwdPairs pairs, bool halves, int n_blocks,
                                                 int x) {
+  const bool paired = pairs != BwdPairs::kNone;
   const int rank = paired ? x % 2 : 0, unit_ctas = paired ? 2 : 1;
   const int y = x / unit_ctas;  // the cluster (or CTA) in launch order
   const int u = halves ? y / 2 : y;
@@ -242,8 +261,9 @@ DHP_HOST_DEVICE BwdHeavyCta bwd_heavy_first_cta(const TileOrder& order, bool pai
     const int n_block = n_blocks - 1 - pos.m_block;
     return {pos.head, n_block, n_block, false, half, split};
   }
-  constexpr int kU = kBwdHeavyUnpairedClusters;
   const int k = bwd_heavy_first_clusters(n_blocks) - 1 - pos.m_block;
+  if (pairs == BwdPairs::kSplitDq) return {pos.head, 2 * k + 1 - rank, k, false, half, split};
+  constexpr int kU = kBwdHeavyUnpairedClusters;
   if (k < kU) return {pos.head, 2 * k + rank, 2 * k + rank, false, half, split};
   const int n_block = 2 * k + 1 - rank;
   return {pos.head, n_block, kU + k, 2 * k + 1 < n_blocks, half, split};

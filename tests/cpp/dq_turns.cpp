@@ -56,6 +56,7 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
   const int ctas = units ? split.units() << int(paired) : paired ? (n_blocks + 1) / 2 * 2 : n_blocks;
   const int kv_heads = heavy_first ? 3 : 1;                      // heavy first: sections of the 1-d grid
   const bool sum_pairs = paired && c.pairs == BwdPairs::kSumDq;
+  const BwdPairs pairs = paired ? c.pairs : BwdPairs::kNone;
   const int heavy_units = bwd_heavy_first_units(paired, n_blocks);  // of the 1-d grid's list
   const long long kv_head_dq_bytes = 4ll * heads_q / heads_kv * seqlen_q * head_dim;
   const TileOrder order = TileOrder::make(heavy_units, bwd_causal_section_heads(kv_heads, kv_head_dq_bytes));
@@ -73,7 +74,7 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
   for (int launch = 0; launch < (heavy_first ? heavy_ctas : ctas); ++launch) {
     const int x = launch;  // blockIdx.x of the 3-d grid, or heavy first of the 1-d one
     const BwdHeavyCta heavy =
-        heavy_first ? bwd_heavy_first_cta(order, sum_pairs, head_halves, n_blocks, x) : BwdHeavyCta{};
+        heavy_first ? bwd_heavy_first_cta(order, pairs, head_halves, n_blocks, x) : BwdHeavyCta{};
     const int kv_head = heavy.head * (head_halves ? 2 : 1) + int(heavy.half == BwdHalf::kSecond);  // its tiles' group
     if (head_halves) ring[heavy.split].emplace_back(launch, int(heavy.half));
     const int rank = paired ? x % 2 : 0;
@@ -82,7 +83,7 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
                         : units     ? bwd_key_block(c.pairs, n_blocks, paired ? 2 * unit.adder + rank : unit.adder)
                                     : bwd_key_block(c.pairs, n_blocks, x);
     // kSumDq: a pair's other key block outside the keys (the kernel's `absent`)
-    if (n_block < 0 || (heavy_first && n_block >= n_blocks)) continue;
+    if (n_block < 0 || (heavy_first && c.pairs != BwdPairs::kSplitDq && n_block >= n_blocks)) continue;
     // in a kSumDq pair (the kernel's `pair`): rank 1 hands its parts to rank 0, which adds them in its own turn
     const bool pair = heavy_first ? heavy.pair : sum_pairs && (rank == 1 || n_block > 0);
     const auto peer_of = [](int n, int r) { return r == 0 ? n - 1 : n + 1; };  // rank 0 is the upper key block
@@ -91,8 +92,8 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
       expect(peer >= 0 && peer < n_blocks, "a pair's other key block outside the keys", head_dim, seqlen_q, seqlen_k,
              x);
       if (heavy_first)
-        expect(bwd_heavy_first_cta(order, sum_pairs, head_halves, n_blocks, x ^ 1).n_block == peer &&
-                   bwd_heavy_first_cta(order, sum_pairs, head_halves, n_blocks, x ^ 1).pair,
+        expect(bwd_heavy_first_cta(order, pairs, head_halves, n_blocks, x ^ 1).n_block == peer &&
+                   bwd_heavy_first_cta(order, pairs, head_halves, n_blocks, x ^ 1).pair,
                "a cluster's other CTA is not the pair's other key block", head_dim, seqlen_q, seqlen_k, x);
     }
     const int walk = pair ? std::min(n_block, peer_of(n_block, rank)) : bwd_walk_block(c.pairs, n_block);
@@ -195,7 +196,9 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
           const int alone = 2 * kBwdHeavyUnpairedClusters;
           const int count = seen == 0     ? 0
                             : !causal     ? (adders - chain + chains - 1) / chains
-                            : heavy_first ? (!sum_pairs || seen <= alone ? seen : alone + (seen - alone + 1) / 2)
+                            : heavy_first ? (c.pairs == BwdPairs::kSplitDq    ? (seen + 1) / 2
+                                             : !sum_pairs || seen <= alone ? seen
+                                                                           : alone + (seen - alone + 1) / 2)
                             : chain == 0  ? std::max(0, chain1 - skipped)
                                           : adders - chain1;
           expect(int(got.size()) == count, "adders of a tile", head_dim, seqlen_q, seqlen_k,

@@ -85,8 +85,9 @@ WAIT_AFFECTED = ("smsp__inst_executed.sum", "smsp__sass_inst_executed_op_branch.
 DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", "nan", "inf", "random")
 # Shapes (batch, seqlen, heads_q, heads_kv): one aligned, the others with a sequence tail, three GQA. The forward's
 # launch depends on seqlen_k (dhp_build_info's "forward_tiles" and "persistent_causal_max_seqlen_k"), the causal
-# backward's on GQA (heavy first; in halves of the query heads from "backward_causal_head_halves_min_group" query heads
-# per K/V head, in pairs of key blocks from "backward_causal_paired_min_group") and, for MHA, on seqlen_q
+# backward's on GQA (heavy first from "backward_causal_heavy_first_min_group" query heads per K/V head, in halves of
+# the query heads from "backward_causal_head_halves_min_group", in pairs of key blocks from
+# "backward_causal_paired_min_group") and, for MHA, on seqlen_q
 # ("backward_causal_split_walks_over"): the shapes fall on both sides of every such limit, so each compiled kernel,
 # grid and walk runs (tests check this).
 SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 1100, 4, 1))

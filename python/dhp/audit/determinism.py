@@ -46,7 +46,7 @@ import sys
 # per K/V head; 256 always): the shapes fall on both sides of every such limit, with MHA shapes on both sides of the
 # backward's and between them (pairs with two chains), and pairs with an odd number of key blocks; MHA on both
 # sides of the causal backward's "backward_causal_split_walks_over"; and GQA on both sides of its
-# "backward_causal_head_halves_min_group".
+# "backward_causal_heavy_first_min_group" and "backward_causal_head_halves_min_group".
 SHAPES = ((500, 2, 2), (1000, 2, 2), (2100, 2, 2), (2100, 4, 2), (4200, 4, 1), (8300, 1, 1), (1100, 8, 1))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
 SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
