@@ -42,4 +42,13 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   }
 }
 
+// The two 16-bit values of a pack2 register as floats (lo = x).
+template <class T>
+__device__ __forceinline__ float2 unpack2(uint32_t v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  else
+    return __half22float2(*reinterpret_cast<const __half2*>(&v));
+}
+
 }  // namespace dhp::hopper

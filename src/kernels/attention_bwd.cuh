@@ -20,8 +20,9 @@
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; threads 32, 64, ... are the dQ writers, one per dQ buffer); warpgroups 1 and 2
 // each own 64 keys and take turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns(), in `consume`).
-// At head_dim 256 both own the block's 64 keys and half of head_dim each; each computes S^T and dP^T for half the
-// query block, and P^T and dS^T meet in shared memory for the dV, dK and dQ GEMMs (bwd_config.h).
+// At head_dim 256 they split the products of the block's 64 keys: warpgroup 1 computes S^T, P^T and dV, warpgroup 2
+// dP^T, dS^T and dK (P^T reaches it through shared memory), and both the dQ GEMMs, each half of the CTA's dQ
+// columns, from dS^T in shared memory (BwdConfig::split_products).
 //
 // Constant time: trip counts, addresses and branches depend on shapes, options and block indices only; the
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
@@ -126,6 +127,7 @@ enum class BwdBarrier : int {
   kTurnFirst = 2,    // + consumer index, with turns: that warpgroup may issue its next group of GEMMs
   kEpilogue = 4,     // both consumer warpgroups are done reading K and V
   kStoreFirst = 5,   // + consumer index: a consumer warpgroup's own 128 threads
+  kPReady = 7,       // split products: warpgroup 0's P^T of the step is stored (warpgroup 1 waits)
 };
 
 // HeavyFirst: the causal backward's key blocks heaviest first (bwd_causal_heavy_first, the file comment), a kernel of
@@ -145,8 +147,8 @@ struct BwdKernel {
   static constexpr int kBoxBytesDs = kBlockN * 128;
   static constexpr bool kSplitPairs = kCfg.pairs == BwdPairs::kSplitDq;
   static constexpr int kPeerBoxes = kSplitPairs ? kBoxes / 2 : 0;  // the pair's other K block, this CTA's dQ columns
-  // dS^T; P^T when head_dim is split; the pair's other dS^T with kSplitDq pairs.
-  static constexpr int kDsTiles = (kCfg.split_head_dim ? 2 : 1) + (kSplitPairs ? 1 : 0);
+  // dS^T; P^T with split products; the pair's other dS^T with kSplitDq pairs.
+  static constexpr int kDsTiles = (kCfg.split_products ? 2 : 1) + (kSplitPairs ? 1 : 0);
   static constexpr int kPeerDsTile = kDsTiles - 1;
   static constexpr int kWgQueries = kCfg.wg_queries();           // query columns of a warpgroup's S^T, dP^T
   static constexpr int kDqRows = kCfg.dq_rows();
@@ -165,6 +167,8 @@ struct BwdKernel {
   static constexpr bool kSplitWalks = Causal && !HeavyFirst && kCfg.split_walks_over > 0;
   static_assert(!kSplitWalks || !kSplitPairs, "split walks: not with kSplitDq pairs");
   static constexpr bool kHeadHalves = HeavyFirst && kCfg.head_halves_from > 0;  // p.heavy_halves decides per problem
+  static_assert(!kCfg.split_products || !(kSplitWalks || kHeadHalves),
+                "split products keep one of dK, dV per warpgroup: no dK/dV hand-over between halves of a walk");
 
   struct alignas(1024) Smem {
     alignas(1024) uint8_t k[kBoxes + kPeerBoxes][kBoxBytesKV];  // reused for dK in the epilogue
@@ -313,17 +317,6 @@ struct BwdKernel {
     gemm_rs_nmajor<T, kBlockM, kWgCols, kBoxBytesQ>(acc, a, b_base);
   }
 
-  // The same with A (P^T or dS^T: 64 key rows x kBlockM queries) from shared memory, K-major: +32 B per k16 step
-  // inside a 64-column box. B as above: +16 rows (2048 B) per step, LBO = box stride.
-  __device__ static void gemm_into_keys_ss(float (&acc)[kWgCols / 2], uint32_t a_base, uint32_t b_base) {
-    const uint64_t a0 = hopper::SmemDescriptor{a_base, 16, 1024}.encode();
-    const uint64_t b0 = hopper::SmemDescriptor{b_base, kBoxBytesQ, 1024}.encode();
-#pragma unroll
-    for (int t = 0; t < kBlockM / 16; ++t)
-      hopper::mma_ss<T, kWgCols, 0, 1>(acc, hopper::advance(a0, (t / 4) * kBoxBytesDs + (t % 4) * 32),
-                                       hopper::advance(b0, t * 2048), 1);
-  }
-
   // acc (64 query rows x kDqCols) = (accumulate ? acc : 0) + dS (from dS^T in shared memory, M-major) * K
   // (N-major), over the kBlockN keys in k16 steps of 16 rows (2048 B) of both.
   __device__ static void gemm_dq(float (&acc)[kDqCols / 2], uint32_t ds_base, uint32_t k_base, bool accumulate) {
@@ -349,10 +342,8 @@ struct BwdKernel {
     const int t = threadIdx.x % 128;
     const int lane = t % 32;
     const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
-    constexpr bool kSplit = kCfg.split_head_dim;
+    constexpr bool kSplit = kCfg.split_products;
     const int key_row0 = kSplit ? 0 : 64 * consumer;   // this warpgroup's keys within the block
-    const int col0 = consumer * (HeadDim - kWgCols);   // its first dK/dV column (0 unless head_dim is split)
-    const int q_col0 = consumer * (kBlockM - kWgQueries);  // its first S^T column (0 unless head_dim is split)
     const auto smem = [](const void* ptr) { return static_cast<uint32_t>(__cvta_generic_to_shared(ptr)); };
     const uint32_t k_rows = smem(s.k[0]) + key_row0 * 128;
     const uint32_t v_rows = smem(s.v[0]) + key_row0 * 128;
@@ -360,17 +351,24 @@ struct BwdKernel {
     const int dq_half = kSplitPairs ? int(c.rank) : 0;  // with kSplitDq pairs, the CTA's half of the columns
     const int dq_col0 = kCfg.dq_split_rows() ? 0 : (dq_half * BwdConfig::kConsumers + consumer) * kDqCols;
 
-    float acc_dk[kWgCols / 2], acc_dv[kWgCols / 2];
+    // With split products (kSplit) a warpgroup accumulates one of them, in acc_dv: warpgroup 0 dV, warpgroup 1 dK.
+    float acc_dv[kWgCols / 2], acc_dk[kSplit ? 1 : kWgCols / 2];
 #pragma unroll
-    for (int i = 0; i < kWgCols / 2; ++i) acc_dk[i] = acc_dv[i] = 0.f;
+    for (int i = 0; i < kWgCols / 2; ++i) acc_dv[i] = 0.f;
+#pragma unroll
+    for (int i = 0; i < (kSplit ? 1 : kWgCols / 2); ++i) acc_dk[i] = 0.f;
 
     // With turns (kCfg.turns()), the two warpgroups take turns issuing GEMMs (S^T and dP^T of a step, then dV, dK
     // and the previous step's dQ), so one's P/dS arithmetic and dQ store run under the other's GEMMs. dQ lags a
     // step behind: by the time a warpgroup issues the dQ of step j - 1, the other stored its dS^T rows of step
-    // j - 1 half a step earlier (ds_full), so neither waits for the other at a barrier. Without turns (head_dim
-    // split), both meet at a barrier once their halves of P^T and dS^T are stored, then compute dV, dK and dQ
-    // from shared memory. P^T and dS^T are double-buffered: a buffer is written again two steps later, after
-    // both warpgroups have passed the barrier of the step between, i.e. finished the GEMMs that read it.
+    // j - 1 half a step earlier (ds_full), so neither waits for the other at a barrier. With split products
+    // (kSplit), warpgroup 0 stores P^T and arrives on kPReady, warpgroup 1 waits there, stores dS^T and arrives on
+    // kDsReady, where warpgroup 0 waits before its dQ GEMM; each barrier has one arriving and one waiting
+    // warpgroup, and neither can arrive twice before the other has waited once (each waits on the other's barrier
+    // in between). P^T and dS^T are double-buffered: a buffer is written again two steps later, once its readers
+    // are done: P^T(j - 2) was read by warpgroup 1 before it arrived on kDsReady(j - 2), which warpgroup 0 waited
+    // for; dS^T(j - 2) by both dQ GEMMs of step j - 2, which warpgroup 0 completed before arriving on kPReady(j - 1),
+    // which warpgroup 1 waited for (and the copy to the pair's other CTA: below).
     constexpr bool kTurns = kCfg.turns();
     const int steps = (HeavyFirst ? group_heads(p, c).end - group_heads(p, c).begin : p.q_heads_per_kv) *
                       (c.m_end - c.m_begin);
@@ -431,6 +429,64 @@ struct BwdKernel {
       gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]), false);
     };
 
+    // Masked entries of S^T (causal, keys past seqlen_k) become -inf, so their probabilities come out 0.
+    const auto mask = [&](float (&acc)[kWgQueries / 2], int m_block) {
+      if (!block_needs_mask(p, m_block, n_block)) return;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t key = int64_t(n_block) * kBlockN + key_row0 + row_in_wg + 8 * h;
+        const int64_t first_col = Causal ? key - (p.seqlen_k - p.seqlen_q) - int64_t(m_block) * kBlockM : 0;
+        const int first = key < p.seqlen_k ? int(max(int64_t(0), min(int64_t(kBlockM), first_col))) : kBlockM;
+#pragma unroll
+        for (int i = 0; i < FragS::kRegs; ++i)
+          if (FragS::row_half(i) == h) acc[i] = FragS::col(i, lane) >= first ? acc[i] : -INFINITY;
+      }
+    };
+    // Registers 4g..4g+3 hold query columns 8g + 2(lane % 4) + {0, 1} (of both row halves): one float2 of
+    // lse2 and of delta per group.
+    const auto row_stat = [&](const float* stat, int g) {
+      return *reinterpret_cast<const float2*>(stat + FragS::col(4 * g, lane));
+    };
+    // S^T -> P^T = exp2(S^T * scale * log2 e - lse2).
+    const auto to_probabilities = [&](float (&acc)[kWgQueries / 2], int stage) {
+#pragma unroll
+      for (int g = 0; g < FragS::kRegs / 4; ++g) {
+        const float2 lse2 = row_stat(s.lse2[stage], g);
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          acc[4 * g + r] = hopper::exp2_approx(fmaf(acc[4 * g + r], p.scale_log2, -(r & 1 ? lse2.y : lse2.x)));
+      }
+    };
+    // dP^T -> dS^T = P^T (dP^T - delta), prob(i) the probability of register i.
+    const auto to_ds = [&](float (&acc)[kWgQueries / 2], int stage, auto&& prob) {
+#pragma unroll
+      for (int g = 0; g < FragS::kRegs / 4; ++g) {
+        const float2 delta = row_stat(s.delta[stage], g);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[4 * g + r] = prob(4 * g + r) * (acc[4 * g + r] - (r & 1 ? delta.y : delta.x));
+      }
+    };
+    // A k16 fragment per 16 query columns, as the next GEMM's A operand (register j of group k: row half j % 2,
+    // columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}).
+    const auto pack = [&](uint32_t (&frag)[kWgQueries / 16][4], const float (&acc)[kWgQueries / 2]) {
+#pragma unroll
+      for (int k = 0; k < kWgQueries / 16; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) frag[k][j] = hopper::pack2<T>(acc[8 * k + 2 * j], acc[8 * k + 2 * j + 1]);
+    };
+    // The address in a dS^T (or P^T) tile of register j of group k: this warpgroup's rows and query columns.
+    const auto frag_at = [&](uint8_t* tile, int k, int j) {
+      const int row = key_row0 + row_in_wg + 8 * (j % 2);
+      const int col = 16 * k + 8 * (j / 2) + 2 * (lane % 4);
+      return reinterpret_cast<uint32_t*>(swizzled(tile, kBoxBytesDs, row, col));
+    };
+    const auto store_rows = [&](uint8_t* tile, const uint32_t (&frag)[kWgQueries / 16][4]) {
+#pragma unroll
+      for (int k = 0; k < kWgQueries / 16; ++k)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) *frag_at(tile, k, j) = frag[k][j];
+    };
+
     hopper::mbarrier_wait(&s.kv_full, 0);
     if (consumer == 1 && steps > 0) turn_pass();  // warpgroup 0 issues first
     for_each_step(p, c, [&](int step, int /* head */, int m_block) {
@@ -439,99 +495,53 @@ struct BwdKernel {
       hopper::mbarrier_wait(&s.full[stage], (step / kStages) & 1);
       const uint32_t q_tile = smem(s.q[stage][0]);
       const uint32_t dout_tile = smem(s.dout[stage][0]);
-
-      float acc_s[kWgQueries / 2], acc_dp[kWgQueries / 2];
-      turn_sync();
-      hopper::wgmma_fence();
-      gemm_rows_by_queries(acc_s, k_rows, q_tile + q_col0 * 128);
-      hopper::wgmma_commit();
-      hopper::wgmma_fence();
-      gemm_rows_by_queries(acc_dp, v_rows, dout_tile + q_col0 * 128);
-      hopper::wgmma_commit();
-      turn_pass();
-      // P^T while dP^T is still in flight. Masked entries (causal, keys past seqlen_k) become -inf -> 0.
-      hopper::wgmma_wait<1>();
-      hopper::fence_registers(acc_s);
-      if (block_needs_mask(p, m_block, n_block)) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t key = int64_t(n_block) * kBlockN + key_row0 + row_in_wg + 8 * h;
-          const int64_t first_col = Causal ? key - (p.seqlen_k - p.seqlen_q) - int64_t(m_block) * kBlockM : 0;
-          const int first = key < p.seqlen_k ? int(max(int64_t(0), min(int64_t(kBlockM), first_col))) : kBlockM;
-#pragma unroll
-          for (int i = 0; i < FragS::kRegs; ++i)
-            if (FragS::row_half(i) == h) acc_s[i] = q_col0 + FragS::col(i, lane) >= first ? acc_s[i] : -INFINITY;
-        }
-      }
-      // Registers 4g..4g+3 hold query columns 8g + 2(lane % 4) + {0, 1} (of both row halves): one float2 of
-      // lse2 and of delta per group.
-      const auto row_stat = [&](const float* stat, int g) {
-        return *reinterpret_cast<const float2*>(stat + q_col0 + FragS::col(4 * g, lane));
-      };
-#pragma unroll
-      for (int g = 0; g < FragS::kRegs / 4; ++g) {
-        const float2 lse2 = row_stat(s.lse2[stage], g);
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          acc_s[4 * g + r] = hopper::exp2_approx(fmaf(acc_s[4 * g + r], p.scale_log2, -(r & 1 ? lse2.y : lse2.x)));
-      }
-      hopper::wgmma_wait<0>();
-      hopper::fence_registers(acc_dp);
-#pragma unroll
-      for (int g = 0; g < FragS::kRegs / 4; ++g) {
-        const float2 delta = row_stat(s.delta[stage], g);
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          acc_dp[4 * g + r] = acc_s[4 * g + r] * (acc_dp[4 * g + r] - (r & 1 ? delta.y : delta.x));
-      }
-
-      uint32_t p_frag[kWgQueries / 16][4], ds_frag[kWgQueries / 16][4];
-#pragma unroll
-      for (int k = 0; k < kWgQueries / 16; ++k)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          p_frag[k][j] = hopper::pack2<T>(acc_s[8 * k + 2 * j], acc_s[8 * k + 2 * j + 1]);
-          ds_frag[k][j] = hopper::pack2<T>(acc_dp[8 * k + 2 * j], acc_dp[8 * k + 2 * j + 1]);
-        }
-      if constexpr (kTurns) hopper::mbarrier_wait(&s.ds_empty[buf], ((step / 2) & 1) ^ 1);
-      // dS^T (and with head_dim split, P^T) to shared memory, this warpgroup's rows and query columns (register j
-      // of k16 group k: row half j % 2, columns 16k + 8(j / 2) + 2(lane % 4) + {0, 1}).
-      const auto store_rows = [&](uint8_t* tile, const uint32_t (&frag)[kWgQueries / 16][4]) {
-#pragma unroll
-        for (int k = 0; k < kWgQueries / 16; ++k)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int row = key_row0 + row_in_wg + 8 * (j % 2);
-            const int col = q_col0 + 16 * k + 8 * (j / 2) + 2 * (lane % 4);
-            *reinterpret_cast<uint32_t*>(swizzled(tile, kBoxBytesDs, row, col)) = frag[k][j];
-          }
-      };
-      store_rows(s.ds[buf][0][0], ds_frag);
-      if constexpr (kSplit) store_rows(s.ds[buf][1][0], p_frag);
-      hopper::fence_view_async_shared();
       float acc_dq[kDqCols / 2];
-      if constexpr (kTurns) {
-        hopper::mbarrier_arrive(&s.ds_full[buf]);
-        if (step > 0) hopper::mbarrier_wait(&s.ds_full[buf ^ 1], ((step - 1) / 2) & 1);
-        turn_sync();
+
+      if constexpr (kSplit) {
+        // Warpgroup 0: S^T = K Q^T, P^T (to shared memory for warpgroup 1), dV += P^T dO (P^T from registers).
+        // Warpgroup 1: dP^T = V dO^T, dS^T = P^T (dP^T - delta) (to shared memory for both dQ GEMMs and the pair's
+        // other CTA), dK += dS^T Q. The same GEMM shapes on either's operands.
+        const bool probs = consumer == 0;
+        float acc[kWgQueries / 2];
         hopper::wgmma_fence();
-        gemm_into_keys(acc_dv, p_frag, dout_tile + (col0 / 64) * kBoxBytesQ);
-        gemm_into_keys(acc_dk, ds_frag, q_tile + (col0 / 64) * kBoxBytesQ);
+        gemm_rows_by_queries(acc, probs ? k_rows : v_rows, probs ? q_tile : dout_tile);
         hopper::wgmma_commit();
-        gemm_dq_of_previous(acc_dq, step);
-      } else {
-        hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
+        hopper::wgmma_wait<0>();
+        hopper::fence_registers(acc);
+        uint32_t frag[kWgQueries / 16][4];
+        if (probs) {
+          mask(acc, m_block);
+          to_probabilities(acc, stage);
+          pack(frag, acc);
+          store_rows(s.ds[buf][1][0], frag);
+          hopper::named_barrier_arrive(int(BwdBarrier::kPReady), 256);
+        } else {
+          hopper::named_barrier_sync(int(BwdBarrier::kPReady), 256);
+          uint32_t prob[kWgQueries / 16][4];
+#pragma unroll
+          for (int k = 0; k < kWgQueries / 16; ++k)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) prob[k][j] = *frag_at(s.ds[buf][1][0], k, j);
+          to_ds(acc, stage, [&](int i) {
+            const float2 pr = hopper::unpack2<T>(prob[i / 8][(i % 8) / 2]);
+            return i % 2 ? pr.y : pr.x;
+          });
+          pack(frag, acc);
+          store_rows(s.ds[buf][0][0], frag);
+          hopper::fence_view_async_shared();
+          hopper::named_barrier_arrive(int(BwdBarrier::kDsReady), 256);
+        }
+        hopper::wgmma_fence();
+        gemm_into_keys(acc_dv, frag, probs ? dout_tile : q_tile);
+        hopper::wgmma_commit();
         // kSplitDq pairs: dS^T to the other CTA of the pair, whose buffer is free: it sent its dS^T of the step before
         // after its dQ GEMMs of the step before that had read the buffer. The copy has landed (and read ours) before
         // the other CTA's dQ GEMM of this step, which our step after next waits for before writing ours again.
-        const bool sender = kSplitPairs && consumer == 0 && t == 0;
+        const bool sender = kSplitPairs && probs && t == 0;
+        if (probs) hopper::named_barrier_sync(int(BwdBarrier::kDsReady), 256);
         if (sender)
           hopper::bulk_copy_to_peer(hopper::map_to_rank(s.ds[buf][kPeerDsTile][0], c.rank ^ 1), s.ds[buf][0][0],
                                     kBoxBytesDs, hopper::map_to_rank(&s.ds_peer_full[buf], c.rank ^ 1));
-        hopper::wgmma_fence();
-        gemm_into_keys_ss(acc_dv, smem(s.ds[buf][1][0]), dout_tile + (col0 / 64) * kBoxBytesQ);
-        gemm_into_keys_ss(acc_dk, smem(s.ds[buf][0][0]), q_tile + (col0 / 64) * kBoxBytesQ);
-        hopper::wgmma_commit();
         if constexpr (kSplitPairs) {  // the other's dS^T of this step, under the dV and dK GEMMs
           hopper::mbarrier_wait(&s.ds_peer_full[buf], (step / 2) & 1);
           if (sender) {
@@ -539,7 +549,40 @@ struct BwdKernel {
             if (step == steps - 1) hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.ds_peer_done, c.rank ^ 1));
           }
         }
+        hopper::wgmma_fence();
         gemm_dq_of(acc_dq, step);
+      } else {
+        float acc_s[kWgQueries / 2], acc_dp[kWgQueries / 2];
+        turn_sync();
+        hopper::wgmma_fence();
+        gemm_rows_by_queries(acc_s, k_rows, q_tile);
+        hopper::wgmma_commit();
+        hopper::wgmma_fence();
+        gemm_rows_by_queries(acc_dp, v_rows, dout_tile);
+        hopper::wgmma_commit();
+        turn_pass();
+        // P^T while dP^T is still in flight.
+        hopper::wgmma_wait<1>();
+        hopper::fence_registers(acc_s);
+        mask(acc_s, m_block);
+        to_probabilities(acc_s, stage);
+        hopper::wgmma_wait<0>();
+        hopper::fence_registers(acc_dp);
+        to_ds(acc_dp, stage, [&](int i) { return acc_s[i]; });
+        uint32_t p_frag[kWgQueries / 16][4], ds_frag[kWgQueries / 16][4];
+        pack(p_frag, acc_s);
+        pack(ds_frag, acc_dp);
+        hopper::mbarrier_wait(&s.ds_empty[buf], ((step / 2) & 1) ^ 1);
+        store_rows(s.ds[buf][0][0], ds_frag);  // this warpgroup's rows of dS^T, for both dQ GEMMs
+        hopper::fence_view_async_shared();
+        hopper::mbarrier_arrive(&s.ds_full[buf]);
+        if (step > 0) hopper::mbarrier_wait(&s.ds_full[buf ^ 1], ((step - 1) / 2) & 1);
+        turn_sync();
+        hopper::wgmma_fence();
+        gemm_into_keys(acc_dv, p_frag, dout_tile);
+        gemm_into_keys(acc_dk, ds_frag, q_tile);
+        hopper::wgmma_commit();
+        gemm_dq_of_previous(acc_dq, step);
       }
       hopper::wgmma_commit();
       turn_pass();
@@ -623,19 +666,27 @@ struct BwdKernel {
 #pragma unroll
       for (int i = 0; i < FragD::kRegs; i += 2) {
         const int row = key_row0 + row_in_wg + 8 * FragD::row_half(i);
-        const int col = col0 + FragD::col(i, lane);
-        *reinterpret_cast<uint32_t*>(swizzled(s.k[0], kBoxBytesKV, row, col)) =
-            hopper::pack2<T>(acc_dk[i] * p.softmax_scale, acc_dk[i + 1] * p.softmax_scale);
-        *reinterpret_cast<uint32_t*>(swizzled(s.v[0], kBoxBytesKV, row, col)) =
-            hopper::pack2<T>(acc_dv[i], acc_dv[i + 1]);
+        const int col = FragD::col(i, lane);
+        if constexpr (kSplit) {  // warpgroup 1's dK (scaled), warpgroup 0's dV
+          const float scale = consumer == 1 ? p.softmax_scale : 1.f;
+          *reinterpret_cast<uint32_t*>(swizzled(consumer == 1 ? s.k[0] : s.v[0], kBoxBytesKV, row, col)) =
+              hopper::pack2<T>(acc_dv[i] * scale, acc_dv[i + 1] * scale);
+        } else {
+          *reinterpret_cast<uint32_t*>(swizzled(s.k[0], kBoxBytesKV, row, col)) =
+              hopper::pack2<T>(acc_dk[i] * p.softmax_scale, acc_dk[i + 1] * p.softmax_scale);
+          *reinterpret_cast<uint32_t*>(swizzled(s.v[0], kBoxBytesKV, row, col)) =
+              hopper::pack2<T>(acc_dv[i], acc_dv[i + 1]);
+        }
       }
       hopper::fence_view_async_shared();
       hopper::named_barrier_sync(int(BwdBarrier::kStoreFirst) + consumer, 128);
       const int key0 = n_block * kBlockN + key_row0;
       if (t == 0 && key0 < p.seqlen_k) {
-        for (int b = col0 / 64; b < (col0 + kWgCols) / 64; ++b) {
-          hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
-          hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
+        for (int b = 0; b < kBoxes; ++b) {
+          if (!kSplit || consumer == 1)
+            hopper::tma_store_4d(&p.dk, s.k[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
+          if (!kSplit || consumer == 0)
+            hopper::tma_store_4d(&p.dv, s.v[b] + key_row0 * 128, b * 64, key0, c.kv_head, c.batch);
         }
         hopper::tma_store_commit();
         hopper::tma_store_wait_read();

@@ -23,10 +23,10 @@ struct BwdConfig {
   // false: each consumer warpgroup owns 64 of the block's keys, all head_dim columns of their dK and dV, and
   // computes S^T and dP^T of its keys for the whole query block; P^T and dS^T stay in its registers for the dV
   // and dK GEMMs. The two take turns issuing GEMMs and compute each step's dQ one step later (turns()).
-  // true: both own all 64 keys of the block and split head_dim (half the columns of dK, dV and dQ each); each
-  // computes S^T and dP^T for half the query block, and both halves of P^T and dS^T meet in shared memory, where
-  // the dV, dK and dQ GEMMs read them after a barrier every step.
-  bool split_head_dim;
+  // true: the two split the products of the block's 64 keys: warpgroup 0 computes S^T, P^T and dV, warpgroup 1
+  // dP^T, dS^T and dK, each over the whole query block and all of head_dim; P^T reaches warpgroup 1 through shared
+  // memory, dS^T both dQ GEMMs (each half of the CTA's dQ columns), after a barrier every step.
+  bool split_products;
   // Key blocks in pairs, 2-CTA clusters (bwd_paired_key_blocks):
   //   kSumDq: without a causal mask, the lower key block hands each dQ part to the upper one, which adds the sum.
   //           It needs a second dQ buffer: with one, the lower key block's push waits for the upper one's reduce.
@@ -45,9 +45,9 @@ struct BwdConfig {
 
   static constexpr int kConsumers = 2;
   constexpr int threads() const { return 128 * (1 + kConsumers); }
-  constexpr int wg_cols() const { return split_head_dim ? head_dim / kConsumers : head_dim; }
-  constexpr int wg_queries() const { return split_head_dim ? block_m / kConsumers : block_m; }  // of S^T, dP^T
-  constexpr bool turns() const { return !split_head_dim; }
+  constexpr int wg_cols() const { return head_dim; }     // of a warpgroup's dK and dV (one of them when split)
+  constexpr int wg_queries() const { return block_m; }  // of its S^T, dP^T
+  constexpr bool turns() const { return !split_products; }
   // dQ of a step (block_m x head_dim) is split between the consumer warpgroups: by query rows when each
   // can take 64 of them, else by head_dim columns; with kSplitDq pairs, a CTA takes half the columns first.
   constexpr int dq_ctas() const { return pairs == BwdPairs::kSplitDq ? 2 : 1; }
@@ -57,15 +57,19 @@ struct BwdConfig {
   constexpr int dq_parts() const { return block_m * head_dim / (dq_rows() * dq_cols()); }  // of a dQ tile
 };
 
-// Per head_dim: a warpgroup keeps dK and dV of its keys in registers (wg_cols/2 + wg_cols/2 floats per thread)
-// next to the S^T and dP^T fragments of a step (block_m/2 each); head_dim 64 affords 128-row query blocks,
-// head_dim 128 takes 64. Shared memory: K, V, a Q/dO ring, double-buffered dS^T, and dQ tiles (two at head_dim
-// 128; one at head_dim 64, whose 128-row tiles leave no room for a second): 224 KB. head_dim 256 cannot keep
-// 2 x 64 x 256 dK/dV floats per warpgroup, so it splits head_dim (64-key blocks) and has room for one Q/dO
-// stage only (K, V 32 KB each, the pair's other K block's half of the columns 16 KB, Q, dO 32 KB each, dS^T,
-// P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a dQ tile 32 KB). Register budgets: every
-// head_dim runs 24 / 240 (head_dim 64 ran 40 / 232 while its dQ writer spilled at 24; since it compiles without
-// spills, 24 / 240 measured +1..+3% without a causal mask and even under one, H100 bf16, 2026-11-26,
+// Per head_dim: a warpgroup keeps dK and dV of its keys in registers (wg_cols/2 + wg_cols/2 floats per thread; with
+// split products one of them) next to the S^T and dP^T fragments of a step (block_m/2 each); head_dim 64 affords
+// 128-row query blocks, head_dim 128 takes 64. Shared memory: K, V, a Q/dO ring, double-buffered dS^T, and dQ tiles
+// (two at head_dim 128; one at head_dim 64, whose 128-row tiles leave no room for a second): 224 KB. head_dim 256
+// cannot keep 2 x 64 x 256 dK/dV floats per warpgroup, so its warpgroups split the products (64-key blocks: one of dK,
+// dV each, 64 x 256 floats) and it has room for one Q/dO stage only (K, V 32 KB each, the pair's other K block's half
+// of the columns 16 KB, Q, dO 32 KB each, dS^T, P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a
+// dQ tile 32 KB). Split products read 256 KB of wgmma operands from shared memory per 64 x 64 step where split halves
+// of head_dim read 352 KB (S^T and dP^T at N = 32 fetched all of K and V in each warpgroup), and the pipe that shared
+// memory and TMA share was the busiest: measured against the split halves (H100, bf16, 2026-11-26,
+// bench/results/2026-11-26-h100-bwd-d256-split-products-ab.txt) +4..+9% under a causal mask, +6..+12% without. Register
+// budgets: every head_dim runs 24 / 240 (head_dim 64 ran 40 / 232 while its dQ writer spilled at 24; since it compiles
+// without spills, 24 / 240 measured +1..+3% without a causal mask and even under one, H100 bf16, 2026-11-26,
 // bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt).
 constexpr BwdConfig bwd_config(int head_dim) {
   return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, 2, 8}
@@ -74,11 +78,11 @@ constexpr BwdConfig bwd_config(int head_dim) {
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
-  return c.block_n == (c.split_head_dim ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.wg_queries() % 16 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
+  return c.block_n == (c.split_products ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.wg_queries() % 16 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
          c.dq_rows() == 64 && c.dq_cols() % 64 == 0 &&
          c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers * c.dq_ctas() == c.block_m * c.head_dim &&
          register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
-         (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_head_dim) &&
+         (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_products) &&
          c.split_walks_over >= 0 && (c.split_walks_over == 0 || c.pairs != BwdPairs::kSplitDq) &&
          (c.heavy_first_from == 0 || c.heavy_first_from >= 2) &&
          (c.head_halves_from == 0 || (c.heavy_first_from > 0 && c.head_halves_from >= c.heavy_first_from));
