@@ -317,15 +317,19 @@ struct BwdKernel {
     gemm_rs_nmajor<T, kBlockM, kWgCols, kBoxBytesQ>(acc, a, b_base);
   }
 
-  // acc (64 query rows x kDqCols) = (accumulate ? acc : 0) + dS (from dS^T in shared memory, M-major) * K
-  // (N-major), over the kBlockN keys in k16 steps of 16 rows (2048 B) of both.
-  __device__ static void gemm_dq(float (&acc)[kDqCols / 2], uint32_t ds_base, uint32_t k_base, bool accumulate) {
+  // acc (64 query rows x kDqCols) = dS (from dS^T in shared memory, M-major) * K (N-major), over the kBlockN keys in
+  // k16 steps of 16 rows (2048 B) of both; with kSplitDq pairs then over the other key block's, whose dS^T and K
+  // columns lie peer_ds and peer_k bytes further on (the same two descriptors, advanced).
+  __device__ static void gemm_dq(float (&acc)[kDqCols / 2], uint32_t ds_base, uint32_t k_base, uint32_t peer_ds = 0,
+                                 uint32_t peer_k = 0) {
     const uint64_t a0 = hopper::SmemDescriptor{ds_base, kBoxBytesDs, 1024}.encode();
     const uint64_t b0 = hopper::SmemDescriptor{k_base, kBoxBytesKV, 1024}.encode();
 #pragma unroll
-    for (int t = 0; t < kBlockN / 16; ++t)
-      hopper::mma_ss<T, kDqCols, 1, 1>(acc, hopper::advance(a0, t * 2048), hopper::advance(b0, t * 2048),
-                                       accumulate || t > 0);
+    for (int part = 0; part < (kSplitPairs ? 2 : 1); ++part)
+#pragma unroll
+      for (int t = 0; t < kBlockN / 16; ++t)
+        hopper::mma_ss<T, kDqCols, 1, 1>(acc, hopper::advance(a0, part * peer_ds + t * 2048),
+                                         hopper::advance(b0, part * peer_k + t * 2048), part > 0 || t > 0);
   }
 
   // The 128B-swizzled address of element (row, col) of a tile stored as 64-column boxes of `box_bytes`.
@@ -418,15 +422,17 @@ struct BwdKernel {
     // With kSplitDq pairs: over this key block's keys, then the other one's (its dS^T copied here, its K columns
     // loaded after ours).
     const auto gemm_dq_of = [&](float (&acc_dq)[kDqCols / 2], int step) {
-      gemm_dq(acc_dq, smem(s.ds[step & 1][0][dq_row0 / 64]), smem(s.k[dq_col0 / 64]), false);
+      const uint32_t ds = smem(s.ds[step & 1][0][dq_row0 / 64]), k = smem(s.k[dq_col0 / 64]);
       if constexpr (kSplitPairs)
-        gemm_dq(acc_dq, smem(s.ds[step & 1][kPeerDsTile][0]), smem(s.k[kBoxes + consumer]), true);
+        gemm_dq(acc_dq, ds, k, smem(s.ds[step & 1][kPeerDsTile][0]) - ds, smem(s.k[kBoxes + consumer]) - k);
+      else
+        gemm_dq(acc_dq, ds, k);
     };
     // Step 0 has no previous dQ: its GEMM reads K's first box in place of dS^T and the result is dropped, so the
     // wgmma is issued unconditionally (a conditional one makes ptxas spill the accumulators).
     const auto gemm_dq_of_previous = [&](float (&acc_dq)[kDqCols / 2], int step) {
       const uint32_t a = step > 0 ? smem(s.ds[(step - 1) & 1][0][dq_row0 / 64]) : smem(s.k[0]);
-      gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]), false);
+      gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]));
     };
 
     // Masked entries of S^T (causal, keys past seqlen_k) become -inf, so their probabilities come out 0.
