@@ -100,6 +100,21 @@ __device__ __forceinline__ void store_release_gpu(int* flag, int value) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
 }
 
+// red.release.gpu.global.add.s32: adds `value` to a counter; this thread's earlier writes are visible to an acquirer
+// that reads the sum.
+__device__ __forceinline__ void add_release_gpu(int* counter, int value) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");
+}
+
+// Programmatic dependent launch (griddepcontrol, through the CUDA runtime's device functions). The grid launched after
+// this one with cudaLaunchAttributeProgrammaticStreamSerialization may start once every CTA of this one has called
+// launch_dependents or exited; it does not wait for this grid's memory.
+__device__ __forceinline__ void launch_dependents() { cudaTriggerProgrammaticLaunchCompletion(); }
+
+// Blocks until the grid this one was launched after (with that attribute) has completed and its memory is visible;
+// returns at once for a grid launched the ordinary way.
+__device__ __forceinline__ void grid_dependency_wait() { cudaGridDependencySynchronize(); }
+
 // Spins until *flag == value (acquire). The loop's length follows other CTAs' progress, never tensor values.
 __device__ __forceinline__ void wait_flag_equals(const int* flag, int value) {
   while (load_acquire_gpu(flag) != value) {

@@ -17,6 +17,10 @@
 //          without a causal mask the key blocks also add in pairs (below). Every dQ element is therefore summed in
 //          the same order on every run.
 //   post:  dq = (chain 0 + chain 1) * scale, converted and written with the caller's strides.
+// Main and post launch with programmatic dependent launch: main's CTAs wait for prep (griddepcontrol.wait) and let
+// post launch at once; post's CTAs start as the main kernel's last CTAs leave their SMs and each waits until the dQ
+// writers of its (batch, K/V head) have all finished (dq_done, a counter per K/V head), so the conversion of most
+// tiles runs under the main kernel's last wave instead of after it.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; threads 32, 64, ... are the dQ writers, one per dQ buffer); warpgroups 1 and 2
 // each own 64 keys and take turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns(), in `consume`).
@@ -104,6 +108,7 @@ struct BwdKernelParams {
   int* split_flag;     // the ring: each slot's uses (2u + 1: the u-th sums written, 2u + 2: read)
   int split_slots;
   int heavy_halves;  // heavy first in head halves (bwd_heavy_first_halves)
+  int* dq_done;      // per (batch, K/V head): its CTAs' dQ writer threads that have finished (the post kernel's wait)
 };
 
 // How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
@@ -779,6 +784,14 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     }
     hopper::fence_barrier_init();
   }
+  // The dQ writer threads (one per dQ buffer, on warps 1.. of the producer warpgroup), each counted once in the
+  // (batch, K/V head)'s dq_done when it has finished, whether or not it had parts to add.
+  const bool dq_writer = threadIdx.x % 32 == 0 && threadIdx.x / 32 >= 1 && threadIdx.x / 32 <= K::kDqBuffers;
+  int* const dq_done = p.dq_done + batch * p.heads_kv + kv_head;
+  // Launched after the prep kernel with programmatic stream serialisation: wait for its scratch (lse2, delta, the turn
+  // counters, the flags), then let the post kernel launch, whose CTAs wait for this one's dQ writers.
+  hopper::grid_dependency_wait();
+  hopper::launch_dependents();
   if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
     hopper::cluster_arrive();
     hopper::cluster_wait();
@@ -791,6 +804,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
         hopper::wait_flag_equals(flag, 2 * use + 1 - first);
         hopper::store_release_gpu(flag, 2 * use + 2 - first);
       }
+      if (dq_writer) hopper::add_release_gpu(dq_done, 1);
       return;
     }
   } else {
@@ -803,8 +817,9 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       hopper::prefetch_tensormap(&p.q);
       hopper::prefetch_tensormap(&p.dout);
       K::produce(p, s, cta);
-    } else if (K::kDqBuffers == 1 ? threadIdx.x == 32 : threadIdx.x % 32 == 0 && threadIdx.x / 32 <= K::kDqBuffers) {
+    } else if (dq_writer) {
       if (role != DqRole::kGive) K::write_dq(p, s, cta, K::kDqBuffers == 1 ? 0 : threadIdx.x / 32 - 1);  // warps 1..
+      hopper::add_release_gpu(dq_done, 1);  // after its last reduce has completed (write_dq's bulk wait)
     }
   } else {
     hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
@@ -827,11 +842,13 @@ struct BwdRowParams {
   float* delta;
   int* dq_turn;
   int* split_flag;
+  int* dq_done;     // per (batch, K/V head), zeroed by prep; the post kernel waits for dq_writers
+  int dq_writers;   // the main kernel's dQ writer threads of one (batch, K/V head): its CTAs x dq_buffers
   int split_slots;  // at most kBwdSplitSlots <= kRowKernelThreads
   int64_t tiles;
   int dq_chains;
   int chain1_m0;  // chain 1's first query block (bwd_dq_chain1_m0)
-  int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
+  int seqlen_q, seqlen_k, heads_q, heads_kv, m_blocks, n_blocks;
   bool causal, paired, heavy_first;
   BwdSplit split;  // causal: the chains' adders at each query block, the split walks' flags
   float softmax_scale;
@@ -858,6 +875,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int64_t tile = (int64_t(batch) * p.heads_q + head) * p.m_blocks + m_block;
   const int sub = threadIdx.x % kLanesPerRow;
+  hopper::launch_dependents();  // the main kernel's CTAs may take the SMs this grid leaves (they wait for it first)
 
   for (int r = threadIdx.x / kLanesPerRow; r < kBlockM; r += kRowKernelThreads / kLanesPerRow) {
     const int row = m_block * kBlockM + r;
@@ -897,6 +915,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   else if (threadIdx.x == kHalves && p.dq_chains > 1 && m_block >= p.chain1_m0)
     p.dq_turn[bwd_dq_tile(1, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles))] = chain1_first;
   if (m_block == 0 && head == 0 && batch == 0 && int(threadIdx.x) < p.split_slots) p.split_flag[threadIdx.x] = 0;
+  if (m_block == 0 && head < p.heads_kv && threadIdx.x == 0) p.dq_done[batch * p.heads_kv + head] = 0;
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 in that order
@@ -915,6 +934,11 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
   const int t = threadIdx.x % 128, lane = t % 32;
   const int chains = m_block >= p.chain1_m0 ? p.dq_chains : 1;  // (under a causal mask: chain1_start(m) < adders)
+  // Launched after the main kernel with programmatic stream serialisation, so it may start while the main kernel's
+  // last CTAs run (in the SMs they leave): wait until every dQ writer of this head's K/V head has finished.
+  if (threadIdx.x == 0)
+    hopper::wait_flag_equals(p.dq_done + batch * p.heads_kv + head / (p.heads_q / p.heads_kv), p.dq_writers);
+  __syncthreads();
 #pragma unroll
   for (int i = 0; i < kCfg.dq_parts() / (kRowKernelThreads / 128); ++i) {
     const int part = threadIdx.x / 128 + i * (kRowKernelThreads / 128);
@@ -948,6 +972,10 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
       *reinterpret_cast<uint4*>(dq + bshd_offset(p.dq_stride, batch, row, head) + c) =
           *reinterpret_cast<const uint4*>(&rows[r * kPitch + c]);
   }
+  // The grid's last CTA stays until the main kernel has completed, so this kernel, the backward's last, completes
+  // after everything the backward writes (dK and dV too) and the stream's next work sees it.
+  if (threadIdx.x == 0 && m_block == p.m_blocks - 1 && head == p.heads_q - 1 && batch == int(gridDim.z) - 1)
+    hopper::grid_dependency_wait();
 }
 
 // dk = dv = 0 when there are no queries (seqlen_q == 0): one row of one head per block.
@@ -1020,9 +1048,11 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.delta = reinterpret_cast<float*>(base + ws.delta);
   rp.dq_turn = reinterpret_cast<int*>(base + ws.dq_turn);
   rp.split_flag = reinterpret_cast<int*>(base + ws.split_flag);
+  rp.dq_done = reinterpret_cast<int*>(base + ws.dq_done);
   rp.seqlen_q = f.seqlen_q;
   rp.seqlen_k = f.seqlen_k;
   rp.heads_q = f.heads_q;
+  rp.heads_kv = f.heads_kv;
   rp.split_slots = bwd_dkv_slots(HeadDim, Causal, f.batch, f.seqlen_q, f.seqlen_k, f.heads_q, f.heads_kv);
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
@@ -1065,6 +1095,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.split = split;
   kp.dkv_partial = reinterpret_cast<float*>(base + ws.dkv_partial);
   kp.split_flag = rp.split_flag;
+  kp.dq_done = rp.dq_done;
   kp.split_slots = rp.split_slots;
   const bool heavy_first = rp.heavy_first;
   const int64_t kv_heads = int64_t(f.batch) * f.heads_kv;
@@ -1072,7 +1103,8 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   // in two head halves.
   const int heavy_units = bwd_heavy_first_units(paired, kp.n_blocks);
   kp.heavy_halves = bwd_heavy_first_halves(HeadDim, Causal, f.heads_q, f.heads_kv);
-  const int64_t heavy_ctas = kv_heads * heavy_units * (paired ? 2 : 1) * (kp.heavy_halves ? 2 : 1);
+  const int heavy_unit_ctas = heavy_units * (paired ? 2 : 1) * (kp.heavy_halves ? 2 : 1);
+  const int64_t heavy_ctas = kv_heads * heavy_unit_ctas;
   if (heavy_first && heavy_ctas > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_kv=%d x ceil(seqlen_k=%d / %d) key blocks = %lld CTAs: at most 2^31 - 1 are "
@@ -1094,26 +1126,39 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
     return fail(DHP_ERROR_CUDA, "could not reserve %zu bytes of shared memory for the backward kernel: %s",
                 K::kSmemBytes, cudaGetErrorString(err));
 
-  const dim3 row_grid(unsigned(rp.m_blocks), unsigned(f.heads_q), unsigned(f.batch));
-  attention_bwd_prep_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = paired ? 2 : 1;
-  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config{};
   // Grid x: a head's CTAs, or heavy first every (batch, K/V head)'s; under a causal mask its units of split walks.
   const int head_ctas = Causal ? split.units() << int(paired) : paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks;
+  rp.dq_writers = (heavy_first ? heavy_unit_ctas : head_ctas) * kCfg.dq_buffers;
+
+  // The main and post kernels launch with programmatic stream serialisation (programmatic dependent launch): the main
+  // kernel's CTAs start as the prep kernel's leave and wait for it (griddepcontrol.wait); the post kernel's CTAs
+  // start in the SMs the main kernel's last CTAs leave and wait, per K/V head, for its dQ writers (dq_done), so the
+  // dQ conversion runs under the main kernel's last wave.
+  cudaLaunchAttribute attrs[2]{};
+  attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[0].val.programmaticStreamSerializationAllowed = 1;
+  attrs[1].id = cudaLaunchAttributeClusterDimension;
+  attrs[1].val.clusterDim.x = paired ? 2 : 1;
+  attrs[1].val.clusterDim.y = attrs[1].val.clusterDim.z = 1;
+  const dim3 row_grid(unsigned(rp.m_blocks), unsigned(f.heads_q), unsigned(f.batch));
+  attention_bwd_prep_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
+  cudaLaunchConfig_t config{};
   config.gridDim = heavy_first ? dim3(unsigned(heavy_ctas))
                                : dim3(unsigned(head_ctas), unsigned(f.heads_kv), unsigned(f.batch));
   config.blockDim = dim3(kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = paired ? 1 : 0;
+  config.attrs = attrs;
+  config.numAttrs = paired ? 2 : 1;
   err = cudaLaunchKernelEx(&config, kernel, kp);
   if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward kernel launch failed: %s", cudaGetErrorString(err));
-  attention_bwd_post_kernel<T, HeadDim><<<row_grid, kRowKernelThreads, 0, stream>>>(rp);
-  err = cudaGetLastError();
+  cudaLaunchConfig_t post{};
+  post.gridDim = row_grid;
+  post.blockDim = dim3(kRowKernelThreads);
+  post.stream = stream;
+  post.attrs = attrs;
+  post.numAttrs = 1;
+  err = cudaLaunchKernelEx(&post, attention_bwd_post_kernel<T, HeadDim>, rp);
   if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "backward launch failed: %s", cudaGetErrorString(err));
   return succeed();
 }
