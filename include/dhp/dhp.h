@@ -122,7 +122,9 @@ DHP_API dhp_status dhp_attention_backward_workspace_size(const DLTensor* q, cons
  *
  * Bitwise deterministic: every sum runs in a fixed order (dk and dv of a KV head sum its query heads in head
  * order; dq sums key blocks in descending order), so the same inputs give the same bits on every run and
- * stream. dq, dk, dv must not overlap each other or any input. Same stride and alignment rules as the forward. */
+ * stream. dq, dk, dv must not overlap each other or any input. Same stride and alignment rules as the forward.
+ * The call's kernels overlap one another on `stream` (programmatic dependent launch); the last of them completes only
+ * after all of the call's writes, so work queued after it on the stream sees dq, dk and dv. */
 DHP_API dhp_status dhp_attention_backward(const DLTensor* q, const DLTensor* k, const DLTensor* v,
                                           const DLTensor* out, const DLTensor* dout, const DLTensor* lse,
                                           DLTensor* dq, DLTensor* dk, DLTensor* dv,
