@@ -181,9 +181,10 @@ def test_batch_invariance(torch_cuda, dtype_name, head_dim):
         assert_bitwise_equal(torch, a[2:3], b)
 
 
-# The post kernel waits for a count of the main kernel's dQ writer threads (dq_done): a CTA left out of the count, or
-# counted twice, makes it read early or wait forever. Grids with CTAs that exit at once (a pair's missing key block with
-# an odd key-block count, heavy first's cluster past the keys) run in a child process, so a hang fails the test.
+# The post kernel may start while the main kernel runs and waits for each tile's turn counters to count every adder
+# (bwd_dq_chain_adders): a wrong count makes it read early or wait forever. Grids with CTAs that exit at once (a pair's
+# missing key block with an odd key-block count, heavy first's cluster past the keys) run in a child process, so a
+# hang fails the test.
 EARLY_EXIT_SHAPES = [
     (1, 1, (8, 2), False),
     (17, 17, (8, 1), False),

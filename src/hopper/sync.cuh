@@ -100,12 +100,6 @@ __device__ __forceinline__ void store_release_gpu(int* flag, int value) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
 }
 
-// red.release.gpu.global.add.s32: adds `value` to a counter; this thread's earlier writes are visible to an acquirer
-// that reads the sum.
-__device__ __forceinline__ void add_release_gpu(int* counter, int value) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");
-}
-
 // Programmatic dependent launch (griddepcontrol, through the CUDA runtime's device functions). The grid launched after
 // this one with cudaLaunchAttributeProgrammaticStreamSerialization may start once every CTA of this one has called
 // launch_dependents or exited; it does not wait for this grid's memory.

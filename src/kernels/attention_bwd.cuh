@@ -18,9 +18,9 @@
 //          the same order on every run.
 //   post:  dq = (chain 0 + chain 1) * scale, converted and written with the caller's strides.
 // Main and post launch with programmatic dependent launch: main's CTAs wait for prep (griddepcontrol.wait) and let
-// post launch at once; post's CTAs start as the main kernel's last CTAs leave their SMs and each waits until the dQ
-// writers of its (batch, K/V head) have all finished (dq_done, a counter per K/V head), so the conversion of most
-// tiles runs under the main kernel's last wave instead of after it.
+// post launch at once; post's CTAs start as the main kernel's last CTAs leave their SMs and each waits until its
+// tile's turn counters have counted every adder (bwd_dq_chain_adders), so the conversion of most tiles runs under
+// the main kernel's last wave instead of after it.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
 // delta per step into a Q/dO ring; threads 32, 64, ... are the dQ writers, one per dQ buffer); warpgroups 1 and 2
 // each own 64 keys and take turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns(), in `consume`).
@@ -108,7 +108,6 @@ struct BwdKernelParams {
   int* split_flag;     // the ring: each slot's uses (2u + 1: the u-th sums written, 2u + 2: read)
   int split_slots;
   int heavy_halves;  // heavy first in head halves (bwd_heavy_first_halves)
-  int* dq_done;      // per (batch, K/V head): its CTAs' dQ writer threads that have finished (the post kernel's wait)
 };
 
 // How a CTA's dQ parts reach the tile sums (bwd_paired_key_blocks): it adds them itself, it adds them summed with
@@ -784,12 +783,8 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     }
     hopper::fence_barrier_init();
   }
-  // The dQ writer threads (one per dQ buffer, on warps 1.. of the producer warpgroup), each counted once in the
-  // (batch, K/V head)'s dq_done when it has finished, whether or not it had parts to add.
-  const bool dq_writer = threadIdx.x % 32 == 0 && threadIdx.x / 32 >= 1 && threadIdx.x / 32 <= K::kDqBuffers;
-  int* const dq_done = p.dq_done + batch * p.heads_kv + kv_head;
   // Launched after the prep kernel with programmatic stream serialisation: wait for its scratch (lse2, delta, the turn
-  // counters, the flags), then let the post kernel launch, whose CTAs wait for this one's dQ writers.
+  // counters, the flags), then let the post kernel launch, whose CTAs wait for their tiles' last dQ adds.
   hopper::grid_dependency_wait();
   hopper::launch_dependents();
   if (paired) {  // the pair's barriers are initialised before either CTA arrives on the other's
@@ -804,7 +799,6 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
         hopper::wait_flag_equals(flag, 2 * use + 1 - first);
         hopper::store_release_gpu(flag, 2 * use + 2 - first);
       }
-      if (dq_writer) hopper::add_release_gpu(dq_done, 1);
       return;
     }
   } else {
@@ -817,9 +811,8 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       hopper::prefetch_tensormap(&p.q);
       hopper::prefetch_tensormap(&p.dout);
       K::produce(p, s, cta);
-    } else if (dq_writer) {
+    } else if (K::kDqBuffers == 1 ? threadIdx.x == 32 : threadIdx.x % 32 == 0 && threadIdx.x / 32 <= K::kDqBuffers) {
       if (role != DqRole::kGive) K::write_dq(p, s, cta, K::kDqBuffers == 1 ? 0 : threadIdx.x / 32 - 1);  // warps 1..
-      hopper::add_release_gpu(dq_done, 1);  // after its last reduce has completed (write_dq's bulk wait)
     }
   } else {
     hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
@@ -842,13 +835,11 @@ struct BwdRowParams {
   float* delta;
   int* dq_turn;
   int* split_flag;
-  int* dq_done;     // per (batch, K/V head), zeroed by prep; the post kernel waits for dq_writers
-  int dq_writers;   // the main kernel's dQ writer threads of one (batch, K/V head): its CTAs x dq_buffers
   int split_slots;  // at most kBwdSplitSlots <= kRowKernelThreads
   int64_t tiles;
   int dq_chains;
   int chain1_m0;  // chain 1's first query block (bwd_dq_chain1_m0)
-  int seqlen_q, seqlen_k, heads_q, heads_kv, m_blocks, n_blocks;
+  int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
   bool causal, paired, heavy_first;
   BwdSplit split;  // causal: the chains' adders at each query block, the split walks' flags
   float softmax_scale;
@@ -915,7 +906,6 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   else if (threadIdx.x == kHalves && p.dq_chains > 1 && m_block >= p.chain1_m0)
     p.dq_turn[bwd_dq_tile(1, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles))] = chain1_first;
   if (m_block == 0 && head == 0 && batch == 0 && int(threadIdx.x) < p.split_slots) p.split_flag[threadIdx.x] = 0;
-  if (m_block == 0 && head < p.heads_kv && threadIdx.x == 0) p.dq_done[batch * p.heads_kv + head] = 0;
 }
 
 // dq = dQ sum * scale for one query block of one (batch, head), the sum being chain 0 + chain 1 in that order
@@ -935,9 +925,18 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
   const int t = threadIdx.x % 128, lane = t % 32;
   const int chains = m_block >= p.chain1_m0 ? p.dq_chains : 1;  // (under a causal mask: chain1_start(m) < adders)
   // Launched after the main kernel with programmatic stream serialisation, so it may start while the main kernel's
-  // last CTAs run (in the SMs they leave): wait until every dQ writer of this head's K/V head has finished.
-  if (threadIdx.x == 0)
-    hopper::wait_flag_equals(p.dq_done + batch * p.heads_kv + head / (p.heads_q / p.heads_kv), p.dq_writers);
+  // last CTAs run (in the SMs they leave): one thread per (chain, half) of the tile waits until its turn counter has
+  // counted every adder (prep's start + bwd_dq_chain_adders; the last adder's release follows its reduce's completion).
+  if (int(threadIdx.x) < chains * kCfg.dq_ctas()) {
+    const int chain = threadIdx.x / kCfg.dq_ctas(), half = threadIdx.x % kCfg.dq_ctas();
+    const int seen = key_blocks_seen(m_block, kCfg.block_m, kCfg.block_n, p.seqlen_q, p.seqlen_k, p.n_blocks, p.causal);
+    const int first = bwd_dq_first_position(p.heavy_first, p.paired, p.n_blocks, seen);
+    const int chain1_first = p.causal ? p.split.chain1_start(m_block) : first;
+    const int adders = bwd_dq_chain_adders(kCfg.pairs, p.paired, p.causal, p.heavy_first, p.n_blocks, seen,
+                                           p.dq_chains, chain, chain1_first);
+    const int tile = bwd_dq_tile(chain, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles));
+    hopper::wait_flag_equals(p.dq_turn + half * p.tiles + tile, (chain == 0 ? first : chain1_first) + adders);
+  }
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kCfg.dq_parts() / (kRowKernelThreads / 128); ++i) {
@@ -1048,11 +1047,9 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   rp.delta = reinterpret_cast<float*>(base + ws.delta);
   rp.dq_turn = reinterpret_cast<int*>(base + ws.dq_turn);
   rp.split_flag = reinterpret_cast<int*>(base + ws.split_flag);
-  rp.dq_done = reinterpret_cast<int*>(base + ws.dq_done);
   rp.seqlen_q = f.seqlen_q;
   rp.seqlen_k = f.seqlen_k;
   rp.heads_q = f.heads_q;
-  rp.heads_kv = f.heads_kv;
   rp.split_slots = bwd_dkv_slots(HeadDim, Causal, f.batch, f.seqlen_q, f.seqlen_k, f.heads_q, f.heads_kv);
   rp.m_blocks = int(m_blocks);
   rp.n_blocks = int((int64_t(f.seqlen_k) + kCfg.block_n - 1) / kCfg.block_n);
@@ -1095,7 +1092,6 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.split = split;
   kp.dkv_partial = reinterpret_cast<float*>(base + ws.dkv_partial);
   kp.split_flag = rp.split_flag;
-  kp.dq_done = rp.dq_done;
   kp.split_slots = rp.split_slots;
   const bool heavy_first = rp.heavy_first;
   const int64_t kv_heads = int64_t(f.batch) * f.heads_kv;
@@ -1103,8 +1099,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   // in two head halves.
   const int heavy_units = bwd_heavy_first_units(paired, kp.n_blocks);
   kp.heavy_halves = bwd_heavy_first_halves(HeadDim, Causal, f.heads_q, f.heads_kv);
-  const int heavy_unit_ctas = heavy_units * (paired ? 2 : 1) * (kp.heavy_halves ? 2 : 1);
-  const int64_t heavy_ctas = kv_heads * heavy_unit_ctas;
+  const int64_t heavy_ctas = kv_heads * heavy_units * (paired ? 2 : 1) * (kp.heavy_halves ? 2 : 1);
   if (heavy_first && heavy_ctas > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_kv=%d x ceil(seqlen_k=%d / %d) key blocks = %lld CTAs: at most 2^31 - 1 are "
@@ -1128,12 +1123,11 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
 
   // Grid x: a head's CTAs, or heavy first every (batch, K/V head)'s; under a causal mask its units of split walks.
   const int head_ctas = Causal ? split.units() << int(paired) : paired ? (kp.n_blocks + 1) / 2 * 2 : kp.n_blocks;
-  rp.dq_writers = (heavy_first ? heavy_unit_ctas : head_ctas) * kCfg.dq_buffers;
 
   // The main and post kernels launch with programmatic stream serialisation (programmatic dependent launch): the main
   // kernel's CTAs start as the prep kernel's leave and wait for it (griddepcontrol.wait); the post kernel's CTAs
-  // start in the SMs the main kernel's last CTAs leave and wait, per K/V head, for its dQ writers (dq_done), so the
-  // dQ conversion runs under the main kernel's last wave.
+  // start in the SMs the main kernel's last CTAs leave, each waiting for its tile's turn counters to reach their ends,
+  // so the dQ conversion runs under the main kernel's last wave.
   cudaLaunchAttribute attrs[2]{};
   attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attrs[0].val.programmaticStreamSerializationAllowed = 1;

@@ -277,6 +277,26 @@ DHP_HOST_DEVICE int bwd_heavy_first_units(bool paired, int n_blocks) {
   return paired ? bwd_heavy_first_clusters(n_blocks) : n_blocks;
 }
 
+// The adders of one chain of a dQ tile (of each half with kSplitDq pairs) whose rows see key blocks [0, seen): its turn
+// counter runs from prep's start (bwd_dq_first_position; chain 1 under a causal mask: BwdSplit::chain1_start) up by
+// this many, and the post kernel waits for the end. Without a causal mask chain c of `chains` holds adders c,
+// c + chains, ...; heavy first, the lowest 2 x kBwdHeavyUnpairedClusters key blocks add alone and the others in kSumDq
+// pairs (kSplitDq: every pair adds once); lightest first, chain 0 the adders from the first that sees the tile up to
+// chain 1's first, chain 1 the rest. tests/cpp/dq_turns.cpp checks it against the adders the CTAs' walks give.
+DHP_HOST_DEVICE int bwd_dq_chain_adders(BwdPairs pairs, bool paired, bool causal, bool heavy_first, int n_blocks,
+                                        int seen, int chains, int chain, int chain1_start) {
+  const int adders = paired ? (n_blocks + 1) / 2 : n_blocks;
+  constexpr int kAlone = 2 * kBwdHeavyUnpairedClusters;
+  if (seen == 0) return 0;
+  if (!causal) return (adders - chain + chains - 1) / chains;
+  if (heavy_first) {
+    if (pairs == BwdPairs::kSplitDq) return (seen + 1) / 2;
+    return !paired || seen <= kAlone ? seen : kAlone + (seen - kAlone + 1) / 2;
+  }
+  const int skipped = bwd_dq_adders_skipped(paired, n_blocks, seen);
+  return chain == 0 ? (chain1_start > skipped ? chain1_start - skipped : 0) : adders - chain1_start;
+}
+
 // Heavy first in head halves, from BwdConfig::head_halves_from query heads per K/V head: a unit's walk over its group's
 // G query heads runs as two launches, one after the other, the first over heads [0, G / 2), the second over [G / 2, G),
 // both over the same query blocks (from the last down). Every dQ tile belongs to one query head, so its adders and
@@ -419,7 +439,7 @@ inline int bwd_dq_chains(int head_dim, bool causal, int seqlen_q, int seqlen_k, 
   return heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
 }
 
-// The backward's scratch memory, for one problem: seven arrays, each 256-byte aligned.
+// The backward's scratch memory, for one problem: six arrays, each 256-byte aligned.
 //   dq_accum     float  [tiles + tiles1][block_m * head_dim]           dQ sums, each tile in fragment order: chain 0
 //                                                                       [batch][heads_q][m_blocks], then chain 1
 //                                                                       [batch][heads_q][m_blocks - m1] (bwd_dq_tile)
@@ -430,18 +450,15 @@ inline int bwd_dq_chains(int head_dim, bool causal, int seqlen_q, int seqlen_k, 
 //                                                                       tile (its half: kSplitDq pairs) or never will
 //   dkv_partial  float  [slots][2 x 128 threads x wg_cols]            first halves' dK, dV sums (bwd_split_slots)
 //   split_flag   int    [slots]                                         the slot's uses: 2u + 1 written, 2u + 2 read
-//   dq_done      int    [batch][heads_kv]                               the main kernel's dQ writer threads of the
-//                                                                       K/V head that have finished (the post kernel
-//                                                                       waits for all of them)
 struct BwdWorkspace {
-  size_t dq_accum, lse2, delta, dq_turn, dkv_partial, split_flag, dq_done, bytes;  // byte offsets, total size
+  size_t dq_accum, lse2, delta, dq_turn, dkv_partial, split_flag, bytes;  // byte offsets of the arrays, total size
 
   static constexpr size_t kAlign = 256;
   static constexpr size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
   // chain1_m0: chain 1's first query block (bwd_dq_chain1_m0); split_slots: bwd_split_slots.
-  static constexpr BwdWorkspace make(const BwdConfig& c, int batch, int heads_q, int heads_kv, int seqlen_q,
-                                     int dq_chains, int chain1_m0, size_t split_slots) {
+  static constexpr BwdWorkspace make(const BwdConfig& c, int batch, int heads_q, int seqlen_q, int dq_chains,
+                                     int chain1_m0, size_t split_slots) {
     const size_t m_blocks = (size_t(seqlen_q) + c.block_m - 1) / c.block_m;
     const size_t rows = size_t(batch) * heads_q * m_blocks * c.block_m;
     const size_t tiles = size_t(batch) * heads_q * m_blocks;
@@ -453,8 +470,7 @@ struct BwdWorkspace {
     w.dq_turn = w.delta + round_up(rows * sizeof(float));
     w.dkv_partial = w.dq_turn + round_up((c.dq_ctas() * tiles + tiles1) * sizeof(int));
     w.split_flag = w.dkv_partial + round_up(split_slots * BwdConfig::kConsumers * 128 * c.wg_cols() * sizeof(float));
-    w.dq_done = w.split_flag + round_up(split_slots * sizeof(int));
-    w.bytes = w.dq_done + round_up(size_t(batch) * heads_kv * sizeof(int));
+    w.bytes = w.split_flag + round_up(split_slots * sizeof(int));
     return w;
   }
 };
@@ -496,7 +512,7 @@ DHP_HOST_DEVICE int bwd_dq_tile(int chain, int bh, int m, int m_blocks, int m1, 
 inline BwdWorkspace bwd_workspace(int head_dim, bool causal, int batch, int seqlen_q, int seqlen_k, int heads_q,
                                   int heads_kv) {
   const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
-  return BwdWorkspace::make(bwd_config(head_dim), batch, heads_q, heads_kv, seqlen_q,
+  return BwdWorkspace::make(bwd_config(head_dim), batch, heads_q, seqlen_q,
                             bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv),
                             bwd_dq_chain1_m0(s, causal),
                             size_t(bwd_dkv_slots(head_dim, causal, batch, seqlen_q, seqlen_k, heads_q, heads_kv)));

@@ -203,6 +203,10 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
                                           : adders - chain1;
           expect(int(got.size()) == count, "adders of a tile", head_dim, seqlen_q, seqlen_k,
                  m * 100 + chain * 10 + half);
+          // the post kernel waits for the counter to reach start + the adders it computes
+          expect(bwd_dq_chain_adders(c.pairs, paired, causal, heavy_first, n_blocks, seen, chains, chain, chain1) ==
+                     int(got.size()),
+                 "bwd_dq_chain_adders", head_dim, seqlen_q, seqlen_k, m * 100 + chain * 10 + half);
           // prep zeroes chain 0 where it has no adder, post reads chain 1 only where it has one
           if (chain == 0 && half == 0)
             expect((seen == 0 || (causal && first >= chain1)) == got.empty(), "prep's zeroed chain 0", head_dim,
