@@ -661,7 +661,7 @@ const char* build_info_json() {
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", chains.empty() ? "" : ", ", head_dim,
                     kernels::bwd_dq_chains_max_seqlen_k(head_dim));
       chains += entry;
-      const kernels::BwdConfig c = kernels::bwd_config(head_dim);
+      const kernels::BwdConfig c = kernels::bwd_config(head_dim, true);
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", split.empty() ? "" : ", ", head_dim,
                     c.split_walks_over * c.block_m);
       split += entry;
@@ -671,7 +671,7 @@ const char* build_info_json() {
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", halves.empty() ? "" : ", ", head_dim,
                     kernels::bwd_causal_head_halves_min_group(head_dim));
       halves += entry;
-      if (c.pairs == kernels::BwdPairs::kNone) continue;
+      if (kernels::bwd_config(head_dim, false).pairs == kernels::BwdPairs::kNone) continue;  // without a mask
       std::snprintf(entry, sizeof entry, "%s%d", pairs.empty() ? "" : ", ", head_dim);
       pairs += entry;
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", unpaired.empty() ? "" : ", ", head_dim,

@@ -103,6 +103,14 @@ __device__ __forceinline__ void store_release_gpu(int* flag, int value) {
 // Programmatic dependent launch (griddepcontrol, through the CUDA runtime's device functions). The grid launched after
 // this one with cudaLaunchAttributeProgrammaticStreamSerialization may start once every CTA of this one has called
 // launch_dependents or exited; it does not wait for this grid's memory.
+// mov.u32 %laneid [PTX 10.13], volatile: read where it is used, so ptxas does not derive addresses from it early
+// and hold (or spill) them across a kernel's main loop.
+__device__ __forceinline__ uint32_t lane_index() {
+  uint32_t lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  return lane;
+}
+
 __device__ __forceinline__ void launch_dependents() { cudaTriggerProgrammaticLaunchCompletion(); }
 
 // Blocks until the grid this one was launched after (with that attribute) has completed and its memory is visible;

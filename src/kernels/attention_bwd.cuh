@@ -22,7 +22,8 @@
 // tile's turn counters have counted every adder (bwd_dq_chain_adders), so the conversion of most tiles runs under
 // the main kernel's last wave instead of after it.
 // Warp specialisation in main: warpgroup 0 is the producer (thread 0 issues TMA: K, V once, then Q, dO, lse2,
-// delta per step into a Q/dO ring; threads 32, 64, ... are the dQ writers, one per dQ buffer); warpgroups 1 and 2
+// delta per step into a Q/dO ring; threads 32, 64, ... are the dQ writers, one per dQ buffer, and the next one sends
+// the dS^T of kSplitDq pairs with turns); warpgroups 1 and 2
 // each own 64 keys and take turns issuing their GEMMs, with dQ one step behind (BwdConfig::turns(), in `consume`).
 // At head_dim 256 they split the products of the block's 64 keys: warpgroup 1 computes S^T, P^T and dV, warpgroup 2
 // dP^T, dS^T and dK (P^T reaches it through shared memory), and both the dQ GEMMs, each half of the CTA's dQ
@@ -32,14 +33,18 @@
 // masks are selects. The writer's spin on the turn counter and the mbarrier waits last as long as other
 // threads take, never as long as values dictate.
 //
-// Pairs (BwdConfig::pairs, bwd_paired_key_blocks): CTAs 2c and 2c + 1 form a cluster, rank 0 the upper key block.
-// kSumDq (head_dim 128, without a causal mask, or heavy first with a large enough group, where bwd_paired_key_blocks
-// says): the lower key block (rank 1) hands each step's dQ part to the upper one through its shared memory, and
-// rank 0 adds the sum in the pair's turn; rank 1's writer thread has nothing to do. Heavy first, both walk the lower
-// one's query blocks, and the lowest key blocks run two to a cluster without pairing (bwd_heavy_first_cta).
-// kSplitDq (head_dim 256, always): both walk the same steps and copy their dS^T of each step into the other's shared
-// memory; rank r computes dQ over the pair's keys for the r-th half of head_dim's columns and adds it in pair c's
-// turn of that half.
+// Pairs (BwdConfig::pairs of the mask's configuration, bwd_paired_key_blocks): CTAs 2c and 2c + 1 form a cluster,
+// rank 0 the upper key block.
+// kSumDq (head_dim 128 under a causal mask, heavy first with a large enough group, where bwd_paired_key_blocks says):
+// the lower key block (rank 1) hands each step's dQ part to the upper one through its shared memory, and rank 0 adds
+// the sum in the pair's turn; rank 1's writer thread has nothing to do. Both walk the lower one's query blocks, and
+// the lowest key blocks run two to a cluster without pairing (bwd_heavy_first_cta).
+// kSplitDq (head_dim 256 always, head_dim 128 without a causal mask): both walk the same steps and copy their dS^T of
+// each step into the other's shared memory; rank r computes dQ over the pair's keys for the r-th half of head_dim's
+// columns and adds it in pair c's turn of that half. At head_dim 256 both warpgroups compute a quarter each, after
+// the step's barrier; at head_dim 128, whose warpgroups take turns, warpgroup 0 computes the half alone (its dQ GEMM
+// over 256 keys in its turn with dV and dK, warpgroup 1's turn without one; BwdConfig::dq_wgs), and a producer thread
+// sends the CTA's dS^T once both warpgroups have stored their rows (send_ds).
 //
 // Deadlock freedom of the dQ turns: a CTA waits only for higher key blocks (or pairs) of its own (head, batch),
 // which have lower block (cluster) indices (blockIdx.x counts key blocks from the last), so they were scheduled no
@@ -138,7 +143,7 @@ enum class BwdBarrier : int {
 // its own so that the other kernels' code does not change with it.
 template <class T, int HeadDim, bool Causal, bool HeavyFirst>
 struct BwdKernel {
-  static constexpr BwdConfig kCfg = bwd_config(HeadDim);
+  static constexpr BwdConfig kCfg = bwd_config(HeadDim, Causal);
   static constexpr int kBlockM = kCfg.block_m;
   static constexpr int kBlockN = kCfg.block_n;
   static constexpr int kStages = kCfg.stages;
@@ -310,6 +315,19 @@ struct BwdKernel {
     });
   }
 
+  // kSplitDq pairs with turns: each step's dS^T, once both warpgroups have stored their rows (ds_full), to the other
+  // CTA of the pair (its kPeerDsTile), counted on its ds_peer_full. That buffer is free: it held our dS^T of two steps
+  // before, and our warpgroup 0 stored this step's rows only after ds_empty, which counts the other CTA's arrival once
+  // its dQ GEMM had read it. Our rows stay until the other's dQ GEMM of this step is done (ds_empty again).
+  __device__ static void send_ds(const BwdKernelParams& p, Smem& s, const BwdCta& c) {
+    for_each_step(p, c, [&](int step, int /* head */, int /* m_block */) {
+      const int buf = step & 1;
+      hopper::mbarrier_wait(&s.ds_full[buf], (step / 2) & 1);
+      hopper::bulk_copy_to_peer(hopper::map_to_rank(s.ds[buf][kPeerDsTile][0], c.rank ^ 1), s.ds[buf][0][0],
+                                kBoxBytesDs, hopper::map_to_rank(&s.ds_peer_full[buf], c.rank ^ 1));
+    });
+  }
+
   // acc (64 x kWgQueries) = 64 rows of K or V times kWgQueries rows of Q or dO, transposed, over head_dim.
   __device__ static void gemm_rows_by_queries(float (&acc)[kWgQueries / 2], uint32_t a_base, uint32_t b_base) {
     gemm_kmajor<T, HeadDim, kWgQueries, kBoxBytesKV, kBoxBytesQ>(acc, a_base, b_base);
@@ -342,6 +360,9 @@ struct BwdKernel {
     return tile + (col / 64) * box_bytes + row * 128 + ((chunk ^ (row % 8)) * 16) + (col % 8) * sizeof(T);
   }
 
+  // kDq: this warpgroup computes dQ parts (both do, except with kSplitDq pairs and turns: warpgroup 0 alone,
+  // compiled as a path of its own, since a wgmma issued under a branch makes ptxas serialise them all and spill).
+  template <bool kDq>
   __device__ static void consume(const BwdKernelParams& p, Smem& s, int consumer, const BwdCta& c) {
     const int n_block = c.n_block;
     const DqRole role = c.role;
@@ -357,7 +378,7 @@ struct BwdKernel {
     const uint32_t v_rows = smem(s.v[0]) + key_row0 * 128;
     const int dq_row0 = kCfg.dq_split_rows() ? consumer * 64 : 0;
     const int dq_half = kSplitPairs ? int(c.rank) : 0;  // with kSplitDq pairs, the CTA's half of the columns
-    const int dq_col0 = kCfg.dq_split_rows() ? 0 : (dq_half * BwdConfig::kConsumers + consumer) * kDqCols;
+    const int dq_col0 = kCfg.dq_split_rows() ? 0 : (dq_half * kCfg.dq_wgs() + consumer) * kDqCols;
 
     // With split products (kSplit) a warpgroup accumulates one of them, in acc_dv: warpgroup 0 dV, warpgroup 1 dK.
     float acc_dv[kWgCols / 2], acc_dk[kSplit ? 1 : kWgCols / 2];
@@ -434,9 +455,23 @@ struct BwdKernel {
     };
     // Step 0 has no previous dQ: its GEMM reads K's first box in place of dS^T and the result is dropped, so the
     // wgmma is issued unconditionally (a conditional one makes ptxas spill the accumulators).
+    // With kSplitDq pairs (warpgroup 0 alone) as gemm_dq_of, whose dS^T buffer step 0 reads for nothing (the result
+    // is dropped; buffer 1 is first written at step 1).
     const auto gemm_dq_of_previous = [&](float (&acc_dq)[kDqCols / 2], int step) {
-      const uint32_t a = step > 0 ? smem(s.ds[(step - 1) & 1][0][dq_row0 / 64]) : smem(s.k[0]);
-      gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]));
+      if constexpr (kSplitPairs) {
+        gemm_dq_of(acc_dq, step - 1);
+      } else {
+        const uint32_t a = step > 0 ? smem(s.ds[(step - 1) & 1][0][dq_row0 / 64]) : smem(s.k[0]);
+        gemm_dq(acc_dq, a, smem(s.k[dq_col0 / 64]));
+      }
+    };
+    // kSplitDq pairs with turns: warpgroup 0 waits until the other key block's dS^T of `step` has landed here, and
+    // arms the buffer's barrier for the copy two steps later.
+    const auto wait_peer_ds = [&](int step) {
+      if constexpr (kSplitPairs && kTurns) {
+        hopper::mbarrier_wait(&s.ds_peer_full[step & 1], (step / 2) & 1);
+        if (t == 0) hopper::mbarrier_arrive_expect_tx(&s.ds_peer_full[step & 1], kBoxBytesDs);
+      }
     };
 
     // Masked entries of S^T (causal, keys past seqlen_k) become -inf, so their probabilities come out 0.
@@ -587,12 +622,13 @@ struct BwdKernel {
         hopper::fence_view_async_shared();
         hopper::mbarrier_arrive(&s.ds_full[buf]);
         if (step > 0) hopper::mbarrier_wait(&s.ds_full[buf ^ 1], ((step - 1) / 2) & 1);
+        if (kDq && step > 0) wait_peer_ds(step - 1);
         turn_sync();
         hopper::wgmma_fence();
         gemm_into_keys(acc_dv, p_frag, dout_tile);
         gemm_into_keys(acc_dk, ds_frag, q_tile);
         hopper::wgmma_commit();
-        gemm_dq_of_previous(acc_dq, step);
+        if (kDq) gemm_dq_of_previous(acc_dq, step);
       }
       hopper::wgmma_commit();
       turn_pass();
@@ -607,7 +643,10 @@ struct BwdKernel {
       if constexpr (kTurns) {
         if (step > 0) {
           hopper::mbarrier_arrive(&s.ds_empty[buf ^ 1]);
-          hand_dq_to_writer(step - 1, acc_dq);
+          // kSplitDq pairs: the other CTA may copy its next dS^T into the buffer our dQ GEMM has read.
+          if (kSplitPairs && kDq && t == 0)
+            hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.ds_empty[buf ^ 1], c.rank ^ 1));
+          if (kDq) hand_dq_to_writer(step - 1, acc_dq);
         }
       } else {
         hand_dq_to_writer(step, acc_dq);
@@ -617,14 +656,22 @@ struct BwdKernel {
       const int last = steps - 1;
       float acc_dq[kDqCols / 2];
       hopper::mbarrier_wait(&s.ds_full[last & 1], (last / 2) & 1);
+      if (kDq) wait_peer_ds(last);
+      // kSplitDq pairs: the other CTA's last dS^T has landed, so its copies are done reading its shared memory.
+      if (kSplitPairs && kDq && t == 0)
+        hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.ds_peer_done, c.rank ^ 1));
       turn_sync();
-      hopper::wgmma_fence();
-      gemm_dq_of(acc_dq, last);
-      hopper::wgmma_commit();
+      if (kDq) {
+        hopper::wgmma_fence();
+        gemm_dq_of(acc_dq, last);
+        hopper::wgmma_commit();
+      }
       if (consumer == 0) turn_pass();
-      hopper::wgmma_wait<0>();
-      hopper::fence_registers(acc_dq);
-      hand_dq_to_writer(last, acc_dq);
+      if (kDq) {
+        hopper::wgmma_wait<0>();
+        hopper::fence_registers(acc_dq);
+        hand_dq_to_writer(last, acc_dq);
+      }
     }
 
     // A split walk (BwdSplit) or heavy first's head halves: the first half hands its dK and dV sums to the second
@@ -673,10 +720,12 @@ struct BwdKernel {
     // then out through TMA (rows past seqlen_k are clipped). Not for the first half of a split walk.
     if (c.half != BwdHalf::kFirst) {
       hopper::named_barrier_sync(int(BwdBarrier::kEpilogue), 256);
+      const int lane_e = int(hopper::lane_index());
+      const int row_e = 16 * (t / 32) + lane_e / 4;
 #pragma unroll
       for (int i = 0; i < FragD::kRegs; i += 2) {
-        const int row = key_row0 + row_in_wg + 8 * FragD::row_half(i);
-        const int col = FragD::col(i, lane);
+        const int row = key_row0 + row_e + 8 * FragD::row_half(i);
+        const int col = FragD::col(i, lane_e);
         if constexpr (kSplit) {  // warpgroup 1's dK (scaled), warpgroup 0's dV
           const float scale = consumer == 1 ? p.softmax_scale : 1.f;
           *reinterpret_cast<uint32_t*>(swizzled(consumer == 1 ? s.k[0] : s.v[0], kBoxBytesKV, row, col)) =
@@ -712,7 +761,7 @@ struct BwdKernel {
 };
 
 template <class T, int HeadDim, bool Causal, bool HeavyFirst>
-__global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
+__global__ void __launch_bounds__(bwd_config(HeadDim, Causal).threads(), 1)
     attention_bwd_kernel(const __grid_constant__ BwdKernelParams p) {
   using K = BwdKernel<T, HeadDim, Causal, HeavyFirst>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
@@ -762,7 +811,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       hopper::mbarrier_init(&s.empty[i], 128 * BwdConfig::kConsumers);
     }
     for (int i = 0; i < K::kDqBuffers; ++i) {
-      hopper::mbarrier_init(&s.dq_full[i], 128 * BwdConfig::kConsumers);
+      hopper::mbarrier_init(&s.dq_full[i], 128 * K::kCfg.dq_wgs());
       hopper::mbarrier_init(&s.dq_empty[i], 1);
       hopper::mbarrier_init(&s.peer_full[i], 1);
       hopper::mbarrier_init(&s.peer_empty[i], 1);
@@ -772,7 +821,7 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
     if constexpr (K::kCfg.turns())
       for (int i = 0; i < 2; ++i) {
         hopper::mbarrier_init(&s.ds_full[i], 128 * BwdConfig::kConsumers);
-        hopper::mbarrier_init(&s.ds_empty[i], 128 * BwdConfig::kConsumers);
+        hopper::mbarrier_init(&s.ds_empty[i], 128 * BwdConfig::kConsumers + (K::kSplitPairs ? 1 : 0));
       }
     if constexpr (K::kSplitPairs) {
       for (int i = 0; i < 2; ++i) {  // expects the other key block's dS^T of steps 0 and 1 (later ones: consume)
@@ -813,10 +862,17 @@ __global__ void __launch_bounds__(bwd_config(HeadDim).threads(), 1)
       K::produce(p, s, cta);
     } else if (K::kDqBuffers == 1 ? threadIdx.x == 32 : threadIdx.x % 32 == 0 && threadIdx.x / 32 <= K::kDqBuffers) {
       if (role != DqRole::kGive) K::write_dq(p, s, cta, K::kDqBuffers == 1 ? 0 : threadIdx.x / 32 - 1);  // warps 1..
+    } else if (K::kSplitPairs && K::kCfg.turns() && threadIdx.x == 32 * (K::kDqBuffers + 1)) {
+      K::send_ds(p, s, cta);
     }
   } else {
     hopper::setmaxnreg_inc<K::kCfg.consumer_regs>();
-    K::consume(p, s, warpgroup - 1, cta);
+    if constexpr (K::kCfg.dq_wgs() == 1) {
+      if (warpgroup == 1) K::template consume<true>(p, s, 0, cta);
+      else K::template consume<false>(p, s, 1, cta);
+    } else {
+      K::template consume<true>(p, s, warpgroup - 1, cta);
+    }
   }
 }
 
@@ -860,7 +916,7 @@ __device__ inline int64_t bshd_offset(const BshdStrides& s, int batch, int row, 
 // slot flags.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(const BwdRowParams p) {
-  constexpr int kBlockM = bwd_config(HeadDim).block_m;
+  constexpr int kBlockM = bwd_config(HeadDim, false).block_m;  // either mask's (bwd_masks_share_tiles)
   constexpr int kLanesPerRow = 8, kVec = 16 / sizeof(T);
   constexpr float kLog2e = 1.4426950408889634f;
   const int m_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
@@ -892,7 +948,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
       p.lse2[tile * kBlockM + r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
     }
   }
-  const int seen = key_blocks_seen(m_block, kBlockM, bwd_config(HeadDim).block_n, p.seqlen_q, p.seqlen_k,
+  const int seen = key_blocks_seen(m_block, kBlockM, bwd_config(HeadDim, false).block_n, p.seqlen_q, p.seqlen_k,
                                    p.n_blocks, p.causal);
   const int first = bwd_dq_first_position(p.heavy_first, p.paired, p.n_blocks, seen);
   const int chain1_first = p.causal ? p.split.chain1_start(m_block) : first;
@@ -900,10 +956,10 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
     float4* sums = reinterpret_cast<float4*>(p.dq_accum + tile * kBlockM * HeadDim);
     for (int i = threadIdx.x; i < kBlockM * HeadDim / 4; i += kRowKernelThreads) sums[i] = make_float4(0, 0, 0, 0);
   }
-  constexpr int kHalves = bwd_config(HeadDim).dq_ctas();
-  if (threadIdx.x < kHalves)
+  const int halves = bwd_config(HeadDim, p.causal).dq_ctas();
+  if (int(threadIdx.x) < halves)
     p.dq_turn[threadIdx.x * p.tiles + tile] = first;
-  else if (threadIdx.x == kHalves && p.dq_chains > 1 && m_block >= p.chain1_m0)
+  else if (int(threadIdx.x) == halves && p.dq_chains > 1 && m_block >= p.chain1_m0)
     p.dq_turn[bwd_dq_tile(1, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles))] = chain1_first;
   if (m_block == 0 && head == 0 && batch == 0 && int(threadIdx.x) < p.split_slots) p.split_flag[threadIdx.x] = 0;
 }
@@ -914,7 +970,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
 // memory, then written 16 bytes a thread along the rows.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(const BwdRowParams p) {
-  constexpr BwdConfig kCfg = bwd_config(HeadDim);
+  constexpr BwdConfig kCfg = bwd_config(HeadDim, false);  // the tiles' layout: either mask's (bwd_masks_share_tiles)
   constexpr int kDqCols = kCfg.dq_cols();
   constexpr int kPitch = HeadDim + 16 / sizeof(T);  // a row and 16 bytes: the fragment stores hit 32 banks
   constexpr int kChunksPerRow = HeadDim * sizeof(T) / 16;
@@ -927,12 +983,13 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
   // Launched after the main kernel with programmatic stream serialisation, so it may start while the main kernel's
   // last CTAs run (in the SMs they leave): one thread per (chain, half) of the tile waits until its turn counter has
   // counted every adder (prep's start + bwd_dq_chain_adders; the last adder's release follows its reduce's completion).
-  if (int(threadIdx.x) < chains * kCfg.dq_ctas()) {
-    const int chain = threadIdx.x / kCfg.dq_ctas(), half = threadIdx.x % kCfg.dq_ctas();
+  const BwdConfig cfg = bwd_config(HeadDim, p.causal);  // the pairs: the mask's
+  if (int(threadIdx.x) < chains * cfg.dq_ctas()) {
+    const int chain = threadIdx.x / cfg.dq_ctas(), half = threadIdx.x % cfg.dq_ctas();
     const int seen = key_blocks_seen(m_block, kCfg.block_m, kCfg.block_n, p.seqlen_q, p.seqlen_k, p.n_blocks, p.causal);
     const int first = bwd_dq_first_position(p.heavy_first, p.paired, p.n_blocks, seen);
     const int chain1_first = p.causal ? p.split.chain1_start(m_block) : first;
-    const int adders = bwd_dq_chain_adders(kCfg.pairs, p.paired, p.causal, p.heavy_first, p.n_blocks, seen,
+    const int adders = bwd_dq_chain_adders(cfg.pairs, p.paired, p.causal, p.heavy_first, p.n_blocks, seen,
                                            p.dq_chains, chain, chain1_first);
     const int tile = bwd_dq_tile(chain, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles));
     hopper::wait_flag_equals(p.dq_turn + half * p.tiles + tile, (chain == 0 ? first : chain1_first) + adders);
@@ -1005,7 +1062,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   using T = std::conditional_t<DT == DType::bf16, __nv_bfloat16, __half>;
   using K = BwdKernel<T, HeadDim, Causal, false>;
   const FwdParams& f = prm.fwd;
-  constexpr BwdConfig kCfg = bwd_config(HeadDim);
+  constexpr BwdConfig kCfg = bwd_config(HeadDim, Causal);
 
   cudaError_t err;
   if (f.seqlen_q == 0) {

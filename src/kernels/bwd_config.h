@@ -53,14 +53,18 @@ struct BwdConfig {
   constexpr int dq_ctas() const { return pairs == BwdPairs::kSplitDq ? 2 : 1; }
   constexpr bool dq_split_rows() const { return block_m == 64 * kConsumers; }
   constexpr int dq_rows() const { return dq_split_rows() ? 64 : block_m; }
-  constexpr int dq_cols() const { return dq_split_rows() ? head_dim : head_dim / kConsumers / dq_ctas(); }
+  // Warpgroups that compute dQ: both, or with kSplitDq pairs and turns warpgroup 0 alone, over the pair's keys.
+  constexpr int dq_wgs() const { return pairs == BwdPairs::kSplitDq && turns() ? 1 : kConsumers; }
+  constexpr int dq_cols() const { return dq_split_rows() ? head_dim : head_dim / dq_wgs() / dq_ctas(); }
   constexpr int dq_parts() const { return block_m * head_dim / (dq_rows() * dq_cols()); }  // of a dQ tile
 };
 
 // Per head_dim: a warpgroup keeps dK and dV of its keys in registers (wg_cols/2 + wg_cols/2 floats per thread; with
 // split products one of them) next to the S^T and dP^T fragments of a step (block_m/2 each); head_dim 64 affords
 // 128-row query blocks, head_dim 128 takes 64. Shared memory: K, V, a Q/dO ring, double-buffered dS^T, and dQ tiles
-// (two at head_dim 128; one at head_dim 64, whose 128-row tiles leave no room for a second): 224 KB. head_dim 256
+// (two at head_dim 128 under a causal mask; one at head_dim 64, whose 128-row tiles leave no room for a second):
+// 224 KB; head_dim 128 without a mask (kSplitDq pairs) holds one 16 KB half tile, the other key block's K half (16 KB)
+// and double-buffered dS^T (16 KB) instead: 226 KB of the 227. head_dim 256
 // cannot keep 2 x 64 x 256 dK/dV floats per warpgroup, so its warpgroups split the products (64-key blocks: one of dK,
 // dV each, 64 x 256 floats) and it has room for one Q/dO stage only (K, V 32 KB each, the pair's other K block's half
 // of the columns 16 KB, Q, dO 32 KB each, dS^T, P^T and the other key block's dS^T 2 x 8 KB each, the CTA's half of a
@@ -71,25 +75,45 @@ struct BwdConfig {
 // budgets: every head_dim runs 24 / 240 (head_dim 64 ran 40 / 232 while its dQ writer spilled at 24; since it compiles
 // without spills, 24 / 240 measured +1..+3% without a causal mask and even under one, H100 bf16, 2026-11-26,
 // bench/results/2026-11-26-h100-bwd-d64-halves-ab.txt).
-constexpr BwdConfig bwd_config(int head_dim) {
-  return head_dim == 64    ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, 2, 8}
-         : head_dim == 128 ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, 2, 4}
-                           : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, 4, 0};
+// Head_dim 128 has a row per mask (the causal-only fields are 0 in the other). Without a mask its key blocks go in
+// kSplitDq pairs: no fp32 dQ part crosses between the two CTAs (kSumDq's lower key block pushed 32 KB of them per step
+// into the upper one, which added them; a probe without that hand-over ran +8..+14% at 2k-8k keys), each CTA adds 16 KB
+// per step in its half's turn, and warpgroup 0 computes the half over the pair's 256 keys. Under a mask, split walks
+// and heavy first's kSumDq pairs stay (kSplitDq pairs there lost 5-7%). Measured against kSumDq pairs with two chains
+// up to 4k (bf16, 2026-11-26, bench/results/2026-11-26-bwd-d128-split-dq-ab.txt, alternating builds): H200, four
+// rounds, 512 keys +5.7%, 1k +2.0%, 2k +3.7%, 4k +0.2%, 8k +3.3%, 16k +3.3%, GQA 32/8 4k +3.5%; H100, three rounds,
+// 1k-2k +0.6%, 4k +5.0%, 8k +3.1%, 16k -1.6%, GQA +1.0%.
+constexpr BwdConfig bwd_config(int head_dim, bool causal) {
+  return head_dim == 64 ? BwdConfig{64, 128, 128, 2, 1, 24, 240, false, BwdPairs::kNone, 0, 2, 8}
+         : head_dim == 128
+             ? (causal ? BwdConfig{128, 64, 128, 2, 2, 24, 240, false, BwdPairs::kSumDq, 64, 2, 4}
+                       : BwdConfig{128, 64, 128, 2, 1, 24, 240, false, BwdPairs::kSplitDq, 0, 0, 0})
+             : BwdConfig{256, 64, 64, 1, 1, 24, 240, true, BwdPairs::kSplitDq, 0, 4, 0};
 }
 
 constexpr bool bwd_config_valid(const BwdConfig& c) {
   return c.block_n == (c.split_products ? 64 : 64 * BwdConfig::kConsumers) && c.block_m % 64 == 0 && c.wg_queries() % 16 == 0 && c.dq_buffers >= 1 && c.head_dim % 64 == 0 &&
          c.dq_rows() == 64 && c.dq_cols() % 64 == 0 &&
-         c.dq_rows() * c.dq_cols() * BwdConfig::kConsumers * c.dq_ctas() == c.block_m * c.head_dim &&
+         c.dq_rows() * c.dq_cols() * c.dq_wgs() * c.dq_ctas() == c.block_m * c.head_dim &&
          register_budget_fits(BwdConfig::kConsumers, c.producer_regs, c.consumer_regs) &&
-         (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) && (c.pairs != BwdPairs::kSplitDq || c.split_products) &&
+         (c.pairs != BwdPairs::kSumDq || c.dq_buffers >= 2) &&
          c.split_walks_over >= 0 && (c.split_walks_over == 0 || c.pairs != BwdPairs::kSplitDq) &&
          (c.heavy_first_from == 0 || c.heavy_first_from >= 2) &&
          (c.head_halves_from == 0 || (c.heavy_first_from > 0 && c.head_halves_from >= c.heavy_first_from));
 }
 
-static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(128)) &&
-              bwd_config_valid(bwd_config(256)));
+static_assert(bwd_config_valid(bwd_config(64, false)) && bwd_config_valid(bwd_config(128, false)) &&
+              bwd_config_valid(bwd_config(256, false)) && bwd_config_valid(bwd_config(64, true)) &&
+              bwd_config_valid(bwd_config(128, true)) && bwd_config_valid(bwd_config(256, true)));
+// What the prep and post kernels (one per head_dim, the mask a runtime flag) take from either row: the tiles' shape
+// and their parts' layout.
+constexpr bool bwd_masks_share_tiles(int head_dim) {
+  const BwdConfig a = bwd_config(head_dim, false), b = bwd_config(head_dim, true);
+  return a.block_m == b.block_m && a.block_n == b.block_n && a.dq_rows() == b.dq_rows() &&
+         a.dq_cols() == b.dq_cols() && a.dq_parts() == b.dq_parts() && a.dq_split_rows() == b.dq_split_rows() &&
+         a.threads() == b.threads();
+}
+static_assert(bwd_masks_share_tiles(64) && bwd_masks_share_tiles(128) && bwd_masks_share_tiles(256));
 
 // Without a causal mask every key block starts on the first query block, so key block n waits for the n above it
 // before its first dQ add. Two chains of dQ sums, key blocks alternating between them (each in descending order;
@@ -98,17 +122,18 @@ static_assert(bwd_config_valid(bwd_config(64)) && bwd_config_valid(bwd_config(12
 // 128 +3..4% at 1k-2k, -2..-6% at 4k-16k (2026-11-26, same GPU: +5% at 3k, +3..4% at 4k, so 4k is in); GQA 32/8
 // -3..-5% at every length (2026-11-26: -5% at d128 512 keys). Head_dim 256 had them up to 4k (+7..11%) until its
 // key blocks went in kSplitDq pairs, which halve the adders per tile themselves: two chains on top measured even
-// (H100, 2026-11-26: 512 keys -6%, 2k +3%, 1k and 4k within the spread), so it keeps one.
+// (H100, 2026-11-26: 512 keys -6%, 2k +3%, 1k and 4k within the spread), so it keeps one; head_dim 128 had them up to
+// 4k with its kSumDq pairs and keeps one with its kSplitDq pairs (each half of a tile has its own turn counter).
 // Under a causal mask the descending order already keeps key blocks from waiting; there the second chain takes the
 // second halves of split walks (BwdSplit, bwd_dq_chains below). The choice depends on public values only (shapes
 // and options), never on the batch size, so a sequence's dQ bits do not depend on its batch.
 constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
-  return head_dim == 64 ? 8192 : head_dim == 128 ? 4096 : 0;
+  return head_dim == 64 ? 8192 : 0;
 }
 // A second chain only where a dQ tile is added by one CTA (bwd_dq_tile's layout): not with kSplitDq halves.
 constexpr bool bwd_second_chain_valid(int head_dim) {
-  const BwdConfig c = bwd_config(head_dim);
-  return (bwd_dq_chains_max_seqlen_k(head_dim) == 0 && c.split_walks_over == 0) || c.dq_ctas() == 1;
+  return (bwd_dq_chains_max_seqlen_k(head_dim) == 0 || bwd_config(head_dim, false).dq_ctas() == 1) &&
+         (bwd_config(head_dim, true).split_walks_over == 0 || bwd_config(head_dim, true).dq_ctas() == 1);
 }
 static_assert(bwd_second_chain_valid(64) && bwd_second_chain_valid(128) && bwd_second_chain_valid(256));
 
@@ -117,12 +142,13 @@ static_assert(bwd_second_chain_valid(64) && bwd_second_chain_valid(128) && bwd_s
 // one) or N rounded up to even (kSplitDq; an odd N gives the first pair an upper key block past the keys, whose
 // keys are all masked and whose dK, dV are not stored). Heavy first, clusters count from key block 0 instead
 // (bwd_heavy_first_cta).
-//   kSumDq, without a causal mask, except MHA problems of at most bwd_unpaired_max_seqlen_k keys: the lower key
-//   block pushes its dQ part into the upper one's shared memory, which adds the sum (its own part + the lower one's,
-//   in that order) to the tile's chain once: half the adders per tile (half the wait at a walk's start, half the
-//   bulk reduces in L2). Measured (H100, bf16, head_dim 128 MHA, six alternating rounds, 2026-11-26,
-//   docs/performance.md): with two chains too +1.6% at 2k keys, +0.9% at 3k, +1.7% at 4k, but -0.5% at 1k and -3%
-//   at 512; with one chain (above 4096 keys, GQA) +1..+2%. Under a causal mask, where at least
+//   kSumDq, without a causal mask (a configuration that has them there), except MHA problems of at most
+//   bwd_unpaired_max_seqlen_k keys: the lower key block pushes its dQ part into the upper one's shared memory, which
+//   adds the sum (its own part + the lower one's, in that order) to the tile's chain once: half the adders per tile
+//   (half the wait at a walk's start, half the bulk reduces in L2). Measured (H100, bf16, head_dim 128 MHA, six
+//   alternating rounds, 2026-11-26, docs/performance.md): with two chains too +1.6% at 2k keys, +0.9% at 3k, +1.7% at
+//   4k, but -0.5% at 1k and -3% at 512; with one chain (above 4096 keys, GQA) +1..+2%; since replaced there by kSplitDq
+//   pairs (bwd_config). Under a causal mask, where at least
 //   kBwdCausalPairsMinGroup query heads share a K/V head (heavy first, bwd_heavy_first_cta): the two key blocks walk
 //   the lower one's query blocks, the upper one's first steps masked out (its parts there are zeros). Measured (H100,
 //   bf16, head_dim 128, 2026-11-26, bench/results/2026-11-26-h100-bwd-causal-pairs-ab.txt): 8 or 16 query heads per
@@ -134,23 +160,23 @@ static_assert(bwd_second_chain_valid(64) && bwd_second_chain_valid(128) && bwd_s
 //   bounds head_dim 256), and each half of a tile has half the adders, in its own turn order.
 // Chosen from shapes only, like the chains.
 constexpr int bwd_unpaired_max_seqlen_k(int head_dim) {
-  return bwd_config(head_dim).pairs == BwdPairs::kSumDq ? 1024 : 0;
+  return bwd_config(head_dim, false).pairs == BwdPairs::kSumDq ? 1024 : 0;
 }
 // Under a causal mask, the query heads per K/V head from which key blocks pair (0: never; kSplitDq: always).
 constexpr int kBwdCausalPairsMinGroup = 8;
 constexpr int bwd_causal_paired_min_group(int head_dim) {
-  const BwdPairs pairs = bwd_config(head_dim).pairs;
+  const BwdPairs pairs = bwd_config(head_dim, true).pairs;
   return pairs == BwdPairs::kSplitDq ? 1 : pairs == BwdPairs::kSumDq ? kBwdCausalPairsMinGroup : 0;
 }
 constexpr bool bwd_causal_sum_pairs_heavy_first(int head_dim) {
-  const BwdConfig c = bwd_config(head_dim);
+  const BwdConfig c = bwd_config(head_dim, true);
   return c.pairs != BwdPairs::kSumDq || (c.heavy_first_from > 0 && kBwdCausalPairsMinGroup >= c.heavy_first_from);
 }
 static_assert(bwd_causal_sum_pairs_heavy_first(64) && bwd_causal_sum_pairs_heavy_first(128) &&
                   bwd_causal_sum_pairs_heavy_first(256),
               "causal kSumDq pairs run heavy first (bwd_heavy_first_cta maps them)");
 constexpr bool bwd_paired_key_blocks(int head_dim, bool causal, int seqlen_k, int heads_q, int heads_kv) {
-  const BwdPairs pairs = bwd_config(head_dim).pairs;
+  const BwdPairs pairs = bwd_config(head_dim, causal).pairs;
   if (causal) return pairs != BwdPairs::kNone && heads_q >= bwd_causal_paired_min_group(head_dim) * heads_kv;
   return pairs == BwdPairs::kSplitDq ||
          (pairs == BwdPairs::kSumDq && (heads_q != heads_kv || seqlen_k > bwd_unpaired_max_seqlen_k(head_dim)));
@@ -176,7 +202,7 @@ DHP_HOST_DEVICE constexpr int bwd_dq_adders_skipped(bool paired, int n_blocks, i
 //   bench/results/2026-11-26-h100-bwd-causal-heavy-first-ab.txt
 //   bench/results/2026-11-26-h100-bwd-gqa-causal-heavy-first-ab.txt
 //   bench/results/2026-11-26-h100-bwd-d256-heavy-first-ab.txt
-constexpr int bwd_causal_heavy_first_min_group(int head_dim) { return bwd_config(head_dim).heavy_first_from; }
+constexpr int bwd_causal_heavy_first_min_group(int head_dim) { return bwd_config(head_dim, true).heavy_first_from; }
 constexpr bool bwd_causal_heavy_first(int head_dim, bool causal, int heads_q, int heads_kv) {
   const int from = bwd_causal_heavy_first_min_group(head_dim);
   return causal && from > 0 && heads_q >= int64_t(from) * heads_kv;
@@ -315,9 +341,9 @@ DHP_HOST_DEVICE int bwd_dq_chain_adders(BwdPairs pairs, bool paired, bool causal
 //   From 4 (same file as head_dim 128's): 32/8 at 4k -11%, 16k +2%: head_dim 64 halves from 8.
 // The choice cannot look at the batch (it decides how many waves; a sequence's dK/dV bits would then depend on it), so
 // smaller groups stay whole, and a one-wave grid of them stays that slow. Chosen from shapes only.
-constexpr int bwd_causal_head_halves_min_group(int head_dim) { return bwd_config(head_dim).head_halves_from; }
+constexpr int bwd_causal_head_halves_min_group(int head_dim) { return bwd_config(head_dim, true).head_halves_from; }
 constexpr bool bwd_heavy_first_halves(int head_dim, bool causal, int heads_q, int heads_kv) {
-  const int from = bwd_config(head_dim).head_halves_from;
+  const int from = bwd_config(head_dim, true).head_halves_from;
   return from > 0 && bwd_causal_heavy_first(head_dim, causal, heads_q, heads_kv) && heads_q >= from * heads_kv;
 }
 
@@ -406,7 +432,7 @@ struct BwdSplit {
 // the rest within ±0.5% (three rounds, same file).
 inline BwdSplit bwd_split_walks_over(int over, int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q,
                                      int heads_kv) {
-  const BwdConfig c = bwd_config(head_dim);
+  const BwdConfig c = bwd_config(head_dim, causal);
   const bool paired = bwd_paired_key_blocks(head_dim, causal, seqlen_k, heads_q, heads_kv);
   BwdSplit s{c.block_m, c.block_n, seqlen_q, seqlen_k, (seqlen_q + c.block_m - 1) / c.block_m,
              (seqlen_k + c.block_n - 1) / c.block_n, paired, 0, 0};
@@ -425,7 +451,7 @@ inline BwdSplit bwd_split_walks_over(int over, int head_dim, bool causal, int se
   return s;
 }
 inline BwdSplit bwd_split(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv) {
-  return bwd_split_walks_over(bwd_config(head_dim).split_walks_over, head_dim, causal, seqlen_q, seqlen_k, heads_q,
+  return bwd_split_walks_over(bwd_config(head_dim, causal).split_walks_over, head_dim, causal, seqlen_q, seqlen_k, heads_q,
                               heads_kv);
 }
 
@@ -492,7 +518,8 @@ inline int bwd_dkv_slots(int head_dim, bool causal, int batch, int seqlen_q, int
   if (!bwd_heavy_first_halves(head_dim, causal, heads_q, heads_kv))
     return bwd_split_slots(bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv), batch, heads_kv);
   const bool paired = bwd_paired_key_blocks(head_dim, causal, seqlen_k, heads_q, heads_kv);
-  const int64_t n_blocks = (int64_t(seqlen_k) + bwd_config(head_dim).block_n - 1) / bwd_config(head_dim).block_n;
+  const int block_n = bwd_config(head_dim, causal).block_n;
+  const int64_t n_blocks = (int64_t(seqlen_k) + block_n - 1) / block_n;
   const int64_t ctas = int64_t(batch) * heads_kv * bwd_heavy_first_units(paired, int(n_blocks)) * (paired ? 2 : 1);
   return int(ctas < kBwdSplitSlots ? ctas : kBwdSplitSlots);
 }
@@ -512,7 +539,7 @@ DHP_HOST_DEVICE int bwd_dq_tile(int chain, int bh, int m, int m_blocks, int m1, 
 inline BwdWorkspace bwd_workspace(int head_dim, bool causal, int batch, int seqlen_q, int seqlen_k, int heads_q,
                                   int heads_kv) {
   const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
-  return BwdWorkspace::make(bwd_config(head_dim), batch, heads_q, seqlen_q,
+  return BwdWorkspace::make(bwd_config(head_dim, causal), batch, heads_q, seqlen_q,
                             bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv),
                             bwd_dq_chain1_m0(s, causal),
                             size_t(bwd_dkv_slots(head_dim, causal, batch, seqlen_q, seqlen_k, heads_q, heads_kv)));

@@ -35,7 +35,7 @@ void expect(bool ok, const char* what, int head_dim, int seqlen_q, int seqlen_k,
 // split_over: the split walks' threshold (BwdConfig::split_walks_over; -1: the configuration's, 1: every walk over
 // half the query blocks, to check the mechanism where the configuration does not use it).
 void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int split_over) {
-  const BwdConfig c = bwd_config(head_dim);
+  const BwdConfig c = bwd_config(head_dim, causal);
   const int m_blocks = (seqlen_q + c.block_m - 1) / c.block_m;
   const int n_blocks = (seqlen_k + c.block_n - 1) / c.block_n;
   const bool paired = bwd_paired_key_blocks(head_dim, causal, seqlen_k, heads_q, heads_kv);

@@ -41,9 +41,9 @@ import sys
 # (seqlen, heads_q, heads_kv): tails and GQA. The forward's launch depends on seqlen_k (dhp_build_info's
 # "forward_tiles" and "persistent_causal_max_seqlen_k"), and the backward's dQ summation (one chain or two) on
 # seqlen_k and heads (its "backward_two_dq_chains_max_seqlen_k", MHA only; the head_dims of
-# "backward_paired_key_blocks_head_dims" add in pairs of key blocks: 128 without a causal mask, GQA at every length
-# and MHA above "backward_unpaired_max_seqlen_k", and under one from "backward_causal_paired_min_group" query heads
-# per K/V head; 256 always): the shapes fall on both sides of every such limit, with MHA shapes on both sides of the
+# "backward_paired_key_blocks_head_dims" add in pairs of key blocks without a causal mask, GQA at every length and MHA
+# above "backward_unpaired_max_seqlen_k" (0 at 128 and 256: always), and under one from
+# "backward_causal_paired_min_group" query heads per K/V head): the shapes fall on both sides of every such limit, with MHA shapes on both sides of the
 # backward's and between them (pairs with two chains), and pairs with an odd number of key blocks; MHA on both
 # sides of the causal backward's "backward_causal_split_walks_over"; and GQA on both sides of its
 # "backward_causal_heavy_first_min_group" and "backward_causal_head_halves_min_group".
