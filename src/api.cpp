@@ -654,13 +654,16 @@ const char* build_info_json() {
     }
     std::string cmake = DHP_BUILD_INFO_JSON;
     cmake.pop_back();  // the closing brace
-    std::string chains, pairs, unpaired, split, causal_pairs, heavy, halves;
+    std::string chains, chains_min, pairs, unpaired, split, causal_pairs, heavy, halves;
     for (int head_dim : {64, 128, 256}) {
       if (!backward_variant_exists(DType::bf16, head_dim) && !backward_variant_exists(DType::fp16, head_dim)) continue;
       char entry[48];
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", chains.empty() ? "" : ", ", head_dim,
                     kernels::bwd_dq_chains_max_seqlen_k(head_dim));
       chains += entry;
+      std::snprintf(entry, sizeof entry, "%s\"%d\": %d", chains_min.empty() ? "" : ", ", head_dim,
+                    kernels::bwd_dq_chains_min_seqlen_k(head_dim));
+      chains_min += entry;
       const kernels::BwdConfig c = kernels::bwd_config(head_dim, true);
       std::snprintf(entry, sizeof entry, "%s\"%d\": %d", split.empty() ? "" : ", ", head_dim,
                     c.split_walks_over * c.block_m);
@@ -685,7 +688,8 @@ const char* build_info_json() {
     std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld",
                   kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes);
     return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
-           chains + "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +
+           chains + "}, \"backward_two_dq_chains_min_seqlen_k\": {" + chains_min +
+           "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +
            "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}, \"backward_causal_paired_min_group\": {" +
            causal_pairs + "}, \"backward_causal_split_walks_over\": {" + split +
            "}, \"backward_causal_heavy_first_min_group\": {" + heavy +

@@ -443,18 +443,21 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
 
 
 def test_determinism_shapes_fall_on_both_sides_of_the_backward_dq_chains_limits(ext):
-    """The backward sums dQ in two chains for MHA without a causal mask up to a seqlen_k per head_dim
-    (dhp_build_info; 0: one chain at every length), else in one: the determinism audit must run both summations at
-    every head_dim that has both."""
+    """The backward sums dQ in two chains for MHA without a causal mask for seqlen_k in (min, max] per head_dim
+    (dhp_build_info; max 0: one chain at every length), else in one: the determinism audit must run both summations
+    at every head_dim that has both, on both sides of each limit."""
     from dhp import _native
 
-    limits = _native.build_info()["backward_two_dq_chains_max_seqlen_k"]
-    assert set(limits) == {str(d) for d in _native.build_info()["backward_head_dims"]}
+    info = _native.build_info()
+    limits, lows = info["backward_two_dq_chains_max_seqlen_k"], info["backward_two_dq_chains_min_seqlen_k"]
+    assert set(limits) == set(lows) == {str(d) for d in info["backward_head_dims"]}
     assert all(limit >= 0 for limit in limits.values()), limits
     mha = [seqlen for seqlen, heads_q, heads_kv in determinism.SHAPES if heads_q == heads_kv]
     for head_dim, limit in limits.items():
+        low = lows[head_dim]
         assert any(s > limit for s in mha), (head_dim, limit, mha)
-        assert limit == 0 or any(s <= limit for s in mha), (head_dim, limit, mha)
+        assert limit == 0 or any(low < s <= limit for s in mha), (head_dim, low, limit, mha)
+        assert low == 0 or any(s <= low for s in mha), (head_dim, low, mha)
 
 
 def test_determinism_shapes_fall_on_both_sides_of_the_backward_pairs_limits(ext):
@@ -465,12 +468,14 @@ def test_determinism_shapes_fall_on_both_sides_of_the_backward_pairs_limits(ext)
 
     info = _native.build_info()
     unpaired, chains = info["backward_unpaired_max_seqlen_k"], info["backward_two_dq_chains_max_seqlen_k"]
+    lows = info["backward_two_dq_chains_min_seqlen_k"]
     mha = [seqlen for seqlen, heads_q, heads_kv in determinism.SHAPES if heads_q == heads_kv]
     for head_dim, limit in unpaired.items():
         assert limit == 0 or any(s <= limit for s in mha), (head_dim, limit, mha)
         assert any(s > limit for s in mha), (head_dim, limit, mha)
-        if chains[head_dim] > limit:
-            assert any(limit < s <= chains[head_dim] for s in mha), (head_dim, limit, chains[head_dim], mha)
+        low = max(limit, lows[head_dim])
+        if chains[head_dim] > low:
+            assert any(low < s <= chains[head_dim] for s in mha), (head_dim, low, chains[head_dim], mha)
 
 
 @pytest.mark.parametrize("tool", ["counters", "determinism"])

@@ -72,6 +72,9 @@ def test_build_info_lists_the_forward_tiles(ext):
     assert info["causal_section_bytes"] >= 1 << 20
     backward = {str(d) for d in info["backward_head_dims"]}
     assert set(info["backward_two_dq_chains_max_seqlen_k"]) == backward
+    assert set(info["backward_two_dq_chains_min_seqlen_k"]) == backward
+    assert all(0 <= info["backward_two_dq_chains_min_seqlen_k"][d] <= info["backward_two_dq_chains_max_seqlen_k"][d]
+               for d in backward)
     assert {str(d) for d in info["backward_paired_key_blocks_head_dims"]} <= backward
     assert set(info["backward_unpaired_max_seqlen_k"]) == {str(d) for d in info["backward_paired_key_blocks_head_dims"]}
     assert all(limit >= 0 for limit in info["backward_unpaired_max_seqlen_k"].values())

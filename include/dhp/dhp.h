@@ -44,8 +44,9 @@ DHP_API const char* dhp_version(void);
 
 /* How this library was built, as one JSON object: {"version", "cuda", "arch", "dtypes", "head_dims",
  * "backward_head_dims", "forward_tiles", "persistent_causal_max_seqlen_k", "causal_section_bytes",
- * "backward_two_dq_chains_max_seqlen_k", "backward_paired_key_blocks_head_dims", "backward_unpaired_max_seqlen_k",
- * "backward_causal_paired_min_group", "backward_causal_split_walks_over", "backward_causal_head_halves_min_group"}.
+ * "backward_two_dq_chains_max_seqlen_k", "backward_two_dq_chains_min_seqlen_k", "backward_paired_key_blocks_head_dims",
+ * "backward_unpaired_max_seqlen_k", "backward_causal_paired_min_group", "backward_causal_split_walks_over",
+ * "backward_causal_head_halves_min_group"}.
  * "forward_tiles" lists the forward's tile configurations: {"head_dim", "causal", "max_seqlen_k" (null: any
  * seqlen_k; else the short-key tier's limit, which takes precedence up to it), "block_m", "block_n", "stages",
  * "q_buffers", "consumer_warpgroups"}.
@@ -53,7 +54,8 @@ DHP_API const char* dhp_version(void);
  * the heads in sections whose K and V fit "causal_section_bytes", heaviest query blocks first (tile order only:
  * the results do not depend on it).
  * "backward_two_dq_chains_max_seqlen_k" maps each backward head_dim to the longest seqlen_k whose non-causal MHA
- * backward keeps two dQ sums; "backward_paired_key_blocks_head_dims" lists the head_dims whose backward runs its key
+ * backward keeps two dQ sums, "backward_two_dq_chains_min_seqlen_k" to the seqlen_k above which it does (0: from 1);
+ * "backward_paired_key_blocks_head_dims" lists the head_dims whose backward runs its key
  * blocks in pairs (2-CTA clusters) for some problems, and "backward_unpaired_max_seqlen_k" maps each of them to the
  * longest seqlen_k whose non-causal MHA backward runs them unpaired (0: none), and "backward_causal_paired_min_group"
  * to the number of query heads per K/V head from which a causal backward pairs them (1: always; 0: never).

@@ -39,9 +39,9 @@ def available() -> bool:
 def build_info() -> dict:
     """How the C library was built (dhp_build_info in dhp.h): {"version", "cuda", "arch", "dtypes", "head_dims",
     "backward_head_dims", "forward_tiles", "persistent_causal_max_seqlen_k", "causal_section_bytes",
-    "backward_two_dq_chains_max_seqlen_k", "backward_paired_key_blocks_head_dims", "backward_unpaired_max_seqlen_k",
-    "backward_causal_paired_min_group", "backward_causal_split_walks_over", "backward_causal_heavy_first_min_group",
-    "backward_causal_head_halves_min_group"}."""
+    "backward_two_dq_chains_max_seqlen_k", "backward_two_dq_chains_min_seqlen_k", "backward_paired_key_blocks_head_dims",
+    "backward_unpaired_max_seqlen_k", "backward_causal_paired_min_group", "backward_causal_split_walks_over",
+    "backward_causal_heavy_first_min_group", "backward_causal_head_halves_min_group"}."""
     return json.loads(ext().build_info())
 
 

@@ -103,6 +103,7 @@ struct BwdKernelParams {
   float scale_log2;     // softmax_scale * log2(e)
   float softmax_scale;
   int64_t tiles;  // dQ tiles of one chain: batch * heads_q * m_blocks
+  int64_t dq_tiles;  // of both chains (bwd_dq_tile): with kSplitDq pairs, the stride of dq_turn's halves
   int dq_chains;  // chains of dQ sums in use: bwd_dq_chains(...), without a causal mask at most the adders
   int chain1_m0;  // chain 1's first query block (bwd_dq_chain1_m0)
   int paired;     // key blocks in pairs (bwd_paired_key_blocks): launched as 2-CTA clusters
@@ -291,7 +292,7 @@ struct BwdKernel {
       const int tile = Causal ? bwd_dq_tile(chain, c.batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0,
                                             int(p.tiles))
                               : chain * int(p.tiles) + row_tile(p, c.batch, head, m_block);
-      int* turn = p.dq_turn + half * p.tiles + tile;
+      int* turn = p.dq_turn + half * p.dq_tiles + tile;
       hopper::wait_flag_equals(turn, position);
       hopper::mbarrier_wait(&s.dq_full[buf], (step / kDqBuffers) & 1);
       float* sum = p.dq_accum + int64_t(tile) * kTileFloats + half * kDqFloats;
@@ -893,6 +894,7 @@ struct BwdRowParams {
   int* split_flag;
   int split_slots;  // at most kBwdSplitSlots <= kRowKernelThreads
   int64_t tiles;
+  int64_t dq_tiles;  // of both chains: the stride of dq_turn's halves
   int dq_chains;
   int chain1_m0;  // chain 1's first query block (bwd_dq_chain1_m0)
   int seqlen_q, seqlen_k, heads_q, m_blocks, n_blocks;
@@ -958,9 +960,10 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_prep_kernel(c
   }
   const int halves = bwd_config(HeadDim, p.causal).dq_ctas();
   if (int(threadIdx.x) < halves)
-    p.dq_turn[threadIdx.x * p.tiles + tile] = first;
-  else if (int(threadIdx.x) == halves && p.dq_chains > 1 && m_block >= p.chain1_m0)
-    p.dq_turn[bwd_dq_tile(1, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles))] = chain1_first;
+    p.dq_turn[threadIdx.x * p.dq_tiles + tile] = first;
+  else if (int(threadIdx.x) < 2 * halves && p.dq_chains > 1 && m_block >= p.chain1_m0)
+    p.dq_turn[(threadIdx.x - halves) * p.dq_tiles +
+              bwd_dq_tile(1, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles))] = chain1_first;
   if (m_block == 0 && head == 0 && batch == 0 && int(threadIdx.x) < p.split_slots) p.split_flag[threadIdx.x] = 0;
 }
 
@@ -992,7 +995,7 @@ __global__ void __launch_bounds__(kRowKernelThreads) attention_bwd_post_kernel(c
     const int adders = bwd_dq_chain_adders(cfg.pairs, p.paired, p.causal, p.heavy_first, p.n_blocks, seen,
                                            p.dq_chains, chain, chain1_first);
     const int tile = bwd_dq_tile(chain, batch * p.heads_q + head, m_block, p.m_blocks, p.chain1_m0, int(p.tiles));
-    hopper::wait_flag_equals(p.dq_turn + half * p.tiles + tile, (chain == 0 ? first : chain1_first) + adders);
+    hopper::wait_flag_equals(p.dq_turn + half * p.dq_tiles + tile, (chain == 0 ? first : chain1_first) + adders);
   }
   __syncthreads();
 #pragma unroll
@@ -1114,6 +1117,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   // Without a causal mask a chain without adders is never written; under one, chain 1 exists only where walks split.
   rp.dq_chains = Causal ? dq_chains : std::min(dq_chains, bwd_dq_adders(paired, rp.n_blocks));
   rp.chain1_m0 = bwd_dq_chain1_m0(split, Causal);
+  rp.dq_tiles = rp.tiles + (rp.dq_chains > 1 ? int64_t(f.batch) * f.heads_q * (m_blocks - rp.chain1_m0) : 0);
   rp.causal = Causal;
   rp.paired = paired;
   rp.heavy_first = bwd_causal_heavy_first(HeadDim, Causal, f.heads_q, f.heads_kv);
@@ -1136,6 +1140,7 @@ dhp_status run_backward(const BwdParams& prm, cudaStream_t stream) {
   kp.delta = rp.delta;
   kp.dq_turn = rp.dq_turn;
   kp.tiles = rp.tiles;
+  kp.dq_tiles = rp.dq_tiles;
   kp.dq_chains = rp.dq_chains;
   kp.chain1_m0 = rp.chain1_m0;
   kp.paired = paired;

@@ -123,19 +123,17 @@ static_assert(bwd_masks_share_tiles(64) && bwd_masks_share_tiles(128) && bwd_mas
 // -3..-5% at every length (2026-11-26: -5% at d128 512 keys). Head_dim 256 had them up to 4k (+7..11%) until its
 // key blocks went in kSplitDq pairs, which halve the adders per tile themselves: two chains on top measured even
 // (H100, 2026-11-26: 512 keys -6%, 2k +3%, 1k and 4k within the spread), so it keeps one; head_dim 128 had them up to
-// 4k with its kSumDq pairs and keeps one with its kSplitDq pairs (each half of a tile has its own turn counter).
+// 4k with its kSumDq pairs; with its kSplitDq pairs (each half of a tile has two turn counters then), measured
+// against one chain (H100, bf16, four alternating rounds, 2026-11-26, bench/results/2026-11-26-bwd-d128-split-dq-ab.txt):
+// 512 keys -8.2%, 1k -4.9%, 2k -0.8%, 3k +3.9%, 4k +2.5%, so head_dim 128 takes them from 2049 keys to 4096 (the
+// start-up wait grows with the adders; the second chain's L2 footprint and post-kernel reads weigh on short ones).
 // Under a causal mask the descending order already keeps key blocks from waiting; there the second chain takes the
 // second halves of split walks (BwdSplit, bwd_dq_chains below). The choice depends on public values only (shapes
 // and options), never on the batch size, so a sequence's dQ bits do not depend on its batch.
 constexpr int bwd_dq_chains_max_seqlen_k(int head_dim) {
-  return head_dim == 64 ? 8192 : 0;
+  return head_dim == 64 ? 8192 : head_dim == 128 ? 4096 : 0;
 }
-// A second chain only where a dQ tile is added by one CTA (bwd_dq_tile's layout): not with kSplitDq halves.
-constexpr bool bwd_second_chain_valid(int head_dim) {
-  return (bwd_dq_chains_max_seqlen_k(head_dim) == 0 || bwd_config(head_dim, false).dq_ctas() == 1) &&
-         (bwd_config(head_dim, true).split_walks_over == 0 || bwd_config(head_dim, true).dq_ctas() == 1);
-}
-static_assert(bwd_second_chain_valid(64) && bwd_second_chain_valid(128) && bwd_second_chain_valid(256));
+constexpr int bwd_dq_chains_min_seqlen_k(int head_dim) { return head_dim == 128 ? 2048 : 0; }  // exclusive
 
 // Key blocks in pairs (BwdConfig::pairs), a 2-CTA cluster each: blockIdx.x 2c and 2c + 1 are the key blocks
 // N - 1 - 2c and the one below, N the number of key blocks (kSumDq; an odd N leaves the last pair without its lower
@@ -455,14 +453,18 @@ inline BwdSplit bwd_split(int head_dim, bool causal, int seqlen_q, int seqlen_k,
                               heads_kv);
 }
 
-// Chains of dQ sums: two for short MHA problems without a causal mask (bwd_dq_chains_max_seqlen_k), and under one
+// Chains of dQ sums: two for short MHA problems without a causal mask (seqlen_k in (bwd_dq_chains_min_seqlen_k,
+// bwd_dq_chains_max_seqlen_k]), and under one
 // where walks are split (chain 1: the second halves).
 inline int bwd_dq_chains(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv) {
   if (causal) {
     const BwdSplit s = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
     return s.split_from < s.adders ? 2 : 1;
   }
-  return heads_q == heads_kv && seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim) ? 2 : 1;
+  return heads_q == heads_kv && seqlen_k > bwd_dq_chains_min_seqlen_k(head_dim) &&
+                 seqlen_k <= bwd_dq_chains_max_seqlen_k(head_dim)
+             ? 2
+             : 1;
 }
 
 // The backward's scratch memory, for one problem: six arrays, each 256-byte aligned.
@@ -472,7 +474,7 @@ inline int bwd_dq_chains(int head_dim, bool causal, int seqlen_q, int seqlen_k, 
 //   lse2         float  [batch][heads_q][m_blocks * block_m]            lse * log2(e); +inf on padding and for
 //                                                                       rows that saw no key
 //   delta        float  [batch][heads_q][m_blocks * block_m]            rowsum(dO * O); 0 on padding
-//   dq_turn      int    [dq_ctas x tiles + tiles1]                      adders of the chain that have added to the
+//   dq_turn      int    [dq_ctas][tiles + tiles1]                       adders of the chain that have added to the
 //                                                                       tile (its half: kSplitDq pairs) or never will
 //   dkv_partial  float  [slots][2 x 128 threads x wg_cols]            first halves' dK, dV sums (bwd_split_slots)
 //   split_flag   int    [slots]                                         the slot's uses: 2u + 1 written, 2u + 2 read
@@ -494,7 +496,7 @@ struct BwdWorkspace {
     w.lse2 = round_up((tiles + tiles1) * c.block_m * c.head_dim * sizeof(float));
     w.delta = w.lse2 + round_up(rows * sizeof(float));
     w.dq_turn = w.delta + round_up(rows * sizeof(float));
-    w.dkv_partial = w.dq_turn + round_up((c.dq_ctas() * tiles + tiles1) * sizeof(int));
+    w.dkv_partial = w.dq_turn + round_up(c.dq_ctas() * (tiles + tiles1) * sizeof(int));
     w.split_flag = w.dkv_partial + round_up(split_slots * BwdConfig::kConsumers * 128 * c.wg_cols() * sizeof(float));
     w.bytes = w.split_flag + round_up(split_slots * sizeof(int));
     return w;
@@ -528,9 +530,9 @@ static_assert(kBwdSplitSlots % 2 == 0, "heavy-first halves with pairs: two (unit
 // Chain 1's first query block: under a causal mask the first a second half walks (BwdSplit::chain1_first_m), else 0.
 inline int bwd_dq_chain1_m0(const BwdSplit& s, bool causal) { return causal ? s.chain1_first_m() : 0; }
 
-// A dQ tile's index in dq_accum (in tiles), and in dq_turn with `half * tiles` added: chain 0's tile of (batch x
-// heads_q + head) bh at query block m, or chain 1's (m >= m1), which follows chain 0's tiles (chain 1 exists only
-// where dq_ctas is 1: bwd_config_valid). 32 bits: run_backward checks 2 x tiles <= INT32_MAX.
+// A dQ tile's index in dq_accum (in tiles), and in dq_turn with `half * (tiles + tiles1)` added: chain 0's tile of
+// (batch x heads_q + head) bh at query block m, or chain 1's (m >= m1), which follows chain 0's tiles. 32 bits:
+// run_backward checks 2 x tiles <= INT32_MAX.
 DHP_HOST_DEVICE int bwd_dq_tile(int chain, int bh, int m, int m_blocks, int m1, int tiles) {
   return chain ? tiles + bh * (m_blocks - m1) + (m - m1) : bh * m_blocks + m;
 }

@@ -297,16 +297,18 @@ void test_workspace_size() {
     expect(grown > base && grown % 256 == 0, std::string("workspace_size grows with ") + what + ": " +
                                                  std::to_string(base) + " -> " + std::to_string(grown));
   }
-  // seqlen_k and heads_kv enter only through the number of dQ chains: two for MHA without a causal mask up to a
-  // seqlen_k per head_dim (dhp_build_info's backward_two_dq_chains_max_seqlen_k, at most 8192), else one, as the
-  // base request (GQA) has.
+  // seqlen_k and heads_kv enter only through the number of dQ chains: two for MHA without a causal mask for a range
+  // of seqlen_k per head_dim (dhp_build_info's backward_two_dq_chains_min_seqlen_k, exclusive, and _max_seqlen_k:
+  // 2048 and 4096 at head_dim 128), else one, as the base request (GQA) has.
   expect(size([](SizeRequest& r) { r.k.shape[1] = 16384; r.k.shape[2] = 8; }) == base,
          "workspace_size of MHA beyond the two-chain limit is the base (GQA) request's");
-  const size_t two_chains = size([](SizeRequest& r) { r.k.shape[2] = 8; });
+  expect(size([](SizeRequest& r) { r.k.shape[2] = 8; }) == base,
+         "workspace_size of MHA below the two-chain range (256 keys) is the base (GQA) request's");
+  const size_t two_chains = size([](SizeRequest& r) { r.k.shape[1] = 3072; r.k.shape[2] = 8; });
   expect(two_chains > base && two_chains % 256 == 0,
-         "workspace_size grows with a second dQ chain (MHA, 256 keys, no causal mask): " + std::to_string(base) +
+         "workspace_size grows with a second dQ chain (MHA, 3072 keys, no causal mask): " + std::to_string(base) +
              " -> " + std::to_string(two_chains));
-  expect(size([](SizeRequest& r) { r.k.shape[2] = 8; r.options.causal = 1; }) == base,
+  expect(size([](SizeRequest& r) { r.k.shape[1] = 3072; r.k.shape[2] = 8; r.options.causal = 1; }) == base,
          "workspace_size under a causal mask has one dQ chain");
   expect(size([](SizeRequest& r) { r.q.shape[0] = r.k.shape[0] = 0; }) == 0, "workspace_size is 0 for batch 0");
   expect(size([](SizeRequest& r) { r.q.shape[1] = 0; }) == 0, "workspace_size is 0 for seqlen_q 0");

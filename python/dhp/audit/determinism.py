@@ -40,7 +40,7 @@ import sys
 
 # (seqlen, heads_q, heads_kv): tails and GQA. The forward's launch depends on seqlen_k (dhp_build_info's
 # "forward_tiles" and "persistent_causal_max_seqlen_k"), and the backward's dQ summation (one chain or two) on
-# seqlen_k and heads (its "backward_two_dq_chains_max_seqlen_k", MHA only; the head_dims of
+# seqlen_k and heads (its "backward_two_dq_chains_min_seqlen_k" and "_max_seqlen_k", MHA only; the head_dims of
 # "backward_paired_key_blocks_head_dims" add in pairs of key blocks without a causal mask, GQA at every length and MHA
 # above "backward_unpaired_max_seqlen_k" (0 at 128 and 256: always), and under one from
 # "backward_causal_paired_min_group" query heads per K/V head): the shapes fall on both sides of every such limit, with MHA shapes on both sides of the
