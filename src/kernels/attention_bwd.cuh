@@ -456,8 +456,8 @@ struct BwdKernel {
     };
     // Step 0 has no previous dQ: its GEMM reads K's first box in place of dS^T and the result is dropped, so the
     // wgmma is issued unconditionally (a conditional one makes ptxas spill the accumulators).
-    // With kSplitDq pairs (warpgroup 0 alone) as gemm_dq_of, whose dS^T buffer step 0 reads for nothing (the result
-    // is dropped; buffer 1 is first written at step 1).
+    // With kSplitDq pairs (warpgroup 0 alone) as gemm_dq_of of step - 1: at step 0 it reads buffer 1 for nothing (the
+    // result is dropped; the other CTA's copy of its step 1 may be landing there meanwhile).
     const auto gemm_dq_of_previous = [&](float (&acc_dq)[kDqCols / 2], int step) {
       if constexpr (kSplitPairs) {
         gemm_dq_of(acc_dq, step - 1);
