@@ -42,6 +42,7 @@ LARGE_CASES = [
     (799, 3, False, "mha"),
     (4200, 4200, True, "mha"),  # head_dim 128: key block 0's walk split in two (BwdSplit)
     (5000, 8300, True, "mha"),  # head_dim 128: the walks of the lowest key blocks split, seqlen_q < seqlen_k
+    (2100, 2900, False, "mha"),  # head_dim 128: kSplitDq pairs (23 key blocks: one past the keys) in two dQ chains
 ]
 LARGE_IDS = [f"sq{sq}_sk{sk}_{'causal' if causal else 'full'}_{h}" for sq, sk, causal, h in LARGE_CASES]
 

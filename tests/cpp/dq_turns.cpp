@@ -10,7 +10,8 @@
 // none of its keys (the kernel masks them). Under a causal mask, lightest first, the launch runs BwdSplit's units:
 // a split adder's halves partition its walk, its first half is launched before its second (which waits for its
 // dK/dV sums), chain 1 holds the second halves from chain1_start on, and the writer's test for a chain's first part
-// (first_below) agrees with prep's counters. Needs no GPU.
+// (first_below) agrees with prep's counters. And the sums' and counters' places in the workspace (check_layout).
+// Needs no GPU.
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -220,6 +221,43 @@ void check(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, i
     }
 }
 
+// The dQ sums' and turn counters' places in the workspace (BwdWorkspace, bwd_dq_tile), as the writer, prep and post
+// kernels index them for a batch of two: every (chain, half of the columns, tile) a counter and a part of its own,
+// inside the arrays the workspace holds (dq_turn's halves strided by both chains' tiles, run_backward's dq_tiles).
+void check_layout(int head_dim, bool causal, int seqlen_q, int seqlen_k, int heads_q, int heads_kv) {
+  const BwdConfig c = bwd_config(head_dim, causal);
+  constexpr int kBatch = 2;
+  const int m_blocks = (seqlen_q + c.block_m - 1) / c.block_m;
+  const int n_blocks = (seqlen_k + c.block_n - 1) / c.block_n;
+  const bool paired = bwd_paired_key_blocks(head_dim, causal, seqlen_k, heads_q, heads_kv);
+  const BwdSplit split = bwd_split(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+  const int dq_chains = bwd_dq_chains(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+  const int chains = causal ? dq_chains : std::min(dq_chains, bwd_dq_adders(paired, n_blocks));  // run_backward's
+  const int m1 = bwd_dq_chain1_m0(split, causal);
+  const long long tiles = 1ll * kBatch * heads_q * m_blocks;
+  const long long dq_tiles = tiles + (chains > 1 ? 1ll * kBatch * heads_q * (m_blocks - m1) : 0);
+  const BwdWorkspace w = bwd_workspace(head_dim, causal, kBatch, seqlen_q, seqlen_k, heads_q, heads_kv);
+  const long long tile_floats = 1ll * c.block_m * head_dim, part_floats = tile_floats / c.dq_ctas();
+  std::vector<char> turn_used(size_t(c.dq_ctas() * dq_tiles), 0), part_used(size_t(dq_tiles * c.dq_ctas()), 0);
+  expect(static_cast<long long>(w.dkv_partial - w.dq_turn) >= c.dq_ctas() * dq_tiles * 4,
+         "dq_turn holds every counter", head_dim, seqlen_q, seqlen_k, dq_tiles);
+  expect(static_cast<long long>(w.lse2 - w.dq_accum) >= dq_tiles * tile_floats * 4,
+         "dq_accum holds every sum", head_dim, seqlen_q, seqlen_k, dq_tiles);
+  for (int chain = 0; chain < chains; ++chain)
+    for (int bh = 0; bh < kBatch * heads_q; ++bh)
+      for (int m = chain ? m1 : 0; m < m_blocks; ++m)
+        for (int half = 0; half < c.dq_ctas(); ++half) {
+          const long long tile = bwd_dq_tile(chain, bh, m, m_blocks, m1, int(tiles));
+          const long long turn = half * dq_tiles + tile;
+          const long long part = (tile * tile_floats + half * part_floats) / part_floats;
+          const bool inside = turn >= 0 && turn < c.dq_ctas() * dq_tiles && part >= 0 && part < dq_tiles * c.dq_ctas();
+          expect(inside, "a counter or sum outside the workspace", head_dim, seqlen_q, seqlen_k, turn);
+          if (!inside) continue;
+          expect(!turn_used[size_t(turn)]++, "two tiles share a turn counter", head_dim, seqlen_q, seqlen_k, turn);
+          expect(!part_used[size_t(part)]++, "two tiles share a dQ sum", head_dim, seqlen_q, seqlen_k, part);
+        }
+}
+
 }  // namespace
 
 int main() {
@@ -229,7 +267,10 @@ int main() {
                                         {2100, 2100}, {4096, 4096}, {4200, 4200}, {5000, 8300}, {8300, 5000},
                                         {8300, 8300}})
         for (auto [heads_q, heads_kv] : {std::pair{2, 2}, {4, 2}, {32, 8}, {16, 2}})
-          for (int split_over : {-1, 1}) check(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv, split_over);
+          for (int split_over : {-1, 1}) {
+            check(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv, split_over);
+            if (split_over < 0) check_layout(head_dim, causal, seqlen_q, seqlen_k, heads_q, heads_kv);
+          }
   std::printf("dq_turns: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
