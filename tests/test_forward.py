@@ -17,6 +17,7 @@ SEQLENS = [
     (1, 1), (17, 17), (128, 128), (1000, 1000), (4097, 4097),  # causal: persistent grid up to 4096 keys
     (113, 203), (239, 1), (799, 3), (1, 239), (1023, 1024),
     (257, 512), (257, 513), (257, 1025), (257, 2048), (257, 2049),  # either side of the short-key tiers' limits
+    (256, 2049), (1000, 2100),  # main tiers: an even number of query blocks, a partial last key block
 ]
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
