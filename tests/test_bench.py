@@ -724,3 +724,20 @@ def test_grid_model():
     assert 0.85 < light < model.backward(16, 128, 256, 1, heavy_first=False, split_over=64) <= 1.0
     assert model.backward(8, 32, 64, 1, heavy_first=False, split_over=64) == model.backward(8, 32, 64, 1, False)
 
+
+
+def test_steady_clocks_summary():
+    """bench/steady_clocks.py's NVML summary (no GPU needed): medians, the lowest clock, reasons decoded by bit."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "steady_clocks.py"
+    spec = importlib.util.spec_from_file_location("steady_clocks", path)
+    clocks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(clocks)
+    assert clocks.reason_names(0) == ["none"]
+    assert clocks.reason_names(0x4) == ["software power cap"]
+    assert clocks.reason_names(0x4 | 0x40 | 0x10000) == ["software power cap", "hardware thermal slowdown", "0x10000"]
+    s = clocks.summarize([(1650, 690.0, 56, 0x4), (1545, 699.5, 57, 0x4), (1710, 650.0, 58, 0)])
+    assert s == {"sm_mhz": 1650, "sm_mhz_min": 1545, "watts": 690.0, "celsius": 58,
+                 "reasons": {"software power cap": 2, "none": 1}}
+    assert clocks.parse_case("bf16/128/4/4096/32/8/1") == ("bf16", 128, 4, 4096, 32, 8, True)
