@@ -150,6 +150,23 @@ def test_batch_invariance(torch_cuda, dtype_name, head_dim):
     assert_bitwise_equal(torch, whole_lse[2:3], one_lse)
 
 
+@pytest.mark.parametrize("seqlens", [(1100, 700), (2500, 2100)], ids=["short_tiers", "main_tiers"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_several_tiles_per_cta(torch_cuda, dtype_name, head_dim, causal, seqlens):
+    """More query tiles than SMs, so each CTA of the persistent grid takes several in turn and a warpgroup issues the
+    next tile's first QK^T under its last P V; with seqlen_q > seqlen_k a causal mask leaves the first tiles of each
+    head without keys, between tiles with keys. Checked against the reference (NaN-poisoned out) and bit-equal to a
+    one-sequence launch."""
+    torch = torch_cuda
+    seqlen_q, seqlen_k = seqlens
+    q, k, v = inputs(torch, dtype_name, 2, seqlen_q, seqlen_k, 16, 4, head_dim, seed=seqlen_q)
+    with torch.no_grad():
+        out, lse = run_and_check(torch, q, k, v, causal)
+        one, one_lse = dhp.attention(q[1:2], k[1:2], v[1:2], causal=causal, return_lse=True)
+    assert_bitwise_equal(torch, out[1:2], one)
+    assert_bitwise_equal(torch, lse[1:2], one_lse)
+
+
 @pytest.mark.parametrize("shape", [(0, 16, 2), (2, 0, 2)], ids=["batch0", "seqlen_q0"])
 def test_empty_calls(torch_cuda, shape):
     torch = torch_cuda
