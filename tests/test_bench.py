@@ -713,6 +713,10 @@ def test_grid_model():
     assert model.forward_costs(512, 128, 160) == [1, 2, 3, 4]
     head_by_head, sections = model.forward(32, 8192, 128, 160, 1), model.forward(32, 8192, 128, 160, 4)
     assert 0.9 < head_by_head < sections <= 1.0
+    # the persistent causal grid with a tail table: head_dim 128 at 512 keys, 2048 tiles of 1-4 key blocks on 132 SMs,
+    # where snake rounds to the end leave the partial last round's CTAs a tile over the rest
+    listed = [c + 1.0 for _, r in model.tile_list(512, 4, 1) for c in [model.forward_costs(512, 128, 128)[::-1][r]]]
+    assert model.persistent_snake(listed) < 0.975 < 0.985 < model.persistent_tail(listed) <= 1.0
     # head_dim 256's pairs: one head of 4 pairs (walks 2, 4, 6, 8) on 66 slots ends on the heaviest walk; split walks
     # (over 4 steps: 6 and 8 in halves) shorten it
     assert model.backward_pairs(1, 8, overhead=0.0) == pytest.approx(20 / 66 / 8)
