@@ -82,13 +82,17 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // 512 keys +5.3%, causal 512 +7.2%, causal 1k +4.8%, 1k even. The same short tier up to 1k or 2k keys without a
   // mask was even at 1k and lost 2-3% at 2k; head_dim 128's main tier with 176-key blocks, one Q buffer and a
   // one-box O stage lost 3-6% at 3k-4k (causal 4k 567 -> 533).
+  // head_dim 128's causal short tier takes a third Q buffer (224 KB of shared memory in all), so a CTA's Q loads two
+  // tiles ahead: at 512 keys its tiles are of one to four key blocks and the next Q was not always in (H100, bf16,
+  // 2026-11-26, two calls of six and eight alternating rounds: causal 512 312 -> 324 and 311 -> 324 TFLOP/s, 1k and
+  // 2k even, 256 keys -1.6%; the same on the other short tiers: d64 even, non-causal d128 even).
   const bool short_keys = tier == kTierShortKeys;
   const bool half_first = causal && (short_keys || head_dim == 64);
   if (head_dim == 64)
     return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first, 0}
                       : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true, 4, half_first, 0};
   if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first, 0}
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, false, 4, half_first, 0}
                       : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, true, 1, half_first, 0};
   return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false, 4, half_first, 2}
                     : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true, 1, half_first, 0};
