@@ -183,7 +183,19 @@ def test_parsers():
             parse(text)
 
 
+def test_fa3_joins_where_its_module_is_installed(monkeypatch):
+    monkeypatch.setattr(bench, "fa3_available", lambda: False)
+    assert bench.default_backends() == ["dhp", "cudnn", "fa2"]
+    with pytest.raises(Exception, match="fa3 needs FlashAttention-3's flash_attn_interface module"):
+        bench.parse_backends("cudnn,fa3")
+    monkeypatch.setattr(bench, "fa3_available", lambda: True)
+    assert bench.default_backends() == ["dhp", "cudnn", "fa2", "fa3"]
+    assert bench.parse_backends("fa3,cudnn") == ["dhp", "cudnn", "fa3"]
+    assert bench.format_header(["dhp", "fa3"]).split()[-3:] == ["FA3", "/FA3", "iqr%"]
+
+
 def test_cli_list_and_bad_filters(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "fa3_available", lambda: False)
     monkeypatch.setattr(bench, "_native", _fake_native(("bfloat16",), (64, 128)))
     assert bench.main(["--list", "--head-dims", "128", "--seqlens", "4k", "--backends", "cudnn"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -378,7 +390,8 @@ def test_geomean_by_direction():
 
 def test_table_formatting():
     row = _row(runs={"dhp": [1.0, 1.0, 1.2], "cudnn": [1.25] * 3, "fa2": None})
-    header, line = bench.format_header(), bench.format_row(row)
+    three = ["dhp", "cudnn", "fa2"]
+    header, line = bench.format_header(three), bench.format_row(row, three)
     assert len(header) == len(line)
     assert header.split() == ["case", "(TFLOP/s)", "dhp", "cuDNN", "FA2", "/cuDNN", "/FA2", "iqr%"]
     cells = line[36:].split()
@@ -633,7 +646,7 @@ def test_backward_calls_compute_the_same_gradients_and_launch_only_the_backward(
         kernels, _ = _profile(torch, bench.timed_call(torch, "dhp", case, q, k, v, dout))
         assert kernels and not [n for n in kernels if "fwd" in n.lower()], kernels
         assert any("attention_bwd" in n for n in kernels), kernels
-        for peer in ("cudnn", "fa2"):
+        for peer in bench.default_backends()[1:]:
             try:
                 fn = bench.timed_call(torch, peer, case, q, k, v, dout)
                 theirs = fn()
@@ -659,7 +672,7 @@ def test_measure_runs_times_the_backward(torch_cuda, ext):
     case = _backward_case(ext, True, (4, 4))
     with torch.no_grad():
         runs = bench.measure_runs(torch, case, reps=3, warmup=1)
-    assert set(runs) == set(bench.BACKENDS)
+    assert set(runs) == set(bench.default_backends())
     assert len(runs["dhp"]) == 3 and all(ms > 0 for ms in runs["dhp"])
     row = bench.row_from_runs(case, runs)
     assert row["direction"] == "bwd" and row["tflops"]["dhp"] > 0
@@ -745,3 +758,59 @@ def test_steady_clocks_summary():
     assert s == {"sm_mhz": 1650, "sm_mhz_min": 1545, "watts": 690.0, "celsius": 58,
                  "reasons": {"software power cap": 2, "none": 1}}
     assert clocks.parse_case("bf16/128/4/4096/32/8/1") == ("bf16", 128, 4, 4096, 32, 8, True)
+
+
+def _reference_attention(torch, q, k, v, causal):
+    """(b, s, h, d) attention in the inputs' dtype, GQA by repeating K/V heads, scale 1/sqrt(d)."""
+    group = q.shape[2] // k.shape[2]
+    keys, values = (torch.repeat_interleave(t, group, dim=2) for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, keys) / math.sqrt(q.shape[-1])
+    if causal:
+        scores = scores.masked_fill(torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), values)
+
+
+@pytest.mark.parametrize("returns_lse", [False, True], ids=["out", "out_lse"])
+def test_fa3_calls_use_its_interface(monkeypatch, returns_lse):
+    """FA3's timed calls, on the CPU with a stand-in flash_attn_interface: the forward passes the (b, s, h, d)
+    tensors and the mask as they are and takes out from either return form; the backward builds its graph
+    once and each call returns the same graph's gradients for dout, without running the forward again."""
+    torch = pytest.importorskip("torch")
+    calls = []
+
+    def flash_attn_func(q, k, v, causal=False):
+        calls.append((q, k, v, causal))
+        out = _reference_attention(torch, q, k, v, causal)
+        return (out, None) if returns_lse else out
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(flash_attn_func=flash_attn_func))
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 40, h, 16, generator=generator, dtype=torch.float64) for h in (4, 2, 2))
+    dout = torch.randn(q.shape, generator=generator, dtype=torch.float64)
+    forward = bench.Case("float32", 16, 2, 40, 4, 2, True, "fwd")
+    with torch.no_grad():
+        out = bench.timed_call(torch, "fa3", forward, q, k, v)()
+    assert len(calls) == 1 and calls[0][0] is q and calls[0][2] is v and calls[0][3] is True
+    torch.testing.assert_close(out, _reference_attention(torch, q, k, v, True))
+
+    backward = bench.Case("float32", 16, 2, 40, 4, 2, True, "bwd")
+    with torch.no_grad():  # as in the benchmark's run loop
+        call = bench.timed_call(torch, "fa3", backward, q, k, v, dout)
+    assert len(calls) == 2
+    with torch.no_grad():
+        first, second = call(), call()
+    assert len(calls) == 2  # the timed calls run autograd's backward only
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(_reference_attention(torch, *leaves, True), leaves, dout)
+    for got, again, want in zip(first, second, expected):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+        assert torch.equal(got, again)
+
+
+def test_fa3_version_in_the_environment(monkeypatch):
+    monkeypatch.setattr(bench, "fa3_available", lambda: False)
+    assert bench._fa3_version() is None
+    monkeypatch.setattr(bench, "fa3_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(__version__="3.0.0"))
+    assert bench._fa3_version() == "3.0.0"

@@ -1,4 +1,5 @@
-"""python -m dhp.bench: dhp's forward and backward beside torch SDPA's cuDNN and flash (FA2) backends, in one run.
+"""python -m dhp.bench: dhp's forward and backward beside torch SDPA's cuDNN and flash (FA2) backends, in one run,
+and beside FlashAttention-3 where its Python interface (flash_attn_interface) is installed.
 
 Every case times the backends on the same inputs: warm-up first, then --reps runs, each with the L2 cache
 flushed before it (the same flush for every side) and CUDA events around the call alone; the median counts,
@@ -8,11 +9,12 @@ events time the kernels, not a call's host overhead. TFLOP/s = 4·batch·heads_q
 time, halved for causal; a backward counts 2.5 times its forward. A backend that refuses a case gets None.
 
 The backward (--direction bwd, or both) times the backward alone, from the same forward outputs for every side,
-prepared once outside the timed runs. dhp: one ext.backward call (its workspace allocated once). torch's peers:
-torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) on an SDPA graph built once under the backend,
-which runs the backend's backward op on the saved out and logsumexp (no forward recompute; the test suite checks
-the kernels of the timed call with torch.profiler). That is the path a torch user takes, and it holds across
-torch versions, unlike the aten backward ops' signatures; autograd's host overhead stays hidden behind the spin.
+prepared once outside the timed runs. dhp: one ext.backward call (its workspace allocated once). The peers:
+torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) on a graph built once (SDPA under the backend, or
+FA3's flash_attn_func), which runs the backend's backward op on the saved out and logsumexp (no forward
+recompute; the test suite checks the kernels of the timed call with torch.profiler). That is the path a torch
+user takes, and it holds across torch versions, unlike the aten backward ops' signatures; autograd's host
+overhead stays hidden behind the spin.
 
 Cases: the build's dtypes and head_dims, seqlen 512..16k with batch·seqlen = 16k and heads·head_dim = 2048,
 causal and not, plus GQA (32 q heads, 8 kv heads, head_dim 128, seqlen 4k); backward cases only for the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import importlib.util
 import json
 import math
 import statistics
@@ -47,9 +50,10 @@ SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SEQLENS = (1024, 4096)
 GQA_HEADS = (32, 8)
 GQA_SEQLEN = 4096
-BACKENDS = ("dhp", "cudnn", "fa2")
+BACKENDS = ("dhp", "cudnn", "fa2", "fa3")  # every backend the benchmark knows, in column order
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "fa2": "FLASH_ATTENTION"}  # torch.nn.attention.SDPBackend members
-LABELS = {"dhp": "dhp", "cudnn": "cuDNN", "fa2": "FA2"}
+FA3_MODULE = "flash_attn_interface"  # FlashAttention-3's Python interface (hopper/ in Dao-AILab/flash-attention)
+LABELS = {"dhp": "dhp", "cudnn": "cuDNN", "fa2": "FA2", "fa3": "FA3"}
 SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "half": "float16"}
 ALL_DTYPES = ("bfloat16", "float16")
@@ -185,12 +189,24 @@ def parse_ints(text: str) -> list[int]:
     return values
 
 
+def fa3_available() -> bool:
+    return importlib.util.find_spec(FA3_MODULE) is not None
+
+
+def default_backends() -> list[str]:
+    """dhp, cuDNN and FA2, and FA3 where its interface module is installed."""
+    return [b for b in BACKENDS if b != "fa3" or fa3_available()]
+
+
 def parse_backends(text: str) -> list[str]:
     """"cudnn" -> ["dhp", "cudnn"]: dhp always runs, order is BACKENDS'."""
     wanted = {item.lower() for item in _items(text)}
     unknown = wanted - set(BACKENDS)
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown backend {', '.join(sorted(unknown))} (use {','.join(BACKENDS)})")
+    if "fa3" in wanted and not fa3_available():
+        raise argparse.ArgumentTypeError(f"fa3 needs FlashAttention-3's {FA3_MODULE} module, which is not installed "
+                                         "(build hopper/ of Dao-AILab/flash-attention)")
     return [b for b in BACKENDS if b == "dhp" or b in wanted]
 
 
@@ -261,15 +277,31 @@ def _sdpa_forward(torch, backend_name, case, q, k, v):
         return F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
 
 
-def _sdpa_call(torch, backend_name, case, q, k, v):
-    return lambda: _sdpa_forward(torch, backend_name, case, q, k, v)
+def _fa3_forward(case, q, k, v):
+    """FlashAttention-3's flash_attn_func on the (b, s, h, d) tensors it takes natively: out in (b, s, h, d).
+    Some releases return (out, logsumexp). Raises RuntimeError where it refuses the case."""
+    from flash_attn_interface import flash_attn_func
+
+    result = flash_attn_func(q, k, v, causal=case.causal)
+    return result[0] if isinstance(result, tuple) else result
 
 
-def _sdpa_backward_call(torch, backend_name, case, q, k, v, dout):
-    """The backward of one SDPA call, timed alone: the graph is built once (the forward runs here, under the
+def _peer_forward(torch, backend_name, case, q, k, v):
+    """A peer's out for (b, s, h, d) inputs, as a (b, s, h, d) view of the memory the backend chose."""
+    if backend_name == "fa3":
+        return _fa3_forward(case, q, k, v)
+    return _sdpa_forward(torch, backend_name, case, q, k, v).transpose(1, 2)
+
+
+def _peer_call(torch, backend_name, case, q, k, v):
+    return lambda: _peer_forward(torch, backend_name, case, q, k, v)
+
+
+def _peer_backward_call(torch, backend_name, case, q, k, v, dout):
+    """The backward of one peer call, timed alone: the graph is built once (the forward runs here, under the
     backend), and each call runs torch.autograd.grad on it, which launches the backend's backward op on the
-    saved out and logsumexp (FA2: aten::_scaled_dot_product_flash_attention_backward, cuDNN: ..._cudnn_...),
-    and nothing of the forward. The call returns (dq, dk, dv) in (b, s, h, d).
+    saved out and logsumexp (FA2: aten::_scaled_dot_product_flash_attention_backward, cuDNN: ..._cudnn_...,
+    FA3: its own backward), and nothing of the forward. The call returns (dq, dk, dv) in (b, s, h, d).
 
     The upstream gradient holds dout's values in out's own strides: cuDNN may copy a gradient whose strides differ
     from out's, FA2 one that is not contiguous in (b, s, h, d), and neither copy belongs in the timed run.
@@ -277,9 +309,9 @@ def _sdpa_backward_call(torch, backend_name, case, q, k, v, dout):
     """
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
     with torch.enable_grad():
-        out = _sdpa_forward(torch, backend_name, case, *leaves)
+        out = _peer_forward(torch, backend_name, case, *leaves)
     grad = torch.empty_like(out)  # empty_like keeps a dense tensor's strides
-    grad.copy_(dout.transpose(1, 2))
+    grad.copy_(dout)
 
     def call():
         with torch.enable_grad():
@@ -293,8 +325,8 @@ def timed_call(torch, name, case, q, k, v, dout=None):
     if case.direction == "bwd":
         if name == "dhp":
             return _dhp_backward_call(torch, case, q, k, v, dout)
-        return _sdpa_backward_call(torch, name, case, q, k, v, dout)
-    return _dhp_call(torch, case, q, k, v) if name == "dhp" else _sdpa_call(torch, name, case, q, k, v)
+        return _peer_backward_call(torch, name, case, q, k, v, dout)
+    return _dhp_call(torch, case, q, k, v) if name == "dhp" else _peer_call(torch, name, case, q, k, v)
 
 
 @functools.cache
@@ -325,11 +357,13 @@ def time_ms(torch, fn, reps=30, warmup=5) -> float:
     return statistics.median(time_runs(torch, fn, reps, warmup))
 
 
-def measure_runs(torch, case: Case, backends=BACKENDS, reps=30, warmup=5, on_backend=None) -> dict:
-    """{backend: [ms of each timed run] or None (refused)} for one case, all backends on the same inputs.
+def measure_runs(torch, case: Case, backends=None, reps=30, warmup=5, on_backend=None) -> dict:
+    """{backend: [ms of each timed run] or None (refused)} for one case, all backends (default_backends()) on the
+    same inputs.
 
     on_backend(name), if given, is called before each backend is timed (the progress display).
     """
+    backends = default_backends() if backends is None else backends
     q, k, v = make_inputs(torch, case)
     dout = torch.randn_like(q) if case.direction == "bwd" else None
     runs = {}
@@ -353,7 +387,7 @@ def measure_runs(torch, case: Case, backends=BACKENDS, reps=30, warmup=5, on_bac
     return runs
 
 
-def measure(torch, case: Case, backends=BACKENDS, reps=30, warmup=5) -> dict:
+def measure(torch, case: Case, backends=None, reps=30, warmup=5) -> dict:
     """{backend: median ms or None (refused)} for one case, all backends on the same inputs."""
     return medians(measure_runs(torch, case, backends, reps, warmup))
 
@@ -600,6 +634,23 @@ def _cuda_driver_api() -> str | None:
     return None
 
 
+def _fa3_version() -> str | None:
+    """The installed FlashAttention-3 interface's version (None where it is not installed)."""
+    if not fa3_available():
+        return None
+    import flash_attn_interface
+
+    version = getattr(flash_attn_interface, "__version__", None)
+    if version is None:
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("flash_attn_3")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+    return str(version)
+
+
 def environment(torch) -> dict:
     import dhp
 
@@ -614,6 +665,7 @@ def environment(torch) -> dict:
         "cudnn": torch.backends.cudnn.version(),
         "dhp": dhp.__version__,
         "dhp_build": dhp.build_info(),
+        "fa3": _fa3_version(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -640,8 +692,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--direction", choices=tuple(DIRECTION_CHOICES), default="both",
                         help="forward, backward or both (default; the forward cases first). The backward runs "
                              "only the build's backward head_dims")
-    parser.add_argument("--backends", type=parse_backends, default=list(BACKENDS), metavar="LIST",
-                        help="peers beside dhp: cudnn,fa2 (dhp always runs)")
+    parser.add_argument("--backends", type=parse_backends, metavar="LIST",
+                        help="peers beside dhp: cudnn,fa2,fa3 (dhp always runs; default: cudnn,fa2, and fa3 where "
+                             f"{FA3_MODULE} is installed)")
     parser.add_argument("--reps", type=int, default=30, help="timed runs per backend and case (median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     parser.add_argument("--out", metavar="PATH.json", help="also write environment, settings and rows as JSON")
@@ -670,6 +723,7 @@ def main(argv=None) -> int:
         parser.error("--reps must be at least 1 and --warmup at least 0")
     if args.plot_from:
         return _replot(args)
+    args.backends = args.backends or default_backends()
     if args.plot:
         from . import bench_plot
 
@@ -712,7 +766,7 @@ def main(argv=None) -> int:
 
     env = environment(torch)
     print(f"{env['device']}, driver {env['driver']}, torch {env['torch']} (CUDA {env['torch_cuda']}), "
-          f"cuDNN {env['cudnn']}, dhp {env['dhp']}")
+          f"cuDNN {env['cudnn']}, dhp {env['dhp']}" + (f", FA3 {env['fa3']}" if "fa3" in args.backends else ""))
     backends = args.backends
     print(format_header(backends), flush=True)
     progress = Progress(len(run_cases))

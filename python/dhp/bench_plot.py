@@ -22,7 +22,8 @@ from .bench import (
     results_backends,
 )
 
-COLORS = {"dhp": "#d62728", "cudnn": "#76b900", "fa2": "#1f77b4"}  # dhp red, cuDNN NVIDIA green, FA2 blue
+# dhp red, cuDNN NVIDIA green, FA2 blue, FA3 orange
+COLORS = {"dhp": "#d62728", "cudnn": "#76b900", "fa2": "#1f77b4", "fa3": "#ff7f0e"}
 OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 DTYPE_ORDER = ("bfloat16", "float16")
 
@@ -97,6 +98,8 @@ def title(env: dict, shown=("fwd",)) -> str:
         details.append(f"cuDNN {cudnn_version(env['cudnn'])}")
     if env.get("dhp"):
         details.append(f"dhp {env['dhp']}")
+    if env.get("fa3"):
+        details.append(f"FA3 {env['fa3']}")
     return head + ("\n" + ", ".join(details) if details else "")
 
 
