@@ -406,6 +406,10 @@ struct FwdKernel {
     // O tile -> shared memory (this warpgroup's Q boxes, no longer read, or O's own buffer, pass by pass), in the
     // 128B-swizzled layout TMA stores from: 16-byte chunk c of row r lives at chunk c ^ (r % 8).
     const int epilogue_barrier = int(FwdBarrier::kEpilogueFirst) + consumer;
+    // O's own buffer may still be read by the previous tile's last store until thread 0 has waited for it
+    // (free_q_buffer above): no thread writes it before then. A tile without keys has no GEMM in between whose
+    // warpgroup-wide issue would order this.
+    if constexpr (kOwnOStage) hopper::named_barrier_sync(epilogue_barrier, 128);
 #pragma unroll
     for (int pass = 0; pass < kBoxes / kOPassBoxes; ++pass) {
       if (pass > 0) {  // the previous pass's store has read the buffer
