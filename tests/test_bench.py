@@ -710,15 +710,21 @@ def test_peer_backward_call_runs_only_autograds_backward(monkeypatch):
         assert torch.equal(got, again)
 
 
+def _bench_script(name: str):
+    """bench/<name>.py, loaded as a module (bench/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_grid_model():
     """bench/grid_model.py, the list-scheduling model the docs quote: its tile list holds every (head, rank) once in
     tile_order.h's order, one head per section is head by head, and sections end the causal forward on light tiles."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "grid_model.py"
-    spec = importlib.util.spec_from_file_location("grid_model", path)
-    model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model)
+    model = _bench_script("grid_model")
     order = model.tile_list(6, 5, 3)
     assert sorted(order) == [(h, r) for h in range(6) for r in range(5)]
     assert order[:4] == [(0, 0), (1, 0), (2, 0), (0, 1)] and order[15] == (3, 0)
@@ -745,12 +751,7 @@ def test_grid_model():
 
 def test_steady_clocks_summary():
     """bench/steady_clocks.py's NVML summary (no GPU needed): medians, the lowest clock, reasons decoded by bit."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "steady_clocks.py"
-    spec = importlib.util.spec_from_file_location("steady_clocks", path)
-    clocks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(clocks)
+    clocks = _bench_script("steady_clocks")
     assert clocks.reason_names(0) == ["none"]
     assert clocks.reason_names(0x4) == ["software power cap"]
     assert clocks.reason_names(0x4 | 0x40 | 0x10000) == ["software power cap", "hardware thermal slowdown", "0x10000"]
@@ -814,3 +815,30 @@ def test_fa3_version_in_the_environment(monkeypatch):
     monkeypatch.setattr(bench, "fa3_available", lambda: True)
     monkeypatch.setitem(sys.modules, "flash_attn_interface", SimpleNamespace(__version__="3.0.0"))
     assert bench._fa3_version() == "3.0.0"
+
+
+def test_ncu_stalls_tables(capsys):
+    """bench/ncu_stalls.py on the committed source-page fixture: totals match the page's columns, opcodes group
+    by root, and the CLI prints a column group per launch (the same launch twice here)."""
+    stalls = _bench_script("ncu_stalls")
+    fixture = Path(__file__).parent / "fixtures" / "ncu" / "source_fwd_d64.csv.gz"
+    launches = stalls.read_pages([fixture])
+    assert len(launches) == 1 and "attention_fwd_kernel" in launches[0]["kernel"]
+    rows = launches[0]["rows"]
+    summary = stalls.summarize(launches[0])
+    assert summary["samples"] == sum(r["samples"] for r in rows) == 20823
+    assert summary["executed"] == sum(r["executed"] for r in rows)
+    assert 0.99 * summary["samples"] <= sum(summary["reasons"].values()) <= summary["samples"]
+    assert {"HGMMA", "MUFU", "FMNMX", "BAR"} <= set(summary["ops"])
+    assert sum(op["samples"] for op in summary["ops"].values()) == summary["samples"]
+    full = stalls.summarize(launches[0], by="opcode")
+    assert any(key.startswith("HGMMA.64x") for key in full["ops"]) and "HGMMA" not in full["ops"]
+    assert stalls.short_name(launches[0]["kernel"]) == "attention_fwd_kernel"
+    assert stalls.main([str(fixture), str(fixture), "--top", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[0] void dhp::kernels::attention_fwd_kernel") and out[1].startswith("[1] ")
+    header = next(line for line in out if line.startswith("stall reason"))
+    assert "[0] attention_fwd_kernel" in header and "[1] attention_fwd_kernel" in header
+    opcode_rows = out[out.index(next(line for line in out if line.startswith("opcode"))) + 1:]
+    assert len(opcode_rows) == 5
+    assert stalls.main([str(fixture), "--kernel", "no_such_kernel"]) == 2

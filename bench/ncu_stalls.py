@@ -1,0 +1,146 @@
+"""Where a kernel's warps wait, from Nsight Compute's source page: stall samples and executed instructions by
+opcode, one column group per kernel, so that two kernels can be read side by side (dhp beside FlashAttention-3 in
+docs/performance.md, "Beside FlashAttention-3").
+
+    ncu --section SourceCounters --section WarpStateStats -o report <program>
+    ncu -i report.ncu-rep --page source --csv --print-source sass > page.csv
+    python bench/ncu_stalls.py page.csv [other.csv.gz ...] [--kernel REGEX] [--by root|opcode] [--top 25]
+
+Every launch on the pages (a "Kernel Name" line, an "Address" header, then one row per instruction) becomes one
+column group, in order; --kernel keeps the launches whose kernel name matches. The first table gives each stall
+reason's share of the launch's samples (all samples: a sample names the reason its warp was not issuing, or
+"selected" when it was); the second, per opcode (its root, HGMMA, or with --by opcode its full name), the
+instructions executed (millions, warp level) and the share of samples, with the two largest reasons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import io
+import re
+import sys
+from collections import Counter
+
+from dhp.audit.disasm import parse_instruction
+
+SAMPLES = "Warp Stall Sampling (All Samples)"
+EXECUTED = "Instructions Executed"
+_STALL = re.compile(r"^stall_(\w+)$")  # the all-samples reasons; "(Not Issued)" columns are left out
+
+
+def _number(cell: str) -> int:
+    text = cell.strip().replace(",", "")
+    try:
+        return int(float(text))
+    except ValueError:
+        return 0
+
+
+def read_launches(text: str) -> list[dict]:
+    """[{"kernel", "rows": [{"sass", "samples", "executed", "stalls": {reason: samples}}]}] in page order."""
+    launches: list[dict] = []
+    header: list[str] | None = None
+    for cells in csv.reader(io.StringIO(text)):
+        if not cells:
+            continue
+        if cells[0] == "Kernel Name":
+            launches.append({"kernel": cells[1] if len(cells) > 1 else "", "rows": []})
+            header = None
+        elif cells[0] == "Address":
+            header = cells
+        elif header is not None and launches and cells[0].startswith("0x") and len(cells) >= len(header):
+            named = dict(zip(header, cells))
+            stalls = {m.group(1): _number(value) for name, value in named.items() if (m := _STALL.match(name))}
+            launches[-1]["rows"].append({"sass": named.get("Source", "").strip(), "stalls": stalls,
+                                         "samples": _number(named.get(SAMPLES, "")),
+                                         "executed": _number(named.get(EXECUTED, ""))})
+    return [launch for launch in launches if launch["rows"]]
+
+
+def read_pages(paths) -> list[dict]:
+    launches = []
+    for path in paths:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt") as f:
+            launches += read_launches(f.read())
+    return launches
+
+
+def summarize(launch: dict, by: str = "root") -> dict:
+    """{"kernel", "samples", "executed", "reasons": Counter, "ops": {opcode: {"executed", "samples", "reasons"}}}."""
+    reasons: Counter = Counter()
+    ops: dict[str, dict] = {}
+    for row in launch["rows"]:
+        instruction = parse_instruction(0, row["sass"])
+        key = instruction.root if by == "root" else instruction.opcode
+        op = ops.setdefault(key, {"executed": 0, "samples": 0, "reasons": Counter()})
+        op["executed"] += row["executed"]
+        op["samples"] += row["samples"]
+        op["reasons"].update(row["stalls"])
+        reasons.update(row["stalls"])
+    return {"kernel": launch["kernel"], "samples": sum(op["samples"] for op in ops.values()),
+            "executed": sum(op["executed"] for op in ops.values()), "reasons": reasons, "ops": ops}
+
+
+def short_name(kernel: str, width: int = 24) -> str:
+    """The kernel's function name without namespaces and template arguments, cut to width."""
+    name = kernel.split("(")[0].split("<")[0].split("::")[-1].removeprefix("void ").strip()
+    return name[:width]
+
+
+def _share(part: int, whole: int) -> float:
+    return 100.0 * part / whole if whole else 0.0
+
+
+def format_tables(summaries: list[dict], top: int = 25) -> list[str]:
+    names = [short_name(s["kernel"]) for s in summaries]
+    lines = [f"[{i}] {s['kernel'][:150]}: {s['samples']} samples, {s['executed'] / 1e6:.1f}M instructions"
+             for i, s in enumerate(summaries)]
+    reasons = sorted({r for s in summaries for r in s["reasons"]},
+                     key=lambda r: -max(_share(s["reasons"][r], s["samples"]) for s in summaries))
+    lines += ["", f"{'stall reason, % of samples':<28}" + "".join(f"{f'[{i}] ' + n:>28}" for i, n in enumerate(names))]
+    for reason in reasons:
+        shares = [_share(s["reasons"][reason], s["samples"]) for s in summaries]
+        if max(shares) >= 0.1:
+            lines.append(f"{reason:<28}" + "".join(f"{v:>28.1f}" for v in shares))
+    ops = sorted({k for s in summaries for k in s["ops"]},
+                 key=lambda k: -max(_share(s["ops"].get(k, {}).get("samples", 0), s["samples"]) for s in summaries))
+    lines += ["", f"{'opcode':<28}" + "".join(f"{f'[{i}] M inst, % samples, top reasons':>44}"
+                                              for i in range(len(summaries)))]
+    for key in ops[:top]:
+        cells = []
+        for s in summaries:
+            op = s["ops"].get(key)
+            if op is None:
+                cells.append(f"{'-':>44}")
+                continue
+            first = ", ".join(f"{r} {_share(n, s['samples']):.1f}" for r, n in op["reasons"].most_common(2) if n)
+            cells.append(f"{op['executed'] / 1e6:>9.2f} {_share(op['samples'], s['samples']):>6.1f}  {first:<26}")
+        lines.append(f"{key[:28]:<28}" + "".join(cells))
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pages", nargs="+",
+                        help="ncu --page source --csv --print-source sass output (.csv or .csv.gz)")
+    parser.add_argument("--kernel", help="keep the launches whose kernel name matches this regular expression")
+    parser.add_argument("--by", choices=("root", "opcode"), default="root",
+                        help="group by opcode root (default) or full opcode")
+    parser.add_argument("--top", type=int, default=25, help="opcode rows to print (default 25)")
+    args = parser.parse_args(argv)
+    launches = read_pages(args.pages)
+    if args.kernel:
+        launches = [launch for launch in launches if re.search(args.kernel, launch["kernel"])]
+    if not launches:
+        print("ncu_stalls: no launch with a source page (and a matching kernel name) in the input", file=sys.stderr)
+        return 2
+    for line in format_tables([summarize(launch, args.by) for launch in launches], args.top):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
