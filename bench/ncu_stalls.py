@@ -16,47 +16,29 @@ instructions executed (millions, warp level) and the share of samples, with the 
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
-import io
 import re
 import sys
 from collections import Counter
 
 from dhp.audit.disasm import parse_instruction
+from dhp.audit.instructions import cell_value, source_tables
 
 SAMPLES = "Warp Stall Sampling (All Samples)"
 EXECUTED = "Instructions Executed"
 _STALL = re.compile(r"^stall_(\w+)$")  # the all-samples reasons; "(Not Issued)" columns are left out
 
 
-def _number(cell: str) -> int:
-    text = cell.strip().replace(",", "")
-    try:
-        return int(float(text))
-    except ValueError:
-        return 0
-
-
 def read_launches(text: str) -> list[dict]:
     """[{"kernel", "rows": [{"sass", "samples", "executed", "stalls": {reason: samples}}]}] in page order."""
-    launches: list[dict] = []
-    header: list[str] | None = None
-    for cells in csv.reader(io.StringIO(text)):
-        if not cells:
-            continue
-        if cells[0] == "Kernel Name":
-            launches.append({"kernel": cells[1] if len(cells) > 1 else "", "rows": []})
-            header = None
-        elif cells[0] == "Address":
-            header = cells
-        elif header is not None and launches and cells[0].startswith("0x") and len(cells) >= len(header):
-            named = dict(zip(header, cells))
-            stalls = {m.group(1): _number(value) for name, value in named.items() if (m := _STALL.match(name))}
-            launches[-1]["rows"].append({"sass": named.get("Source", "").strip(), "stalls": stalls,
-                                         "samples": _number(named.get(SAMPLES, "")),
-                                         "executed": _number(named.get(EXECUTED, ""))})
-    return [launch for launch in launches if launch["rows"]]
+    def number(named: dict, column: str) -> int:
+        return int(cell_value(named.get(column, "")) or 0)
+
+    return [{"kernel": table["kernel"], "rows": [{
+        "sass": named.get("Source", "").strip(), "samples": number(named, SAMPLES),
+        "executed": number(named, EXECUTED),
+        "stalls": {m.group(1): number(named, name) for name in named if (m := _STALL.match(name))}}
+        for named in table["rows"]]} for table in source_tables(text)]
 
 
 def read_pages(paths) -> list[dict]:

@@ -75,7 +75,7 @@ class SourcePageError(ValueError):
     """The text holds no ncu source page, or one that cannot be read."""
 
 
-def _count(cell: str):
+def cell_value(cell: str):
     """A counter cell as int/float; None for "-", "n/a" and empty cells. Thousands separators are dropped."""
     text = cell.strip().replace(",", "")
     try:
@@ -85,11 +85,10 @@ def _count(cell: str):
     return int(value) if value.is_integer() else value
 
 
-def parse_source_page(text: str) -> list[dict]:
-    """The launches of `ncu --page source --csv --print-source sass` output, in order: {"kernel", "rows"}, each
-    row {"offset": address - the kernel's first address, "sass": text with branch targets as offsets,
-    "memory": whether it accesses memory, "counts": {column: value}}. Lines that are not part of a table
-    (==PROF== messages, the program's output) are skipped."""
+def source_tables(text: str) -> list[dict]:
+    """The per-launch tables of `ncu --page source --csv --print-source sass` output, in order: {"kernel", "rows"},
+    each row {column: cell} as printed. Lines that are not part of a table (==PROF== messages, the program's output)
+    are skipped, and so are launches without rows."""
     launches: list[dict] = []
     header: list[str] | None = None
     for cells in csv.reader(io.StringIO(text)):
@@ -101,12 +100,19 @@ def parse_source_page(text: str) -> list[dict]:
         elif cells[0] == "Address":
             header = cells
         elif header is not None and launches and cells[0].startswith("0x") and len(cells) >= len(header):
-            named = dict(zip(header, cells))
-            launches[-1]["rows"].append({
-                "address": int(cells[0], 16), "sass": named.get("Source", "").strip(),
-                "memory": named.get(ADDRESS_SPACE, "-").strip() not in ("-", ""),
-                "counts": {c: _count(named[c]) for c in COMPARED_COLUMNS if c in named}})
-    launches = [launch for launch in launches if launch["rows"]]
+            launches[-1]["rows"].append(dict(zip(header, cells)))
+    return [launch for launch in launches if launch["rows"]]
+
+
+def parse_source_page(text: str) -> list[dict]:
+    """The launches of `ncu --page source --csv --print-source sass` output, in order: {"kernel", "rows"}, each
+    row {"offset": address - the kernel's first address, "sass": text with branch targets as offsets,
+    "memory": whether it accesses memory, "counts": {column: value}}."""
+    launches = [{"kernel": table["kernel"], "rows": [{
+        "address": int(named["Address"], 16), "sass": named.get("Source", "").strip(),
+        "memory": named.get(ADDRESS_SPACE, "-").strip() not in ("-", ""),
+        "counts": {c: cell_value(named[c]) for c in COMPARED_COLUMNS if c in named}} for named in table["rows"]]}
+        for table in source_tables(text)]
     if not launches:
         raise SourcePageError("no ncu source page (a \"Kernel Name\" line, an \"Address\" header and rows)")
     for launch in launches:
