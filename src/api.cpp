@@ -643,10 +643,10 @@ const char* build_info_json() {
           std::snprintf(entry, sizeof entry,
                         "%s{\"head_dim\": %d, \"causal\": %s, \"max_seqlen_k\": %s, \"block_m\": %d, "
                         "\"block_n\": %d, \"stages\": %d, \"q_buffers\": %d, \"consumer_warpgroups\": %d, "
-                        "\"softmax_under_pv\": %s, \"softmax_chains\": %d, \"half_first_block\": %s, "
+                        "\"softmax_under_pv\": %d, \"softmax_chains\": %d, \"half_first_block\": %s, "
                         "\"o_stage_boxes\": %d}",
                         tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", limit, c.block_m,
-                        c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups, c.softmax_under_pv ? "true" : "false",
+                        c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups, c.softmax_under_pv,
                         c.softmax_chains, c.half_first_block ? "true" : "false", c.o_stage_boxes);
           tiles += entry;
         }

@@ -288,8 +288,8 @@ struct FwdKernel {
     auto cols_of_s = [&](auto cols) -> float(&)[decltype(cols)::value / 2] {
       return *reinterpret_cast<float(*)[decltype(cols)::value / 2]>(acc_s);
     };
-    // Masks the first `cols` columns of key block `n_block` of S by position, then runs the softmax step on them.
-    auto mask_and_softmax = [&](int n_block, float (&rescale)[2], auto cols) {
+    // Masks the first `cols` columns of key block `n_block` of S by position (-inf where a row may not see a key).
+    auto mask = [&](int n_block, auto cols) {
       constexpr int kCols = decltype(cols)::value;
       float(&s_cols)[kCols / 2] = cols_of_s(cols);
       if (block_needs_mask(p, tile.m_block, n_block)) {
@@ -305,7 +305,10 @@ struct FwdKernel {
             if (FragS::row_half(i) == h) s_cols[i] = FragS::col(i, lane) < limit_in_block ? s_cols[i] : -INFINITY;
         }
       }
-      softmax.step<kCols>(s_cols, rescale);
+    };
+    auto mask_and_softmax = [&](int n_block, float (&rescale)[2], auto cols) {
+      mask(n_block, cols);
+      softmax.step<decltype(cols)::value>(cols_of_s(cols), rescale);
     };
     auto pack_p = [&] {
 #pragma unroll
@@ -343,7 +346,11 @@ struct FwdKernel {
     // branch between the softmax and the wait for P(j) V(j), since ptxas hoists a wgmma wait to the top of its
     // basic block (kernel-notes.md): the wait for V(j+1) goes there (its retry loop is the branch). It never
     // depends on the release below it: V(j+1)'s slot was freed by P(j-1) V(j-1) (two or more stages).
-    constexpr bool kEarlyV = kCfg.softmax_under_pv;
+    // With one row half under the P V (kSplitSoftmax), row half 1's exponentials follow that wait, together with
+    // O's rescale (by S(j+1)'s factor, once P(j) V(j) is in O; after the first block O is still zero) and the packs
+    // of P: independent work for the MUFU.EX2s to interleave with, which a softmax wholly under the P V lacks.
+    constexpr bool kEarlyV = kCfg.softmax_under_pv > 0;
+    constexpr bool kSplitSoftmax = kCfg.softmax_under_pv == 1;
     hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
     if (n_blocks > 0) {
       float rescale[2];
@@ -376,22 +383,33 @@ struct FwdKernel {
         if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[prev.stage()], prev.phase());
         turns.wait();
         issue_qk(ring.stage());
-        rescale_o(rescale);
+        if constexpr (!kSplitSoftmax) rescale_o(rescale);
         issue_pv(prev.stage());
         turns.pass(false);
         hopper::wgmma_wait<1>();
         hopper::fence_registers(acc_s);
         hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
-        mask_and_softmax(n_blocks - 1 - it, rescale, AllCols{});
+        const int n_block = n_blocks - 1 - it;
+        if constexpr (kSplitSoftmax) {
+          mask(n_block, AllCols{});
+          softmax.update_max<kBlockN>(acc_s, rescale);
+          softmax.exponentiate<kBlockN>(acc_s, true, false);
+        } else {
+          mask_and_softmax(n_block, rescale, AllCols{});
+        }
         if constexpr (kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
         retire_pv(prev.stage());
+        if constexpr (kSplitSoftmax) {
+          rescale_o(rescale);
+          softmax.exponentiate<kBlockN>(acc_s, false, true);
+        }
         pack_p();
       }
 
       if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
       if (kOwnOStage && t == 0) hopper::mbarrier_arrive(&s.q_empty[qb]);  // every QK^T has completed
       turns.wait();
-      rescale_o(rescale);
+      if constexpr (!kSplitSoftmax) rescale_o(rescale);
       issue_pv(ring.stage());
       turns.pass(true);
       retire_pv(ring.stage());

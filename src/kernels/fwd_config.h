@@ -16,7 +16,8 @@ struct FwdConfig {
   int producer_regs;        // setmaxnreg budget of the TMA producer warpgroup
   int consumer_regs;        // setmaxnreg budget of each consumer warpgroup
   int q_buffers;            // Q tiles in shared memory: with 2, a CTA's next tile loads while this one computes
-  bool softmax_under_pv;    // a warpgroup's softmax of S(j+1) overlaps its own P(j) V(j) (attention_fwd.cuh)
+  int softmax_under_pv;     // row halves of a warpgroup's softmax of S(j+1) that overlap its own P(j) V(j): 2, 1 (the
+                            // second half's exponentials follow the P V wait with O's rescale) or 0 (attention_fwd.cuh)
   int softmax_chains;       // partial maxima and sums per row half (OnlineSoftmax, softmax.cuh)
   bool half_first_block;    // causal: the diagonal key block masked and softmaxed on its first half where a
                             // warpgroup's rows see none of the second (attention_fwd.cuh, second_half_unseen)
@@ -37,8 +38,11 @@ constexpr int kTierShortKeys = 1;
 // Without a causal mask head_dim 64 and 256 take their short tiers up to 512 keys, where 192-row tiles pad 512 query
 // rows to 576 and 80-key blocks pad 512 keys to 560 (H100, bf16, 2026-11-26, six alternating rounds: d64 512 keys
 // 360 -> 365 TFLOP/s, d256 512 keys 470 -> 482, 500 keys 451 -> 460; 1k is the main tiers', even in the same call).
+// Head_dim 128's causal short tier reaches 4k keys since its softmax is split around the P V wait (softmax_under_pv
+// below; H100, bf16, 2026-11-27: causal 4k 631 -> 639 TFLOP/s, GQA 32/8 causal 4k 647 -> 661 against the main tier
+// with the same split; without the split the short tier lost at 4k, 631 -> 614).
 constexpr int fwd_short_keys(int head_dim, bool causal) {
-  if (head_dim == 128) return 2048;
+  if (head_dim == 128) return causal ? 4096 : 2048;
   if (!causal) return 512;
   return head_dim == 64 ? 2048 : 1024;
 }
@@ -86,21 +90,32 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // tiles ahead: at 512 keys its tiles are of one to four key blocks and the next Q was not always in (H100, bf16,
   // 2026-11-26, two calls of six and eight alternating rounds: causal 512 312 -> 324 and 311 -> 324 TFLOP/s, 1k and
   // 2k even, 256 keys -1.6%; the same on the other short tiers: d64 even, non-causal d128 even).
+  // softmax_under_pv = 1 (row half 0 under the warpgroup's own P V, row half 1 after its wait), measured on an H100
+  // (bf16, 2026-11-27, alternating builds in four calls): with the whole softmax under the P V the block's last 40
+  // MUFU.EX2 ran alone, each waiting for the MUFU pipe, and O's 64-FMUL rescale sat among the QK^T wgmmas in the GEMM
+  // turn; after the split ptxas interleaves row half 1's exponentials with the rescale and the packs of P, as
+  // FlashAttention-3's loop has them. head_dim 128's main tier: 3k-8k +1.8..+3.0% in every call (4k 700 -> 718, 8k
+  // 710 -> 732), 16k +1.8% (one call +10%), causal 4k-8k +2.5..+4.4% (one call causal 8k -2%), 16k even, GQA 32/8
+  // -2..+1%, causal +4.9%, fp16 8k +1%. Its causal short tier: 1k +1.4..+1.9%, 2k +2.9..+3.4%, 512 even; the
+  // non-causal short tier lost at 512 and 1k (-1.6..-2.7%), and head_dim 64's and 256's tiers lost or were even
+  // (d64 main 8k -6%, causal short tier 1k-2k -4..-5%; d256 main causal 8k -4.6%, short tiers -2..+1%), so they
+  // keep 2 and 0.
   const bool short_keys = tier == kTierShortKeys;
   const bool half_first = causal && (short_keys || head_dim == 64);
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, false, 4, half_first, 0}
-                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, true, 4, half_first, 0};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0}
+                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, 2, 4, half_first, 0};
   if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, false, 4, half_first, 0}
-                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, true, 1, half_first, 0};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, false, 4, half_first, 2}
-                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, true, 1, half_first, 0};
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0}
+                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2}
+                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
   return c.block_m == 64 * c.consumer_warpgroups && c.block_n % 16 == 0 && c.head_dim % 64 == 0 &&
-         c.stages >= (c.softmax_under_pv ? 2 : 1) && c.q_buffers >= 1 &&
+         c.softmax_under_pv >= 0 && c.softmax_under_pv <= 2 && c.stages >= (c.softmax_under_pv > 0 ? 2 : 1) &&
+         c.q_buffers >= 1 &&
          c.softmax_chains >= 1 && (c.softmax_chains & (c.softmax_chains - 1)) == 0 &&
          (!c.half_first_block || c.block_n / 2 % 16 == 0) &&
          (c.o_stage_boxes == 0 || (c.head_dim / 64) % c.o_stage_boxes == 0) &&

@@ -42,6 +42,8 @@ struct OnlineSoftmax {
   float row_max[2];  // raw (unscaled) running maximum of each row half
   float row_sum[2];  // this thread's share of the running sum of exp2
   float scale_log2;  // softmax_scale * log2(e)
+  float shift[2];       // this step's maximum * scale_log2 (0 for rows that saw no key yet)
+  float rescale_of[2];  // this step's rescale factor of the earlier sum and output
 
   __device__ explicit OnlineSoftmax(float scale_log2_) : scale_log2(scale_log2_) {
     row_max[0] = row_max[1] = -INFINITY;
@@ -54,6 +56,14 @@ struct OnlineSoftmax {
   // `rescale` the factor by which each row half's earlier output accumulator must be multiplied.
   template <int N>
   __device__ __forceinline__ void step(float (&s)[N / 2], float (&rescale)[2]) {
+    update_max<N>(s, rescale);
+    exponentiate<N>(s, true, true);
+  }
+
+  // A step in two parts: each row half's new maximum, exp2 shift and rescale factor, then the probabilities and
+  // running sums of the row halves chosen (both at once, or each in a call of its own, in either order).
+  template <int N>
+  __device__ __forceinline__ void update_max(const float (&s)[N / 2], float (&rescale)[2]) {
     using Frag = AccFragment<N>;
     float part[2][Chains];
 #pragma unroll
@@ -65,7 +75,6 @@ struct OnlineSoftmax {
       float& m = part[Frag::row_half(i)][chain(i)];
       m = fmaxf(m, s[i]);
     }
-    float shift[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -74,24 +83,35 @@ struct OnlineSoftmax {
         for (int c = 0; c < w; ++c) part[h][c] = fmaxf(part[h][c], part[h][c + w]);
       const float new_max = quad_max(part[h][0]);
       shift[h] = new_max == -INFINITY ? 0.f : new_max * scale_log2;
-      rescale[h] = hopper::exp2_approx(row_max[h] * scale_log2 - shift[h]);
+      rescale_of[h] = rescale[h] = hopper::exp2_approx(row_max[h] * scale_log2 - shift[h]);
       row_max[h] = new_max;
+    }
+  }
+
+  template <int N>
+  __device__ __forceinline__ void exponentiate(float (&s)[N / 2], bool half0, bool half1) {
+    using Frag = AccFragment<N>;
+    const bool chosen[2] = {half0, half1};
+    float part[2][Chains];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
 #pragma unroll
       for (int c = 0; c < Chains; ++c) part[h][c] = 0.f;
-    }
 #pragma unroll
     for (int i = 0; i < Frag::kRegs; ++i) {
       const int h = Frag::row_half(i);
+      if (!chosen[h]) continue;
       s[i] = hopper::exp2_approx(fmaf(s[i], scale_log2, -shift[h]));
       part[h][chain(i)] += s[i];
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      if (!chosen[h]) continue;
 #pragma unroll
       for (int w = Chains / 2; w > 0; w /= 2)
 #pragma unroll
         for (int c = 0; c < w; ++c) part[h][c] += part[h][c + w];
-      row_sum[h] = fmaf(row_sum[h], rescale[h], part[h][0]);
+      row_sum[h] = fmaf(row_sum[h], rescale_of[h], part[h][0]);
     }
   }
 
