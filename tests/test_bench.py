@@ -8,6 +8,7 @@ at the end (what the backward's timed calls compute and launch) skip without a s
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -257,7 +258,7 @@ def test_cli_run_writes_table_json_and_plot(monkeypatch, tmp_path, capsys):
     results = bench.load_results(out_json)
     assert results["schema"] == bench.SCHEMA
     assert results["settings"]["backends"] == ["dhp", "cudnn"] and results["settings"]["seqlens"] == [512, 4096]
-    assert results["settings"]["direction"] == "both"
+    assert results["settings"]["direction"] == "both" and results["settings"]["timing"] == "interleaved"
     assert [row["direction"] for row in results["rows"]] == ["fwd"] * 4 + ["bwd"] * 4
     assert results["rows"][4]["flops"] == 2.5 * results["rows"][0]["flops"]
     assert results["geomean"] == {"dhp/cudnn": pytest.approx(1.2)}
@@ -665,6 +666,42 @@ def test_backward_calls_compute_the_same_gradients_and_launch_only_the_backward(
             assert all("backward" in n for n in sdpa), (peer, sdpa)
             if heads[0] == heads[1]:  # GQA may legitimately reduce dk, dv over the group; MHA copies nothing
                 assert not [n for n in kernels if "copy" in n.lower()], (peer, kernels)
+
+
+def test_timed_runs_take_turns(monkeypatch):
+    """Each backend is warmed up, then the backends take turns run by run, the round's first rotating; every run
+    is a spin, a flush and the call between its two events."""
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = len(log)
+            log.append("event")
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    class Flush:
+        def zero_(self):
+            log.append("flush")
+
+    cuda = SimpleNamespace(Event=Event, current_device=lambda: 0, synchronize=lambda: log.append("sync"),
+                           _sleep=lambda cycles: log.append("spin"))
+    fake_torch = SimpleNamespace(cuda=cuda)
+    monkeypatch.setattr(bench, "_flush_buffer", lambda torch, device: Flush())
+    fns = {name: functools.partial(log.append, name) for name in ("dhp", "cudnn", "fa3")}
+    runs = bench.time_runs_interleaved(fake_torch, fns, reps=4, warmup=2)
+    calls = [entry for entry in log if entry in fns]
+    assert calls[:6] == ["dhp", "dhp", "cudnn", "cudnn", "fa3", "fa3"]
+    assert calls[6:] == ["dhp", "cudnn", "fa3", "cudnn", "fa3", "dhp", "fa3", "dhp", "cudnn", "dhp", "cudnn", "fa3"]
+    timed = log[6:]
+    assert timed[-1] == "sync" and timed[:-1] == [x for call in calls[6:] for x in ("spin", "flush", "event", call,
+                                                                                      "event")]
+    assert runs == {name: [2.0] * 4 for name in fns}  # each run's events enclose its call alone
+    assert bench.time_runs(fake_torch, fns["dhp"], reps=2, warmup=0) == [2.0, 2.0]
 
 
 def test_measure_runs_times_the_backward(torch_cuda, ext):

@@ -1,9 +1,11 @@
 """python -m dhp.bench: dhp's forward and backward beside torch SDPA's cuDNN and flash (FA2) backends, in one run,
 and beside FlashAttention-3 where its Python interface (flash_attn_interface) is installed.
 
-Every case times the backends on the same inputs: warm-up first, then --reps runs, each with the L2 cache
-flushed before it (the same flush for every side) and CUDA events around the call alone; the median counts,
-and the spread of the runs (min, quartiles, max) is kept beside it. Runs are enqueued back to back and
+Every case times the backends on the same inputs: warm-up first, then --reps runs of each, the backends taking
+turns run by run (the round's first rotating), each run with the L2 cache flushed before it (the same flush for
+every side) and CUDA events around the call alone; the median counts, and the spread of the runs (min, quartiles,
+max) is kept beside it. Taking turns keeps a clock that drifts within a case (after a heavy case, say) from
+weighing on whichever backend is timed first. Runs are enqueued back to back and
 synchronized once at the end; a GPU-side spin queued before each flush keeps the GPU behind the host, so the
 events time the kernels, not a call's host overhead. TFLOP/s = 4·batch·heads_q·seqlen_q·seqlen_k·head_dim /
 time, halved for causal; a backward counts 2.5 times its forward. A backend that refuses a case gets None.
@@ -336,20 +338,35 @@ def _flush_buffer(torch, device: int):
 
 def time_runs(torch, fn, reps=30, warmup=5) -> list[float]:
     """Milliseconds of each of reps runs of fn(), each after an L2 flush, on the current stream."""
+    return time_runs_interleaved(torch, {"fn": fn}, reps, warmup)["fn"]
+
+
+def time_runs_interleaved(torch, fns: dict, reps=30, warmup=5) -> dict:
+    """{name: milliseconds of each of reps runs of fns[name]()}, each run after an L2 flush, on the current stream.
+
+    The functions take turns run by run, and the round's first one rotates, so a clock or temperature that drifts
+    during a case (a heavy kernel timed just before raises both) weighs on every side alike, whatever its place in
+    the list. Each function is warmed up before the first timed run.
+    """
     flush = _flush_buffer(torch, torch.cuda.current_device())
-    for _ in range(warmup):
-        fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        # A GPU-side spin ahead of the flush keeps the GPU queue ahead of the host, so host-side call
-        # overhead (any side's) never shows up as idle time between the events: the kernel is timed.
-        torch.cuda._sleep(SPIN_CYCLES)
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    events = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # A GPU-side spin ahead of the flush keeps the GPU queue ahead of the host, so host-side call
+            # overhead (any side's) never shows up as idle time between the events: the kernel is timed.
+            torch.cuda._sleep(SPIN_CYCLES)
+            flush.zero_()
+            start.record()
+            fns[name]()
+            end.record()
+            events[name].append((start, end))
     torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
+    return {name: [start.elapsed_time(end) for start, end in events[name]] for name in names}
 
 
 def time_ms(torch, fn, reps=30, warmup=5) -> float:
@@ -359,32 +376,31 @@ def time_ms(torch, fn, reps=30, warmup=5) -> float:
 
 def measure_runs(torch, case: Case, backends=None, reps=30, warmup=5, on_backend=None) -> dict:
     """{backend: [ms of each timed run] or None (refused)} for one case, all backends (default_backends()) on the
-    same inputs.
+    same inputs, their timed runs interleaved (time_runs_interleaved).
 
-    on_backend(name), if given, is called before each backend is timed (the progress display).
+    on_backend(name), if given, is called before each backend's call is prepared (the progress display).
     """
     backends = default_backends() if backends is None else backends
     q, k, v = make_inputs(torch, case)
     dout = torch.randn_like(q) if case.direction == "bwd" else None
-    runs = {}
+    fns, refused = {}, []
     for name in backends:
         if on_backend is not None:
             on_backend(name)
         if name == "dhp":
-            fn = timed_call(torch, name, case, q, k, v, dout)
-        else:
-            try:  # a peer that cannot run the case raises while its call is made or on its first call
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fn = timed_call(torch, name, case, q, k, v, dout)
-                    fn()
-                torch.cuda.synchronize()
-            except RuntimeError:
-                runs[name] = None
-                continue
-        runs[name] = time_runs(torch, fn, reps, warmup)
-        del fn  # the backward's graph and buffers go before the next backend's
-    return runs
+            fns[name] = timed_call(torch, name, case, q, k, v, dout)
+            continue
+        try:  # a peer that cannot run the case raises while its call is made or on its first call
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fn = timed_call(torch, name, case, q, k, v, dout)
+                fn()
+            torch.cuda.synchronize()
+            fns[name] = fn
+        except RuntimeError:
+            refused.append(name)
+    runs = time_runs_interleaved(torch, fns, reps, warmup)
+    return {name: None if name in refused else runs[name] for name in backends}
 
 
 def measure(torch, case: Case, backends=None, reps=30, warmup=5) -> dict:
@@ -788,7 +804,8 @@ def main(argv=None) -> int:
     if not rows:
         return 130
     settings = {
-        "reps": args.reps, "warmup": args.warmup, "quick": args.quick, "flush_bytes": FLUSH_BYTES,
+        "reps": args.reps, "warmup": args.warmup, "timing": "interleaved", "quick": args.quick,
+        "flush_bytes": FLUSH_BYTES,
         "spin_cycles": SPIN_CYCLES, "backends": backends, "dtypes": args.dtypes, "head_dims": args.head_dims,
         "seqlens": args.seqlens, "causal": args.causal, "direction": args.direction, "cases": len(run_cases),
         "interrupted": interrupted,
