@@ -237,6 +237,63 @@ def test_forward_softmax_runs_under_its_pv():
     assert checked, "no forward kernel found"
 
 
+SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;", re.MULTILINE)
+
+
+def key_block_loop(sass):
+    """The instructions of the innermost loop (a backward branch's range) that holds a `wgmma.wait_group 1`."""
+    lines = [(int(a, 16), text) for a, text in SASS_LINE.findall(sass)]
+    index = {address: i for i, (address, _) in enumerate(lines)}
+    best = None
+    for i, (address, text) in enumerate(lines):
+        m = re.search(r"\bBRA\s+`?\(?0x([0-9a-f]+)", text)
+        if not m or int(m.group(1), 16) >= address or int(m.group(1), 16) not in index:
+            continue
+        body = [t for _, t in lines[index[int(m.group(1), 16)]:i + 1]]
+        if any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in t for t in body) and (best is None or len(body) < len(best)):
+            best = body
+    return best or []
+
+
+def masking_selects(body):
+    """Selects of a score to -inf (the position mask) among the instructions `body`."""
+    return sum(1 for t in body if re.match(r"(@!?U?P\w+\s+)?FSEL\b.*-INF\b", t))
+
+
+def test_key_block_loop_pattern():
+    sass = """
+        /*0000*/                   MOV R1, R2 ;
+        /*0010*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0020*/                   FSEL R24, R24, -INF , !P0 ;
+        /*0030*/                   FSEL R10, R10, RZ, P0 ;
+        /*0040*/              @!P1 BRA 0x10 ;
+        /*0050*/                   BRA 0x0 ;
+    """
+    body = key_block_loop(sass)
+    assert body[0].startswith("WARPGROUP.DEPBAR") and body[-1].startswith("@!P1 BRA") and len(body) == 4
+    assert masking_selects(body) == 1
+
+
+def test_forward_loop_masks_only_under_a_causal_mask():
+    """Without a causal mask only a tile's first key block (the seqlen_k tail) can need masking, and it is peeled out
+    of the key-block loop: the loop must hold no mask code at all (a never-taken branch around it cost 1-4%,
+    docs/performance.md). Causal loops mask the diagonal blocks they reach, so there the selects must be found."""
+    checked = 0
+    for name, sass in functions(cuobjdump("-sass")).items():
+        m = FWD_KERNEL.search(name)
+        if not m:
+            continue
+        body = key_block_loop(sass)
+        assert body, f"{name}: no key-block loop found in its SASS"
+        selects = masking_selects(body)
+        if m.group(2) == "1":
+            assert selects > 0, f"{name}: no masking select in the causal key-block loop"
+        else:
+            assert selects == 0, f"{name}: {selects} masking selects in the key-block loop without a causal mask"
+        checked += 1
+    assert checked, "no forward kernel found"
+
+
 ATTENTION_KERNEL = re.compile(r"attention_(fwd|bwd)_kernel")
 
 
