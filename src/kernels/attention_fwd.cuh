@@ -408,11 +408,13 @@ struct FwdKernel {
       }
 
       if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
-      if (kOwnOStage && t == 0) hopper::mbarrier_arrive(&s.q_empty[qb]);  // every QK^T has completed
       turns.wait();
       if constexpr (!kSplitSoftmax) rescale_o(rescale);
       issue_pv(ring.stage());
       turns.pass(true);
+      // Every QK^T has completed. Between the issue and the wait, as the first block's free_q_buffer: before the turn
+      // wait this one thread's arrival left ptxas unable to prove the warp converged at the wgmma (a WARPSYNC).
+      if (kOwnOStage && t == 0) hopper::mbarrier_arrive(&s.q_empty[qb]);
       retire_pv(ring.stage());
     } else if (t == 0) {
       free_q_buffer(s, previous);
