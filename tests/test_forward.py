@@ -22,6 +22,35 @@ SEQLENS = [
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
 
+def first_block_unseen(tile, seqlen_q, seqlen_k):
+    """Whether some warpgroup of some query tile skips its tile's first key block (attention_fwd.cuh, block_unseen):
+    causal, none of its 64 rows sees a key of it. The kernel's rule, on shapes alone."""
+    block_m, block_n = tile["block_m"], tile["block_n"]
+    for m_block in range(-(-seqlen_q // block_m)):
+        last_col = (m_block + 1) * block_m - 1 + seqlen_k - seqlen_q
+        n_blocks = 0 if last_col < 0 else min(-(-seqlen_k // block_n), last_col // block_n + 1)
+        for consumer in range(tile["consumer_warpgroups"] - 1):
+            last_row = m_block * block_m + (consumer + 1) * 64 - 1
+            if n_blocks > 1 and last_row + 1 + seqlen_k - seqlen_q <= (n_blocks - 1) * block_n:
+                return True
+    return False
+
+
+def test_seqlens_reach_every_skipped_first_block(ext):
+    """Each causal tile whose key blocks do not tile its query tile's end (block_n not a multiple of block_m) has
+    warpgroups that skip an unseen first key block: SEQLENS must take that path in every such tier."""
+    tiles = [t for t in dhp.build_info()["forward_tiles"] if t["causal"]]
+    for tile in tiles:
+        family = [t["max_seqlen_k"] for t in tiles if t["head_dim"] == tile["head_dim"] and t is not tile]
+        low = family[0] + 1 if tile["max_seqlen_k"] is None and family else 1
+        high = tile["max_seqlen_k"] or math.inf
+        if tile["block_n"] % tile["block_m"]:
+            reached = [p for p in SEQLENS if low <= p[1] <= high and first_block_unseen(tile, *p)]
+            assert reached, f"no SEQLENS pair in [{low}, {high}] keys makes a warpgroup skip a block of {tile}"
+        else:  # the kernel leaves the skip out: with seqlen_q = seqlen_k the first block holds the whole diagonal
+            assert not any(first_block_unseen(tile, n, n) for n in range(1, 16 * tile["block_m"], 7)), tile
+
+
 def check_against_reference(torch, q, k, v, out, lse, causal, softmax_scale):
     """out and lse from dhp against the float64 reference; the error budget is FlashAttention's."""
     ref_out, ref_lse = reference.attention_reference(q, k, v, causal, softmax_scale)

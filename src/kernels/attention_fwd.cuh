@@ -107,6 +107,10 @@ struct FwdKernel {
   // Under a causal mask, a tile's first key block is masked and softmaxed on its first half alone where no row of
   // a warpgroup sees the second half (second_half_unseen); the half is whole k16 steps of the PV GEMM.
   static constexpr bool kHalfFirstBlock = Causal && kCfg.half_first_block;
+  // Under a causal mask, a warpgroup skips a tile's first key block where none of its rows sees it (block_unseen).
+  // Where block_n is a multiple of block_m, the first block holds the tile's whole diagonal (seqlen_q = seqlen_k),
+  // of which every warpgroup sees a part: there the branch is left out (it would be taken for uneven seqlens only).
+  static constexpr bool kMaySkipFirstBlock = Causal && kBlockN % kBlockM != 0;
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
   // With a staging buffer of its own, O leaves in passes of kOPassBoxes boxes, and a warpgroup's Q rows are free
@@ -175,6 +179,14 @@ struct FwdKernel {
     const int64_t last_row = int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1;
     const int64_t limit = Causal ? min(int64_t(p.seqlen_k), last_row + 1 + p.seqlen_k - p.seqlen_q) : int64_t(p.seqlen_k);
     return limit <= int64_t(n_block) * kBlockN + kBlockN / 2;
+  }
+
+  // Whether no row of warpgroup `consumer` sees any key of block n_block (causal: the diagonal's last keys, beyond
+  // the warpgroup's last row). Shapes and block indices only; as for second_half_unseen, skipping such a block gives
+  // the same bits: it would be -inf in S and 0 in P.
+  __device__ static bool block_unseen(const FwdKernelParams& p, int m_block, int consumer, int n_block) {
+    const int64_t last_row = int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1;
+    return Causal && last_row + 1 + p.seqlen_k - p.seqlen_q <= int64_t(n_block) * kBlockN;
   }
 
   __device__ static bool block_needs_mask(const FwdKernelParams& p, int m_block, int n_block) {
@@ -354,6 +366,22 @@ struct FwdKernel {
     hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
     if (n_blocks > 0) {
       float rescale[2];
+      // A first block none of this warpgroup's rows sees (causal, beyond the diagonal's end): its turn passes without
+      // GEMMs and its slots go back unread, so the tensor cores serve the other warpgroups. A warpgroup misses at
+      // most the tile's last (kConsumers - 1) * 64 keys, so no other block can be unseen. It keeps at least one
+      // block: its turns stay one more than its blocks, as every warpgroup's (GemmTurns). It is never the last
+      // warpgroup (whose last row ends the tile), for which alone GemmTurns::first does anything.
+      static_assert(!kMaySkipFirstBlock || (kConsumers - 1) * kWgRows <= kBlockN, "only a first block may be unseen");
+      if (kMaySkipFirstBlock && n_blocks > 1 && block_unseen(p, tile.m_block, consumer, n_blocks - 1)) {
+        turns.wait();
+        turns.pass(false);
+        hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
+        hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
+        hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
+        hopper::mbarrier_arrive(&s.v_empty[ring.stage()]);
+        ++ring.count;
+        --n_blocks;
+      }
       const bool half_first =
           kHalfFirstBlock && second_half_unseen(p, tile.m_block, consumer, n_blocks - 1);
       turns.first();
