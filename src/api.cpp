@@ -639,15 +639,16 @@ const char* build_info_json() {
           char limit[16] = "null";
           if (tier == kernels::kTierShortKeys)
             std::snprintf(limit, sizeof limit, "%d", kernels::fwd_short_keys(head_dim, causal));
-          char entry[384];
+          char entry[448];
           std::snprintf(entry, sizeof entry,
                         "%s{\"head_dim\": %d, \"causal\": %s, \"max_seqlen_k\": %s, \"block_m\": %d, "
                         "\"block_n\": %d, \"stages\": %d, \"q_buffers\": %d, \"consumer_warpgroups\": %d, "
                         "\"softmax_under_pv\": %d, \"softmax_chains\": %d, \"half_first_block\": %s, "
-                        "\"o_stage_boxes\": %d}",
+                        "\"o_stage_boxes\": %d, \"masked_loop\": %s}",
                         tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", limit, c.block_m,
                         c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups, c.softmax_under_pv,
-                        c.softmax_chains, c.half_first_block ? "true" : "false", c.o_stage_boxes);
+                        c.softmax_chains, c.half_first_block ? "true" : "false", c.o_stage_boxes,
+                        c.masked_loop ? "true" : "false");
           tiles += entry;
         }
       }

@@ -54,7 +54,7 @@ def test_build_info_lists_the_forward_tiles(ext):
     info = dhp.build_info()
     tiles = info["forward_tiles"]
     keys = {"head_dim", "causal", "max_seqlen_k", "block_m", "block_n", "stages", "q_buffers", "consumer_warpgroups",
-            "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes"}
+            "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes", "masked_loop"}
     assert tiles and all(set(t) == keys for t in tiles)
     for head_dim in info["head_dims"]:
         for causal in (False, True):
@@ -65,7 +65,7 @@ def test_build_info_lists_the_forward_tiles(ext):
             assert all(t["stages"] >= 2 for t in family if t["softmax_under_pv"])
             assert all(t["softmax_chains"] in (1, 2, 4, 8) for t in family)
             assert all(t["block_n"] // 2 % 16 == 0 for t in family if t["half_first_block"])
-            assert causal or not any(t["half_first_block"] for t in family)
+            assert causal or not any(t["half_first_block"] or t["masked_loop"] for t in family)
             assert all(t["o_stage_boxes"] == 0 or head_dim // 64 % t["o_stage_boxes"] == 0 for t in family)
     assert {t["head_dim"] for t in tiles} == set(info["head_dims"])
     assert info["persistent_causal_max_seqlen_k"] > 0

@@ -111,6 +111,7 @@ struct FwdKernel {
   // Where block_n is a multiple of block_m, the first block holds the tile's whole diagonal (seqlen_q = seqlen_k),
   // of which every warpgroup sees a part: there the branch is left out (it would be taken for uneven seqlens only).
   static constexpr bool kMaySkipFirstBlock = Causal && kBlockN % kBlockM != 0;
+  static constexpr bool kMaskedLoop = Causal && kCfg.masked_loop;  // consume_tile, next_block
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
   // With a staging buffer of its own, O leaves in passes of kOPassBoxes boxes, and a warpgroup's Q rows are free
@@ -187,6 +188,13 @@ struct FwdKernel {
   __device__ static bool block_unseen(const FwdKernelParams& p, int m_block, int consumer, int n_block) {
     const int64_t last_row = int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1;
     return Causal && last_row + 1 + p.seqlen_k - p.seqlen_q <= int64_t(n_block) * kBlockN;
+  }
+
+  // How many of a tile's n_blocks key blocks need no mask (block_needs_mask false: the lowest ones).
+  __device__ static int unmasked_blocks(const FwdKernelParams& p, int m_block, int n_blocks) {
+    const int64_t first_row_limit = int64_t(m_block) * kBlockM + p.seqlen_k - p.seqlen_q;
+    const int64_t whole = min(int64_t(p.seqlen_k), first_row_limit + 1) / kBlockN;
+    return int(max(int64_t(0), min(int64_t(n_blocks), whole)));
   }
 
   __device__ static bool block_needs_mask(const FwdKernelParams& p, int m_block, int n_block) {
@@ -404,7 +412,13 @@ struct FwdKernel {
         for (int i = kBlockN / 4; i < kBlockN / 2; ++i) acc_s[i] = 0.f;
       pack_p();
 
-      for (int it = 1; it < n_blocks; ++it) {
+      // One key block after the first (iteration `it`): its QK^T with the previous block's P V, then its softmax,
+      // masked first when `masked` says so. Without a causal mask only the key block holding seqlen_k's end needs
+      // masking, and it is a tile's first (above): the loop has no mask code at all, which keeps what follows the QK^T
+      // wait one basic block (a never-taken branch around the mask cost 1-4%). Under a causal mask the blocks that
+      // need it come first (the diagonal's, the seqlen_k tail's): with kMaskedLoop a loop of their own takes them and
+      // the rest run without mask code; otherwise one loop checks every block.
+      auto next_block = [&](int it, auto masked) {
         const RingPos prev = ring;
         ++ring.count;
         hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
@@ -417,10 +431,7 @@ struct FwdKernel {
         hopper::wgmma_wait<1>();
         hopper::fence_registers(acc_s);
         hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
-        // Without a causal mask only the key block holding seqlen_k's end needs masking, and it is a tile's first
-        // (above, before the loop): the loop has no mask code at all, which keeps what follows the QK^T wait one basic
-        // block (a never-taken branch around the mask cost 1-4%).
-        if constexpr (Causal) mask(n_blocks - 1 - it, AllCols{});
+        if constexpr (decltype(masked)::value) mask(n_blocks - 1 - it, AllCols{});
         if constexpr (kSplitSoftmax) {
           softmax.update_max<kBlockN>(acc_s, rescale);
           softmax.exponentiate<kBlockN>(acc_s, true, false);
@@ -434,7 +445,12 @@ struct FwdKernel {
           softmax.exponentiate<kBlockN>(acc_s, false, true);
         }
         pack_p();
-      }
+      };
+      int it = 1;
+      if constexpr (kMaskedLoop)
+        for (const int masked = n_blocks - unmasked_blocks(p, tile.m_block, n_blocks); it < masked; ++it)
+          next_block(it, std::true_type{});
+      for (; it < n_blocks; ++it) next_block(it, std::bool_constant<Causal && !kMaskedLoop>{});
 
       if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
       turns.wait();

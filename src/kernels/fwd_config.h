@@ -24,6 +24,8 @@ struct FwdConfig {
   int o_stage_boxes;        // 0: O goes out through the warpgroup's Q rows; > 0: through a buffer of its own of this
                             // many 64-column boxes per warpgroup, in head_dim / 64 / o_stage_boxes passes, so the Q
                             // buffer is free once the tile's last QK^T has completed (attention_fwd.cuh)
+  bool masked_loop;         // causal: the key blocks after the first that need the mask run in a loop of their own,
+                            // then the rest in a loop without mask code; false: one loop, a mask check per block
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -102,14 +104,20 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // keep 2 and 0.
   const bool short_keys = tier == kTierShortKeys;
   const bool half_first = causal && (short_keys || head_dim == 64);
+  // masked_loop, measured on an H100 (bf16, 2026-11-27, alternating builds with an A/A tree): d128 causal 5000-16k
+  // +2.3..+2.5%, GQA 32/8 8k +1.4%, its short tier 2k-4k +0.8..+1.3% (1k even); d64 main 4k-16k +2.7..+3.6%; d256 8k
+  // +1.8%, 2k even, its short tier 1k +3.0%, 512 even; but head_dim 64's short tier lost (1k -3.1..-3.8%, 2k -5.0%):
+  // it keeps one loop.
+  const bool masked_loop = causal && !(head_dim == 64 && short_keys);
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0}
-                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, 2, 4, half_first, 0};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop}
+                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop};
   if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0}
-                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2}
-                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0};
+    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0,
+                                  masked_loop}
+                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop}
+                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
