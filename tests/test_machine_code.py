@@ -241,13 +241,14 @@ SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;", re.MULTILINE)
 
 
 def key_block_loops(sass):
-    """The instructions of each innermost loop (a backward branch's range holding no other such range) that holds a
-    `wgmma.wait_group 1`, in address order."""
+    """The instructions of each innermost loop that holds a `wgmma.wait_group 1`, in address order: a conditional
+    backward branch's range holding no other such range (the unconditional jumps back from the out-of-line retry
+    stubs of barrier waits close no loop)."""
     lines = [(int(a, 16), text) for a, text in SASS_LINE.findall(sass)]
     index = {address: i for i, (address, _) in enumerate(lines)}
     ranges = []
     for i, (address, text) in enumerate(lines):
-        m = re.search(r"\bBRA\s+`?\(?0x([0-9a-f]+)", text)
+        m = re.match(r"@!?U?P\w+\s+BRA\s+`?\(?0x([0-9a-f]+)", text)
         if not m or int(m.group(1), 16) >= address or int(m.group(1), 16) not in index:
             continue
         start = index[int(m.group(1), 16)]
