@@ -879,3 +879,29 @@ def test_ncu_stalls_tables(capsys):
     opcode_rows = out[out.index(next(line for line in out if line.startswith("opcode"))) + 1:]
     assert len(opcode_rows) == 5
     assert stalls.main([str(fixture), "--kernel", "no_such_kernel"]) == 2
+
+
+def _ab_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "ab.py"
+    spec = importlib.util.spec_from_file_location("bench_ab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ab_schedule_times_every_tree_alike():
+    """bench/ab.py: each round runs every tree's dhp once in a process of its own, in alternating order, and the
+    peers last in a process of their own, so no tree's dhp runs right after a peer in its own process."""
+    schedule = _ab_module().schedule
+    trees = [("main", "/t/main"), ("variant", "/t/variant"), ("aa", "/t/main")]
+    runs = schedule(trees, 4, peers=True)
+    assert len(runs) == 4 * 4
+    rounds = [runs[4 * r:4 * r + 4] for r in range(4)]
+    for r, round_runs in enumerate(rounds):
+        dhp_runs = [(name, path) for name, path, times_peers in round_runs if not times_peers]
+        assert dhp_runs == (trees if r % 2 == 0 else trees[::-1])
+        assert round_runs[-1] == ("peers", "/t/main", True)
+    assert all(not times_peers for _, _, times_peers in schedule(trees, 3, peers=False))
+    assert len(schedule(trees, 3, peers=False)) == 9

@@ -1,0 +1,88 @@
+"""A/B timing of dhp builds against each other: alternating source trees, one process per tree and round.
+
+    TREES="main=/path/to/tree variant=/path/to/other" SHAPES="bfloat16/128/2/8192/16/16/1 ..." \
+        [DIR=fwd|bwd] [ROUNDS=8] [REPS=20] [PEERS=cudnn] python bench/ab.py
+
+Each tree is a source tree whose python/ holds a built dhp (its _C extension). A shape is
+dtype/head_dim/batch/seqlen/heads_q/heads_kv/causal(0|1). Every round runs each tree's dhp in a process of its own
+over all shapes (the trees' order reversed every other round), then the peers (PEERS, dhp.bench backend names) in a
+process of their own: no dhp measurement follows another backend's run in the same process, so every tree times
+its kernels under the same conditions. (Timing a peer inside the first tree's process, right after each of its
+shapes, biased the first tree by up to 5-8% on some rows: bench/results/2026-11-27-h100-fwd-skip-unseen-block-ab.txt.)
+Listing the same tree twice gives an A/A pair, the noise floor of the call. Prints one row per shape: TFLOP/s, the
+median of the rounds' medians, and the ratio to the first tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+
+def schedule(trees: list[tuple[str, str]], rounds: int, peers: bool) -> list[tuple[str, str, bool]]:
+    """The processes of a call, in order: (name, tree path, whether it times the peers instead of dhp)."""
+    runs = []
+    for r in range(rounds):
+        runs += [(name, path, False) for name, path in (trees if r % 2 == 0 else trees[::-1])]
+        if peers:
+            runs.append(("peers", trees[0][1], True))
+    return runs
+
+
+def worker() -> None:
+    """Times dhp (or, with AB_PEERS, those backends) on SHAPES; prints one JSON line {case|backend: [ms, flops]}."""
+    import torch
+    from dhp import bench
+
+    names = os.environ["AB_PEERS"].split(",") if os.environ.get("AB_PEERS") else ["dhp"]
+    out = {}
+    for spec in os.environ["SHAPES"].split():
+        dtype, head_dim, batch, seqlen, heads_q, heads_kv, causal = spec.split("/")
+        case = bench.Case(dtype, int(head_dim), int(batch), int(seqlen), int(heads_q), int(heads_kv), causal == "1",
+                          os.environ.get("DIR", "fwd"))
+        torch.manual_seed(0)
+        q, k, v = bench.make_inputs(torch, case)
+        dout = torch.randn_like(q)
+        for name in names:
+            fn = bench.timed_call(torch, name, case, q, k, v, dout)
+            out[f"{case.name}|{name}"] = [bench.time_ms(torch, fn, reps=int(os.environ.get("REPS", 20)), warmup=3),
+                                          case.flops]
+    print("JSON " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    trees = [tuple(t.split("=", 1)) for t in os.environ["TREES"].split()]
+    peers = os.environ.get("PEERS", "")
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for name, path, times_peers in schedule(trees, int(os.environ.get("ROUNDS", 8)), bool(peers)):
+        env = dict(os.environ, AB_WORKER="1", AB_PEERS=peers if times_peers else "",
+                   PYTHONPATH=os.pathsep.join(p for p in [os.path.join(path, "python"), os.environ.get("PYTHONPATH")] if p))
+        done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
+        line = [l for l in done.stdout.splitlines() if l.startswith("JSON ")]
+        if not line:
+            sys.exit(f"{name}: no result\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        for key, (ms, flops) in json.loads(line[0][5:]).items():
+            results.setdefault((key, name), []).append((ms, flops))
+    cases = list(dict.fromkeys(key.split("|")[0] for key, _ in results))
+    base = trees[0][0]
+    for case in cases:
+        base_ms = statistics.median(ms for ms, _ in results[(case + "|dhp", base)])
+        flops = results[(case + "|dhp", base)][0][1]
+        row = f"{case:40}"
+        for name, _ in trees:
+            ms = statistics.median(ms for ms, _ in results[(case + "|dhp", name)])
+            row += f"  {name} {flops / ms / 1e9:6.1f} ({base_ms / ms:5.3f})"
+        for peer in filter(None, peers.split(",")):
+            ms = statistics.median(ms for ms, _ in results[(f"{case}|{peer}", "peers")])
+            row += f"  {peer} {flops / ms / 1e9:6.1f}"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("AB_WORKER"):
+        worker()
+    else:
+        main()
