@@ -14,7 +14,9 @@
 //     softmax overlaps the others' tensor-core work and, where the tile says so, its own PV. Finally O / rowsum goes to shared memory (over the
 //     warpgroup's own Q rows, or through a staging buffer of its own) and out via TMA store; the LSE is stored
 //     directly.
-// Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first.
+// Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first: the first
+// one is peeled out of the loop, and under a causal mask the others that need the mask run in a loop of their own
+// (FwdConfig::masked_loop), so the main loop has no mask code; a warpgroup skips a first block none of its rows sees.
 //
 // Constant time: trip counts, addresses and the masking branch depend only on shapes, options and
 // block indices; masking, -inf rows and NaN/inf values go through selects. Out-of-range rows and keys
