@@ -9,8 +9,9 @@ over all shapes (the trees' order reversed every other round), then the peers (P
 process of their own: no dhp measurement follows another backend's run in the same process, so every tree times
 its kernels under the same conditions. (Timing a peer inside the first tree's process, right after each of its
 shapes, biased the first tree by up to 5-8% on some rows: bench/results/2026-11-27-h100-fwd-skip-unseen-block-ab.txt.)
-Listing the same tree twice gives an A/A pair, the noise floor of the call. Prints one row per shape: TFLOP/s, the
-median of the rounds' medians, and the ratio to the first tree.
+Listing the same tree twice gives an A/A pair, the noise floor of the call. Prints the device and one row per shape:
+TFLOP/s, the median of the rounds' medians, and the ratio to the first tree. With JSON=path it also writes every
+round's milliseconds, the device, driver and versions, and each tree's build_info (its tile table) to that file.
 """
 
 from __future__ import annotations
@@ -50,35 +51,65 @@ def worker() -> None:
             fn = bench.timed_call(torch, name, case, q, k, v, dout)
             out[f"{case.name}|{name}"] = [bench.time_ms(torch, fn, reps=int(os.environ.get("REPS", 20)), warmup=3),
                                           case.flops]
+    print("ENV " + json.dumps(bench.environment(torch)), flush=True)
     print("JSON " + json.dumps(out), flush=True)
+
+
+def summarize(results: dict, trees: list[tuple[str, str]], peers: list[str]) -> list[dict]:
+    """One row per case from {(case|backend, process name): [(ms, flops) per round]}: TFLOP/s of the median of the
+    rounds (dhp of each tree, then each peer) and each tree's ratio to the first tree's time."""
+    cases = list(dict.fromkeys(key.split("|")[0] for key, _ in results))
+    rows = []
+    for case in cases:
+        flops = results[(case + "|dhp", trees[0][0])][0][1]
+        ms = {name: statistics.median(t for t, _ in results[(case + "|dhp", name)]) for name, _ in trees}
+        ms.update({peer: statistics.median(t for t, _ in results[(f"{case}|{peer}", "peers")]) for peer in peers})
+        rows.append({"case": case, "flops": flops,
+                     "tflops": {name: flops / t / 1e9 for name, t in ms.items()},
+                     "ratio": {name: ms[trees[0][0]] / ms[name] for name, _ in trees}})
+    return rows
+
+
+def format_row(row: dict, trees: list[tuple[str, str]], peers: list[str]) -> str:
+    text = f"{row['case']:40}"
+    for name, _ in trees:
+        text += f"  {name} {row['tflops'][name]:6.1f} ({row['ratio'][name]:5.3f})"
+    for peer in peers:
+        text += f"  {peer} {row['tflops'][peer]:6.1f}"
+    return text
 
 
 def main() -> None:
     trees = [tuple(t.split("=", 1)) for t in os.environ["TREES"].split()]
     peers = os.environ.get("PEERS", "")
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    environments: dict[str, dict] = {}
     for name, path, times_peers in schedule(trees, int(os.environ.get("ROUNDS", 8)), bool(peers)):
         env = dict(os.environ, AB_WORKER="1", AB_PEERS=peers if times_peers else "",
                    PYTHONPATH=os.pathsep.join(p for p in [os.path.join(path, "python"), os.environ.get("PYTHONPATH")] if p))
         done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
-        line = [l for l in done.stdout.splitlines() if l.startswith("JSON ")]
-        if not line:
+        lines = dict(l.split(" ", 1) for l in done.stdout.splitlines() if l.startswith(("JSON ", "ENV ")))
+        if "JSON" not in lines:
             sys.exit(f"{name}: no result\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        for key, (ms, flops) in json.loads(line[0][5:]).items():
+        environments.setdefault(name, json.loads(lines["ENV"]))
+        for key, (ms, flops) in json.loads(lines["JSON"]).items():
             results.setdefault((key, name), []).append((ms, flops))
-    cases = list(dict.fromkeys(key.split("|")[0] for key, _ in results))
-    base = trees[0][0]
-    for case in cases:
-        base_ms = statistics.median(ms for ms, _ in results[(case + "|dhp", base)])
-        flops = results[(case + "|dhp", base)][0][1]
-        row = f"{case:40}"
-        for name, _ in trees:
-            ms = statistics.median(ms for ms, _ in results[(case + "|dhp", name)])
-            row += f"  {name} {flops / ms / 1e9:6.1f} ({base_ms / ms:5.3f})"
-        for peer in filter(None, peers.split(",")):
-            ms = statistics.median(ms for ms, _ in results[(f"{case}|{peer}", "peers")])
-            row += f"  {peer} {flops / ms / 1e9:6.1f}"
-        print(row, flush=True)
+    peer_names = [p for p in peers.split(",") if p]
+    machine = environments[trees[0][0]]
+    print(f"{machine['device']}, driver {machine['driver']}, torch {machine['torch']}, cuDNN {machine['cudnn']}, "
+          f"{machine['date']}")
+    rows = summarize(results, trees, peer_names)
+    for row in rows:
+        print(format_row(row, trees, peer_names), flush=True)
+    if os.environ.get("JSON"):
+        document = {"method": "bench/ab.py", "trees": dict(trees), "peers": peer_names,
+                    "rounds": int(os.environ.get("ROUNDS", 8)), "reps": int(os.environ.get("REPS", 20)),
+                    "environment": {k: v for k, v in machine.items() if k != "dhp_build"},
+                    "builds": {name: environments[name].get("dhp_build") for name, _ in trees},
+                    "rows": rows,
+                    "rounds_ms": {f"{key}|{name}": [ms for ms, _ in values] for (key, name), values in results.items()}}
+        with open(os.environ["JSON"], "w") as f:
+            json.dump(document, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -905,3 +905,39 @@ def test_ab_schedule_times_every_tree_alike():
         assert round_runs[-1] == ("peers", "/t/main", True)
     assert all(not times_peers for _, _, times_peers in schedule(trees, 3, peers=False))
     assert len(schedule(trees, 3, peers=False)) == 9
+
+
+def test_ab_summarizes_rounds_and_writes_json(monkeypatch, tmp_path, capsys):
+    """bench/ab.py end to end with the worker processes replaced: each tree's TFLOP/s is the median of its rounds, the
+    ratio is to the first tree's time, and JSON= keeps every round, the device and each tree's build."""
+    ab = _ab_module()
+    times = {"main": [1.0, 1.3, 1.1], "fast": [0.5, 0.55, 0.7]}  # ms per round (medians 1.1, 0.55); peers 2.0
+    calls = {"main": 0, "fast": 0}
+
+    def fake_run(argv, env, capture_output, text):
+        tree = Path(env["PYTHONPATH"].split(os.pathsep)[0]).parent.name
+        machine = {"device": "GPU X", "driver": "1.2", "torch": "t", "cudnn": 9, "date": "d",
+                   "dhp_build": {"tree": tree}}
+        if env["AB_PEERS"]:
+            out = {"bf16 case|cudnn": [2.0, 4e9]}
+        else:
+            out = {"bf16 case|dhp": [times[tree][calls[tree]], 4e9]}
+            calls[tree] += 1
+        return SimpleNamespace(stdout=f"noise\nENV {json.dumps(machine)}\nJSON {json.dumps(out)}\n", stderr="")
+
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    path = tmp_path / "ab.json"
+    monkeypatch.setenv("TREES", f"main={tmp_path}/main fast={tmp_path}/fast")
+    monkeypatch.setenv("SHAPES", "unused")
+    monkeypatch.setenv("PEERS", "cudnn")
+    monkeypatch.setenv("ROUNDS", "3")
+    monkeypatch.setenv("JSON", str(path))
+    ab.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("GPU X, driver 1.2")
+    assert lines[1].split() == ["bf16", "case", "main", "3.6", "(1.000)", "fast", "7.3", "(2.000)", "cudnn", "2.0"]
+    doc = json.loads(path.read_text())
+    assert doc["rounds_ms"]["bf16 case|dhp|fast"] == [0.5, 0.55, 0.7]
+    assert doc["builds"] == {"main": {"tree": "main"}, "fast": {"tree": "fast"}}
+    assert doc["rows"][0]["ratio"] == {"main": 1.0, "fast": 2.0}
+    assert doc["environment"]["device"] == "GPU X" and "dhp_build" not in doc["environment"]
