@@ -320,11 +320,14 @@ struct FwdKernel {
           const int64_t row = wg_row0 + row_in_wg + 8 * h;
           const int64_t limit = Causal ? min(int64_t(p.seqlen_k), row + 1 + p.seqlen_k - p.seqlen_q)
                                          : int64_t(p.seqlen_k);
+          // Column col(i, lane) = col(i, 0) + col(0, lane): the lane's offset comes off the limit, so each register
+          // is compared with a constant (masked loops 29-37 instructions shorter a block; H100, bf16, 2026-11-27,
+          // eight alternating rounds with an A/A tree: causal d64 512-4k +0.7..+1.7%, the rest even).
           const int limit_in_block =
-              int(max(int64_t(-1), min(int64_t(kBlockN), limit - int64_t(n_block) * kBlockN)));
+              int(max(int64_t(-1), min(int64_t(kBlockN), limit - int64_t(n_block) * kBlockN))) - FragS::col(0, lane);
 #pragma unroll
           for (int i = 0; i < kCols / 2; ++i)
-            if (FragS::row_half(i) == h) s_cols[i] = FragS::col(i, lane) < limit_in_block ? s_cols[i] : -INFINITY;
+            if (FragS::row_half(i) == h) s_cols[i] = FragS::col(i, 0) < limit_in_block ? s_cols[i] : -INFINITY;
         }
       }
     };
