@@ -303,6 +303,34 @@ def test_forward_loop_masks_only_under_a_causal_mask():
     assert checked, "no forward kernel found"
 
 
+def vector_lop3(body):
+    """Vector-register LOP3s (bitwise ops, not the uniform datapath's ULOP3) among the instructions `body`."""
+    return sum(1 for t in body if re.match(r"(@!?U?P\w+\s+)?LOP3\b", t))
+
+
+def test_vector_lop3_pattern():
+    body = ["LOP3.LUT R4, R4, 0x3, RZ, 0xc0, !PT", "ULOP3.LUT UR4, UR4, 0x3, URZ, 0xc0, !UPT",
+            "@!P0 LOP3.LUT R5, R2, R3, RZ, 0xfc, !PT", "FSEL R24, R24, -INF , !P0"]
+    assert vector_lop3(body) == 2
+
+
+def test_forward_mask_compares_with_constants():
+    """The position mask takes the lane's column offset off the limit, so each score register is compared with a
+    compile-time column (one ISETP with an immediate): no per-register column arithmetic in a masking loop. Building
+    each register's column instead cost 18-43 LOP3s a masked loop (29-37 instructions a key block, causal head_dim 64
+    +0.7..+1.7%, docs/performance.md); the mask leaves 3-4."""
+    checked = 0
+    for name, sass in functions(cuobjdump("-sass")).items():
+        if not FWD_KERNEL.search(name):
+            continue
+        for body in key_block_loops(sass):
+            selects = masking_selects(body)
+            if selects:
+                assert 4 * vector_lop3(body) < selects, f"{name}: {vector_lop3(body)} LOP3 beside {selects} mask selects"
+                checked += 1
+    assert checked, "no masking forward loop found"
+
+
 ATTENTION_KERNEL = re.compile(r"attention_(fwd|bwd)_kernel")
 
 
