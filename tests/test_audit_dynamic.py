@@ -440,6 +440,11 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
     seqlens = [shape[1] for shape in counters.SHAPES] if tool == "counters" else [s[0] for s in determinism.SHAPES]
     for limit in sorted(limits):
         assert any(s <= limit for s in seqlens) and any(s > limit for s in seqlens), (tool, limit, seqlens)
+    for tile in (t for t in info["forward_tiles"] if t["split_tile"]):  # and the split tier by seqlen_q
+        short = max((t["max_seqlen_k"] or 0 for t in info["forward_tiles"]
+                     if (t["head_dim"], t["causal"]) == (tile["head_dim"], tile["causal"])), default=0)
+        split = [short < s <= tile["max_seqlen_q"] and (s - 1) % tile["block_m"] < 64 for s in seqlens]
+        assert any(split) and not all(split), (tool, tile, seqlens)
 
 
 def test_determinism_shapes_fall_on_both_sides_of_the_backward_dq_chains_limits(ext):

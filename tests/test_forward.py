@@ -18,6 +18,7 @@ SEQLENS = [
     (113, 203), (239, 1), (799, 3), (1, 239), (1023, 1024),
     (257, 512), (257, 513), (257, 1025), (257, 2048), (257, 2049),  # either side of the short-key tiers' limits
     (256, 2049), (1000, 2100),  # main tiers: an even number of query blocks, a partial last key block
+    (40, 700), (200, 1200),  # split tiers: one query tile; two, the second split, over 10 key blocks
 ]
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
@@ -49,6 +50,32 @@ def test_seqlens_reach_every_skipped_first_block(ext):
             assert reached, f"no SEQLENS pair in [{low}, {high}] keys makes a warpgroup skip a block of {tile}"
         else:  # the kernel leaves the skip out: with seqlen_q = seqlen_k the first block holds the whole diagonal
             assert not any(first_block_unseen(tile, n, n) for n in range(1, 16 * tile["block_m"], 7)), tile
+
+
+def short_keys_limit(tiles, tile):
+    """The short-key tier's seqlen_k limit of `tile`'s family (0: none)."""
+    return max((t["max_seqlen_k"] for t in tiles if (t["head_dim"], t["causal"]) == (tile["head_dim"], tile["causal"])
+                and t["max_seqlen_k"] is not None), default=0)
+
+
+def takes_split_tier(tiles, tile, seqlen_q, seqlen_k):
+    """Whether (seqlen_q, seqlen_k) runs split tier `tile` (attention_fwd.cuh, run_forward): where its family's main
+    tier would run, seqlen_q up to its limit with at most 64 rows in the last query tile."""
+    return (seqlen_k > short_keys_limit(tiles, tile) and seqlen_q <= tile["max_seqlen_q"]
+            and (seqlen_q - 1) % tile["block_m"] < 64)
+
+
+def test_seqlens_reach_every_split_tier(ext):
+    """Each split tier runs on SEQLENS with one query tile and with several, a partial last key block and a whole one
+    (its key blocks dealt to the warpgroups in every remainder), and SEQLENS also run its family's main tier."""
+    tiles = dhp.build_info()["forward_tiles"]
+    for tile in (t for t in tiles if t["split_tile"]):
+        reached = [p for p in SEQLENS if takes_split_tier(tiles, tile, *p)]
+        assert any(q <= 64 for q, _ in reached) and any(q > tile["block_m"] for q, _ in reached), (tile, reached)
+        assert {k % tile["block_n"] == 0 for _, k in reached} == {True, False}, (tile, reached)
+        blocks = {-(-k // tile["block_n"]) % tile["consumer_warpgroups"] for _, k in reached}
+        assert blocks == set(range(tile["consumer_warpgroups"])), (tile, reached)
+        assert any(k > short_keys_limit(tiles, tile) and not takes_split_tier(tiles, tile, q, k) for q, k in SEQLENS)
 
 
 def check_against_reference(torch, q, k, v, out, lse, causal, softmax_scale):

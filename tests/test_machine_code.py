@@ -223,9 +223,7 @@ def test_forward_softmax_runs_under_its_pv():
         if not m:
             continue
         head_dim, causal, tier = int(m.group(1)), m.group(2) == "1", int(m.group(3))
-        family = sorted((t for t in tiles if t["head_dim"] == head_dim and t["causal"] == causal),
-                        key=lambda t: t["max_seqlen_k"] is not None)
-        tile = family[tier]
+        (tile,) = (t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) == (head_dim, causal, tier))
         per_block = tile["block_n"] // 2  # exponentials of one key block per thread (its S fragment)
         counts = exp2_between_waits(sass)
         assert counts, f"{name}: no wgmma wait_group 1 in its SASS"
@@ -289,16 +287,15 @@ def test_forward_loop_masks_only_under_a_causal_mask():
         if not m:
             continue
         head_dim, causal, tier = int(m.group(1)), m.group(2) == "1", int(m.group(3))
-        family = sorted((t for t in tiles if t["head_dim"] == head_dim and t["causal"] == causal),
-                        key=lambda t: t["max_seqlen_k"] is not None)
+        (tile,) = (t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) == (head_dim, causal, tier))
         selects = sorted(masking_selects(body) for body in key_block_loops(sass))
         if not causal:
             ok = selects == [0]
-        elif family[tier]["masked_loop"]:
+        elif tile["masked_loop"]:
             ok = len(selects) == 2 and selects[0] == 0 < selects[1]
         else:
             ok = len(selects) == 1 and selects[0] > 0
-        assert ok, f"{name}: masking selects per key-block loop {selects} (causal {causal}, tile {family[tier]})"
+        assert ok, f"{name}: masking selects per key-block loop {selects} (causal {causal}, tile {tile})"
         checked += 1
     assert checked, "no forward kernel found"
 

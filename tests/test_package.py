@@ -50,17 +50,25 @@ def test_version_and_build_info(ext):
 
 
 def test_build_info_lists_the_forward_tiles(ext):
-    """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier."""
+    """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier and one
+    split tier (the main tier's tiles with split_tile, up to max_seqlen_q)."""
     info = dhp.build_info()
     tiles = info["forward_tiles"]
-    keys = {"head_dim", "causal", "max_seqlen_k", "block_m", "block_n", "stages", "q_buffers", "consumer_warpgroups",
-            "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes", "masked_loop"}
+    keys = {"head_dim", "causal", "tier", "max_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages", "q_buffers",
+            "consumer_warpgroups", "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes",
+            "masked_loop", "split_tile"}
     assert tiles and all(set(t) == keys for t in tiles)
     for head_dim in info["head_dims"]:
         for causal in (False, True):
             family = [t for t in tiles if t["head_dim"] == head_dim and t["causal"] == causal]
-            assert [t["max_seqlen_k"] for t in family if t["max_seqlen_k"] is None] == [None], family
-            assert len(family) <= 2 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
+            assert [t["tier"] for t in family] == list(range(len(family))), family
+            main = [t for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None]
+            assert len(main) == 1 and not main[0]["split_tile"], family
+            split = [t for t in family if t["split_tile"]]
+            assert all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in split) and len(split) <= 1
+            assert all({**t, "tier": 0, "max_seqlen_q": None, "split_tile": False} == main[0] for t in split), family
+            assert all((t["max_seqlen_q"] is None) == (not t["split_tile"]) for t in family), family
+            assert len(family) <= 3 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
             assert all(t["block_m"] == 64 * t["consumer_warpgroups"] and t["block_n"] % 16 == 0 for t in family)
             assert all(t["stages"] >= 2 for t in family if t["softmax_under_pv"])
             assert all(t["softmax_chains"] in (1, 2, 4, 8) for t in family)

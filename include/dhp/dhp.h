@@ -47,9 +47,10 @@ DHP_API const char* dhp_version(void);
  * "backward_two_dq_chains_max_seqlen_k", "backward_two_dq_chains_min_seqlen_k", "backward_paired_key_blocks_head_dims",
  * "backward_unpaired_max_seqlen_k", "backward_causal_paired_min_group", "backward_causal_split_walks_over",
  * "backward_causal_head_halves_min_group"}.
- * "forward_tiles" lists the forward's tile configurations: {"head_dim", "causal", "max_seqlen_k" (null: any
- * seqlen_k; else the short-key tier's limit, which takes precedence up to it), "block_m", "block_n", "stages",
- * "q_buffers", "consumer_warpgroups"}.
+ * "forward_tiles" lists the forward's tile configurations: {"head_dim", "causal", "tier", "max_seqlen_k" (null: any
+ * seqlen_k; else the short-key tier's limit, which takes precedence up to it), "max_seqlen_q" (null; else the split
+ * tier's limit: up to it, a seqlen_q whose last query tile holds at most 64 rows takes that tier where the main tier
+ * would run), "block_m", "block_n", "stages", "q_buffers", "consumer_warpgroups", "split_tile", ...}.
  * Causal forwards with seqlen_k <= "persistent_causal_max_seqlen_k" run on a persistent grid; longer ones take
  * the heads in sections whose K and V fit "causal_section_bytes", heaviest query blocks first (tile order only:
  * the results do not depend on it).

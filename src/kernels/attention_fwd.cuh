@@ -17,6 +17,10 @@
 // Key blocks run from last to first so the masked blocks (causal diagonal, seqlen_k tail) come first: the first
 // one is peeled out of the loop, and under a causal mask the others that need the mask run in a loop of their own
 // (FwdConfig::masked_loop), so the main loop has no mask code; a warpgroup skips a first block none of its rows sees.
+// A split tile (FwdConfig::split_tile: a last query tile of at most 64 rows, in a tier of its own) runs those rows on
+// every consumer warpgroup, each against every kConsumers-th key block with a softmax and O of its own, and the first
+// warpgroup joins the three in order: the tile takes about a third of the time of one whose other warpgroups
+// compute on padding.
 //
 // Constant time: trip counts, addresses and the masking branch depend only on shapes, options and
 // block indices; masking, -inf rows and NaN/inf values go through selects. Out-of-range rows and keys
@@ -67,6 +71,7 @@ enum class FwdBarrier : int {
   kSyncThreads = 0,    // reserved: __syncthreads
   kEpilogueFirst = 1,  // + consumer index: a consumer warpgroup's own 128 threads
   kTurnFirst = 5,      // + consumer index: "your turn to issue GEMMs" (this warpgroup + the one before)
+  kSplitJoin = 15,     // a split tile's warpgroups: partial results written / read (FwdConfig::split_tile)
 };
 
 // Consumer warpgroups take turns issuing GEMMs, round robin. Each turn is wait(own barrier) -> issue ->
@@ -96,6 +101,17 @@ struct alignas(1024) OStage {
 template <int BoxBytes>
 struct OStage<0, BoxBytes> {};
 
+// A split tile's partial results (FwdConfig::split_tile) of the warpgroups after the first, which joins them: O's
+// fragment, the raw row maxima and each thread's share of the row sums, register by register, thread-contiguous.
+template <int Partials, int ORegs>
+struct SplitPartials {
+  float split_o[Partials][ORegs][128];
+  float split_max[Partials][2][128];
+  float split_sum[Partials][2][128];
+};
+template <int ORegs>
+struct SplitPartials<0, ORegs> {};
+
 template <class T, int HeadDim, bool Causal, int Tier>
 struct FwdKernel {
   static constexpr FwdConfig kCfg = fwd_config(HeadDim, Causal, Tier);
@@ -114,6 +130,7 @@ struct FwdKernel {
   // of which every warpgroup sees a part: there the branch is left out (it would be taken for uneven seqlens only).
   static constexpr bool kMaySkipFirstBlock = Causal && kBlockN % kBlockM != 0;
   static constexpr bool kMaskedLoop = Causal && kCfg.masked_loop;  // consume_tile, next_block
+  static constexpr bool kSplitTile = kCfg.split_tile;  // split_tile
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
   // With a staging buffer of its own, O leaves in passes of kOPassBoxes boxes, and a warpgroup's Q rows are free
@@ -124,7 +141,8 @@ struct FwdKernel {
   static constexpr uint32_t kQBytes = kCfg.tile_bytes(kBlockM, sizeof(T));
   static constexpr uint32_t kKVBytes = kCfg.tile_bytes(kBlockN, sizeof(T));
 
-  struct alignas(1024) Smem : OStage<kOwnOStage ? kConsumers * kOPassBoxes : 0, kBoxBytesQ> {
+  struct alignas(1024) Smem : OStage<kOwnOStage ? kConsumers * kOPassBoxes : 0, kBoxBytesQ>,
+                              SplitPartials<kSplitTile ? kConsumers - 1 : 0, HeadDim / 2> {
     alignas(1024) uint8_t q[kQBuffers][kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
     alignas(1024) uint8_t k[kStages][kBoxes][kBoxBytesKV];
     alignas(1024) uint8_t v[kStages][kBoxes][kBoxBytesKV];
@@ -135,8 +153,10 @@ struct FwdKernel {
   static constexpr size_t kSmemBytes = sizeof(Smem) + 1024;  // + slack to align the dynamic base
   static_assert(kSmemBytes <= 232448, "shared memory over the 227 KB per-block limit");
   static_assert(kBoxBytesKV % 1024 == 0 && kBoxBytesQ % 1024 == 0, "boxes must keep 1024-byte alignment");
-  static_assert(kConsumers >= 2 && int(FwdBarrier::kEpilogueFirst) + kConsumers <= int(FwdBarrier::kTurnFirst),
-                "named-barrier ids of the epilogue and the GEMM turns must not overlap");
+  static_assert(kConsumers >= 2 && int(FwdBarrier::kEpilogueFirst) + kConsumers <= int(FwdBarrier::kTurnFirst) &&
+                    int(FwdBarrier::kTurnFirst) + kConsumers <= int(FwdBarrier::kSplitJoin),
+                "named-barrier ids of the epilogue, the GEMM turns and the split join must not overlap");
+  static_assert(!kSplitTile || !kOwnOStage, "a split tile's O leaves through the first warpgroup's Q rows");
 
   struct Tile {
     int m_block, head, batch;
@@ -153,11 +173,24 @@ struct FwdKernel {
 
   // The CTA's tile of round k (G = gridDim.x tiles per round): position c = blockIdx.x in even rounds and
   // G-1-c in odd ones, so a CTA that drew an expensive causal tile in one round draws a cheap one in the
-  // next even when G is a multiple of the number of query blocks. -1 once past the list (only the last
+  // next even when G is a multiple of the number of query blocks. With split tiles (FwdConfig::split_tile: one a
+  // head, its first in the list, taking about a third of a tile's time) position (c + k) mod G instead: where G is a
+  // multiple of the query blocks (132 SMs, 6 or 22 tiles a head) the snake gives every split tile to the same few
+  // CTAs, the rotation deals them to all in turn (counted by list scheduling, head_dim 64 at 1k: the busiest CTA's
+  // 24 tiles either way with the snake, 21.8 tile times with the rotation). -1 once past the list (only the last
   // round can be partial, so the first -1 ends the CTA's work).
   __device__ static int tile_of_round(const FwdKernelParams& p, int k) {
-    const int64_t t = int64_t(k) * gridDim.x + ((k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+    const int64_t t = int64_t(k) * gridDim.x + (kSplitTile ? (blockIdx.x + k) % gridDim.x
+                                                            : (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
     return t < p.num_tiles ? int(t) : -1;
+  }
+
+  // Whether the tile is split: its rows all fall to its first warpgroup (the last query block, seqlen_q's last 64
+  // rows or fewer), so every warpgroup takes those rows, against every kConsumers-th of the key blocks, and the first
+  // joins their results in warpgroup order. Shapes only: a row's result depends on seqlen_q through it, never on
+  // values or on the rest of the batch.
+  __device__ static bool split_tile(const FwdKernelParams& p, int m_block) {
+    return kSplitTile && int64_t(m_block) * kBlockM + kWgRows >= p.seqlen_q;
   }
 
   // Position in the K/V ring, counted over all key blocks of all the CTA's tiles.
@@ -215,11 +248,12 @@ struct FwdKernel {
       const int n_blocks = key_blocks(p, tile.m_block);
       const int kv_head = tile.head / p.q_heads_per_kv;
       const int qb = tile_count % kQBuffers;
+      const int wg_rows = split_tile(p, tile.m_block) ? 0 : kWgRows;  // a split tile: the first 64 rows for all
       hopper::mbarrier_wait(&s.q_empty[qb], ((tile_count / kQBuffers) & 1) ^ 1);
       hopper::mbarrier_arrive_expect_tx(&s.q_full[qb], kQBytes);
       for (int wg = 0; wg < kConsumers; ++wg)
         for (int b = 0; b < kBoxes; ++b)
-          hopper::tma_load_4d(s.q[qb][wg][b], &p.q, b * 64, tile.m_block * kBlockM + wg * kWgRows, tile.head,
+          hopper::tma_load_4d(s.q[qb][wg][b], &p.q, b * 64, tile.m_block * kBlockM + wg * wg_rows, tile.head,
                               tile.batch, &s.q_full[qb]);
 
       for (int it = 0; it < n_blocks; ++it, ++ring.count) {
@@ -245,8 +279,11 @@ struct FwdKernel {
   // pass, under its first QK^T, before it writes that buffer again.
   static constexpr bool kDeferStoreWait = kQBuffers >= 2 || kOwnOStage;
   struct PendingStore {
-    int qb = -1;          // the Q buffer to free, -1 if none
-    bool stored = false;  // whether a store from shared memory is in flight
+    int qb = -1;  // the Q buffer to free, -1 if none
+    // Whether a store from shared memory is in flight. An int in the split tier's kernel: there ptxas packed the bool
+    // into the low byte of a register that held a row sum (PRMT), which the SASS audit, tracking whole registers,
+    // takes for a value reaching the branch around the store wait. The other kernels keep their code as it was.
+    std::conditional_t<kSplitTile, int, bool> stored = false;
   };
   // Thread 0 of a consumer warpgroup: the store has read shared memory; the producer may refill the Q buffer (with
   // O's own buffer, freed already).
@@ -289,7 +326,8 @@ struct FwdKernel {
     using FragO = AccFragment<HeadDim>;
     const int t = threadIdx.x % 128;
     const int lane = t % 32;
-    const int wg_row0 = tile.m_block * kBlockM + consumer * kWgRows;
+    const bool split = split_tile(p, tile.m_block);
+    const int wg_row0 = tile.m_block * kBlockM + (split ? 0 : consumer * kWgRows);  // a split tile: WG 0's rows
     const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
     const int qb = tile_count % kQBuffers;
     uint8_t(&q_tile)[kBoxes][kBoxBytesQ] = s.q[qb][consumer];
@@ -377,7 +415,67 @@ struct FwdKernel {
     constexpr bool kEarlyV = kCfg.softmax_under_pv > 0;
     constexpr bool kSplitSoftmax = kCfg.softmax_under_pv == 1;
     hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
-    if (n_blocks > 0) {
+    if (split) {
+      if constexpr (kSplitTile) {
+        // Key block `it` of the ring goes to warpgroup it % kConsumers, which runs it through unpipelined (QK^T, mask,
+        // softmax, O's rescale, P V, each waited for), so both its slots go back when it is done; the three
+        // warpgroups' blocks overlap one another. The others only hand its slots back.
+        if (t == 0) free_q_buffer(s, previous);
+        // Hands back the slots of the ring's blocks before `end` that another warpgroup takes.
+        auto pass_blocks = [&](int end) {
+          for (; ring.count < end; ++ring.count) {
+            hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
+            hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
+            hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
+            hopper::mbarrier_arrive(&s.v_empty[ring.stage()]);
+          }
+        };
+        const int first = ring.count;
+        for (int it = consumer; it < n_blocks; it += kConsumers) {
+          pass_blocks(first + it);
+          const int stage = ring.stage();
+          hopper::mbarrier_wait(&s.k_full[stage], ring.phase());
+          issue_qk(stage);
+          hopper::wgmma_wait<0>();
+          hopper::fence_registers(acc_s);
+          hopper::mbarrier_arrive(&s.k_empty[stage]);
+          float rescale[2];
+          mask_and_softmax(n_blocks - 1 - it, rescale, AllCols{});
+          rescale_o(rescale);
+          pack_p();
+          hopper::mbarrier_wait(&s.v_full[stage], ring.phase());
+          issue_pv(stage);
+          retire_pv(stage);
+          ++ring.count;
+        }
+        pass_blocks(first + n_blocks);
+        // The join: warpgroups 1.. leave O, the row maxima and sums in shared memory; warpgroup 0 takes them in order.
+        if (consumer > 0) {
+#pragma unroll
+          for (int i = 0; i < FragO::kRegs; ++i) s.split_o[consumer - 1][i][t] = acc_o[i];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            s.split_max[consumer - 1][h][t] = softmax.row_max[h];
+            s.split_sum[consumer - 1][h][t] = softmax.row_sum[h];
+          }
+        }
+        hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), 128 * kConsumers);
+        if (consumer == 0) {
+#pragma unroll
+          for (int w = 0; w < kConsumers - 1; ++w) {
+            const float other_max[2] = {s.split_max[w][0][t], s.split_max[w][1][t]};
+            const float other_sum[2] = {s.split_sum[w][0][t], s.split_sum[w][1][t]};
+            float mine[2], theirs[2];
+            softmax.join(other_max, other_sum, mine, theirs);
+#pragma unroll
+            for (int i = 0; i < FragO::kRegs; ++i)
+              acc_o[i] = fmaf(s.split_o[w][i][t], theirs[FragO::row_half(i)], acc_o[i] * mine[FragO::row_half(i)]);
+          }
+        }
+        hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), 128 * kConsumers);  // read before the next split tile
+        if (consumer > 0) return PendingStore{qb, false};  // its rows are past seqlen_q: nothing to store
+      }
+    } else if (n_blocks > 0) {
       float rescale[2];
       // A first block none of this warpgroup's rows sees (causal, beyond the diagonal's end): its turn passes without
       // GEMMs and its slots go back unread, so the tensor cores serve the other warpgroups. A warpgroup misses at
@@ -636,12 +734,17 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   return succeed();
 }
 
-// The family's tier (fwd_config.h) by seqlen_k.
+// The family's tier (fwd_config.h) by seqlen_k and, for the split tiles, seqlen_q.
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
-  if constexpr (fwd_tiers(HeadDim, Causal) == 2) {
+  if constexpr (fwd_tiers(HeadDim, Causal) >= 2) {
     if (prm.seqlen_k <= fwd_short_keys(HeadDim, Causal))
       return launch_forward_tier<DT, HeadDim, Causal, kTierShortKeys>(prm, stream);
+  }
+  if constexpr (fwd_tiers(HeadDim, Causal) == 3) {
+    constexpr int kRows = fwd_config(HeadDim, Causal, kTierSplitTile).block_m;
+    if (prm.seqlen_q <= fwd_split_max_seqlen_q(HeadDim, Causal) && (prm.seqlen_q - 1) % kRows < 64)
+      return launch_forward_tier<DT, HeadDim, Causal, kTierSplitTile>(prm, stream);
   }
   return launch_forward_tier<DT, HeadDim, Causal, kTierMain>(prm, stream);
 }

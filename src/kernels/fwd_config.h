@@ -26,6 +26,9 @@ struct FwdConfig {
                             // buffer is free once the tile's last QK^T has completed (attention_fwd.cuh)
   bool masked_loop;         // causal: the key blocks after the first that need the mask run in a loop of their own,
                             // then the rest in a loop without mask code; false: one loop, a mask check per block
+  bool split_tile;          // a tile whose rows all fall to its first warpgroup (seqlen_q's last 64 or fewer) has its
+                            // key blocks dealt round robin to the warpgroups, each with a softmax and O of its own,
+                            // joined in a fixed order (attention_fwd.cuh, split_tile); tiles go to CTAs in rotation
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -37,6 +40,12 @@ struct FwdConfig {
 // through it (as they do through the key count itself), never on values or on the rest of the batch.
 constexpr int kTierMain = 0;
 constexpr int kTierShortKeys = 1;
+// A third, kTierSplitTile: the main tier's tiles with split_tile, for seqlen_q up to fwd_split_max_seqlen_q(...) > 0
+// whose last query tile holds at most 64 rows (fwd_takes_split_tier), a public shape as well. Its kernel is a kernel
+// of its own: with the split tile's code beside it ptxas schedules the main tier's key-block loop differently (nine
+// more uniform-datapath instructions a block, its QK^T descriptors rebuilt between the wgmmas; head_dim 64, 8k keys
+// -1..-3% in two calls), so the other shapes keep the plain main tier.
+constexpr int kTierSplitTile = 2;
 // Without a causal mask head_dim 64 and 256 take their short tiers up to 512 keys, where 192-row tiles pad 512 query
 // rows to 576 and 80-key blocks pad 512 keys to 560 (H100, bf16, 2026-11-26, six alternating rounds: d64 512 keys
 // 360 -> 365 TFLOP/s, d256 512 keys 470 -> 482, 500 keys 451 -> 460; 1k is the main tiers', even in the same call).
@@ -48,7 +57,13 @@ constexpr int fwd_short_keys(int head_dim, bool causal) {
   if (!causal) return 512;
   return head_dim == 64 ? 2048 : 1024;
 }
-constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_short_keys(head_dim, causal) > 0 ? 2 : 1; }
+// Head_dim 64 without a mask: 192-row tiles leave 64 rows in the last tile at 640, 1k (1024 = 5 x 192 + 64), 4k; H100,
+// bf16, 2026-11-27, alternating builds in two calls (bench/results/2026-11-27-h100-fwd-split-tile-ab.txt): 640 keys
+// +16%, 1000 / 1024 +11..+12%, 4k +3%; at 16k (one tile in 86) it lost 0.7%.
+constexpr int fwd_split_max_seqlen_q(int head_dim, bool causal) { return head_dim == 64 && !causal ? 4096 : 0; }
+constexpr int fwd_tiers(int head_dim, bool causal) {
+  return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? 3 : fwd_short_keys(head_dim, causal) > 0 ? 2 : 1;
+}
 
 // Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond
 // (attention_fwd.cuh, launch_forward_tier, says why).
@@ -109,15 +124,19 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // +1.8%, 2k even. Head_dim 64's short tier lost (1k -3.1..-3.8%, 2k -5.0%) and head_dim 256's (1k +3.0%, 512 even)
   // had ptxas put WARPSYNCs before its GEMMs (test_collective_operands_are_warp_uniform): both keep one loop.
   const bool masked_loop = causal && (head_dim == 128 || !short_keys);
+  // split_tile: in kTierSplitTile alone. Head_dim 64's main tier has four K/V stages (two before; H100, bf16,
+  // 2026-11-27, alternating builds in one call: 640-16k +1.3..+3.8%, causal 4k / 8k even); the split tile gains the
+  // same beside either (1k: two stages +9.5% over two, four +8.4% over four).
+  const bool split = tier == kTierSplitTile;
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop}
-                      : FwdConfig{64, 192, 128, 2, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false}
+                      : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split};
   if (head_dim == 128)
     return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0,
-                                  masked_loop}
-                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop}
-                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop};
+                                  masked_loop, false}
+                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false}
+                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop, false};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
@@ -127,6 +146,7 @@ constexpr bool fwd_config_valid(const FwdConfig& c) {
          c.softmax_chains >= 1 && (c.softmax_chains & (c.softmax_chains - 1)) == 0 &&
          (!c.half_first_block || c.block_n / 2 % 16 == 0) &&
          (c.o_stage_boxes == 0 || (c.head_dim / 64) % c.o_stage_boxes == 0) &&
+         (!c.split_tile || c.o_stage_boxes == 0) &&
          register_budget_fits(c.consumer_warpgroups, c.producer_regs, c.consumer_regs);
 }
 

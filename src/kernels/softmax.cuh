@@ -115,6 +115,23 @@ struct OnlineSoftmax {
     }
   }
 
+  // Joins the softmax of the same rows over other keys (its raw running maxima and this thread's share of its
+  // sums): `mine` and `theirs` are the factors that bring this side's and the other side's output onto the joint
+  // maximum (O = O * mine + O_other * theirs). Joins applied in a fixed order give deterministic results (not the bits
+  // of one pass over all the keys). Rows that have seen no key on either side keep a maximum of -inf and a sum of 0.
+  __device__ __forceinline__ void join(const float (&other_max)[2], const float (&other_sum)[2], float (&mine)[2],
+                                       float (&theirs)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float new_max = fmaxf(row_max[h], other_max[h]);
+      const float joint_shift = new_max == -INFINITY ? 0.f : new_max * scale_log2;
+      mine[h] = hopper::exp2_approx(row_max[h] * scale_log2 - joint_shift);
+      theirs[h] = hopper::exp2_approx(other_max[h] * scale_log2 - joint_shift);
+      row_sum[h] = fmaf(other_sum[h], theirs[h], row_sum[h] * mine[h]);
+      row_max[h] = new_max;
+    }
+  }
+
   // After the last step: 1/sum per row half (0 for rows that saw no key) and the natural-log LSE
   // (-inf for such rows). NaN sums stay NaN. Approximate reciprocal and log2 (one MUFU op each): IEEE
   // division and log2f branch to slow paths on inf/NaN/huge sums, a value-dependent branch.
