@@ -416,10 +416,11 @@ struct FwdKernel {
     constexpr bool kSplitSoftmax = kCfg.softmax_under_pv == 1;
     hopper::mbarrier_wait(&s.q_full[qb], (tile_count / kQBuffers) & 1);
     if (split) {
-      if constexpr (kSplitTile) {
+      if constexpr (kSplitTile) {  // compiled in the split tier's kernel alone (fwd_config.h, kTierSplitTile)
         // Key block `it` of the ring goes to warpgroup it % kConsumers, which runs it through unpipelined (QK^T, mask,
-        // softmax, O's rescale, P V, each waited for), so both its slots go back when it is done; the three
-        // warpgroups' blocks overlap one another. The others only hand its slots back.
+        // softmax, O's rescale, P V, each waited for), so both its slots go back when it is done; the warpgroups'
+        // blocks overlap one another. The others only hand its slots back. The loop steps over the warpgroup's own
+        // blocks: with a wgmma under a per-block condition instead, ptxas serialised every wgmma of the kernel.
         if (t == 0) free_q_buffer(s, previous);
         // Hands back the slots of the ring's blocks before `end` that another warpgroup takes.
         auto pass_blocks = [&](int end) {
