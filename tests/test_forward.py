@@ -19,15 +19,30 @@ SEQLENS = [
     (257, 512), (257, 513), (257, 1025), (257, 2048), (257, 2049),  # either side of the short-key tiers' limits
     (256, 2049), (1000, 2100),  # main tiers: an even number of query blocks, a partial last key block
     (40, 700), (200, 1200),  # split tiers: one query tile; two, the second split, over 10 key blocks
+    (40, 2300), (200, 2700),  # and under a causal mask: 18 and 22 key blocks
 ]
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
 
+def tier_of(tiles, head_dim, causal, seqlen_q, seqlen_k):
+    """The tier run_forward takes (attention_fwd.cuh): the short-key tier up to its seqlen_k limit, else the split tier
+    up to its seqlen_q limit where the last query tile holds at most 64 rows, else the main tier."""
+    family = [t for t in tiles if (t["head_dim"], t["causal"]) == (head_dim, causal)]
+    for t in family:
+        if t["max_seqlen_k"] is not None and seqlen_k <= t["max_seqlen_k"]:
+            return t["tier"]
+    for t in family:
+        if t["split_tile"] and seqlen_q <= t["max_seqlen_q"] and (seqlen_q - 1) % t["block_m"] < 64:
+            return t["tier"]
+    return next(t["tier"] for t in family if t["max_seqlen_k"] is None and not t["split_tile"])
+
+
 def first_block_unseen(tile, seqlen_q, seqlen_k):
     """Whether some warpgroup of some query tile skips its tile's first key block (attention_fwd.cuh, block_unseen):
-    causal, none of its 64 rows sees a key of it. The kernel's rule, on shapes alone."""
+    causal, none of its 64 rows sees a key of it. The kernel's rule, on shapes alone; a split tier's last query tile
+    takes the split path instead."""
     block_m, block_n = tile["block_m"], tile["block_n"]
-    for m_block in range(-(-seqlen_q // block_m)):
+    for m_block in range(-(-seqlen_q // block_m) - (1 if tile["split_tile"] else 0)):
         last_col = (m_block + 1) * block_m - 1 + seqlen_k - seqlen_q
         n_blocks = 0 if last_col < 0 else min(-(-seqlen_k // block_n), last_col // block_n + 1)
         for consumer in range(tile["consumer_warpgroups"] - 1):
@@ -40,42 +55,38 @@ def first_block_unseen(tile, seqlen_q, seqlen_k):
 def test_seqlens_reach_every_skipped_first_block(ext):
     """Each causal tile whose key blocks do not tile its query tile's end (block_n not a multiple of block_m) has
     warpgroups that skip an unseen first key block: SEQLENS must take that path in every such tier."""
-    tiles = [t for t in dhp.build_info()["forward_tiles"] if t["causal"]]
-    for tile in tiles:
-        family = [t["max_seqlen_k"] for t in tiles if t["head_dim"] == tile["head_dim"] and t is not tile]
-        low = family[0] + 1 if tile["max_seqlen_k"] is None and family else 1
-        high = tile["max_seqlen_k"] or math.inf
+    tiles = dhp.build_info()["forward_tiles"]
+    for tile in (t for t in tiles if t["causal"]):
         if tile["block_n"] % tile["block_m"]:
-            reached = [p for p in SEQLENS if low <= p[1] <= high and first_block_unseen(tile, *p)]
-            assert reached, f"no SEQLENS pair in [{low}, {high}] keys makes a warpgroup skip a block of {tile}"
+            reached = [p for p in SEQLENS if tier_of(tiles, tile["head_dim"], True, *p) == tile["tier"]
+                       and first_block_unseen(tile, *p)]
+            assert reached, f"no SEQLENS pair of its tier makes a warpgroup skip a block of {tile}"
         else:  # the kernel leaves the skip out: with seqlen_q = seqlen_k the first block holds the whole diagonal
             assert not any(first_block_unseen(tile, n, n) for n in range(1, 16 * tile["block_m"], 7)), tile
 
 
-def short_keys_limit(tiles, tile):
-    """The short-key tier's seqlen_k limit of `tile`'s family (0: none)."""
-    return max((t["max_seqlen_k"] for t in tiles if (t["head_dim"], t["causal"]) == (tile["head_dim"], tile["causal"])
-                and t["max_seqlen_k"] is not None), default=0)
-
-
-def takes_split_tier(tiles, tile, seqlen_q, seqlen_k):
-    """Whether (seqlen_q, seqlen_k) runs split tier `tile` (attention_fwd.cuh, run_forward): where its family's main
-    tier would run, seqlen_q up to its limit with at most 64 rows in the last query tile."""
-    return (seqlen_k > short_keys_limit(tiles, tile) and seqlen_q <= tile["max_seqlen_q"]
-            and (seqlen_q - 1) % tile["block_m"] < 64)
+def split_tile_blocks(tile, seqlen_q, seqlen_k):
+    """Key blocks of the last query tile (attention_fwd.cuh, key_blocks)."""
+    blocks = -(-seqlen_k // tile["block_n"])
+    if not tile["causal"]:
+        return blocks
+    last_col = -(-seqlen_q // tile["block_m"]) * tile["block_m"] - 1 + seqlen_k - seqlen_q
+    return 0 if last_col < 0 else min(blocks, last_col // tile["block_n"] + 1)
 
 
 def test_seqlens_reach_every_split_tier(ext):
-    """Each split tier runs on SEQLENS with one query tile and with several, a partial last key block and a whole one
-    (its key blocks dealt to the warpgroups in every remainder), and SEQLENS also run its family's main tier."""
+    """Each split tier runs on SEQLENS with one query tile and with several, and with its key blocks dealt to the
+    warpgroups in every remainder; the non-causal ones with a partial last key block and a whole one; and SEQLENS
+    also run each family's main tier."""
     tiles = dhp.build_info()["forward_tiles"]
     for tile in (t for t in tiles if t["split_tile"]):
-        reached = [p for p in SEQLENS if takes_split_tier(tiles, tile, *p)]
+        family = (tile["head_dim"], tile["causal"])
+        reached = [(q, k) for q, k in SEQLENS if tier_of(tiles, *family, q, k) == tile["tier"]]
         assert any(q <= 64 for q, _ in reached) and any(q > tile["block_m"] for q, _ in reached), (tile, reached)
-        assert {k % tile["block_n"] == 0 for _, k in reached} == {True, False}, (tile, reached)
-        blocks = {-(-k // tile["block_n"]) % tile["consumer_warpgroups"] for _, k in reached}
+        assert tile["causal"] or {k % tile["block_n"] == 0 for _, k in reached} == {True, False}, (tile, reached)
+        blocks = {split_tile_blocks(tile, q, k) % tile["consumer_warpgroups"] for q, k in reached}
         assert blocks == set(range(tile["consumer_warpgroups"])), (tile, reached)
-        assert any(k > short_keys_limit(tiles, tile) and not takes_split_tier(tiles, tile, q, k) for q, k in SEQLENS)
+        assert any(tier_of(tiles, *family, q, k) == 0 for q, k in SEQLENS), tile
 
 
 def check_against_reference(torch, q, k, v, out, lse, causal, softmax_scale):

@@ -88,9 +88,10 @@ DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", 
 # backward's on GQA (heavy first from "backward_causal_heavy_first_min_group" query heads per K/V head, in halves of
 # the query heads from "backward_causal_head_halves_min_group", in pairs of key blocks from
 # "backward_causal_paired_min_group") and, for MHA, on seqlen_q
-# ("backward_causal_split_walks_over"), and head_dim 64's on seqlen_q (its split tier, "max_seqlen_q": seqlen 1000):
-# the shapes fall on both sides of every such limit, so each compiled kernel, grid and walk runs (tests check this).
-SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 1000, 4, 1))
+# ("backward_causal_split_walks_over"), and head_dim 64's forward on seqlen_q (its split tiers, "max_seqlen_q":
+# seqlen 2305, one row past twelve 192-row tiles): the shapes fall on both sides of every such limit, so each
+# compiled kernel, grid and walk runs (tests check this).
+SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 2305, 4, 1))
 KERNEL_REGEX = "attention_fwd_kernel"
 BACKWARD_KERNEL_REGEX = "attention_bwd_kernel"  # the backward's main kernel (not its prep and post kernels)
 
