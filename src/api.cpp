@@ -648,11 +648,12 @@ const char* build_info_json() {
                         "\"max_seqlen_q\": %s, \"block_m\": %d, "
                         "\"block_n\": %d, \"stages\": %d, \"q_buffers\": %d, \"consumer_warpgroups\": %d, "
                         "\"softmax_under_pv\": %d, \"softmax_chains\": %d, \"half_first_block\": %s, "
-                        "\"o_stage_boxes\": %d, \"masked_loop\": %s, \"split_tile\": %s}",
+                        "\"o_stage_boxes\": %d, \"masked_loop\": %s, \"split_tile\": %s, \"key_splits\": %s}",
                         tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", tier, limit, limit_q,
                         c.block_m, c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups, c.softmax_under_pv,
                         c.softmax_chains, c.half_first_block ? "true" : "false", c.o_stage_boxes,
-                        c.masked_loop ? "true" : "false", c.split_tile ? "true" : "false");
+                        c.masked_loop ? "true" : "false", c.split_tile ? "true" : "false",
+                        c.key_splits ? "true" : "false");
           tiles += entry;
         }
       }

@@ -34,6 +34,17 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
+// mbarrier.try_wait.parity.acquire.cluster: as mbarrier_wait, and what the arriving CTAs of the cluster wrote before
+// their release (fence_cluster) is visible after it.
+__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+  while (!cuda::ptx::mbarrier_try_wait_parity(cuda::ptx::sem_acquire, cuda::ptx::scope_cluster, bar, parity)) {
+  }
+}
+
+// fence.acq_rel.cluster: this thread's earlier memory accesses (and those ordered before them, e.g. by a CTA
+// barrier) are ordered before its later ones for every thread of the cluster.
+__device__ __forceinline__ void fence_cluster() { cuda::ptx::fence(cuda::ptx::sem_acq_rel, cuda::ptx::scope_cluster); }
+
 // mbarrier.arrive.shared::cluster.b64 (release, CTA scope): one arrival on a barrier of another CTA of the
 // cluster (address from map_to_rank).
 __device__ __forceinline__ void mbarrier_arrive_peer(uint32_t peer_bar) {
@@ -67,6 +78,14 @@ __device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank
                : "=r"(mapped)
                : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))), "r"(rank));
   return mapped;
+}
+
+// ld.shared::cluster.f32 [PTX 9.7.9.8]: a float from another CTA's shared memory (`peer_addr` from map_to_rank).
+// Volatile: kept after the cluster barrier that orders it behind the peer's writes.
+__device__ __forceinline__ float load_peer_f32(uint32_t peer_addr) {
+  float value;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(value) : "r"(peer_addr));
+  return value;
 }
 
 // %cluster_ctarank: this CTA's rank within its cluster.

@@ -65,6 +65,8 @@ struct FwdKernelParams {
   TileOrder order;
   FastDiv by_heads_q;
   float scale_log2;  // softmax_scale * log2(e)
+  int key_splits;    // FwdConfig::key_splits: CTAs per tile (the cluster's size), each taking split_blocks key blocks
+  int split_blocks;
 };
 
 enum class FwdBarrier : int {
@@ -112,6 +114,15 @@ struct SplitPartials {
 template <int ORegs>
 struct SplitPartials<0, ORegs> {};
 
+// Key splits' barriers (FwdConfig::key_splits): rank 0 of a cluster waits on its split_ready for the other ranks'
+// partial results (each arrives once), and each of those waits on its own split_read until rank 0 has read them.
+template <bool KeySplit>
+struct KeySplitBarriers {
+  alignas(8) uint64_t split_ready, split_read;
+};
+template <>
+struct KeySplitBarriers<false> {};
+
 template <class T, int HeadDim, bool Causal, int Tier>
 struct FwdKernel {
   static constexpr FwdConfig kCfg = fwd_config(HeadDim, Causal, Tier);
@@ -131,6 +142,7 @@ struct FwdKernel {
   static constexpr bool kMaySkipFirstBlock = Causal && kBlockN % kBlockM != 0;
   static constexpr bool kMaskedLoop = Causal && kCfg.masked_loop;  // consume_tile, next_block
   static constexpr bool kSplitTile = kCfg.split_tile;  // split_tile
+  static constexpr bool kKeySplit = kCfg.key_splits;   // key_range
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
   // With a staging buffer of its own, O leaves in passes of kOPassBoxes boxes, and a warpgroup's Q rows are free
@@ -142,7 +154,8 @@ struct FwdKernel {
   static constexpr uint32_t kKVBytes = kCfg.tile_bytes(kBlockN, sizeof(T));
 
   struct alignas(1024) Smem : OStage<kOwnOStage ? kConsumers * kOPassBoxes : 0, kBoxBytesQ>,
-                              SplitPartials<kSplitTile ? kConsumers - 1 : 0, HeadDim / 2> {
+                              SplitPartials<kSplitTile ? kConsumers - 1 : 0, HeadDim / 2>,
+                              KeySplitBarriers<kCfg.key_splits> {
     alignas(1024) uint8_t q[kQBuffers][kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
     alignas(1024) uint8_t k[kStages][kBoxes][kBoxBytesKV];
     alignas(1024) uint8_t v[kStages][kBoxes][kBoxBytesKV];
@@ -157,6 +170,15 @@ struct FwdKernel {
                     int(FwdBarrier::kTurnFirst) + kConsumers <= int(FwdBarrier::kSplitJoin),
                 "named-barrier ids of the epilogue, the GEMM turns and the split join must not overlap");
   static_assert(!kSplitTile || !kOwnOStage, "a split tile's O leaves through the first warpgroup's Q rows");
+  // A key split's partial results (kKeySplit): O's fragments, the raw row maxima and each thread's share of the row
+  // sums, register by register, thread-contiguous, over the K/V ring (read to the end by then; v follows k).
+  struct KeySplitPartials {
+    float o[kConsumers][HeadDim / 2][128];
+    float max[kConsumers][2][128];
+    float sum[kConsumers][2][128];
+  };
+  static_assert(!kKeySplit || (sizeof(KeySplitPartials) <= 2 * kStages * kBoxes * kBoxBytesKV && !kOwnOStage),
+                "a key split's partial results must fit the K/V ring");
 
   struct Tile {
     int m_block, head, batch;
@@ -180,6 +202,7 @@ struct FwdKernel {
   // 24 tiles either way with the snake, 21.8 tile times with the rotation). -1 once past the list (only the last
   // round can be partial, so the first -1 ends the CTA's work).
   __device__ static int tile_of_round(const FwdKernelParams& p, int k) {
+    if constexpr (kKeySplit) return k == 0 ? int(blockIdx.x) / p.key_splits : -1;  // one tile a CTA, a cluster a tile
     const int64_t t = int64_t(k) * gridDim.x + (kSplitTile ? (blockIdx.x + k) % gridDim.x
                                                             : (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
     return t < p.num_tiles ? int(t) : -1;
@@ -225,11 +248,24 @@ struct FwdKernel {
     return Causal && last_row + 1 + p.seqlen_k - p.seqlen_q <= int64_t(n_block) * kBlockN;
   }
 
-  // How many of a tile's n_blocks key blocks need no mask (block_needs_mask false: the lowest ones).
-  __device__ static int unmasked_blocks(const FwdKernelParams& p, int m_block, int n_blocks) {
+  // The key blocks a CTA takes of its tile: all, or with key splits (kKeySplit) its cluster rank's share, up to (not
+  // including) block `end`, `count` of them. Shapes and the rank only.
+  struct KeyRange {
+    int end, count;
+  };
+  __device__ static KeyRange key_range(const FwdKernelParams& p, int m_block) {
+    const int all = key_blocks(p, m_block);
+    if constexpr (!kKeySplit) return {all, all};
+    const int begin = min(all, int(hopper::cluster_rank()) * p.split_blocks);
+    const int end = min(all, begin + p.split_blocks);
+    return {end, end - begin};
+  }
+
+  // How many of the n_blocks key blocks from block `begin` on need no mask (block_needs_mask false: the lowest ones).
+  __device__ static int unmasked_blocks(const FwdKernelParams& p, int m_block, int begin, int n_blocks) {
     const int64_t first_row_limit = int64_t(m_block) * kBlockM + p.seqlen_k - p.seqlen_q;
     const int64_t whole = min(int64_t(p.seqlen_k), first_row_limit + 1) / kBlockN;
-    return int(max(int64_t(0), min(int64_t(n_blocks), whole)));
+    return int(max(int64_t(0), min(int64_t(n_blocks), whole - begin)));
   }
 
   __device__ static bool block_needs_mask(const FwdKernelParams& p, int m_block, int n_block) {
@@ -245,7 +281,7 @@ struct FwdKernel {
       const int t = tile_of_round(p, k);
       if (t < 0) break;
       const Tile tile = tile_at(p, t);
-      const int n_blocks = key_blocks(p, tile.m_block);
+      const KeyRange keys = key_range(p, tile.m_block);
       const int kv_head = tile.head / p.q_heads_per_kv;
       const int qb = tile_count % kQBuffers;
       const int wg_rows = split_tile(p, tile.m_block) ? 0 : kWgRows;  // a split tile: the first 64 rows for all
@@ -256,8 +292,8 @@ struct FwdKernel {
           hopper::tma_load_4d(s.q[qb][wg][b], &p.q, b * 64, tile.m_block * kBlockM + wg * wg_rows, tile.head,
                               tile.batch, &s.q_full[qb]);
 
-      for (int it = 0; it < n_blocks; ++it, ++ring.count) {
-        const int n_block = n_blocks - 1 - it;
+      for (int it = 0; it < keys.count; ++it, ++ring.count) {
+        const int n_block = keys.end - 1 - it;
         const int stage = ring.stage();
         hopper::mbarrier_wait(&s.k_empty[stage], ring.phase() ^ 1);
         hopper::mbarrier_arrive_expect_tx(&s.k_full[stage], kKVBytes);
@@ -310,22 +346,77 @@ struct FwdKernel {
       const int t = tile_of_round(p, k);
       if (t < 0) break;
       const Tile tile = tile_at(p, t);
-      const int n_blocks = key_blocks(p, tile.m_block);
-      pending = consume_tile(p, s, consumer, tile, n_blocks, ring, tile_count++, pending);
-      ring.count += n_blocks;
+      const KeyRange keys = key_range(p, tile.m_block);
+      pending = consume_tile(p, s, consumer, tile, keys, ring, tile_count++, pending);
+      ring.count += keys.count;
     }
     if (threadIdx.x % 128 == 0) free_q_buffer(s, pending);  // no store may read shared memory after exit
+  }
+
+  // Key splits (kKeySplit): every CTA of the cluster but rank 0 leaves its partial results in its shared memory and
+  // arrives on rank 0's split_ready; rank 0 joins them into its own in rank order (distributed shared memory), frees
+  // the others (their split_read) and goes on to store the tile. Only the threads with a row below seqlen_q (`row`:
+  // their first; the second is 8 below) take part in the exchange. Returns whether this CTA stores the tile. Trip
+  // counts and the rows taking part are functions of shapes.
+  template <class Softmax>
+  __device__ static bool join_key_splits(const FwdKernelParams& p, Smem& s, int consumer, int row,
+                                         float (&acc_o)[HeadDim / 2], Softmax& softmax) {
+    using FragO = AccFragment<HeadDim>;
+    const int t = threadIdx.x % 128;
+    const int threads = 128 * kConsumers;
+    const bool live = row < p.seqlen_q;
+    KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.k);
+    hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every K/V block has been read
+    if (hopper::cluster_rank() != 0) {
+      if (live) {
+#pragma unroll
+        for (int i = 0; i < FragO::kRegs; ++i) part.o[consumer][i][t] = acc_o[i];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          part.max[consumer][h][t] = softmax.row_max[h];
+          part.sum[consumer][h][t] = softmax.row_sum[h];
+        }
+      }
+      hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);
+      if (threadIdx.x == 128) {
+        hopper::fence_cluster();
+        hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.split_ready, 0));
+      }
+      hopper::mbarrier_wait(&s.split_read, 0);  // the shared memory stays until rank 0 has read it
+      return false;
+    }
+    hopper::mbarrier_wait_cluster(&s.split_ready, 0);
+    for (int rank = 1; live && rank < p.key_splits; ++rank) {
+      const uint32_t peer = hopper::map_to_rank(&part, uint32_t(rank));
+      auto at = [&](const float& local) {
+        return hopper::load_peer_f32(peer + uint32_t(reinterpret_cast<const char*>(&local) -
+                                                     reinterpret_cast<const char*>(&part)));
+      };
+      const float other_max[2] = {at(part.max[consumer][0][t]), at(part.max[consumer][1][t])};
+      const float other_sum[2] = {at(part.sum[consumer][0][t]), at(part.sum[consumer][1][t])};
+      float mine[2], theirs[2];
+      softmax.join(other_max, other_sum, mine, theirs);
+#pragma unroll
+      for (int i = 0; i < FragO::kRegs; ++i)
+        acc_o[i] = fmaf(at(part.o[consumer][i][t]), theirs[FragO::row_half(i)], acc_o[i] * mine[FragO::row_half(i)]);
+    }
+    hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every peer's partials have been read
+    if (threadIdx.x == 128)
+      for (int rank = 1; rank < p.key_splits; ++rank)
+        hopper::mbarrier_arrive_peer(hopper::map_to_rank(&s.split_read, uint32_t(rank)));
+    return true;
   }
 
   // One tile for one consumer warpgroup: its 64 query rows against the tile's key blocks (taken from the
   // ring from `ring` on), then the epilogue, which frees the Q buffer for the producer (at once, or under the
   // next tile's first QK^T: the returned PendingStore, kDeferStoreWait). `previous` is the last tile's.
   __device__ static PendingStore consume_tile(const FwdKernelParams& p, Smem& s, int consumer, const Tile& tile,
-                                              int n_blocks, RingPos ring, int tile_count, PendingStore previous) {
+                                              KeyRange keys, RingPos ring, int tile_count, PendingStore previous) {
     using FragS = AccFragment<kBlockN>;
     using FragO = AccFragment<HeadDim>;
     const int t = threadIdx.x % 128;
     const int lane = t % 32;
+    int n_blocks = keys.count, key_end = keys.end;  // the blocks run from key_end - 1 down
     const bool split = split_tile(p, tile.m_block);
     const int wg_row0 = tile.m_block * kBlockM + (split ? 0 : consumer * kWgRows);  // a split tile: WG 0's rows
     const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
@@ -441,7 +532,7 @@ struct FwdKernel {
           hopper::fence_registers(acc_s);
           hopper::mbarrier_arrive(&s.k_empty[stage]);
           float rescale[2];
-          mask_and_softmax(n_blocks - 1 - it, rescale, AllCols{});
+          mask_and_softmax(key_end - 1 - it, rescale, AllCols{});
           rescale_o(rescale);
           pack_p();
           hopper::mbarrier_wait(&s.v_full[stage], ring.phase());
@@ -484,7 +575,7 @@ struct FwdKernel {
       // block: its turns stay one more than its blocks, as every warpgroup's (GemmTurns). It is never the last
       // warpgroup (whose last row ends the tile), for which alone GemmTurns::first does anything.
       static_assert(!kMaySkipFirstBlock || (kConsumers - 1) * kWgRows <= kBlockN, "only a first block may be unseen");
-      if (kMaySkipFirstBlock && n_blocks > 1 && block_unseen(p, tile.m_block, consumer, n_blocks - 1)) {
+      if (kMaySkipFirstBlock && n_blocks > 1 && block_unseen(p, tile.m_block, consumer, key_end - 1)) {
         turns.wait();
         turns.pass(false);
         hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
@@ -493,9 +584,10 @@ struct FwdKernel {
         hopper::mbarrier_arrive(&s.v_empty[ring.stage()]);
         ++ring.count;
         --n_blocks;
+        --key_end;
       }
       const bool half_first =
-          kHalfFirstBlock && second_half_unseen(p, tile.m_block, consumer, n_blocks - 1);
+          kHalfFirstBlock && second_half_unseen(p, tile.m_block, consumer, key_end - 1);
       turns.first();
       hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
       turns.wait();
@@ -506,9 +598,9 @@ struct FwdKernel {
       hopper::fence_registers(acc_s);
       hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
       if (half_first)
-        mask_and_softmax(n_blocks - 1, rescale, HalfCols{});
+        mask_and_softmax(key_end - 1, rescale, HalfCols{});
       else
-        mask_and_softmax(n_blocks - 1, rescale, AllCols{});
+        mask_and_softmax(key_end - 1, rescale, AllCols{});
       if constexpr (kEarlyV) hopper::mbarrier_wait(&s.v_full[ring.stage()], ring.phase());
       if (half_first)  // P of the unseen half: 0, as the full softmax would give (zeros, not a second pack_p: two
                        // definitions of the PV GEMM's A fragments make ptxas serialise every wgmma, C7511)
@@ -535,7 +627,7 @@ struct FwdKernel {
         hopper::wgmma_wait<1>();
         hopper::fence_registers(acc_s);
         hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
-        if constexpr (decltype(masked)::value) mask(n_blocks - 1 - it, AllCols{});
+        if constexpr (decltype(masked)::value) mask(key_end - 1 - it, AllCols{});
         if constexpr (kSplitSoftmax) {
           softmax.update_max<kBlockN>(acc_s, rescale);
           softmax.exponentiate<kBlockN>(acc_s, true, false);
@@ -552,7 +644,8 @@ struct FwdKernel {
       };
       int it = 1;
       if constexpr (kMaskedLoop)
-        for (const int masked = n_blocks - unmasked_blocks(p, tile.m_block, n_blocks); it < masked; ++it)
+        for (const int masked = n_blocks - unmasked_blocks(p, tile.m_block, key_end - n_blocks, n_blocks); it < masked;
+             ++it)
           next_block(it, std::true_type{});
       for (; it < n_blocks; ++it) next_block(it, std::bool_constant<Causal && !kMaskedLoop>{});
 
@@ -570,6 +663,9 @@ struct FwdKernel {
       if constexpr (kOwnOStage) hopper::mbarrier_arrive(&s.q_empty[qb]);
     }
 
+    if constexpr (kKeySplit) {
+      if (!join_key_splits(p, s, consumer, wg_row0 + row_in_wg, acc_o, softmax)) return PendingStore{};  // rank 0 stores the tile
+    }
     float inv_sum[2], lse[2];
     softmax.finish(inv_sum, lse);
 
@@ -640,9 +736,18 @@ __global__ void __launch_bounds__(fwd_config(HeadDim, Causal, Tier).threads(), 1
       hopper::mbarrier_init(&s.k_empty[i], 128 * K::kConsumers);
       hopper::mbarrier_init(&s.v_empty[i], 128 * K::kConsumers);
     }
+    if constexpr (K::kKeySplit) {
+      hopper::mbarrier_init(&s.split_ready, uint32_t(p.key_splits - 1));
+      hopper::mbarrier_init(&s.split_read, 1);
+    }
     hopper::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (K::kKeySplit) {  // every CTA's barriers are initialised before another arrives on them
+    hopper::cluster_arrive();
+    hopper::cluster_wait();
+  } else {
+    __syncthreads();
+  }
 
   if (warpgroup == 0) {
     hopper::setmaxnreg_dec<K::kCfg.producer_regs>();
@@ -695,7 +800,12 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
   // per tile and the hardware hands tiles, heaviest first within a section of heads, to SMs as they free up.
   // The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
-  const bool persistent = !Causal || prm.seqlen_k <= kPersistentCausalKeys;
+  // Key splits (kKeySplit): one CTA per (tile, split), a cluster per tile, the tile's key blocks dealt in runs.
+  const KeySplits splits = fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k);
+  static_assert(!K::kKeySplit || K::kBlockN == 128, "key splits count 128-key blocks");
+  kp.key_splits = K::kKeySplit ? splits.ctas : 1;
+  kp.split_blocks = splits.blocks;
+  const bool persistent = !K::kKeySplit && (!Causal || prm.seqlen_k <= kPersistentCausalKeys);
   const int section_heads =
       persistent ? 1
                  : fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv,
@@ -726,23 +836,35 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
                 cudaGetErrorString(err));
 
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles));
+  config.gridDim = dim3(unsigned(persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles * kp.key_splits));
   config.blockDim = dim3(K::kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  if (K::kKeySplit) {
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = unsigned(kp.key_splits);
+    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+  }
   err = cudaLaunchKernelEx(&config, kernel, kp);
   if (err != cudaSuccess) return fail(DHP_ERROR_CUDA, "forward kernel launch failed: %s", cudaGetErrorString(err));
   return succeed();
 }
 
-// The family's tier (fwd_config.h) by seqlen_k and, for the split tiles, seqlen_q.
+// The family's tier (fwd_config.h) by seqlen_k and, for the split tiles and key splits, seqlen_q.
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
+  if constexpr (fwd_key_split_tier(HeadDim, Causal) >= 0) {
+    if (fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k).ctas > 1)
+      return launch_forward_tier<DT, HeadDim, Causal, fwd_key_split_tier(HeadDim, Causal)>(prm, stream);
+  }
   if constexpr (fwd_tiers(HeadDim, Causal) >= 2) {
     if (prm.seqlen_k <= fwd_short_keys(HeadDim, Causal))
       return launch_forward_tier<DT, HeadDim, Causal, kTierShortKeys>(prm, stream);
   }
-  if constexpr (fwd_tiers(HeadDim, Causal) == 3) {
+  if constexpr (fwd_split_max_seqlen_q(HeadDim, Causal) > 0) {
     constexpr int kRows = fwd_config(HeadDim, Causal, kTierSplitTile).block_m;
     if (prm.seqlen_q <= fwd_split_max_seqlen_q(HeadDim, Causal) && (prm.seqlen_q - 1) % kRows < 64)
       return launch_forward_tier<DT, HeadDim, Causal, kTierSplitTile>(prm, stream);

@@ -29,6 +29,9 @@ struct FwdConfig {
   bool split_tile;          // a tile whose rows all fall to its first warpgroup (seqlen_q's last 64 or fewer) has its
                             // key blocks dealt round robin to the warpgroups, each with a softmax and O of its own,
                             // joined in a fixed order (attention_fwd.cuh, split_tile); tiles go to CTAs in rotation
+  bool key_splits;          // a tile's key blocks are split over the CTAs of a cluster, each with a softmax and O of its
+                            // own, joined in rank order through distributed shared memory (attention_fwd.cuh,
+                            // key_range): one CTA per (tile, split), for few query tiles against many keys
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -62,8 +65,37 @@ constexpr int fwd_short_keys(int head_dim, bool causal) {
 // +16%, 1000 / 1024 +11..+12%, 4k +3%; at 16k (one tile in 86) it lost 0.7%. Under a causal mask the split tile is the
 // tile with the most key blocks (same file, call s31f): causal 4k +3.9%, 2305 +9.9%, 16k +1.3%.
 constexpr int fwd_split_max_seqlen_q(int head_dim, bool causal) { return head_dim == 64 ? (causal ? 16384 : 4096) : 0; }
+// The last tier of head_dim 64 and 128, kernels of their own: the short-key tier's tile with its key blocks split
+// over a cluster of CTAs (key_splits), where seqlen_q fits one query tile (fwd_key_splits). Head_dim 256's short
+// tier has no shared memory left for the partial results.
+constexpr int fwd_key_split_tier(int head_dim, bool causal) {
+  if (head_dim > 128) return -1;
+  return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? 3 : 2;
+}
 constexpr int fwd_tiers(int head_dim, bool causal) {
+  if (fwd_key_split_tier(head_dim, causal) > 0) return fwd_key_split_tier(head_dim, causal) + 1;
   return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? 3 : fwd_short_keys(head_dim, causal) > 0 ? 2 : 1;
+}
+
+// Key splits (the key-split tier): where seqlen_q fits one query tile (decoding, short chunks of queries against a
+// long cache), the tile's keys are split over up to kKeySplitMaxCtas CTAs of a cluster, each taking at least
+// kKeySplitMinBlocks 128-key blocks: a grid of (batch x heads_q) CTAs would leave most SMs idle. A function of seqlen_q
+// and seqlen_k, never of the batch or the heads: a sequence's bits do not depend on what else is in the batch.
+constexpr int kKeySplitMaxSeqlenQ = 128;
+constexpr int kKeySplitMinBlocks = 8;
+constexpr int kKeySplitMaxCtas = 8;  // the portable cluster size
+struct KeySplits {
+  int ctas;    // CTAs a tile (1: no key splits)
+  int blocks;  // 128-key blocks a CTA (the last one's may be fewer)
+};
+constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long seqlen_k) {
+  const long long blocks = (seqlen_k + 127) / 128;
+  if (fwd_key_split_tier(head_dim, false) < 0 || seqlen_q > kKeySplitMaxSeqlenQ || blocks < 2 * kKeySplitMinBlocks)
+    return {1, int(blocks)};
+  const long long wanted = blocks / kKeySplitMinBlocks < kKeySplitMaxCtas ? blocks / kKeySplitMinBlocks
+                                                                           : kKeySplitMaxCtas;
+  const long long per_cta = (blocks + wanted - 1) / wanted;
+  return {int((blocks + per_cta - 1) / per_cta), int(per_cta)};  // no CTA without a block
 }
 
 // Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond
@@ -118,7 +150,8 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // non-causal short tier lost at 512 and 1k (-1.6..-2.7%), and head_dim 64's and 256's tiers lost or were even
   // (d64 main 8k -6%, causal short tier 1k-2k -4..-5%; d256 main causal 8k -4.6%, short tiers -2..+1%), so they
   // keep 2 and 0.
-  const bool short_keys = tier == kTierShortKeys;
+  const bool key_split = tier == fwd_key_split_tier(head_dim, causal);
+  const bool short_keys = tier == kTierShortKeys || key_split;  // the key-split tier takes the short tier's tile
   const bool half_first = causal && (short_keys || head_dim == 64);
   // masked_loop, measured on an H100 (bf16, 2026-11-27, alternating builds with an A/A tree): d128 causal 5000-16k
   // +2.3..+2.5%, GQA 32/8 8k +1.4%, its short tier 2k-4k +0.8..+1.3% (1k even); d64 main 4k-16k +2.7..+3.6%; d256 8k
@@ -129,15 +162,18 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // 2026-11-27, alternating builds in one call: 640-16k +1.3..+3.8%, causal 4k / 8k even); the split tile gains the
   // same beside either (1k: two stages +9.5% over two, four +8.4% over four).
   const bool split = tier == kTierSplitTile;
+  // key_splits: the short tier's 128 x 128 tile, one Q buffer (a CTA has one tile); the partial results take the K/V
+  // ring's shared memory once every key block has been read.
+  if (key_split) return FwdConfig{head_dim, 128, 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop, false, true};
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false}
-                      : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split};
+    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false}
+                      : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split, false};
   if (head_dim == 128)
     return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0,
-                                  masked_loop, false}
-                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false};
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false}
-                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop, false};
+                                  masked_loop, false, false}
+                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false, false}
+                    : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop, false, false};
 }
 
 constexpr bool fwd_config_valid(const FwdConfig& c) {
@@ -147,7 +183,7 @@ constexpr bool fwd_config_valid(const FwdConfig& c) {
          c.softmax_chains >= 1 && (c.softmax_chains & (c.softmax_chains - 1)) == 0 &&
          (!c.half_first_block || c.block_n / 2 % 16 == 0) &&
          (c.o_stage_boxes == 0 || (c.head_dim / 64) % c.o_stage_boxes == 0) &&
-         (!c.split_tile || c.o_stage_boxes == 0) &&
+         (!c.split_tile || c.o_stage_boxes == 0) && (!c.key_splits || (c.o_stage_boxes == 0 && !c.split_tile)) &&
          register_budget_fits(c.consumer_warpgroups, c.producer_regs, c.consumer_regs);
 }
 
