@@ -16,7 +16,7 @@ bad = 0
 for dt in (torch.bfloat16, torch.float16):
     for hd in (64, 128, 256):
         for causal in (False, True):
-            for sq, sk, hq, hkv in ((1, 4500, 8, 2), (16, 8192, 4, 4), (100, 1100, 4, 1), (128, 3000, 2, 2), (40, 2300, 4, 2), (1, 65536, 2, 1), (7, 1025, 3, 3)):
+            for sq, sk, hq, hkv in ((1, 4500, 8, 2), (16, 8192, 4, 4), (100, 1100, 4, 1), (128, 3000, 2, 2), (40, 2300, 4, 2), (1, 65536, 2, 1), (7, 1025, 3, 3), (128, 2048, 8, 1), (3, 3000, 12, 2)):
                 q = torch.randn(2, sq, hq, hd, device='cuda', dtype=dt)
                 k = torch.randn(2, sk, hkv, hd, device='cuda', dtype=dt)
                 v = torch.randn(2, sk, hkv, hd, device='cuda', dtype=dt)

@@ -25,7 +25,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_entry_point(cudaError_t* error) {
 }  // namespace
 
 dhp_status encode_tensor_map(CUtensorMap* map, DType dtype, const void* base, const TensorMapShape& shape,
-                             const BshdStrides& strides, int box_rows, const char* name) {
+                             const BshdStrides& strides, int box_rows, const char* name, int pack) {
   cudaError_t lookup_error;
   const auto encode = encode_entry_point(&lookup_error);
   if (encode == nullptr)
@@ -33,22 +33,30 @@ dhp_status encode_tensor_map(CUtensorMap* map, DType dtype, const void* base, co
                 cudaGetErrorString(lookup_error));
 
   constexpr cuuint64_t kElemBytes = 2;
-  // A dimension of extent 1 is never stepped over, so its stride is free; give it a compact one so that
-  // whatever the framework reported (torch may report anything) meets TMA's multiple-of-16 rule.
-  const cuuint64_t dims[4] = {cuuint64_t(shape.head_dim), cuuint64_t(shape.seqlen), cuuint64_t(shape.heads),
-                              cuuint64_t(shape.batch)};
-  const int64_t given[3] = {strides.seq, strides.head, strides.batch};
-  cuuint64_t byte_strides[3];
+  // Dimensions innermost first, and each outer one's stride in elements. A dimension of extent 1 is never stepped
+  // over, so its stride is free; give it a compact one so that whatever the framework reported (torch may report
+  // anything) meets TMA's multiple-of-16 rule.
+  const int rank = pack > 0 ? 5 : 4;
+  const cuuint64_t dims4[4] = {cuuint64_t(shape.head_dim), cuuint64_t(shape.seqlen), cuuint64_t(shape.heads),
+                               cuuint64_t(shape.batch)};
+  const int64_t given4[3] = {strides.seq, strides.head, strides.batch};
+  const cuuint64_t dims5[5] = {cuuint64_t(shape.head_dim), cuuint64_t(pack), cuuint64_t(shape.heads / (pack > 0 ? pack : 1)),
+                               cuuint64_t(shape.seqlen), cuuint64_t(shape.batch)};
+  const int64_t given5[4] = {strides.head, strides.head * pack, strides.seq, strides.batch};
+  const cuuint64_t* dims = pack > 0 ? dims5 : dims4;
+  const int64_t* given = pack > 0 ? given5 : given4;
+  cuuint64_t byte_strides[4];
   cuuint64_t compact = dims[0] * kElemBytes;
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i + 1 < rank; ++i) {
     byte_strides[i] = dims[i + 1] == 1 ? compact : cuuint64_t(given[i]) * kElemBytes;
     compact = byte_strides[i] * dims[i + 1];
   }
-  const cuuint32_t box[4] = {64, cuuint32_t(box_rows), 1, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const cuuint32_t box4[4] = {64, cuuint32_t(box_rows), 1, 1};
+  const cuuint32_t box5[5] = {64, cuuint32_t(pack), 1, cuuint32_t(box_rows / (pack > 0 ? pack : 1)), 1};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
   const CUresult r = encode(map, dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                            4, const_cast<void*>(base), dims, byte_strides, box, element_strides,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            cuuint32_t(rank), const_cast<void*>(base), dims, byte_strides, pack > 0 ? box5 : box4,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     return fail(DHP_ERROR_CUDA,

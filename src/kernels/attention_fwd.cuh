@@ -67,6 +67,7 @@ struct FwdKernelParams {
   float scale_log2;  // softmax_scale * log2(e)
   int key_splits;    // FwdConfig::key_splits: CTAs per tile (the cluster's size), each taking split_blocks key blocks
   int split_blocks;
+  int q_pack_shift;  // with key splits: log2 of the query heads of a K/V head packed into a tile's rows (pos)
 };
 
 enum class FwdBarrier : int {
@@ -208,6 +209,12 @@ struct FwdKernel {
     return t < p.num_tiles ? int(t) : -1;
   }
 
+  // A tile row's query position: rows are positions, or with key splits (kKeySplit) (position, head) pairs of the
+  // 2^q_pack_shift query heads of a K/V head that a tile packs, the heads innermost (tma.h's 5-d maps of q and out).
+  __device__ static int64_t pos(const FwdKernelParams& p, int64_t row) {
+    return kKeySplit ? row >> p.q_pack_shift : row;
+  }
+
   // Whether the tile is split: its rows all fall to its first warpgroup (the last query block, seqlen_q's last 64
   // rows or fewer), so every warpgroup takes those rows, against every kConsumers-th of the key blocks, and the first
   // joins their results in warpgroup order. Shapes only: a row's result depends on seqlen_q through it, never on
@@ -227,7 +234,7 @@ struct FwdKernel {
   __device__ static int key_blocks(const FwdKernelParams& p, int m_block) {
     const int all = (p.seqlen_k + kBlockN - 1) / kBlockN;
     if (!Causal) return all;
-    const int64_t last_col = int64_t(m_block + 1) * kBlockM - 1 + p.seqlen_k - p.seqlen_q;
+    const int64_t last_col = pos(p, int64_t(m_block + 1) * kBlockM - 1) + p.seqlen_k - p.seqlen_q;
     return last_col < 0 ? 0 : int(min(int64_t(all), last_col / kBlockN + 1));
   }
 
@@ -235,7 +242,7 @@ struct FwdKernel {
   // first rows of a tile). Shapes and block indices only. The result is the same bits either way: the unseen half
   // would be -inf in S, 0 in P, and would add nothing to the row's maximum and sum.
   __device__ static bool second_half_unseen(const FwdKernelParams& p, int m_block, int consumer, int n_block) {
-    const int64_t last_row = int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1;
+    const int64_t last_row = pos(p, int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1);
     const int64_t limit = Causal ? min(int64_t(p.seqlen_k), last_row + 1 + p.seqlen_k - p.seqlen_q) : int64_t(p.seqlen_k);
     return limit <= int64_t(n_block) * kBlockN + kBlockN / 2;
   }
@@ -244,7 +251,7 @@ struct FwdKernel {
   // the warpgroup's last row). Shapes and block indices only; as for second_half_unseen, skipping such a block gives
   // the same bits: it would be -inf in S and 0 in P.
   __device__ static bool block_unseen(const FwdKernelParams& p, int m_block, int consumer, int n_block) {
-    const int64_t last_row = int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1;
+    const int64_t last_row = pos(p, int64_t(m_block) * kBlockM + (consumer + 1) * kWgRows - 1);
     return Causal && last_row + 1 + p.seqlen_k - p.seqlen_q <= int64_t(n_block) * kBlockN;
   }
 
@@ -263,14 +270,14 @@ struct FwdKernel {
 
   // How many of the n_blocks key blocks from block `begin` on need no mask (block_needs_mask false: the lowest ones).
   __device__ static int unmasked_blocks(const FwdKernelParams& p, int m_block, int begin, int n_blocks) {
-    const int64_t first_row_limit = int64_t(m_block) * kBlockM + p.seqlen_k - p.seqlen_q;
+    const int64_t first_row_limit = pos(p, int64_t(m_block) * kBlockM) + p.seqlen_k - p.seqlen_q;
     const int64_t whole = min(int64_t(p.seqlen_k), first_row_limit + 1) / kBlockN;
     return int(max(int64_t(0), min(int64_t(n_blocks), whole - begin)));
   }
 
   __device__ static bool block_needs_mask(const FwdKernelParams& p, int m_block, int n_block) {
     const int64_t block_end = int64_t(n_block + 1) * kBlockN;
-    const int64_t first_row_limit = int64_t(m_block) * kBlockM + p.seqlen_k - p.seqlen_q;
+    const int64_t first_row_limit = pos(p, int64_t(m_block) * kBlockM) + p.seqlen_k - p.seqlen_q;
     return block_end > p.seqlen_k || (Causal && block_end - 1 > first_row_limit);
   }
 
@@ -288,9 +295,14 @@ struct FwdKernel {
       hopper::mbarrier_wait(&s.q_empty[qb], ((tile_count / kQBuffers) & 1) ^ 1);
       hopper::mbarrier_arrive_expect_tx(&s.q_full[qb], kQBytes);
       for (int wg = 0; wg < kConsumers; ++wg)
-        for (int b = 0; b < kBoxes; ++b)
-          hopper::tma_load_4d(s.q[qb][wg][b], &p.q, b * 64, tile.m_block * kBlockM + wg * wg_rows, tile.head,
-                              tile.batch, &s.q_full[qb]);
+        for (int b = 0; b < kBoxes; ++b) {
+          const int row0 = tile.m_block * kBlockM + wg * wg_rows;
+          if constexpr (kKeySplit)
+            hopper::tma_load_5d(s.q[qb][wg][b], &p.q, b * 64, 0, tile.head, int(pos(p, row0)), tile.batch,
+                                &s.q_full[qb]);
+          else
+            hopper::tma_load_4d(s.q[qb][wg][b], &p.q, b * 64, row0, tile.head, tile.batch, &s.q_full[qb]);
+        }
 
       for (int it = 0; it < keys.count; ++it, ++ring.count) {
         const int n_block = keys.end - 1 - it;
@@ -446,7 +458,7 @@ struct FwdKernel {
       if (block_needs_mask(p, tile.m_block, n_block)) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int64_t row = wg_row0 + row_in_wg + 8 * h;
+          const int64_t row = pos(p, wg_row0 + row_in_wg + 8 * h);
           const int64_t limit = Causal ? min(int64_t(p.seqlen_k), row + 1 + p.seqlen_k - p.seqlen_q)
                                          : int64_t(p.seqlen_k);
           // Column col(i, lane) = col(i, 0) + col(0, lane): the lane's offset comes off the limit, so each register
@@ -664,7 +676,7 @@ struct FwdKernel {
     }
 
     if constexpr (kKeySplit) {
-      if (!join_key_splits(p, s, consumer, wg_row0 + row_in_wg, acc_o, softmax)) return PendingStore{};  // rank 0 stores the tile
+      if (!join_key_splits(p, s, consumer, int(pos(p, wg_row0 + row_in_wg)), acc_o, softmax)) return PendingStore{};  // rank 0 stores the tile
     }
     float inv_sum[2], lse[2];
     softmax.finish(inv_sum, lse);
@@ -695,9 +707,14 @@ struct FwdKernel {
       }
       hopper::fence_view_async_shared();
       hopper::named_barrier_sync(epilogue_barrier, 128);
-      if (t == 0 && wg_row0 < p.seqlen_q) {
-        for (int b = pass * kOPassBoxes; b < (pass + 1) * kOPassBoxes; ++b)
-          hopper::tma_store_4d(&p.out, o_box(s, consumer, q_tile, b), b * 64, wg_row0, tile.head, tile.batch);
+      if (t == 0 && pos(p, wg_row0) < p.seqlen_q) {
+        for (int b = pass * kOPassBoxes; b < (pass + 1) * kOPassBoxes; ++b) {
+          if constexpr (kKeySplit)
+            hopper::tma_store_5d(&p.out, o_box(s, consumer, q_tile, b), b * 64, 0, tile.head, int(pos(p, wg_row0)),
+                                 tile.batch);
+          else
+            hopper::tma_store_4d(&p.out, o_box(s, consumer, q_tile, b), b * 64, wg_row0, tile.head, tile.batch);
+        }
         hopper::tma_store_commit();
       }
     }
@@ -705,13 +722,15 @@ struct FwdKernel {
     if (p.lse != nullptr && lane % 4 == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = wg_row0 + row_in_wg + 8 * h;
+        const int packed = wg_row0 + row_in_wg + 8 * h;
+        const int row = int(pos(p, packed));
+        const int head = kKeySplit ? (tile.head << p.q_pack_shift) + (packed & ((1 << p.q_pack_shift) - 1)) : tile.head;
         if (row < p.seqlen_q)
-          p.lse[tile.batch * p.lse_stride_batch + tile.head * p.lse_stride_head + row * p.lse_stride_seq] = lse[h];
+          p.lse[tile.batch * p.lse_stride_batch + head * p.lse_stride_head + row * p.lse_stride_seq] = lse[h];
       }
     }
     // The producer may refill this warpgroup's Q buffer once the store has read it (with O's own buffer: done).
-    const PendingStore mine{kOwnOStage ? -1 : qb, wg_row0 < p.seqlen_q};
+    const PendingStore mine{kOwnOStage ? -1 : qb, pos(p, wg_row0) < p.seqlen_q};
     if (kDeferStoreWait) return mine;
     if (t == 0) free_q_buffer(s, mine);
     return PendingStore{};
@@ -771,22 +790,31 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   FwdKernelParams kp{};
   const TensorMapShape q_shape{HeadDim, prm.seqlen_q, prm.heads_q, prm.batch};
   const TensorMapShape kv_shape{HeadDim, prm.seqlen_k, prm.heads_kv, prm.batch};
+  // Key splits pack the query heads of a K/V head into a tile's rows, as many as a power of two divides, at most 64:
+  // decoding's single row a head becomes one row of a group, and the group reads its K and V once.
+  const int group = prm.heads_q / prm.heads_kv;
+  const int pack = K::kKeySplit ? std::min(group & -group, 64) : 1;
+  const int map_pack = K::kKeySplit ? pack : 0;
   dhp_status st;
-  if ((st = encode_tensor_map(&kp.q, DT, prm.q, q_shape, prm.q_stride, K::kWgRows, "q")) != DHP_SUCCESS) return st;
+  if ((st = encode_tensor_map(&kp.q, DT, prm.q, q_shape, prm.q_stride, K::kWgRows, "q", map_pack)) != DHP_SUCCESS)
+    return st;
   if ((st = encode_tensor_map(&kp.k, DT, prm.k, kv_shape, prm.k_stride, K::kBlockN, "k")) != DHP_SUCCESS) return st;
   if ((st = encode_tensor_map(&kp.v, DT, prm.v, kv_shape, prm.v_stride, K::kBlockN, "v")) != DHP_SUCCESS) return st;
-  if ((st = encode_tensor_map(&kp.out, DT, prm.out, q_shape, prm.out_stride, K::kWgRows, "out")) != DHP_SUCCESS)
+  if ((st = encode_tensor_map(&kp.out, DT, prm.out, q_shape, prm.out_stride, K::kWgRows, "out", map_pack)) !=
+      DHP_SUCCESS)
     return st;
+  kp.q_pack_shift = 0;
+  while ((1 << kp.q_pack_shift) < pack) ++kp.q_pack_shift;
   kp.lse = prm.lse;
   kp.lse_stride_batch = prm.lse_stride_batch;
   kp.lse_stride_head = prm.lse_stride_head;
   kp.lse_stride_seq = prm.lse_stride_seq;
   kp.seqlen_q = prm.seqlen_q;
   kp.seqlen_k = prm.seqlen_k;
-  kp.heads_q = prm.heads_q;
-  kp.q_heads_per_kv = prm.heads_q / prm.heads_kv;
-  const int64_t num_m_blocks = (int64_t(prm.seqlen_q) + K::kBlockM - 1) / K::kBlockM;
-  const int64_t num_tiles = num_m_blocks * prm.heads_q * prm.batch;
+  kp.heads_q = prm.heads_q / pack;  // a tile's head: a packed group of query heads
+  kp.q_heads_per_kv = group / pack;
+  const int64_t num_m_blocks = (int64_t(prm.seqlen_q) * pack + K::kBlockM - 1) / K::kBlockM;
+  const int64_t num_tiles = num_m_blocks * kp.heads_q * prm.batch;
   if (num_tiles > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_q=%d x ceil(seqlen_q=%d / %d) = %lld query tiles: at most 2^31 - 1 are supported",
@@ -807,11 +835,11 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   kp.split_blocks = splits.blocks;
   const bool persistent = !K::kKeySplit && (!Causal || prm.seqlen_k <= kPersistentCausalKeys);
   const int section_heads =
-      persistent ? 1
+      persistent || K::kKeySplit ? 1
                  : fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv,
                                      int64_t(prm.seqlen_k) * HeadDim * 2 * int64_t(sizeof(T)));
   kp.order = TileOrder::make(int(num_m_blocks), section_heads);
-  kp.by_heads_q = FastDiv::make(uint32_t(prm.heads_q));
+  kp.by_heads_q = FastDiv::make(uint32_t(kp.heads_q));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = prm.softmax_scale * kLog2e;
 
