@@ -642,6 +642,7 @@ const char* build_info_json() {
             std::snprintf(limit, sizeof limit, "%d", kernels::fwd_short_keys(head_dim, causal));
           if (tier == kernels::kTierSplitTile)
             std::snprintf(limit_q, sizeof limit_q, "%d", kernels::fwd_split_max_seqlen_q(head_dim, causal));
+          if (c.key_splits) std::snprintf(limit_q, sizeof limit_q, "%d", kernels::kKeySplitMaxSeqlenQ);
           char entry[512];
           std::snprintf(entry, sizeof entry,
                         "%s{\"head_dim\": %d, \"causal\": %s, \"tier\": %d, \"max_seqlen_k\": %s, "
@@ -690,9 +691,12 @@ const char* build_info_json() {
                     kernels::bwd_causal_paired_min_group(head_dim));
       causal_pairs += entry;
     }
-    char tail[128];
-    std::snprintf(tail, sizeof tail, "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld",
-                  kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes);
+    char tail[256];
+    std::snprintf(tail, sizeof tail,
+                  "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld, "
+                  "\"key_split_min_blocks\": %d, \"key_split_max_ctas\": %d",
+                  kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes, kernels::kKeySplitMinBlocks,
+                  kernels::kKeySplitMaxCtas);
     return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
            chains + "}, \"backward_two_dq_chains_min_seqlen_k\": {" + chains_min +
            "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +

@@ -214,6 +214,21 @@ def test_first_tries_that_skip_their_loop():
     assert {(loop.start, loop.exit_jump) for loop in v.spin_loops} == {(0x50, None), (0xB0, 0xE0)}
 
 
+def test_first_tries_through_a_landing_pad():
+    """A first try may branch to register-only instructions that fall into its retry loop (ptxas rebuilds the parity
+    there): they run only when the first try fails, so their counts follow timing, as the branch's do. A pad with a
+    memory access is no landing pad: that wait is noted."""
+    from dhp.audit.disasm import parse_sass
+    from dhp.audit.sass import first_try_branches
+
+    v = verdicts("spin.sass")["spin_landing_pad"]
+    assert {(loop.start, loop.end) for loop in v.spin_loops} == {(0x80, 0x90), (0xB0, 0xC0)}
+    kernels = parse_sass((FIXTURES / "spin.sass").read_text())
+    instructions = next(k for k in kernels if k.name == "spin_landing_pad").instructions
+    assert first_try_branches(instructions, v.spin_loops) == {0x20, 0x70}
+    assert [n for n in v.notes if "no recognised spin loop" in n] == [n for n in v.notes if "0x0040" in n] != []
+
+
 def test_a_wait_without_a_retry_loop_is_noted():
     v = verdicts("spin.sass")["spin_lone_wait"]
     assert v.spin_loops == [] and v.passed

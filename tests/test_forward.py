@@ -19,22 +19,37 @@ SEQLENS = [
     (257, 512), (257, 513), (257, 1025), (257, 2048), (257, 2049),  # either side of the short-key tiers' limits
     (256, 2049), (1000, 2100),  # main tiers: an even number of query blocks, a partial last key block
     (40, 700), (200, 1200),  # split tiers: one query tile; two, the second split, over 10 key blocks
-    (40, 2300), (200, 2700),  # and under a causal mask: 18 and 22 key blocks
+    (200, 2700), (200, 2304),  # and under a causal mask: 22 and 18 key blocks
+    (40, 2300), (1, 4500), (100, 2000), (3, 8300),  # key splits: 2, 4, 2 and 8 CTAs, the last one's blocks fewer
 ]
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
 
-def tier_of(tiles, head_dim, causal, seqlen_q, seqlen_k):
-    """The tier run_forward takes (attention_fwd.cuh): the short-key tier up to its seqlen_k limit, else the split tier
-    up to its seqlen_q limit where the last query tile holds at most 64 rows, else the main tier."""
-    family = [t for t in tiles if (t["head_dim"], t["causal"]) == (head_dim, causal)]
+def key_split_ctas(info, seqlen_q, seqlen_k):
+    """CTAs a tile's key blocks are split over (fwd_config.h, fwd_key_splits; 1: none), ignoring the head_dim."""
+    blocks, least = -(-seqlen_k // 128), info["key_split_min_blocks"]
+    limit = next(t["max_seqlen_q"] for t in info["forward_tiles"] if t["key_splits"])
+    if seqlen_q > limit or blocks < 2 * least:
+        return 1
+    per_cta = -(-blocks // min(blocks // least, info["key_split_max_ctas"]))
+    return -(-blocks // per_cta)
+
+
+def tier_of(info, head_dim, causal, seqlen_q, seqlen_k):
+    """The tier run_forward takes (attention_fwd.cuh): the key-split tier where it splits, else the short-key tier up
+    to its seqlen_k limit, else the split tier up to its seqlen_q limit where the last query tile holds at most 64 rows,
+    else the main tier."""
+    family = [t for t in info["forward_tiles"] if (t["head_dim"], t["causal"]) == (head_dim, causal)]
+    for t in family:
+        if t["key_splits"] and key_split_ctas(info, seqlen_q, seqlen_k) > 1:
+            return t["tier"]
     for t in family:
         if t["max_seqlen_k"] is not None and seqlen_k <= t["max_seqlen_k"]:
             return t["tier"]
     for t in family:
         if t["split_tile"] and seqlen_q <= t["max_seqlen_q"] and (seqlen_q - 1) % t["block_m"] < 64:
             return t["tier"]
-    return next(t["tier"] for t in family if t["max_seqlen_k"] is None and not t["split_tile"])
+    return next(t["tier"] for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None)
 
 
 def first_block_unseen(tile, seqlen_q, seqlen_k):
@@ -55,10 +70,10 @@ def first_block_unseen(tile, seqlen_q, seqlen_k):
 def test_seqlens_reach_every_skipped_first_block(ext):
     """Each causal tile whose key blocks do not tile its query tile's end (block_n not a multiple of block_m) has
     warpgroups that skip an unseen first key block: SEQLENS must take that path in every such tier."""
-    tiles = dhp.build_info()["forward_tiles"]
-    for tile in (t for t in tiles if t["causal"]):
+    info = dhp.build_info()
+    for tile in (t for t in info["forward_tiles"] if t["causal"]):
         if tile["block_n"] % tile["block_m"]:
-            reached = [p for p in SEQLENS if tier_of(tiles, tile["head_dim"], True, *p) == tile["tier"]
+            reached = [p for p in SEQLENS if tier_of(info, tile["head_dim"], True, *p) == tile["tier"]
                        and first_block_unseen(tile, *p)]
             assert reached, f"no SEQLENS pair of its tier makes a warpgroup skip a block of {tile}"
         else:  # the kernel leaves the skip out: with seqlen_q = seqlen_k the first block holds the whole diagonal
@@ -75,18 +90,34 @@ def split_tile_blocks(tile, seqlen_q, seqlen_k):
 
 
 def test_seqlens_reach_every_split_tier(ext):
-    """Each split tier runs on SEQLENS with one query tile and with several, and with its key blocks dealt to the
-    warpgroups in every remainder; the non-causal ones with a partial last key block and a whole one; and SEQLENS
-    also run each family's main tier."""
-    tiles = dhp.build_info()["forward_tiles"]
+    """Each split tier runs on SEQLENS with several query tiles and, where key splits leave it any, with one, and with
+    its key blocks dealt to the warpgroups in every remainder; the non-causal ones with a partial last key block and a
+    whole one; and SEQLENS also run each family's main tier."""
+    info = dhp.build_info()
+    tiles = info["forward_tiles"]
     for tile in (t for t in tiles if t["split_tile"]):
         family = (tile["head_dim"], tile["causal"])
-        reached = [(q, k) for q, k in SEQLENS if tier_of(tiles, *family, q, k) == tile["tier"]]
-        assert any(q <= 64 for q, _ in reached) and any(q > tile["block_m"] for q, _ in reached), (tile, reached)
+        reached = [(q, k) for q, k in SEQLENS if tier_of(info, *family, q, k) == tile["tier"]]
+        one_tile = [k for k in range(1, 4 * tile["max_seqlen_q"], 97) if tier_of(info, *family, 64, k) == tile["tier"]]
+        assert not one_tile or any(q <= 64 for q, _ in reached), (tile, reached)
+        assert any(q > tile["block_m"] for q, _ in reached), (tile, reached)
         assert tile["causal"] or {k % tile["block_n"] == 0 for _, k in reached} == {True, False}, (tile, reached)
         blocks = {split_tile_blocks(tile, q, k) % tile["consumer_warpgroups"] for q, k in reached}
         assert blocks == set(range(tile["consumer_warpgroups"])), (tile, reached)
-        assert any(tier_of(tiles, *family, q, k) == 0 for q, k in SEQLENS), tile
+        assert any(tier_of(info, *family, q, k) == 0 for q, k in SEQLENS), tile
+
+
+def test_seqlens_reach_every_key_split_tier(ext):
+    """Each key-split tier runs on SEQLENS with two CTAs a tile and with the most, with a partial last key block, and
+    (under a causal mask) with seqlen_q > 1; HEADS pack 1, 2 and 8 query heads into its tiles' rows."""
+    info = dhp.build_info()
+    for tile in (t for t in info["forward_tiles"] if t["key_splits"]):
+        family = (tile["head_dim"], tile["causal"])
+        reached = [(q, k) for q, k in SEQLENS if tier_of(info, *family, q, k) == tile["tier"]]
+        ctas = {key_split_ctas(info, q, k) for q, k in reached}
+        assert {2, info["key_split_max_ctas"]} <= ctas, (tile, reached)
+        assert any(k % 128 for _, k in reached) and any(q > 1 for q, _ in reached), (tile, reached)
+    assert {hq // hkv for hq, hkv in HEADS.values()} == {1, 2, 8}
 
 
 def check_against_reference(torch, q, k, v, out, lse, causal, softmax_scale):

@@ -50,13 +50,14 @@ def test_version_and_build_info(ext):
 
 
 def test_build_info_lists_the_forward_tiles(ext):
-    """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier and one
-    split tier (the main tier's tiles with split_tile, up to max_seqlen_q)."""
+    """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier, one
+    split tier (the main tier's tiles with split_tile, up to max_seqlen_q) and one key-split tier (128 x 128 tiles
+    with key_splits, up to max_seqlen_q)."""
     info = dhp.build_info()
     tiles = info["forward_tiles"]
     keys = {"head_dim", "causal", "tier", "max_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages", "q_buffers",
             "consumer_warpgroups", "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes",
-            "masked_loop", "split_tile"}
+            "masked_loop", "split_tile", "key_splits"}
     assert tiles and all(set(t) == keys for t in tiles)
     for head_dim in info["head_dims"]:
         for causal in (False, True):
@@ -67,8 +68,12 @@ def test_build_info_lists_the_forward_tiles(ext):
             split = [t for t in family if t["split_tile"]]
             assert all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in split) and len(split) <= 1
             assert all({**t, "tier": 0, "max_seqlen_q": None, "split_tile": False} == main[0] for t in split), family
-            assert all((t["max_seqlen_q"] is None) == (not t["split_tile"]) for t in family), family
-            assert len(family) <= 3 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
+            keys_split = [t for t in family if t["key_splits"]]
+            assert len(keys_split) <= 1 and all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in keys_split)
+            assert all((t["block_m"], t["block_n"], t["consumer_warpgroups"], t["o_stage_boxes"], t["split_tile"]) ==
+                       (128, 128, 2, 0, False) for t in keys_split), family
+            assert all((t["max_seqlen_q"] is None) == (not t["split_tile"] and not t["key_splits"]) for t in family)
+            assert len(family) <= 4 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
             assert all(t["block_m"] == 64 * t["consumer_warpgroups"] and t["block_n"] % 16 == 0 for t in family)
             assert all(t["stages"] >= 2 for t in family if t["softmax_under_pv"])
             assert all(t["softmax_chains"] in (1, 2, 4, 8) for t in family)
@@ -78,6 +83,7 @@ def test_build_info_lists_the_forward_tiles(ext):
     assert {t["head_dim"] for t in tiles} == set(info["head_dims"])
     assert info["persistent_causal_max_seqlen_k"] > 0
     assert info["causal_section_bytes"] >= 1 << 20
+    assert info["key_split_min_blocks"] >= 1 and 2 <= info["key_split_max_ctas"] <= 8
     backward = {str(d) for d in info["backward_head_dims"]}
     assert set(info["backward_two_dq_chains_max_seqlen_k"]) == backward
     assert set(info["backward_two_dq_chains_min_seqlen_k"]) == backward

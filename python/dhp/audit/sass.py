@@ -271,10 +271,31 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
 FIRST_TRY_WINDOW = 256  # ptxas schedules dozens of instructions between an inline first try and its branch
 
 
+MAX_LANDING_PAD = 4  # register-only instructions ptxas may put between a first try's branch target and its loop
+
+
+def _landing_pad(instructions: list[Instruction], target: int, starts: set[int]) -> set[int] | None:
+    """The addresses from a first try's branch target up to the spin loop it falls into (empty when the target is
+    the loop's start): at most MAX_LANDING_PAD register-only instructions (`SHF.L.U32 R10, R7, 0x1f, RZ`, the
+    parity rebuilt for the retry); None if the target leads into no loop that way."""
+    index = {ins.address: k for k, ins in enumerate(instructions)}
+    if target not in index:
+        return None
+    pad: set[int] = set()
+    for ins in instructions[index[target]:index[target] + MAX_LANDING_PAD + 1]:
+        if ins.address in starts:
+            return pad
+        if kind(ins) != "register" or ins.root in BRANCH_OPCODES or ins.guarded or _spin_kind(ins):
+            return None
+        pad.add(ins.address)
+    return None
+
+
 def _first_try_sites(instructions: list[Instruction], i: int, starts: set[int]) -> set[int] | None:
     """If the wait at i is an inline first try, the addresses whose counts follow its result: the later branch
-    that, on its (unchanged) result predicate, either jumps into a spin loop retrying it out of line or skips a
-    spin loop that follows it (on success; on failure it falls into the loop), and instructions guarded by that
+    that, on its (unchanged) result predicate, either jumps into a spin loop retrying it out of line (directly, or
+    through a landing pad of register-only instructions, which run only when the first try fails) or skips a spin
+    loop that follows it (on success; on failure it falls into the loop), and instructions guarded by that
     predicate in between (a cluster-scope acquire's L1 invalidation, `@P0 CCTL.IVALL`); else None."""
     wait = instructions[i]
     predicates = wait.defs & PREDICATE_BITS
@@ -282,9 +303,11 @@ def _first_try_sites(instructions: list[Instruction], i: int, starts: set[int]) 
     for j in range(i + 1, min(len(instructions), i + 1 + FIRST_TRY_WINDOW)):
         ins = instructions[j]
         if ins.root in ("BRA", "EXIT") and ins.guard is not None and predicates >> ins.guard & 1:
-            into_loop = ins.root == "BRA" and bool(ins.targets()) and ins.targets()[-1] in starts
+            pad = _landing_pad(instructions, ins.targets()[-1], starts) if ins.root == "BRA" and ins.targets() else None
             skips_loop = j + 1 < len(instructions) and instructions[j + 1].address in starts
-            return guarded | {ins.address} if into_loop or skips_loop else None
+            if pad is not None:
+                return guarded | pad | {ins.address}
+            return guarded | {ins.address} if skips_loop else None
         if ins.defs & predicates or ins.root in BRANCH_OPCODES:
             return None
         if ins.guard is not None and predicates >> ins.guard & 1:
