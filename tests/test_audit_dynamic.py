@@ -437,7 +437,8 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
     info = _native.build_info()
     limits = {t["max_seqlen_k"] for t in info["forward_tiles"] if t["max_seqlen_k"] is not None}
     limits.add(info["persistent_causal_max_seqlen_k"])
-    seqlens = [shape[1] for shape in counters.SHAPES] if tool == "counters" else [s[0] for s in determinism.SHAPES]
+    seqlens = [s[-1] if len(s) > 4 else s[1] for s in counters.SHAPES] if tool == "counters" else \
+        [s[-1] if len(s) > 3 else s[0] for s in determinism.SHAPES]  # seqlen_k
     for limit in sorted(limits):
         assert any(s <= limit for s in seqlens) and any(s > limit for s in seqlens), (tool, limit, seqlens)
     for tile in (t for t in info["forward_tiles"] if t["split_tile"]):  # and the split tier by seqlen_q
@@ -445,6 +446,19 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
                      if (t["head_dim"], t["causal"]) == (tile["head_dim"], tile["causal"])), default=0)
         split = [short < s <= tile["max_seqlen_q"] and (s - 1) % tile["block_m"] < 64 for s in seqlens]
         assert any(split) and not all(split), (tool, tile, seqlens)
+
+
+@pytest.mark.parametrize("tool", ["counters", "determinism"])
+def test_audit_shapes_reach_the_key_splits(ext, tool):
+    """Both audits run the forward's key-split tier: a seqlen_q up to its max_seqlen_q against keys enough to split
+    (dhp_build_info), with query heads to pack."""
+    from dhp import _native
+
+    info = _native.build_info()
+    limit = next(t["max_seqlen_q"] for t in info["forward_tiles"] if t["key_splits"])
+    shapes = [(s[1], s[-1], s[2] // s[3]) for s in counters.SHAPES] if tool == "counters" else \
+        [(s[0], s[-1], s[1] // s[2]) for s in determinism.SHAPES]
+    assert any(q <= limit and -(-k // 128) >= 2 * info["key_split_min_blocks"] and g > 1 for q, k, g in shapes)
 
 
 def test_determinism_shapes_fall_on_both_sides_of_the_backward_dq_chains_limits(ext):
@@ -457,7 +471,7 @@ def test_determinism_shapes_fall_on_both_sides_of_the_backward_dq_chains_limits(
     limits, lows = info["backward_two_dq_chains_max_seqlen_k"], info["backward_two_dq_chains_min_seqlen_k"]
     assert set(limits) == set(lows) == {str(d) for d in info["backward_head_dims"]}
     assert all(limit >= 0 for limit in limits.values()), limits
-    mha = [seqlen for seqlen, heads_q, heads_kv in determinism.SHAPES if heads_q == heads_kv]
+    mha = [seqlen for seqlen, heads_q, heads_kv, *_ in determinism.SHAPES if heads_q == heads_kv]
     for head_dim, limit in limits.items():
         low = lows[head_dim]
         assert any(s > limit for s in mha), (head_dim, limit, mha)
@@ -474,7 +488,7 @@ def test_determinism_shapes_fall_on_both_sides_of_the_backward_pairs_limits(ext)
     info = _native.build_info()
     unpaired, chains = info["backward_unpaired_max_seqlen_k"], info["backward_two_dq_chains_max_seqlen_k"]
     lows = info["backward_two_dq_chains_min_seqlen_k"]
-    mha = [seqlen for seqlen, heads_q, heads_kv in determinism.SHAPES if heads_q == heads_kv]
+    mha = [seqlen for seqlen, heads_q, heads_kv, *_ in determinism.SHAPES if heads_q == heads_kv]
     for head_dim, limit in unpaired.items():
         assert limit == 0 or any(s <= limit for s in mha), (head_dim, limit, mha)
         assert any(s > limit for s in mha), (head_dim, limit, mha)
@@ -492,7 +506,7 @@ def test_audit_shapes_fall_on_both_sides_of_the_backward_split_walks_limits(ext,
     info = _native.build_info()
     limits = info["backward_causal_split_walks_over"]
     assert set(limits) == {str(d) for d in info["backward_head_dims"]}
-    shapes = [(s[1], s[2], s[3]) for s in counters.SHAPES] if tool == "counters" else list(determinism.SHAPES)
+    shapes = [(s[1], s[2], s[3]) for s in counters.SHAPES] if tool == "counters" else [s[:3] for s in determinism.SHAPES]
     mha = [seqlen for seqlen, heads_q, heads_kv in shapes if heads_q == heads_kv]
     for head_dim, rows in limits.items():
         if rows:
@@ -510,7 +524,7 @@ def test_audit_shapes_fall_on_both_sides_of_the_causal_pairs_limit(ext, tool):
 
     info = _native.build_info()
     groups = info["backward_causal_paired_min_group"]
-    shapes = [(s[1], s[2], s[3]) for s in counters.SHAPES] if tool == "counters" else list(determinism.SHAPES)
+    shapes = [(s[1], s[2], s[3]) for s in counters.SHAPES] if tool == "counters" else [s[:3] for s in determinism.SHAPES]
     gqa = [(seqlen, heads_q // heads_kv) for seqlen, heads_q, heads_kv in shapes if heads_q > heads_kv]
     for head_dim, group in groups.items():
         if group > 1:

@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, required=True)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--backward", action="store_true", help="also run the backward, whose kernel is profiled")
-    p.add_argument("--shape", required=True, help="batch,seqlen,heads_q,heads_kv")
+    p.add_argument("--shape", required=True, help="batch,seqlen,heads_q,heads_kv[,seqlen_k]")
     p.add_argument("--order", required=True, help="comma list of input classes, one launch each")
     p.add_argument("--seed", type=int, default=0)
 

@@ -90,8 +90,9 @@ DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", 
 # "backward_causal_paired_min_group") and, for MHA, on seqlen_q
 # ("backward_causal_split_walks_over"), and head_dim 64's forward on seqlen_q (its split tiers, "max_seqlen_q":
 # seqlen 2305, one row past twelve 192-row tiles): the shapes fall on both sides of every such limit, so each
-# compiled kernel, grid and walk runs (tests check this).
-SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 2305, 4, 1))
+# compiled kernel, grid and walk runs (tests check this). A fifth number is seqlen_k where it differs from seqlen_q:
+# 16 queries against 4500 keys take the forward's key-split tier (four CTAs a tile, four query heads packed).
+SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 2305, 4, 1), (1, 16, 8, 2, 4500))
 KERNEL_REGEX = "attention_fwd_kernel"
 BACKWARD_KERNEL_REGEX = "attention_bwd_kernel"  # the backward's main kernel (not its prep and post kernels)
 
@@ -332,8 +333,8 @@ def run_child(dtype: str, head_dim: int, causal: bool, shape, order, seed: int, 
     from . import inputs
 
     ext = _native.ext()
-    batch, seqlen, heads_q, heads_kv = shape
-    q_shape, kv_shape = (batch, seqlen, heads_q, head_dim), (batch, seqlen, heads_kv, head_dim)
+    batch, seqlen, heads_q, heads_kv, *keys = shape
+    q_shape, kv_shape = (batch, seqlen, heads_q, head_dim), (batch, keys[0] if keys else seqlen, heads_kv, head_dim)
     q, k, v = inputs.qkv_torch(torch, BASELINE, q_shape, kv_shape, dtype, "cuda", seed)
     out, dout, dq = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -441,7 +442,7 @@ def plan(args) -> tuple[str, list[dict]] | None:
                 for causal in causals:
                     for shape in shapes:
                         name = f"{dtype} d{head_dim} {'bwd' if backward else 'fwd'} {'causal' if causal else 'full'} " \
-                               f"b{shape[0]} s{shape[1]} h{shape[2]}/{shape[3]}"
+                               f"b{shape[0]} s{'x'.join(map(str, shape[1:2] + shape[4:]))} h{shape[2]}/{shape[3]}"
                         cases.append({"name": name, "dtype": dtype, "head_dim": head_dim, "causal": causal,
                                       "pass": "backward" if backward else "forward", "shape": list(shape),
                                       "order": order})

@@ -46,8 +46,10 @@ import sys
 # "backward_causal_paired_min_group" query heads per K/V head): the shapes fall on both sides of every such limit, with MHA shapes on both sides of the
 # backward's and between them (pairs with two chains), and pairs with an odd number of key blocks; MHA on both
 # sides of the causal backward's "backward_causal_split_walks_over"; and GQA on both sides of its
-# "backward_causal_heavy_first_min_group" and "backward_causal_head_halves_min_group".
-SHAPES = ((500, 2, 2), (1000, 2, 2), (2100, 2, 2), (2100, 4, 2), (4200, 4, 1), (8300, 1, 1), (1100, 8, 1))
+# "backward_causal_heavy_first_min_group" and "backward_causal_head_halves_min_group". A fourth number is seqlen_k
+# where it differs from seqlen_q: 16 queries against 4500 keys take the forward's key-split tier.
+SHAPES = ((500, 2, 2), (1000, 2, 2), (2100, 2, 2), (2100, 4, 2), (4200, 4, 1), (8300, 1, 1), (1100, 8, 1),
+          (16, 8, 2, 4500))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
 SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
 OUTPUTS = {"fwd": ("out", "lse"), "bwd": ("dq", "dk", "dv")}  # what each pass's checks hash
@@ -138,8 +140,8 @@ def sequence_inputs(torch, ext, direction: str, dtype: str, head_dim: int, causa
     and out and lse from each sequence's own forward."""
     from . import inputs
 
-    seqlen, heads_q, heads_kv = shape
-    q_shape, kv_shape = (1, seqlen, heads_q, head_dim), (1, seqlen, heads_kv, head_dim)
+    seqlen, heads_q, heads_kv, *keys = shape
+    q_shape, kv_shape = (1, seqlen, heads_q, head_dim), (1, keys[0] if keys else seqlen, heads_kv, head_dim)
     draws = {i: ("random", i) for i in range(POOL)}
     draws.update({name: (name, 0) for name in SPECIAL_NEIGHBOURS})
     sequences = {}
