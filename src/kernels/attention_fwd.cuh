@@ -21,6 +21,10 @@
 // every consumer warpgroup, each against every kConsumers-th key block with a softmax and O of its own, and the first
 // warpgroup joins the three in order: the tile takes about a third of the time of one whose other warpgroups
 // compute on padding.
+// Key splits (FwdConfig::key_splits, a tier of its own: seqlen_q within one query tile against many keys) pack the
+// query heads of a K/V head into a tile's rows (pos) and give each tile a cluster of CTAs, each over a run of its key
+// blocks (key_range); rank 0 joins the others' partial results in rank order through distributed shared memory
+// (join_key_splits).
 //
 // Constant time: trip counts, addresses and the masking branch depend only on shapes, options and
 // block indices; masking, -inf rows and NaN/inf values go through selects. Out-of-range rows and keys
