@@ -47,7 +47,8 @@ def tier_of(info, head_dim, causal, seqlen_q, seqlen_k):
         if t["max_seqlen_k"] is not None and seqlen_k <= t["max_seqlen_k"]:
             return t["tier"]
     for t in family:
-        if t["split_tile"] and seqlen_q <= t["max_seqlen_q"] and (seqlen_q - 1) % t["block_m"] < 64:
+        split = t["split_tile"] and not t["key_splits"]
+        if split and seqlen_q <= t["max_seqlen_q"] and (seqlen_q - 1) % t["block_m"] < 64:
             return t["tier"]
     return next(t["tier"] for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None)
 
@@ -95,7 +96,7 @@ def test_seqlens_reach_every_split_tier(ext):
     whole one; and SEQLENS also run each family's main tier."""
     info = dhp.build_info()
     tiles = info["forward_tiles"]
-    for tile in (t for t in tiles if t["split_tile"]):
+    for tile in (t for t in tiles if t["split_tile"] and not t["key_splits"]):
         family = (tile["head_dim"], tile["causal"])
         reached = [(q, k) for q, k in SEQLENS if tier_of(info, *family, q, k) == tile["tier"]]
         one_tile = [k for k in range(1, 4 * tile["max_seqlen_q"], 97) if tier_of(info, *family, 64, k) == tile["tier"]]
@@ -109,7 +110,8 @@ def test_seqlens_reach_every_split_tier(ext):
 
 def test_seqlens_reach_every_key_split_tier(ext):
     """Each key-split tier runs on SEQLENS with two CTAs a tile and with the most, with a partial last key block, and
-    (under a causal mask) with seqlen_q > 1; HEADS pack 1, 2 and 8 query heads into its tiles' rows."""
+    (under a causal mask) with seqlen_q > 1; HEADS pack 1, 2 and 8 query heads into its tiles' rows; and with a last
+    query tile of at most 64 packed rows (its warpgroups split the key blocks: split_tile) and of more."""
     info = dhp.build_info()
     for tile in (t for t in info["forward_tiles"] if t["key_splits"]):
         family = (tile["head_dim"], tile["causal"])
@@ -117,6 +119,7 @@ def test_seqlens_reach_every_key_split_tier(ext):
         ctas = {key_split_ctas(info, q, k) for q, k in reached}
         assert {2, info["key_split_max_ctas"]} <= ctas, (tile, reached)
         assert any(k % 128 for _, k in reached) and any(q > 1 for q, _ in reached), (tile, reached)
+        assert tile["split_tile"] and any(q <= 64 for q, _ in reached) and any(q > 64 for q, _ in reached), reached
     assert {hq // hkv for hq, hkv in HEADS.values()} == {1, 2, 8}
 
 

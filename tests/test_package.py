@@ -65,13 +65,13 @@ def test_build_info_lists_the_forward_tiles(ext):
             assert [t["tier"] for t in family] == list(range(len(family))), family
             main = [t for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None]
             assert len(main) == 1 and not main[0]["split_tile"], family
-            split = [t for t in family if t["split_tile"]]
+            split = [t for t in family if t["split_tile"] and not t["key_splits"]]
             assert all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in split) and len(split) <= 1
             assert all({**t, "tier": 0, "max_seqlen_q": None, "split_tile": False} == main[0] for t in split), family
             keys_split = [t for t in family if t["key_splits"]]
             assert len(keys_split) <= 1 and all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in keys_split)
             assert all((t["block_m"], t["block_n"], t["consumer_warpgroups"], t["o_stage_boxes"], t["split_tile"]) ==
-                       (128, 128, 2, 0, False) for t in keys_split), family
+                       (128, 128, 2, 0, True) for t in keys_split), family
             assert all((t["max_seqlen_q"] is None) == (not t["split_tile"] and not t["key_splits"]) for t in family)
             assert len(family) <= 4 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
             assert all(t["block_m"] == 64 * t["consumer_warpgroups"] and t["block_n"] % 16 == 0 for t in family)

@@ -220,11 +220,12 @@ struct FwdKernel {
   }
 
   // Whether the tile is split: its rows all fall to its first warpgroup (the last query block, seqlen_q's last 64
-  // rows or fewer), so every warpgroup takes those rows, against every kConsumers-th of the key blocks, and the first
-  // joins their results in warpgroup order. Shapes only: a row's result depends on seqlen_q through it, never on
-  // values or on the rest of the batch.
+  // rows or fewer; with key splits, 64 packed rows or fewer), so every warpgroup takes those rows, against every
+  // kConsumers-th of the key blocks, and the first joins their results in warpgroup order. Shapes only: a row's result
+  // depends on seqlen_q (and the packing) through it, never on values or on the rest of the batch.
   __device__ static bool split_tile(const FwdKernelParams& p, int m_block) {
-    return kSplitTile && int64_t(m_block) * kBlockM + kWgRows >= p.seqlen_q;
+    const int64_t rows = kKeySplit ? int64_t(p.seqlen_q) << p.q_pack_shift : int64_t(p.seqlen_q);
+    return kSplitTile && int64_t(m_block) * kBlockM + kWgRows >= rows;
   }
 
   // Position in the K/V ring, counted over all key blocks of all the CTA's tiles.
@@ -375,11 +376,11 @@ struct FwdKernel {
   // their first; the second is 8 below) take part in the exchange. Returns whether this CTA stores the tile. Trip
   // counts and the rows taking part are functions of shapes.
   template <class Softmax>
-  __device__ static bool join_key_splits(const FwdKernelParams& p, Smem& s, int consumer, int row,
+  __device__ static bool join_key_splits(const FwdKernelParams& p, Smem& s, int consumer, int row, bool split,
                                          float (&acc_o)[HeadDim / 2], Softmax& softmax) {
     using FragO = AccFragment<HeadDim>;
     const int t = threadIdx.x % 128;
-    const int threads = 128 * kConsumers;
+    const int threads = split ? 128 : 128 * kConsumers;  // a split tile's other warpgroups are done
     const bool live = row < p.seqlen_q;
     KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.k);
     hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every K/V block has been read
@@ -680,7 +681,8 @@ struct FwdKernel {
     }
 
     if constexpr (kKeySplit) {
-      if (!join_key_splits(p, s, consumer, int(pos(p, wg_row0 + row_in_wg)), acc_o, softmax)) return PendingStore{};  // rank 0 stores the tile
+      if (!join_key_splits(p, s, consumer, int(pos(p, wg_row0 + row_in_wg)), split, acc_o, softmax))
+        return PendingStore{};  // rank 0 stores the tile
     }
     float inv_sum[2], lse[2];
     softmax.finish(inv_sum, lse);

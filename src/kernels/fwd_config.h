@@ -168,8 +168,9 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // same beside either (1k: two stages +9.5% over two, four +8.4% over four).
   const bool split = tier == kTierSplitTile;
   // key_splits: the short tier's 128 x 128 tile, one Q buffer (a CTA has one tile); the partial results take the K/V
-  // ring's shared memory once every key block has been read.
-  if (key_split) return FwdConfig{head_dim, 128, 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop, false, true};
+  // ring's shared memory once every key block has been read. With split_tile a tile of at most 64 packed rows
+  // (decoding) runs them on both warpgroups, each over every second key block, instead of one over padding.
+  if (key_split) return FwdConfig{head_dim, 128, 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop, true, true};
   if (head_dim == 64)
     return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false}
                       : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split, false};
@@ -188,7 +189,7 @@ constexpr bool fwd_config_valid(const FwdConfig& c) {
          c.softmax_chains >= 1 && (c.softmax_chains & (c.softmax_chains - 1)) == 0 &&
          (!c.half_first_block || c.block_n / 2 % 16 == 0) &&
          (c.o_stage_boxes == 0 || (c.head_dim / 64) % c.o_stage_boxes == 0) &&
-         (!c.split_tile || c.o_stage_boxes == 0) && (!c.key_splits || (c.o_stage_boxes == 0 && !c.split_tile)) &&
+         (!c.split_tile || c.o_stage_boxes == 0) && (!c.key_splits || c.o_stage_boxes == 0) &&
          register_budget_fits(c.consumer_warpgroups, c.producer_regs, c.consumer_regs);
 }
 
