@@ -441,7 +441,8 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
         [s[-1] if len(s) > 3 else s[0] for s in determinism.SHAPES]  # seqlen_k
     for limit in sorted(limits):
         assert any(s <= limit for s in seqlens) and any(s > limit for s in seqlens), (tool, limit, seqlens)
-    for tile in (t for t in info["forward_tiles"] if t["split_tile"]):  # and the split tier by seqlen_q
+    split_tiers = (t for t in info["forward_tiles"] if t["split_tile"] and not t["key_splits"])
+    for tile in split_tiers:  # and the split tier by seqlen_q
         short = max((t["max_seqlen_k"] or 0 for t in info["forward_tiles"]
                      if (t["head_dim"], t["causal"]) == (tile["head_dim"], tile["causal"])), default=0)
         split = [short < s <= tile["max_seqlen_q"] and (s - 1) % tile["block_m"] < 64 for s in seqlens]
