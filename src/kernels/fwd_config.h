@@ -86,7 +86,8 @@ constexpr int fwd_tiers(int head_dim, bool causal) {
 // 4k / 16k / 64k keys 50.6 / 181 / 682 -> 21.5 / 41.3 / 110 us (cuDNN 18.4 / 39.6 / 106), batch 8 at 8k 192 -> 129
 // (cuDNN 106), MHA 32 heads 16k 187 -> 129; seqlen_q 16 / 128 at 8k 95 / 96 -> 31 / 83. Four blocks a CTA and no
 // packing lost at batch 8 (192 -> 462 us: each query head streamed its K/V again). Its split tile (64 packed rows or
-// fewer on both warpgroups), H200, one call: decoding 8-22% faster again (16k 36.9 -> 31.6 us, cuDNN 31.8).
+// fewer on both warpgroups), H200, one call: decoding 8-22% faster again (16k 36.9 -> 31.6 us, cuDNN 31.8); on the
+// H100 4k / 16k / 64k 18.4 / 38.3 / 103.5 us (cuDNN 17.9 / 39.7 / 105.6), batch 8 120 (106), MHA 16k 121 (105).
 constexpr int kKeySplitMaxSeqlenQ = 128;
 constexpr int kKeySplitMinBlocks = 8;
 constexpr int kKeySplitMaxCtas = 8;  // the portable cluster size
