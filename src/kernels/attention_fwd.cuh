@@ -799,7 +799,7 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // Key splits pack the query heads of a K/V head into a tile's rows, as many as a power of two divides, at most 64:
   // decoding's single row a head becomes one row of a group, and the group reads its K and V once.
   const int group = prm.heads_q / prm.heads_kv;
-  const int pack = K::kKeySplit ? std::min(group & -group, 64) : 1;
+  const int pack = K::kKeySplit ? fwd_key_split_pack(prm.heads_q, prm.heads_kv) : 1;
   const int map_pack = K::kKeySplit ? pack : 0;
   dhp_status st;
   if ((st = encode_tensor_map(&kp.q, DT, prm.q, q_shape, prm.q_stride, K::kWgRows, "q", map_pack)) != DHP_SUCCESS)

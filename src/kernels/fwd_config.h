@@ -104,6 +104,12 @@ constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long s
   const long long per_cta = (blocks + wanted - 1) / wanted;
   return {int((blocks + per_cta - 1) / per_cta), int(per_cta)};  // no CTA without a block
 }
+// Query heads of a K/V head packed into a key-split tile's rows: the largest power of two dividing heads_q / heads_kv,
+// at most 64 (a warpgroup's rows: a 64-row box holds whole positions).
+constexpr int fwd_key_split_pack(int heads_q, int heads_kv) {
+  const int group = heads_q / heads_kv;
+  return (group & -group) < 64 ? group & -group : 64;
+}
 
 // Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond
 // (attention_fwd.cuh, launch_forward_tier, says why).

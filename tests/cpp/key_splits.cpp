@@ -1,0 +1,54 @@
+// The forward's key-split rule (src/kernels/fwd_config.h, fwd_key_splits and fwd_key_split_pack) on the host: which
+// shapes split, into how many CTAs of how many 128-key blocks, and how many query heads a tile packs. Needs no GPU.
+#include <cstdio>
+
+#include "kernels/fwd_config.h"
+
+namespace {
+
+using namespace dhp::kernels;
+
+long failures = 0;
+
+void expect(bool ok, const char* what, long long a, long long b, long long c) {
+  if (!ok && failures++ < 10) std::printf("%s (%lld, %lld, %lld)\n", what, a, b, c);
+}
+
+void check_splits(int head_dim, long long seqlen_q, long long seqlen_k) {
+  const KeySplits s = fwd_key_splits(head_dim, seqlen_q, seqlen_k);
+  const long long blocks = (seqlen_k + 127) / 128;
+  const bool splits = fwd_key_split_tier(head_dim, false) >= 0 && seqlen_q <= kKeySplitMaxSeqlenQ &&
+                      blocks >= 2 * kKeySplitMinBlocks;
+  expect(splits == (s.ctas > 1), "splits where the rule says", head_dim, seqlen_q, seqlen_k);
+  if (!splits) return;
+  expect(s.ctas <= kKeySplitMaxCtas, "at most a portable cluster", seqlen_q, seqlen_k, s.ctas);
+  expect(s.blocks >= kKeySplitMinBlocks, "at least the minimum run a CTA", seqlen_q, seqlen_k, s.blocks);
+  expect(s.ctas * (long long)s.blocks >= blocks, "every block taken", seqlen_k, s.ctas, s.blocks);
+  expect((s.ctas - 1) * (long long)s.blocks < blocks, "no CTA without a block", seqlen_k, s.ctas, s.blocks);
+  // As many CTAs as the minimum run allows, up to the cluster: a longer seqlen_k never splits into fewer.
+  const KeySplits longer = fwd_key_splits(head_dim, seqlen_q, seqlen_k + 128);
+  expect(longer.ctas >= s.ctas, "fewer CTAs for more keys", seqlen_k, s.ctas, longer.ctas);
+}
+
+}  // namespace
+
+int main() {
+  for (int head_dim : {64, 128, 256})
+    for (long long seqlen_q : {1, 2, 16, 64, 127, 128, 129, 1000})
+      for (long long seqlen_k = 1; seqlen_k <= 70000; seqlen_k += seqlen_k < 4096 ? 1 : 97)
+        check_splits(head_dim, seqlen_q, seqlen_k);
+  expect(fwd_key_splits(128, 1, 16384).ctas == kKeySplitMaxCtas, "decoding 16k keys: the whole cluster", 1, 16384, 0);
+  expect(fwd_key_splits(128, 1, 1920).ctas == 1 && fwd_key_splits(128, 1, 1921).ctas == 2, "first split at 16 blocks",
+         1920, 1921, 0);
+  // (heads_q, heads_kv, packed): the largest power of two dividing the group, at most 64.
+  const int packs[][3] = {{32, 32, 1}, {32, 8, 4}, {8, 1, 8}, {12, 2, 2}, {6, 2, 1}, {96, 1, 32}, {128, 1, 64},
+                          {256, 2, 64}, {40, 8, 1}, {48, 4, 4}};
+  for (const auto& [heads_q, heads_kv, packed] : packs) {
+    const int p = fwd_key_split_pack(heads_q, heads_kv);
+    expect(p == packed, "fwd_key_split_pack", heads_q, heads_kv, p);
+    expect(p >= 1 && 64 % p == 0 && (heads_q / heads_kv) % p == 0, "a power of two dividing the group and 64",
+           heads_q, heads_kv, p);
+  }
+  std::printf("key_splits: %ld failures\n", failures);
+  return failures == 0 ? 0 : 1;
+}
