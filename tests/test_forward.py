@@ -169,11 +169,12 @@ def test_matches_reference(torch_cuda, dtype_name, head_dim, causal, heads, seql
 
 @pytest.mark.parametrize("layout", ["sliced_head_dim", "bhsd_transposed"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_strided_inputs_and_output(torch_cuda, dtype_name, head_dim, layout, causal):
+@pytest.mark.parametrize("seqlens", [(300, 257), (16, 2500)], ids=["tiles", "key_splits"])  # key splits: 5-d maps
+def test_strided_inputs_and_output(torch_cuda, dtype_name, head_dim, layout, causal, seqlens):
     torch = torch_cuda
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator(device="cuda").manual_seed(7)
-    batch, seqlen_q, seqlen_k, heads_q, heads_kv = 2, 300, 257, 4, 2
+    (seqlen_q, seqlen_k), batch, heads_q, heads_kv = seqlens, 2, 4, 2
 
     def make(seqlen, heads):
         if layout == "sliced_head_dim":  # a view of the first half of a larger head dimension
