@@ -3,15 +3,17 @@
 Times dhp's forward without a mask beside torch SDPA's cuDNN and FlashAttention-2 backends and FlashAttention-3 (where
 `flash_attn_interface` imports, bench/fa3; its flash_attn_func with its defaults), interleaved run by run after an L2
 flush (dhp.bench.time_runs_interleaved), and prints one line per shape: microseconds, TFLOP/s (4 * b * hq * sq * sk *
-d / time) and dhp against the fastest peer.
+d / time) and dhp against the fastest peer. With --out, also writes the rows (milliseconds of every run per backend)
+and dhp.bench's environment (device, driver, versions, date) as JSON.
 
-    PYTHONPATH=bench/fa3 python bench/small_shapes.py [b/sq/sk/hq/hkv/d ...]
+    PYTHONPATH=bench/fa3 python bench/small_shapes.py [--out PATH.json] [b/sq/sk/hq/hkv/d ...]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +54,12 @@ def calls(q, k, v) -> dict:
 
 
 def main() -> None:
-    shapes = [tuple(int(x) for x in arg.split("/")) for arg in sys.argv[1:]] or SHAPES
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", metavar="PATH.json", help="also write the rows and the environment as JSON")
+    parser.add_argument("shapes", nargs="*", metavar="b/sq/sk/hq/hkv/d", help="default: SHAPES")
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in arg.split("/")) for arg in args.shapes] or SHAPES
+    rows = []
     for b, sq, sk, hq, hkv, d in shapes:
         torch.manual_seed(0)
         q = torch.randn(b, sq, hq, d, device="cuda", dtype=torch.bfloat16)
@@ -64,6 +71,12 @@ def main() -> None:
         print(f"b{b} sq{sq} sk{sk} h{hq}/{hkv} d{d}  "
               + "  ".join(f"{name} {t * 1e3:8.1f}us {flops / t / 1e9:6.1f}TF" for name, t in ms.items())
               + f"   dhp/best {best / ms['dhp']:.2f}", flush=True)
+        rows.append({"batch": b, "seqlen_q": sq, "seqlen_k": sk, "heads_q": hq, "heads_kv": hkv, "head_dim": d,
+                     "dtype": "bfloat16", "causal": False, "flops": flops, "ms": ms, "runs_ms": runs})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"environment": bench.environment(torch), "settings": {"reps": 30, "warmup": 5}, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":
