@@ -819,12 +819,22 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   kp.seqlen_k = prm.seqlen_k;
   kp.heads_q = prm.heads_q / pack;  // a tile's head: a packed group of query heads
   kp.q_heads_per_kv = group / pack;
+  // Key splits (kKeySplit): one CTA per (tile, split), a cluster per tile, the tile's key blocks dealt in runs.
+  const KeySplits splits = fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k);
+  static_assert(!K::kKeySplit || K::kBlockN == 128, "key splits count 128-key blocks");
+  kp.key_splits = K::kKeySplit ? splits.ctas : 1;
+  kp.split_blocks = splits.blocks;
   const int64_t num_m_blocks = (int64_t(prm.seqlen_q) * pack + K::kBlockM - 1) / K::kBlockM;
   const int64_t num_tiles = num_m_blocks * kp.heads_q * prm.batch;
   if (num_tiles > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_q=%d x ceil(seqlen_q=%d / %d) = %lld query tiles: at most 2^31 - 1 are supported",
                 prm.batch, prm.heads_q, prm.seqlen_q, K::kBlockM, (long long)num_tiles);
+  if (K::kKeySplit && num_tiles * splits.ctas > INT32_MAX)
+    return fail(DHP_ERROR_INVALID_VALUE,
+                "batch=%d x heads_q=%d: %lld query tiles of %d CTAs each (key splits of seqlen_k=%d): at most 2^31 - 1 "
+                "CTAs are supported",
+                prm.batch, prm.heads_q, (long long)num_tiles, splits.ctas, prm.seqlen_k);
   kp.num_tiles = int(num_tiles);
   // Non-causal tiles all cost the same: a persistent grid of one CTA per SM takes them round by round,
   // and the K/V loads of a CTA's next tile (and its Q, with two Q buffers) overlap its epilogue. Causal
@@ -834,11 +844,6 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
   // per tile and the hardware hands tiles, heaviest first within a section of heads, to SMs as they free up.
   // The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
-  // Key splits (kKeySplit): one CTA per (tile, split), a cluster per tile, the tile's key blocks dealt in runs.
-  const KeySplits splits = fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k);
-  static_assert(!K::kKeySplit || K::kBlockN == 128, "key splits count 128-key blocks");
-  kp.key_splits = K::kKeySplit ? splits.ctas : 1;
-  kp.split_blocks = splits.blocks;
   const bool persistent = !K::kKeySplit && (!Causal || prm.seqlen_k <= kPersistentCausalKeys);
   const int section_heads =
       persistent || K::kKeySplit ? 1
