@@ -145,7 +145,7 @@ def test_generic_access_pattern():
     assert generic_accesses(sass) == {"k": ["LD.E.64", "ST.E"]}
 
 
-DSMEM_READ = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+LD\.E R\d+, \[R\d+\] ;", re.MULTILINE)
+DSMEM_READ = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+LD\.E R\d+, \[R\d+(?:\+0x[0-9a-f]+)?\] ;", re.MULTILINE)
 
 
 def test_no_generic_memory_access():
@@ -153,7 +153,7 @@ def test_no_generic_memory_access():
     64-bit addresses, more registers, a slower path. The backward had them for every shared-memory access until
     the dynamic shared memory was aligned by pointer arithmetic (hopper/smem.cuh). Distributed shared memory has no
     load of its own: the forward's key-split tier joins the other CTAs' partial results with generic loads of 32-bit
-    shared::cluster addresses (`LD.E R2, [R3]`, from mapa), the only generic accesses allowed, and only there."""
+    shared::cluster addresses (`LD.E R2, [R3+0x200]`, from mapa), the only generic accesses allowed, and only there."""
     sass = cuobjdump("-sass")
     found = generic_accesses(sass)
     tiles = build_info()["forward_tiles"]

@@ -80,11 +80,13 @@ __device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank
   return mapped;
 }
 
-// ld.shared::cluster.f32 [PTX 9.7.9.8]: a float from another CTA's shared memory (`peer_addr` from map_to_rank).
-// Volatile: kept after the cluster barrier that orders it behind the peer's writes.
+// ld.shared::cluster.f32 [PTX 9.7.9.8]: a float from another CTA's shared memory, `Offset` bytes past `peer_addr`
+// (from map_to_rank); the offset is an immediate, so a run of loads needs one address register. Volatile: kept after
+// the barrier wait that orders it behind the peer's writes.
+template <int Offset = 0>
 __device__ __forceinline__ float load_peer_f32(uint32_t peer_addr) {
   float value;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(value) : "r"(peer_addr));
+  asm volatile("ld.shared::cluster.f32 %0, [%1+%2];\n" : "=f"(value) : "r"(peer_addr), "n"(Offset));
   return value;
 }
 

@@ -43,6 +43,7 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "error.h"
 #include "hopper/smem.cuh"
@@ -176,14 +177,17 @@ struct FwdKernel {
                 "named-barrier ids of the epilogue, the GEMM turns and the split join must not overlap");
   static_assert(!kSplitTile || !kOwnOStage, "a split tile's O leaves through the first warpgroup's Q rows");
   // A key split's partial results (kKeySplit): O's fragments, the raw row maxima and each thread's share of the row
-  // sums, register by register, thread-contiguous, over the K/V ring (read to the end by then; v follows k).
+  // sums, register by register, thread-contiguous, over the Q buffer and the K/V ring (k follows q, v follows k), which
+  // a CTA that does not store reads no more once its last P V is done.
   struct KeySplitPartials {
     float o[kConsumers][HeadDim / 2][128];
     float max[kConsumers][2][128];
     float sum[kConsumers][2][128];
   };
-  static_assert(!kKeySplit || (sizeof(KeySplitPartials) <= 2 * kStages * kBoxes * kBoxBytesKV && !kOwnOStage),
-                "a key split's partial results must fit the K/V ring");
+  static_assert(!kKeySplit || (sizeof(KeySplitPartials) <= kQBuffers * kConsumers * kBoxes * kBoxBytesQ +
+                                                            2 * kStages * kBoxes * kBoxBytesKV &&
+                                !kOwnOStage),
+                "a key split's partial results must fit the Q buffer and the K/V ring");
 
   struct Tile {
     int m_block, head, batch;
@@ -370,6 +374,17 @@ struct FwdKernel {
     if (threadIdx.x % 128 == 0) free_q_buffer(s, pending);  // no store may read shared memory after exit
   }
 
+  // O = O * mine + O_peer * theirs, register by register, O_peer's register i at byte 512 i from `peer_o` (the
+  // partials' thread-contiguous layout) in another CTA's shared memory: immediate offsets from one address register.
+  template <int... I>
+  __device__ static void join_peer_o(float (&acc_o)[HeadDim / 2], uint32_t peer_o, const float (&mine)[2],
+                                     const float (&theirs)[2], std::integer_sequence<int, I...>) {
+    using FragO = AccFragment<HeadDim>;
+    ((acc_o[I] = fmaf(hopper::load_peer_f32<I * 128 * int(sizeof(float))>(peer_o), theirs[FragO::row_half(I)],
+                      acc_o[I] * mine[FragO::row_half(I)])),
+     ...);
+  }
+
   // Key splits (kKeySplit): every CTA of the cluster but rank 0 leaves its partial results in its shared memory and
   // arrives on rank 0's split_ready; rank 0 joins them into its own in rank order (distributed shared memory), frees
   // the others (their split_read) and goes on to store the tile. Only the threads with a row below seqlen_q (`row`:
@@ -382,7 +397,7 @@ struct FwdKernel {
     const int t = threadIdx.x % 128;
     const int threads = split ? 128 : 128 * kConsumers;  // a split tile's other warpgroups are done
     const bool live = row < p.seqlen_q;
-    KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.k);
+    KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.q);
     hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every K/V block has been read
     if (hopper::cluster_rank() != 0) {
       if (live) {
@@ -406,16 +421,15 @@ struct FwdKernel {
     for (int rank = 1; live && rank < p.key_splits; ++rank) {
       const uint32_t peer = hopper::map_to_rank(&part, uint32_t(rank));
       auto at = [&](const float& local) {
-        return hopper::load_peer_f32(peer + uint32_t(reinterpret_cast<const char*>(&local) -
-                                                     reinterpret_cast<const char*>(&part)));
+        return peer + uint32_t(reinterpret_cast<const char*>(&local) - reinterpret_cast<const char*>(&part));
       };
-      const float other_max[2] = {at(part.max[consumer][0][t]), at(part.max[consumer][1][t])};
-      const float other_sum[2] = {at(part.sum[consumer][0][t]), at(part.sum[consumer][1][t])};
+      const float other_max[2] = {hopper::load_peer_f32(at(part.max[consumer][0][t])),
+                                  hopper::load_peer_f32(at(part.max[consumer][1][t]))};
+      const float other_sum[2] = {hopper::load_peer_f32(at(part.sum[consumer][0][t])),
+                                  hopper::load_peer_f32(at(part.sum[consumer][1][t]))};
       float mine[2], theirs[2];
       softmax.join(other_max, other_sum, mine, theirs);
-#pragma unroll
-      for (int i = 0; i < FragO::kRegs; ++i)
-        acc_o[i] = fmaf(at(part.o[consumer][i][t]), theirs[FragO::row_half(i)], acc_o[i] * mine[FragO::row_half(i)]);
+      join_peer_o(acc_o, at(part.o[consumer][0][t]), mine, theirs, std::make_integer_sequence<int, HeadDim / 2>{});
     }
     hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every peer's partials have been read
     if (threadIdx.x == 128)
@@ -821,9 +835,9 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   kp.q_heads_per_kv = group / pack;
   // Key splits (kKeySplit): one CTA per (tile, split), a cluster per tile, the tile's key blocks dealt in runs.
   const KeySplits splits = fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k);
-  static_assert(!K::kKeySplit || K::kBlockN == 128, "key splits count 128-key blocks");
+  static_assert(!K::kKeySplit || 128 % K::kBlockN == 0, "key splits count 128-key blocks");
   kp.key_splits = K::kKeySplit ? splits.ctas : 1;
-  kp.split_blocks = splits.blocks;
+  kp.split_blocks = K::kKeySplit ? splits.blocks * (128 / K::kBlockN) : splits.blocks;
   const int64_t num_m_blocks = (int64_t(prm.seqlen_q) * pack + K::kBlockM - 1) / K::kBlockM;
   const int64_t num_tiles = num_m_blocks * kp.heads_q * prm.batch;
   if (num_tiles > INT32_MAX)

@@ -65,17 +65,10 @@ constexpr int fwd_short_keys(int head_dim, bool causal) {
 // +16%, 1000 / 1024 +11..+12%, 4k +3%; at 16k (one tile in 86) it lost 0.7%. Under a causal mask the split tile is the
 // tile with the most key blocks (same file, call s31f): causal 4k +3.9%, 2305 +9.9%, 16k +1.3%.
 constexpr int fwd_split_max_seqlen_q(int head_dim, bool causal) { return head_dim == 64 ? (causal ? 16384 : 4096) : 0; }
-// The last tier of head_dim 64 and 128, kernels of their own: the short-key tier's tile with its key blocks split
-// over a cluster of CTAs (key_splits), where seqlen_q fits one query tile (fwd_key_splits). Head_dim 256's short
-// tier has no shared memory left for the partial results.
-constexpr int fwd_key_split_tier(int head_dim, bool causal) {
-  if (head_dim > 128) return -1;
-  return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? 3 : 2;
-}
-constexpr int fwd_tiers(int head_dim, bool causal) {
-  if (fwd_key_split_tier(head_dim, causal) > 0) return fwd_key_split_tier(head_dim, causal) + 1;
-  return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? 3 : fwd_short_keys(head_dim, causal) > 0 ? 2 : 1;
-}
+// The last tier of every family, kernels of their own: the short-key tier's tile with its key blocks split over a
+// cluster of CTAs (key_splits), where seqlen_q fits one query tile (fwd_key_splits).
+constexpr int fwd_key_split_tier(int head_dim, bool causal) { return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? 3 : 2; }
+constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_key_split_tier(head_dim, causal) + 1; }
 
 // Key splits (the key-split tier): where seqlen_q fits one query tile (decoding, short chunks of queries against a
 // long cache), the tile's keys are split over up to kKeySplitMaxCtas CTAs of a cluster, each taking at least
@@ -97,7 +90,7 @@ struct KeySplits {
 };
 constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long seqlen_k) {
   const long long blocks = (seqlen_k + 127) / 128;
-  if (fwd_key_split_tier(head_dim, false) < 0 || seqlen_q > kKeySplitMaxSeqlenQ || blocks < 2 * kKeySplitMinBlocks)
+  if (head_dim % 64 != 0 || seqlen_q > kKeySplitMaxSeqlenQ || blocks < 2 * kKeySplitMinBlocks)
     return {1, int(blocks)};
   const long long wanted = blocks / kKeySplitMinBlocks < kKeySplitMaxCtas ? blocks / kKeySplitMinBlocks
                                                                            : kKeySplitMaxCtas;
@@ -175,10 +168,13 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // 2026-11-27, alternating builds in one call: 640-16k +1.3..+3.8%, causal 4k / 8k even); the split tile gains the
   // same beside either (1k: two stages +9.5% over two, four +8.4% over four).
   const bool split = tier == kTierSplitTile;
-  // key_splits: the short tier's 128 x 128 tile, one Q buffer (a CTA has one tile); the partial results take the K/V
-  // ring's shared memory once every key block has been read. With split_tile a tile of at most 64 packed rows
-  // (decoding) runs them on both warpgroups, each over every second key block, instead of one over padding.
-  if (key_split) return FwdConfig{head_dim, 128, 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop, true, true};
+  // key_splits: the short tier's tile, one Q buffer (a CTA has one tile), O through the Q rows; the partial results
+  // take the Q and K/V memory of the CTAs that do not store once every key block has been read. With split_tile a tile
+  // of at most 64 packed rows (decoding) runs them on both warpgroups, each over every second key block, instead of
+  // one over padding; head_dim 256 has no shared memory left for the split tile's partials (64-key blocks, 192 KB).
+  if (key_split)
+    return FwdConfig{head_dim, 128, head_dim == 256 ? 64 : 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop,
+                     head_dim <= 128, true};
   if (head_dim == 64)
     return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false}
                       : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split, false};
