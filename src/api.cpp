@@ -697,7 +697,14 @@ const char* build_info_json() {
                   "\"key_split_min_blocks\": %d, \"key_split_max_ctas\": %d",
                   kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes, kernels::kKeySplitMinBlocks,
                   kernels::kKeySplitMaxCtas);
-    return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"backward_two_dq_chains_max_seqlen_k\": {" +
+    std::string waves;
+    for (const kernels::KeySplitWave& w : kernels::kKeySplitWaves) {
+      char entry[32];
+      std::snprintf(entry, sizeof entry, "%s[%d, %d]", waves.empty() ? "" : ", ", w.ctas, w.clusters);
+      waves += entry;
+    }
+    return cmake + ", \"forward_tiles\": [" + tiles + tail + ", \"key_split_waves\": [" + waves +
+           "], \"backward_two_dq_chains_max_seqlen_k\": {" +
            chains + "}, \"backward_two_dq_chains_min_seqlen_k\": {" + chains_min +
            "}, \"backward_paired_key_blocks_head_dims\": [" + pairs +
            "], \"backward_unpaired_max_seqlen_k\": {" + unpaired + "}, \"backward_causal_paired_min_group\": {" +

@@ -25,23 +25,30 @@ SEQLENS = [
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
 
-def key_split_ctas(info, seqlen_q, seqlen_k):
-    """CTAs a tile's key blocks are split over (fwd_config.h, fwd_key_splits; 1: none), ignoring the head_dim."""
+def key_split_ctas(info, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
+    """CTAs a tile's key blocks are split over (fwd_config.h, fwd_key_splits; 1: none), ignoring the head_dim: at most
+    the largest cluster of "key_split_waves" of which the sequence's tiles (packed heads x 128-row tiles) all run at
+    once, at least "key_split_min_blocks" 128-key blocks a CTA."""
     blocks, least = -(-seqlen_k // 128), info["key_split_min_blocks"]
     limit = next(t["max_seqlen_q"] for t in info["forward_tiles"] if t["key_splits"])
-    if seqlen_q > limit or blocks < 2 * least:
+    group = heads_q // heads_kv
+    pack = min(group & -group, 64)
+    tiles = heads_q // pack * -(-seqlen_q * pack // 128)
+    wave = next((ctas for ctas, clusters in info["key_split_waves"] if tiles <= clusters), 1)
+    wanted = min(blocks // least, wave)
+    if seqlen_q > limit or wanted < 2:
         return 1
-    per_cta = -(-blocks // min(blocks // least, info["key_split_max_ctas"]))
+    per_cta = -(-blocks // wanted)
     return -(-blocks // per_cta)
 
 
-def tier_of(info, head_dim, causal, seqlen_q, seqlen_k):
+def tier_of(info, head_dim, causal, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
     """The tier run_forward takes (attention_fwd.cuh): the key-split tier where it splits, else the short-key tier up
     to its seqlen_k limit, else the split tier up to its seqlen_q limit where the last query tile holds at most 64 rows,
     else the main tier."""
     family = [t for t in info["forward_tiles"] if (t["head_dim"], t["causal"]) == (head_dim, causal)]
     for t in family:
-        if t["key_splits"] and key_split_ctas(info, seqlen_q, seqlen_k) > 1:
+        if t["key_splits"] and key_split_ctas(info, seqlen_q, seqlen_k, heads_q, heads_kv) > 1:
             return t["tier"]
     for t in family:
         if t["max_seqlen_k"] is not None and seqlen_k <= t["max_seqlen_k"]:
@@ -165,6 +172,34 @@ def test_matches_reference(torch_cuda, dtype_name, head_dim, causal, heads, seql
     q, k, v = inputs(torch, dtype_name, batch, seqlen_q, seqlen_k, *heads, head_dim, seed=seqlen_q + seqlen_k)
     with torch.no_grad():
         run_and_check(torch, q, k, v, causal)
+
+
+KEY_SPLIT_WAVES = [(24, 24, 1), (40, 40, 1), (72, 72, 1), (32, 8, 128)]  # (heads_q, heads_kv, seqlen_q), 4500 keys
+
+
+def test_key_split_waves_reach_every_cluster(ext):
+    """KEY_SPLIT_WAVES split 4500 keys over clusters of 4 and 2 CTAs (a sequence of 24 or 40 tiles, or of 32 with 128
+    packed queries) and not at all (72 tiles: no smaller cluster lets them run at once)."""
+    info = dhp.build_info()
+    assert [w[0] for w in info["key_split_waves"]] == [info["key_split_max_ctas"], 4, 2]
+    ctas = [key_split_ctas(info, q, 4500, hq, hkv) for hq, hkv, q in KEY_SPLIT_WAVES]
+    assert ctas == [4, 2, 1, 4], ctas
+
+
+@pytest.mark.parametrize("shape", KEY_SPLIT_WAVES, ids=[f"h{a}_{b}_sq{c}" for a, b, c in KEY_SPLIT_WAVES])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_split_waves(torch_cuda, dtype_name, head_dim, causal, shape):
+    """Many heads take smaller clusters (fwd_key_splits): checked against the reference, and a batch of two equal to
+    each sequence alone, to the bit (the clusters depend on the heads, never on the batch)."""
+    torch = torch_cuda
+    heads_q, heads_kv, seqlen_q = shape
+    q, k, v = inputs(torch, dtype_name, 2, seqlen_q, 4500, heads_q, heads_kv, head_dim, seed=heads_q + seqlen_q)
+    with torch.no_grad():
+        out, lse = run_and_check(torch, q, k, v, causal)
+        for b in range(2):
+            alone, alone_lse = dhp.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=causal, return_lse=True)
+            assert_bitwise_equal(torch, out[b:b + 1], alone)
+            assert_bitwise_equal(torch, lse[b:b + 1], alone_lse)
 
 
 @pytest.mark.parametrize("layout", ["sliced_head_dim", "bhsd_transposed"])

@@ -834,7 +834,7 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   kp.heads_q = prm.heads_q / pack;  // a tile's head: a packed group of query heads
   kp.q_heads_per_kv = group / pack;
   // Key splits (kKeySplit): one CTA per (tile, split), a cluster per tile, the tile's key blocks dealt in runs.
-  const KeySplits splits = fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k);
+  const KeySplits splits = fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k, prm.heads_q, prm.heads_kv);
   static_assert(!K::kKeySplit || 128 % K::kBlockN == 0, "key splits count 128-key blocks");
   kp.key_splits = K::kKeySplit ? splits.ctas : 1;
   kp.split_blocks = K::kKeySplit ? splits.blocks * (128 / K::kBlockN) : splits.blocks;
@@ -910,7 +910,7 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   if constexpr (fwd_key_split_tier(HeadDim, Causal) >= 0) {
-    if (fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k).ctas > 1)
+    if (fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k, prm.heads_q, prm.heads_kv).ctas > 1)
       return launch_forward_tier<DT, HeadDim, Causal, fwd_key_split_tier(HeadDim, Causal)>(prm, stream);
   }
   if constexpr (fwd_tiers(HeadDim, Causal) >= 2) {

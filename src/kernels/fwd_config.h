@@ -72,36 +72,51 @@ constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_key_split_tier(h
 
 // Key splits (the key-split tier): where seqlen_q fits one query tile (decoding, short chunks of queries against a
 // long cache), the tile's keys are split over up to kKeySplitMaxCtas CTAs of a cluster, each taking at least
-// kKeySplitMinBlocks 128-key blocks: a grid of (batch x heads_q) CTAs would leave most SMs idle. A function of seqlen_q
-// and seqlen_k, never of the batch or the heads: a sequence's bits do not depend on what else is in the batch. The
-// tier also packs the query heads of a K/V head into a tile's rows (attention_fwd.cuh, pos). H100, bf16, 2026-11-27
-// (bench/results/2026-11-27-h100-fwd-key-splits.txt), head_dim 128, GQA 32/8, seqlen_q 1, against main: batch 1 at
+// kKeySplitMinBlocks 128-key blocks: a grid of (batch x heads_q) CTAs would leave most SMs idle. The tier also packs
+// the query heads of a K/V head into a tile's rows (fwd_key_split_pack; attention_fwd.cuh, pos). The CTAs a tile
+// gets are bounded by a wave: a sequence's tiles, each a cluster, must all run at once (kKeySplitWaves), so a
+// sequence of many tiles (MHA, 128 queries of GQA) takes smaller clusters rather than waves with a tail. A function
+// of seqlen_q, seqlen_k and the head counts, never of the batch: a sequence's bits do not depend on what else is in
+// the batch. H100, bf16, 2026-11-27 (bench/results/2026-11-27-h100-fwd-key-splits.txt), head_dim 128, GQA 32/8, seqlen_q 1, against main: batch 1 at
 // 4k / 16k / 64k keys 50.6 / 181 / 682 -> 21.5 / 41.3 / 110 us (cuDNN 18.4 / 39.6 / 106), batch 8 at 8k 192 -> 129
 // (cuDNN 106), MHA 32 heads 16k 187 -> 129; seqlen_q 16 / 128 at 8k 95 / 96 -> 31 / 83. Four blocks a CTA and no
 // packing lost at batch 8 (192 -> 462 us: each query head streamed its K/V again). Its split tile (64 packed rows or
 // fewer on both warpgroups), H200, one call: decoding 8-22% faster again (16k 36.9 -> 31.6 us, cuDNN 31.8); on the
 // H100 4k / 16k / 64k 18.4 / 38.3 / 103.5 us (cuDNN 17.9 / 39.7 / 105.6), batch 8 120 (106), MHA 16k 121 (105).
 constexpr int kKeySplitMaxSeqlenQ = 128;
+constexpr int kKeySplitTileRows = 128;  // the key-split tier's tile (fwd_config)
 constexpr int kKeySplitMinBlocks = 8;
 constexpr int kKeySplitMaxCtas = 8;  // the portable cluster size
-struct KeySplits {
-  int ctas;    // CTAs a tile (1: no key splits)
-  int blocks;  // 128-key blocks a CTA (the last one's may be fewer)
+// Clusters of a key-split kernel (one CTA an SM) that run at once on an H100 SXM (132 SMs): cudaOccupancyMaxActiveClusters.
+struct KeySplitWave {
+  int ctas, clusters;
 };
-constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long seqlen_k) {
-  const long long blocks = (seqlen_k + 127) / 128;
-  if (head_dim % 64 != 0 || seqlen_q > kKeySplitMaxSeqlenQ || blocks < 2 * kKeySplitMinBlocks)
-    return {1, int(blocks)};
-  const long long wanted = blocks / kKeySplitMinBlocks < kKeySplitMaxCtas ? blocks / kKeySplitMinBlocks
-                                                                           : kKeySplitMaxCtas;
-  const long long per_cta = (blocks + wanted - 1) / wanted;
-  return {int((blocks + per_cta - 1) / per_cta), int(per_cta)};  // no CTA without a block
-}
+constexpr KeySplitWave kKeySplitWaves[] = {{8, 15}, {4, 32}, {2, 66}};
 // Query heads of a K/V head packed into a key-split tile's rows: the largest power of two dividing heads_q / heads_kv,
 // at most 64 (a warpgroup's rows: a 64-row box holds whole positions).
 constexpr int fwd_key_split_pack(int heads_q, int heads_kv) {
   const int group = heads_q / heads_kv;
   return (group & -group) < 64 ? group & -group : 64;
+}
+// A sequence's query tiles in the key-split tier: its packed heads times the tiles of its packed rows.
+constexpr long long fwd_key_split_tiles(long long seqlen_q, int heads_q, int heads_kv) {
+  const int pack = fwd_key_split_pack(heads_q, heads_kv);
+  return (long long)(heads_q / pack) * ((seqlen_q * pack + kKeySplitTileRows - 1) / kKeySplitTileRows);
+}
+struct KeySplits {
+  int ctas;    // CTAs a tile (1: no key splits)
+  int blocks;  // 128-key blocks a CTA (the last one's may be fewer)
+};
+constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long seqlen_k, int heads_q, int heads_kv) {
+  const long long blocks = (seqlen_k + 127) / 128;
+  int wave = 1;  // the largest cluster of which a cluster for each of the sequence's tiles runs at once
+  const long long tiles = fwd_key_split_tiles(seqlen_q, heads_q, heads_kv);
+  for (const KeySplitWave& w : kKeySplitWaves)
+    if (wave == 1 && tiles <= w.clusters) wave = w.ctas;
+  const long long wanted = blocks / kKeySplitMinBlocks < wave ? blocks / kKeySplitMinBlocks : wave;
+  if (head_dim % 64 != 0 || seqlen_q > kKeySplitMaxSeqlenQ || wanted < 2) return {1, int(blocks)};
+  const long long per_cta = (blocks + wanted - 1) / wanted;
+  return {int((blocks + per_cta - 1) / per_cta), int(per_cta)};  // no CTA without a block
 }
 
 // Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond
@@ -173,7 +188,7 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // of at most 64 packed rows (decoding) runs them on both warpgroups, each over every second key block, instead of
   // one over padding; head_dim 256 has no shared memory left for the split tile's partials (64-key blocks, 192 KB).
   if (key_split)
-    return FwdConfig{head_dim, 128, head_dim == 256 ? 64 : 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop,
+    return FwdConfig{head_dim, kKeySplitTileRows, head_dim == 256 ? 64 : 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop,
                      head_dim <= 128, true};
   if (head_dim == 64)
     return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false}
