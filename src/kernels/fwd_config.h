@@ -87,11 +87,12 @@ constexpr int kKeySplitMaxSeqlenQ = 128;
 constexpr int kKeySplitTileRows = 128;  // the key-split tier's tile (fwd_config)
 constexpr int kKeySplitMinBlocks = 8;
 constexpr int kKeySplitMaxCtas = 8;  // the portable cluster size
-// Clusters of a key-split kernel (one CTA an SM) that run at once on an H100 SXM (132 SMs): cudaOccupancyMaxActiveClusters.
+// Clusters of a key-split kernel (one CTA an SM) that run at once on an H100 SXM (132 SMs), by cluster size:
+// cudaOccupancyMaxActiveClusters, H100 80GB HBM3, 2026-11-27 (7 CTAs: 15 clusters, as 8; 16: 7).
 struct KeySplitWave {
   int ctas, clusters;
 };
-constexpr KeySplitWave kKeySplitWaves[] = {{8, 15}, {4, 32}, {2, 66}};
+constexpr KeySplitWave kKeySplitWaves[] = {{8, 15}, {6, 17}, {5, 22}, {4, 30}, {3, 39}, {2, 66}};
 // Query heads of a K/V head packed into a key-split tile's rows: the largest power of two dividing heads_q / heads_kv,
 // at most 64 (a warpgroup's rows: a 64-row box holds whole positions).
 constexpr int fwd_key_split_pack(int heads_q, int heads_kv) {

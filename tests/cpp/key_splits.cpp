@@ -51,12 +51,14 @@ int main() {
          1, 16384, 0);
   expect(fwd_key_splits(128, 1, 1920, 1, 1).ctas == 1 && fwd_key_splits(128, 1, 1921, 1, 1).ctas == 2,
          "first split at 16 blocks", 1920, 1921, 0);
-  // The waves: MHA with 32 heads takes clusters of 4 (32 tiles), 40 heads of 2, 72 none; 128 queries of GQA 32/8 pack
-  // into 4 tiles a K/V head, 32 in all: clusters of 4.
-  expect(fwd_key_splits(128, 1, 16384, 32, 32).ctas == 4, "MHA 32 heads: clusters of 4", 32, 32, 0);
+  // The waves: MHA with 16 heads takes clusters of 6, 24 heads of 4, 32 heads of 3, 40 of 2, 72 none; 128 queries of
+  // GQA 32/8 pack into 4 tiles a K/V head, 32 in all: clusters of 3.
+  expect(fwd_key_splits(128, 1, 16384, 16, 16).ctas == 6, "MHA 16 heads: clusters of 6", 16, 16, 0);
+  expect(fwd_key_splits(128, 1, 16384, 24, 24).ctas == 4, "MHA 24 heads: clusters of 4", 24, 24, 0);
+  expect(fwd_key_splits(128, 1, 16384, 32, 32).ctas == 3, "MHA 32 heads: clusters of 3", 32, 32, 0);
   expect(fwd_key_splits(128, 1, 16384, 40, 40).ctas == 2, "MHA 40 heads: clusters of 2", 40, 40, 0);
   expect(fwd_key_splits(128, 1, 16384, 72, 72).ctas == 1, "MHA 72 heads: no splits", 72, 72, 0);
-  expect(fwd_key_splits(128, 128, 16384, 32, 8).ctas == 4, "128 queries, GQA 32/8: clusters of 4", 32, 8, 128);
+  expect(fwd_key_splits(128, 128, 16384, 32, 8).ctas == 3, "128 queries, GQA 32/8: clusters of 3", 32, 8, 128);
   expect(fwd_key_split_tiles(128, 32, 8) == 32 && fwd_key_split_tiles(1, 32, 8) == 8, "tiles of a sequence", 32, 8, 0);
   // (heads_q, heads_kv, packed): the largest power of two dividing the group, at most 64.
   const int packs[][3] = {{32, 32, 1}, {32, 8, 4}, {8, 1, 8}, {12, 2, 2}, {6, 2, 1}, {96, 1, 32}, {128, 1, 64},
