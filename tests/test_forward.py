@@ -174,25 +174,30 @@ def test_matches_reference(torch_cuda, dtype_name, head_dim, causal, heads, seql
         run_and_check(torch, q, k, v, causal)
 
 
-KEY_SPLIT_WAVES = [(24, 24, 1), (40, 40, 1), (72, 72, 1), (32, 8, 128)]  # (heads_q, heads_kv, seqlen_q), 4500 keys
+KEY_SPLIT_WAVES = [  # (heads_q, heads_kv, seqlen_q, seqlen_k) and the CTAs a tile takes
+    ((16, 16, 1, 6200), 6), ((20, 20, 1, 5200), 5), ((24, 24, 1, 4500), 4), ((32, 8, 128, 4500), 3),
+    ((40, 40, 1, 4500), 2), ((72, 72, 1, 4500), 1),
+]
 
 
 def test_key_split_waves_reach_every_cluster(ext):
-    """KEY_SPLIT_WAVES split 4500 keys over clusters of 4, 2 and 3 CTAs (a sequence of 24 or 40 tiles, or of 32 with
-    128 packed queries) and not at all (72 tiles: no cluster lets them all run at once)."""
+    """KEY_SPLIT_WAVES take clusters of every size below the largest (a sequence of 16, 20, 24 or 40 tiles, or of 32
+    with 128 packed queries: "key_split_waves") and no splits at all (72 tiles: no cluster lets them all run at once)."""
     info = dhp.build_info()
-    ctas = [key_split_ctas(info, q, 4500, hq, hkv) for hq, hkv, q in KEY_SPLIT_WAVES]
-    assert ctas == [4, 2, 1, 3], ctas
+    ctas = [key_split_ctas(info, q, k, hq, hkv) for (hq, hkv, q, k), _ in KEY_SPLIT_WAVES]
+    assert ctas == [c for _, c in KEY_SPLIT_WAVES], ctas
+    assert {c for _, c in KEY_SPLIT_WAVES} >= {c for c, _ in info["key_split_waves"][1:]} | {1}
 
 
-@pytest.mark.parametrize("shape", KEY_SPLIT_WAVES, ids=[f"h{a}_{b}_sq{c}" for a, b, c in KEY_SPLIT_WAVES])
+@pytest.mark.parametrize("shape", [s for s, _ in KEY_SPLIT_WAVES], ids=[f"h{a}_{b}_sq{c}_sk{d}" for (a, b, c, d), _ in
+                                                                         KEY_SPLIT_WAVES])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_key_split_waves(torch_cuda, dtype_name, head_dim, causal, shape):
     """Many heads take smaller clusters (fwd_key_splits): checked against the reference, and a batch of two equal to
     each sequence alone, to the bit (the clusters depend on the heads, never on the batch)."""
     torch = torch_cuda
-    heads_q, heads_kv, seqlen_q = shape
-    q, k, v = inputs(torch, dtype_name, 2, seqlen_q, 4500, heads_q, heads_kv, head_dim, seed=heads_q + seqlen_q)
+    heads_q, heads_kv, seqlen_q, seqlen_k = shape
+    q, k, v = inputs(torch, dtype_name, 2, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, seed=heads_q + seqlen_q)
     with torch.no_grad():
         out, lse = run_and_check(torch, q, k, v, causal)
         for b in range(2):

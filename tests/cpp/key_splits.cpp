@@ -58,6 +58,9 @@ int main() {
   expect(fwd_key_splits(128, 1, 16384, 32, 32).ctas == 3, "MHA 32 heads: clusters of 3", 32, 32, 0);
   expect(fwd_key_splits(128, 1, 16384, 40, 40).ctas == 2, "MHA 40 heads: clusters of 2", 40, 40, 0);
   expect(fwd_key_splits(128, 1, 16384, 72, 72).ctas == 1, "MHA 72 heads: no splits", 72, 72, 0);
+  // test_forward's KEY_SPLIT_WAVES: clusters of 6 and 5 where the keys allow as many runs.
+  expect(fwd_key_splits(64, 1, 6200, 16, 16).ctas == 6 && fwd_key_splits(64, 1, 5200, 20, 20).ctas == 5,
+         "MHA 16 / 20 heads: clusters of 6 / 5", 16, 20, 0);
   expect(fwd_key_splits(128, 128, 16384, 32, 8).ctas == 3, "128 queries, GQA 32/8: clusters of 3", 32, 8, 128);
   expect(fwd_key_split_tiles(128, 32, 8) == 32 && fwd_key_split_tiles(1, 32, 8) == 8, "tiles of a sequence", 32, 8, 0);
   // (heads_q, heads_kv, packed): the largest power of two dividing the group, at most 64.
