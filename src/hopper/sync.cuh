@@ -70,14 +70,16 @@ __device__ __forceinline__ void bulk_copy_to_peer(uint32_t peer_dst, const void*
                : "memory");
 }
 
-// mapa.shared::cluster.u32 [PTX 9.7.9.22]: the address of the same shared-memory location (`local`, from this
-// CTA's window) in CTA `rank` of the cluster, for shared::cluster accesses.
-__device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank) {
+// mapa.shared::cluster.u32 [PTX 9.7.9.22]: the address of the same shared-memory location (`local`, a shared-window
+// address of this CTA's, or a pointer into its shared memory) in CTA `rank` of the cluster, for shared::cluster
+// accesses.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t local, uint32_t rank) {
   uint32_t mapped;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-               : "=r"(mapped)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(local))), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(mapped) : "r"(local), "r"(rank));
   return mapped;
+}
+__device__ __forceinline__ uint32_t map_to_rank(const void* local, uint32_t rank) {
+  return map_to_rank(static_cast<uint32_t>(__cvta_generic_to_shared(local)), rank);
 }
 
 // ld.shared::cluster.f32 [PTX 9.7.9.8]: a float from another CTA's shared memory, `Offset` bytes past `peer_addr`
@@ -88,6 +90,13 @@ __device__ __forceinline__ float load_peer_f32(uint32_t peer_addr) {
   float value;
   asm volatile("ld.shared::cluster.f32 %0, [%1+%2];\n" : "=f"(value) : "r"(peer_addr), "n"(Offset));
   return value;
+}
+
+// st.shared.f32 [PTX 9.7.9.9]: a float into this CTA's shared memory, `Offset` bytes past the shared-window address
+// `addr`: a run of stores needs one address register.
+template <int Offset = 0>
+__device__ __forceinline__ void store_shared_f32(uint32_t addr, float value) {
+  asm volatile("st.shared.f32 [%0+%1], %2;\n" ::"r"(addr), "n"(Offset), "f"(value) : "memory");
 }
 
 // %cluster_ctarank: this CTA's rank within its cluster.

@@ -41,6 +41,7 @@
 #include <atomic>
 #include <climits>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -70,7 +71,9 @@ struct FwdKernelParams {
   TileOrder order;
   FastDiv by_heads_q;
   float scale_log2;  // softmax_scale * log2(e)
-  int key_splits;    // FwdConfig::key_splits: CTAs per tile (the cluster's size), each taking split_blocks key blocks
+  int key_splits;    // FwdConfig::key_splits: CTAs per tile (the cluster's size), each taking split_runs runs
+  int split_runs;    // runs of split_blocks key blocks a CTA, in a row (1: one; more only for narrow tiles)
+  int split_count;   // runs of a tile (key_splits * split_runs or a few less: the last CTA's may be empty)
   int split_blocks;
   int q_pack_shift;  // with key splits: log2 of the query heads of a K/V head packed into a tile's rows (pos)
 };
@@ -129,6 +132,23 @@ struct KeySplitBarriers {
 template <>
 struct KeySplitBarriers<false> {};
 
+// A narrow key-split tile's partial results (at most kKeySplitNarrowRows packed rows: row half 0 of the first warp),
+// one slot a run of the CTA's: row half 0's O registers, the raw row maximum and the thread's share of the row sum,
+// register by register, thread-contiguous. A CTA's runs but its last wait beside the ring while it reads the next
+// (KeySplitSlots); the last's goes over the first warpgroup's Q rows (FwdKernel::run_slot).
+template <int HeadDim>
+struct KeySplitSlot {
+  float o[HeadDim / 4][32];
+  float max[32];
+  float sum[32];
+};
+template <int Runs, int HeadDim>
+struct KeySplitSlots {
+  KeySplitSlot<HeadDim> slot[Runs];
+};
+template <int HeadDim>
+struct KeySplitSlots<0, HeadDim> {};
+
 template <class T, int HeadDim, bool Causal, int Tier>
 struct FwdKernel {
   static constexpr FwdConfig kCfg = fwd_config(HeadDim, Causal, Tier);
@@ -149,6 +169,7 @@ struct FwdKernel {
   static constexpr bool kMaskedLoop = Causal && kCfg.masked_loop;  // consume_tile, next_block
   static constexpr bool kSplitTile = kCfg.split_tile;  // split_tile
   static constexpr bool kKeySplit = kCfg.key_splits;   // key_range
+  static constexpr int kMaxRuns = kKeySplit ? fwd_key_split_max_runs(HeadDim) : 1;  // runs a CTA (join_key_splits)
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
   // With a staging buffer of its own, O leaves in passes of kOPassBoxes boxes, and a warpgroup's Q rows are free
@@ -161,7 +182,8 @@ struct FwdKernel {
 
   struct alignas(1024) Smem : OStage<kOwnOStage ? kConsumers * kOPassBoxes : 0, kBoxBytesQ>,
                               SplitPartials<kSplitTile ? kConsumers - 1 : 0, HeadDim / 2>,
-                              KeySplitBarriers<kCfg.key_splits> {
+                              KeySplitBarriers<kCfg.key_splits>,
+                              KeySplitSlots<kMaxRuns - 1, HeadDim> {
     alignas(1024) uint8_t q[kQBuffers][kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
     alignas(1024) uint8_t k[kStages][kBoxes][kBoxBytesKV];
     alignas(1024) uint8_t v[kStages][kBoxes][kBoxBytesKV];
@@ -188,6 +210,29 @@ struct FwdKernel {
                                                             2 * kStages * kBoxes * kBoxBytesKV &&
                                 !kOwnOStage),
                 "a key split's partial results must fit the Q buffer and the K/V ring");
+
+  static_assert(!kKeySplit || sizeof(KeySplitSlot<HeadDim>) <= sizeof(Smem::q[0][0]),
+                "a narrow tile's last run's partial goes over the first warpgroup's Q rows");
+  // The slot of the CTA's run `run` (KeySplitSlot). A CTA takes its runs last first (consume), so run 0's comes last
+  // and goes over the first warpgroup's Q rows, which its QK^Ts have all read by then (a split tile's other
+  // warpgroups read Q rows of their own); run r > 0 waits in slot r - 1 beside the ring.
+  // Its shared-window address, thread t's element of each array `t` floats further (store_slot, join_peer_o).
+  __device__ static uint32_t run_slot(Smem& s, int run) {
+    const uint32_t q = static_cast<uint32_t>(__cvta_generic_to_shared(s.q[0][0]));
+    if constexpr (kMaxRuns > 1) return run == 0 ? q : static_cast<uint32_t>(__cvta_generic_to_shared(&s.slot[run - 1]));
+    return q;
+  }
+  static constexpr int kSlotMax = int(offsetof(KeySplitSlot<HeadDim>, max));
+  static constexpr int kSlotSum = int(offsetof(KeySplitSlot<HeadDim>, sum));
+  // A narrow partial into thread `t`'s elements of the slot at `slot` (run_slot + 4 t): row half 0's O registers, the
+  // row maximum and this thread's share of the row sum.
+  template <class Softmax, int... J>
+  __device__ static void store_slot(uint32_t slot, const float (&acc_o)[HeadDim / 2], const Softmax& softmax,
+                                    std::integer_sequence<int, J...>) {
+    (hopper::store_shared_f32<J * 32 * int(sizeof(float))>(slot, acc_o[partial_reg<true>(J)]), ...);
+    hopper::store_shared_f32<kSlotMax>(slot, softmax.row_max[0]);
+    hopper::store_shared_f32<kSlotSum>(slot, softmax.row_sum[0]);
+  }
 
   struct Tile {
     int m_block, head, batch;
@@ -264,15 +309,22 @@ struct FwdKernel {
     return Causal && last_row + 1 + p.seqlen_k - p.seqlen_q <= int64_t(n_block) * kBlockN;
   }
 
-  // The key blocks a CTA takes of its tile: all, or with key splits (kKeySplit) its cluster rank's share, up to (not
-  // including) block `end`, `count` of them. Shapes and the rank only.
+  // The key blocks a CTA takes of its tile: all, or with key splits (kKeySplit) its cluster rank's split_runs runs of
+  // split_blocks (the tile's runs rank * split_runs on), up to (not including) block `end`, `count` of them; or of
+  // those, run `run` alone (run_range). Shapes and the rank only.
   struct KeyRange {
     int end, count;
   };
   __device__ static KeyRange key_range(const FwdKernelParams& p, int m_block) {
     const int all = key_blocks(p, m_block);
     if constexpr (!kKeySplit) return {all, all};
-    const int begin = min(all, int(hopper::cluster_rank()) * p.split_blocks);
+    const int begin = min(all, int(hopper::cluster_rank()) * p.split_runs * p.split_blocks);
+    const int end = min(all, begin + p.split_runs * p.split_blocks);
+    return {end, end - begin};
+  }
+  __device__ static KeyRange run_range(const FwdKernelParams& p, int m_block, int run) {
+    const int all = key_blocks(p, m_block);
+    const int begin = min(all, (int(hopper::cluster_rank()) * p.split_runs + run) * p.split_blocks);
     const int end = min(all, begin + p.split_blocks);
     return {end, end - begin};
   }
@@ -363,25 +415,43 @@ struct FwdKernel {
     RingPos ring{0};
     int tile_count = 0;
     PendingStore pending;
-    for (int k = 0;; ++k) {
+    if constexpr (kMaxRuns > 1) {
+      // One tile, the CTA's runs of it one after another on the same Q, the last first: the producer's blocks run
+      // from the CTA's last key down.
+      const Tile tile = tile_at(p, tile_of_round(p, 0));
+      for (int run = p.split_runs - 1; run >= 0; --run) {
+        const KeyRange keys = run_range(p, tile.m_block, run);
+        pending = consume_tile(p, s, consumer, tile, keys, run, ring, 0, PendingStore{});
+        ring.count += keys.count;
+      }
+    }
+    for (int k = 0; kMaxRuns == 1; ++k) {
       const int t = tile_of_round(p, k);
       if (t < 0) break;
       const Tile tile = tile_at(p, t);
       const KeyRange keys = key_range(p, tile.m_block);
-      pending = consume_tile(p, s, consumer, tile, keys, ring, tile_count++, pending);
+      pending = consume_tile(p, s, consumer, tile, keys, 0, ring, tile_count++, pending);
       ring.count += keys.count;
     }
     if (threadIdx.x % 128 == 0) free_q_buffer(s, pending);  // no store may read shared memory after exit
   }
 
-  // O = O * mine + O_peer * theirs, register by register, O_peer's register i at byte 512 i from `peer_o` (the
-  // partials' thread-contiguous layout) in another CTA's shared memory: immediate offsets from one address register.
-  template <int... I>
+  // O's register of a partial's j-th: all of them (j), or a narrow slot's row half 0 alone (KeySplitSlot).
+  template <bool Narrow>
+  __device__ static constexpr int partial_reg(int j) {
+    return Narrow ? (j / 2) * 4 + j % 2 : j;
+  }
+  // O = O * mine + O_peer * theirs over the registers of a partial (all, or with Narrow row half 0's), O_peer's j-th at
+  // byte 4 j Threads from `peer_o` (the thread-contiguous layouts of KeySplitPartials and KeySplitSlot) in a CTA's
+  // shared memory (distributed: this one's or another's): immediate offsets from one address register.
+  template <bool Narrow, int... J>
   __device__ static void join_peer_o(float (&acc_o)[HeadDim / 2], uint32_t peer_o, const float (&mine)[2],
-                                     const float (&theirs)[2], std::integer_sequence<int, I...>) {
+                                     const float (&theirs)[2], std::integer_sequence<int, J...>) {
     using FragO = AccFragment<HeadDim>;
-    ((acc_o[I] = fmaf(hopper::load_peer_f32<I * 128 * int(sizeof(float))>(peer_o), theirs[FragO::row_half(I)],
-                      acc_o[I] * mine[FragO::row_half(I)])),
+    constexpr int kStride = (Narrow ? 32 : 128) * int(sizeof(float));
+    ((acc_o[partial_reg<Narrow>(J)] =
+          fmaf(hopper::load_peer_f32<J * kStride>(peer_o), theirs[FragO::row_half(partial_reg<Narrow>(J))],
+               acc_o[partial_reg<Narrow>(J)] * mine[FragO::row_half(partial_reg<Narrow>(J))])),
      ...);
   }
 
@@ -390,17 +460,27 @@ struct FwdKernel {
   // the others (their split_read) and goes on to store the tile. Only the threads with a row below seqlen_q (`row`:
   // their first; the second is 8 below) take part in the exchange. Returns whether this CTA stores the tile. Trip
   // counts and the rows taking part are functions of shapes.
+  // A narrow tile (kKeySplitNarrowRows packed rows or fewer, every one in row half 0 of the first warp) may give a CTA
+  // several runs (split_runs, chosen with the batch), which it takes last first: each run's partial goes to a slot of
+  // its own (run_slot) but rank 0's run 0, the last it takes, and rank 0 joins the tile's runs into that one in order.
+  // The joins are the same arithmetic on the same partials whatever the runs a CTA: the bits do not depend on
+  // split_runs.
   template <class Softmax>
-  __device__ static bool join_key_splits(const FwdKernelParams& p, Smem& s, int consumer, int row, bool split,
+  __device__ static bool join_key_splits(const FwdKernelParams& p, Smem& s, int consumer, int row, bool split, int run,
                                          float (&acc_o)[HeadDim / 2], Softmax& softmax) {
     using FragO = AccFragment<HeadDim>;
     const int t = threadIdx.x % 128;
     const int threads = split ? 128 : 128 * kConsumers;  // a split tile's other warpgroups are done
     const bool live = row < p.seqlen_q;
-    KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.q);
-    hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every K/V block has been read
-    if (hopper::cluster_rank() != 0) {
-      if (live) {
+    const bool narrow = kMaxRuns > 1 && (int64_t(p.seqlen_q) << p.q_pack_shift) <= kKeySplitNarrowRows;
+    if (narrow) {
+      if (live && (run > 0 || hopper::cluster_rank() != 0))
+        store_slot(run_slot(s, run) + 4 * t, acc_o, softmax, std::make_integer_sequence<int, HeadDim / 4>{});
+      if (run > 0) return false;  // the CTA's next run
+    } else {
+      hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every K/V block has been read
+      KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.q);
+      if (hopper::cluster_rank() != 0 && live) {
 #pragma unroll
         for (int i = 0; i < FragO::kRegs; ++i) part.o[consumer][i][t] = acc_o[i];
 #pragma unroll
@@ -409,6 +489,8 @@ struct FwdKernel {
           part.sum[consumer][h][t] = softmax.row_sum[h];
         }
       }
+    }
+    if (hopper::cluster_rank() != 0) {
       hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);
       if (threadIdx.x == 128) {
         hopper::fence_cluster();
@@ -418,18 +500,33 @@ struct FwdKernel {
       return false;
     }
     hopper::mbarrier_wait_cluster(&s.split_ready, 0);
-    for (int rank = 1; live && rank < p.key_splits; ++rank) {
-      const uint32_t peer = hopper::map_to_rank(&part, uint32_t(rank));
-      auto at = [&](const float& local) {
-        return peer + uint32_t(reinterpret_cast<const char*>(&local) - reinterpret_cast<const char*>(&part));
-      };
-      const float other_max[2] = {hopper::load_peer_f32(at(part.max[consumer][0][t])),
-                                  hopper::load_peer_f32(at(part.max[consumer][1][t]))};
-      const float other_sum[2] = {hopper::load_peer_f32(at(part.sum[consumer][0][t])),
-                                  hopper::load_peer_f32(at(part.sum[consumer][1][t]))};
+    // The tile's run r: CTA `rank`'s run `run` (a tile that is not narrow has a run a CTA).
+    for (int r = 1, rank = 0, run = 0; live && r < p.split_count; ++r) {
+      if (++run == (kMaxRuns > 1 ? p.split_runs : 1)) run = 0, ++rank;
+      float other_max[2], other_sum[2];
+      uint32_t peer_o;
+      if (narrow) {
+        peer_o = hopper::map_to_rank(run_slot(s, run) + 4 * t, uint32_t(rank));
+        other_max[0] = other_max[1] = hopper::load_peer_f32<kSlotMax>(peer_o);
+        other_sum[0] = other_sum[1] = hopper::load_peer_f32<kSlotSum>(peer_o);
+      } else {
+        KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.q);
+        const uint32_t peer = hopper::map_to_rank(&part, uint32_t(rank));
+        auto at = [&](const float& local) {
+          return peer + uint32_t(reinterpret_cast<const char*>(&local) - reinterpret_cast<const char*>(&part));
+        };
+#pragma unroll
+        for (int h = 0; h < 2; ++h) other_max[h] = hopper::load_peer_f32(at(part.max[consumer][h][t]));
+#pragma unroll
+        for (int h = 0; h < 2; ++h) other_sum[h] = hopper::load_peer_f32(at(part.sum[consumer][h][t]));
+        peer_o = at(part.o[consumer][0][t]);
+      }
       float mine[2], theirs[2];
       softmax.join(other_max, other_sum, mine, theirs);
-      join_peer_o(acc_o, at(part.o[consumer][0][t]), mine, theirs, std::make_integer_sequence<int, HeadDim / 2>{});
+      if (narrow)
+        join_peer_o<true>(acc_o, peer_o, mine, theirs, std::make_integer_sequence<int, HeadDim / 4>{});
+      else
+        join_peer_o<false>(acc_o, peer_o, mine, theirs, std::make_integer_sequence<int, HeadDim / 2>{});
     }
     hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every peer's partials have been read
     if (threadIdx.x == 128)
@@ -440,9 +537,11 @@ struct FwdKernel {
 
   // One tile for one consumer warpgroup: its 64 query rows against the tile's key blocks (taken from the
   // ring from `ring` on), then the epilogue, which frees the Q buffer for the producer (at once, or under the
-  // next tile's first QK^T: the returned PendingStore, kDeferStoreWait). `previous` is the last tile's.
+  // next tile's first QK^T: the returned PendingStore, kDeferStoreWait). `previous` is the last tile's. With key
+  // splits, one of the CTA's runs (`run`, keys) of the tile, of which the last joins them.
   __device__ static PendingStore consume_tile(const FwdKernelParams& p, Smem& s, int consumer, const Tile& tile,
-                                              KeyRange keys, RingPos ring, int tile_count, PendingStore previous) {
+                                              KeyRange keys, int run, RingPos ring, int tile_count,
+                                              PendingStore previous) {
     using FragS = AccFragment<kBlockN>;
     using FragO = AccFragment<HeadDim>;
     const int t = threadIdx.x % 128;
@@ -695,7 +794,7 @@ struct FwdKernel {
     }
 
     if constexpr (kKeySplit) {
-      if (!join_key_splits(p, s, consumer, int(pos(p, wg_row0 + row_in_wg)), split, acc_o, softmax))
+      if (!join_key_splits(p, s, consumer, int(pos(p, wg_row0 + row_in_wg)), split, run, acc_o, softmax))
         return PendingStore{};  // rank 0 stores the tile
     }
     float inv_sum[2], lse[2];
@@ -836,19 +935,23 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // Key splits (kKeySplit): one CTA per (tile, split), a cluster per tile, the tile's key blocks dealt in runs.
   const KeySplits splits = fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k, prm.heads_q, prm.heads_kv);
   static_assert(!K::kKeySplit || 128 % K::kBlockN == 0, "key splits count 128-key blocks");
-  kp.key_splits = K::kKeySplit ? splits.ctas : 1;
-  kp.split_blocks = K::kKeySplit ? splits.blocks * (128 / K::kBlockN) : splits.blocks;
   const int64_t num_m_blocks = (int64_t(prm.seqlen_q) * pack + K::kBlockM - 1) / K::kBlockM;
   const int64_t num_tiles = num_m_blocks * kp.heads_q * prm.batch;
+  // A narrow tile's runs may go several to a CTA: how many follows the batch (fwd_key_split_runs), the bits do not.
+  const int runs_a_cta = K::kKeySplit ? fwd_key_split_runs(HeadDim, splits.runs, num_tiles, int64_t(prm.seqlen_q) * pack) : 1;
+  kp.split_runs = runs_a_cta;
+  kp.split_count = K::kKeySplit ? splits.runs : 1;
+  kp.key_splits = K::kKeySplit ? (splits.runs + runs_a_cta - 1) / runs_a_cta : 1;
+  kp.split_blocks = K::kKeySplit ? splits.blocks * (128 / K::kBlockN) : splits.blocks;
   if (num_tiles > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_q=%d x ceil(seqlen_q=%d / %d) = %lld query tiles: at most 2^31 - 1 are supported",
                 prm.batch, prm.heads_q, prm.seqlen_q, K::kBlockM, (long long)num_tiles);
-  if (K::kKeySplit && num_tiles * splits.ctas > INT32_MAX)
+  if (K::kKeySplit && num_tiles * kp.key_splits > INT32_MAX)
     return fail(DHP_ERROR_INVALID_VALUE,
                 "batch=%d x heads_q=%d: %lld query tiles of %d CTAs each (key splits of seqlen_k=%d): at most 2^31 - 1 "
                 "CTAs are supported",
-                prm.batch, prm.heads_q, (long long)num_tiles, splits.ctas, prm.seqlen_k);
+                prm.batch, prm.heads_q, (long long)num_tiles, kp.key_splits, prm.seqlen_k);
   kp.num_tiles = int(num_tiles);
   // Non-causal tiles all cost the same: a persistent grid of one CTA per SM takes them round by round,
   // and the K/V loads of a CTA's next tile (and its Q, with two Q buffers) overlap its epilogue. Causal
@@ -910,7 +1013,7 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   if constexpr (fwd_key_split_tier(HeadDim, Causal) >= 0) {
-    if (fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k, prm.heads_q, prm.heads_kv).ctas > 1)
+    if (fwd_key_splits(HeadDim, prm.seqlen_q, prm.seqlen_k, prm.heads_q, prm.heads_kv).runs > 1)
       return launch_forward_tier<DT, HeadDim, Causal, fwd_key_split_tier(HeadDim, Causal)>(prm, stream);
   }
   if constexpr (fwd_tiers(HeadDim, Causal) >= 2) {

@@ -92,7 +92,7 @@ constexpr int kKeySplitMaxCtas = 8;  // the portable cluster size
 struct KeySplitWave {
   int ctas, clusters;
 };
-constexpr KeySplitWave kKeySplitWaves[] = {{8, 15}, {6, 17}, {5, 22}, {4, 30}, {3, 39}, {2, 66}};
+constexpr KeySplitWave kKeySplitWaves[] = {{8, 15}, {6, 17}, {5, 22}, {4, 30}, {3, 39}, {2, 66}, {1, 132}};
 // Query heads of a K/V head packed into a key-split tile's rows: the largest power of two dividing heads_q / heads_kv,
 // at most 64 (a warpgroup's rows: a 64-row box holds whole positions).
 constexpr int fwd_key_split_pack(int heads_q, int heads_kv) {
@@ -105,8 +105,8 @@ constexpr long long fwd_key_split_tiles(long long seqlen_q, int heads_q, int hea
   return (long long)(heads_q / pack) * ((seqlen_q * pack + kKeySplitTileRows - 1) / kKeySplitTileRows);
 }
 struct KeySplits {
-  int ctas;    // CTAs a tile (1: no key splits)
-  int blocks;  // 128-key blocks a CTA (the last one's may be fewer)
+  int runs;    // runs of key blocks a tile, each with a partial result (1: no key splits)
+  int blocks;  // 128-key blocks a run (the last one's may be fewer)
 };
 constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long seqlen_k, int heads_q, int heads_kv) {
   const long long blocks = (seqlen_k + 127) / 128;
@@ -117,7 +117,36 @@ constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long s
   const long long wanted = blocks / kKeySplitMinBlocks < wave ? blocks / kKeySplitMinBlocks : wave;
   if (head_dim % 64 != 0 || seqlen_q > kKeySplitMaxSeqlenQ || wanted < 2) return {1, int(blocks)};
   const long long per_cta = (blocks + wanted - 1) / wanted;
-  return {int((blocks + per_cta - 1) / per_cta), int(per_cta)};  // no CTA without a block
+  return {int((blocks + per_cta - 1) / per_cta), int(per_cta)};  // no run without a block
+}
+// Clusters of `ctas` CTAs that run at once (kKeySplitWaves; a size between two as the larger).
+constexpr int fwd_key_split_clusters(int ctas) {
+  int clusters = 0;
+  for (const KeySplitWave& w : kKeySplitWaves)
+    if (w.ctas >= ctas) clusters = w.clusters;
+  return clusters;
+}
+// Runs a CTA takes in a row. A tile's runs are fixed by its sequence (fwd_key_splits: they are the bits); where a
+// tile's packed rows are few (kKeySplitNarrowRows, decoding: its partials fit slots beside the ring), a CTA may take
+// up to kKeySplitMaxRuns of them, so a batch of many tiles runs in fewer waves of smaller clusters. The count follows
+// the launch's tiles (the batch), which changes no bit: rank 0 joins the tile's runs in order either way. Chosen
+// by the waves' critical path: waves of clusters times the runs a CTA, the fewer runs on a tie.
+// Head_dim 256's key-split kernel has no registers left for the loop over runs (ptxas spilled): one run a CTA.
+constexpr int kKeySplitMaxRuns = 4;
+constexpr int kKeySplitNarrowRows = 8;
+constexpr int fwd_key_split_max_runs(int head_dim) { return head_dim <= 128 ? kKeySplitMaxRuns : 1; }
+constexpr int fwd_key_split_runs(int head_dim, int runs, long long tiles, long long packed_rows) {
+  if (packed_rows > kKeySplitNarrowRows) return 1;
+  int best = 1;
+  long long best_cost = -1;
+  for (int most = 1; most <= fwd_key_split_max_runs(head_dim); ++most) {
+    const int ctas = (runs + most - 1) / most;
+    const int per_cta = (runs + ctas - 1) / ctas;  // as even as the CTAs allow
+    const long long clusters = fwd_key_split_clusters(ctas);
+    const long long cost = (tiles + clusters - 1) / clusters * per_cta;
+    if (best_cost < 0 || cost < best_cost) best = per_cta, best_cost = cost;
+  }
+  return best;
 }
 
 // Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond

@@ -23,20 +23,20 @@ void check_splits(int head_dim, long long seqlen_q, long long seqlen_k, int head
     if (wave == 1 && tiles <= w.clusters) wave = w.ctas;
   const bool splits = fwd_key_split_tier(head_dim, false) >= 0 && seqlen_q <= kKeySplitMaxSeqlenQ &&
                       blocks >= 2 * kKeySplitMinBlocks && wave >= 2;
-  expect(splits == (s.ctas > 1), "splits where the rule says", head_dim, seqlen_q, seqlen_k);
+  expect(splits == (s.runs > 1), "splits where the rule says", head_dim, seqlen_q, seqlen_k);
   if (!splits) return;
-  expect(s.ctas <= kKeySplitMaxCtas, "at most a portable cluster", seqlen_q, seqlen_k, s.ctas);
+  expect(s.runs <= kKeySplitMaxCtas, "at most a portable cluster", seqlen_q, seqlen_k, s.runs);
   // A cluster for each of the sequence's tiles runs at once: the wave's cluster size bounds the CTAs.
-  expect(s.ctas <= wave, "at most the wave's cluster", tiles, s.ctas, wave);
+  expect(s.runs <= wave, "at most the wave's cluster", tiles, s.runs, wave);
   expect(s.blocks >= kKeySplitMinBlocks, "at least the minimum run a CTA", seqlen_q, seqlen_k, s.blocks);
-  expect(s.ctas * (long long)s.blocks >= blocks, "every block taken", seqlen_k, s.ctas, s.blocks);
-  expect((s.ctas - 1) * (long long)s.blocks < blocks, "no CTA without a block", seqlen_k, s.ctas, s.blocks);
+  expect(s.runs * (long long)s.blocks >= blocks, "every block taken", seqlen_k, s.runs, s.blocks);
+  expect((s.runs - 1) * (long long)s.blocks < blocks, "no CTA without a block", seqlen_k, s.runs, s.blocks);
   // As many CTAs as the minimum run and the wave allow: a longer seqlen_k never splits into fewer, more heads never
   // into more.
   const KeySplits longer = fwd_key_splits(head_dim, seqlen_q, seqlen_k + 128, heads_q, heads_kv);
-  expect(longer.ctas >= s.ctas, "fewer CTAs for more keys", seqlen_k, s.ctas, longer.ctas);
+  expect(longer.runs >= s.runs, "fewer CTAs for more keys", seqlen_k, s.runs, longer.runs);
   const KeySplits more_heads = fwd_key_splits(head_dim, seqlen_q, seqlen_k, 2 * heads_q, 2 * heads_kv);
-  expect(more_heads.ctas <= s.ctas, "more CTAs for more heads", heads_q, s.ctas, more_heads.ctas);
+  expect(more_heads.runs <= s.runs, "more CTAs for more heads", heads_q, s.runs, more_heads.runs);
 }
 
 }  // namespace
@@ -47,21 +47,21 @@ int main() {
     for (long long seqlen_q : {1, 2, 16, 64, 127, 128, 129, 1000})
       for (long long seqlen_k = 1; seqlen_k <= 70000; seqlen_k += seqlen_k < 4096 ? 1 : 97)
         for (const auto& [heads_q, heads_kv] : heads) check_splits(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv);
-  expect(fwd_key_splits(128, 1, 16384, 32, 8).ctas == kKeySplitMaxCtas, "decoding 16k keys, GQA 32/8: the whole cluster",
+  expect(fwd_key_splits(128, 1, 16384, 32, 8).runs == kKeySplitMaxCtas, "decoding 16k keys, GQA 32/8: the whole cluster",
          1, 16384, 0);
-  expect(fwd_key_splits(128, 1, 1920, 1, 1).ctas == 1 && fwd_key_splits(128, 1, 1921, 1, 1).ctas == 2,
+  expect(fwd_key_splits(128, 1, 1920, 1, 1).runs == 1 && fwd_key_splits(128, 1, 1921, 1, 1).runs == 2,
          "first split at 16 blocks", 1920, 1921, 0);
   // The waves: MHA with 16 heads takes clusters of 6, 24 heads of 4, 32 heads of 3, 40 of 2, 72 none; 128 queries of
   // GQA 32/8 pack into 4 tiles a K/V head, 32 in all: clusters of 3.
-  expect(fwd_key_splits(128, 1, 16384, 16, 16).ctas == 6, "MHA 16 heads: clusters of 6", 16, 16, 0);
-  expect(fwd_key_splits(128, 1, 16384, 24, 24).ctas == 4, "MHA 24 heads: clusters of 4", 24, 24, 0);
-  expect(fwd_key_splits(128, 1, 16384, 32, 32).ctas == 3, "MHA 32 heads: clusters of 3", 32, 32, 0);
-  expect(fwd_key_splits(128, 1, 16384, 40, 40).ctas == 2, "MHA 40 heads: clusters of 2", 40, 40, 0);
-  expect(fwd_key_splits(128, 1, 16384, 72, 72).ctas == 1, "MHA 72 heads: no splits", 72, 72, 0);
+  expect(fwd_key_splits(128, 1, 16384, 16, 16).runs == 6, "MHA 16 heads: clusters of 6", 16, 16, 0);
+  expect(fwd_key_splits(128, 1, 16384, 24, 24).runs == 4, "MHA 24 heads: clusters of 4", 24, 24, 0);
+  expect(fwd_key_splits(128, 1, 16384, 32, 32).runs == 3, "MHA 32 heads: clusters of 3", 32, 32, 0);
+  expect(fwd_key_splits(128, 1, 16384, 40, 40).runs == 2, "MHA 40 heads: clusters of 2", 40, 40, 0);
+  expect(fwd_key_splits(128, 1, 16384, 72, 72).runs == 1, "MHA 72 heads: no splits", 72, 72, 0);
   // test_forward's KEY_SPLIT_WAVES: clusters of 6 and 5 where the keys allow as many runs.
-  expect(fwd_key_splits(64, 1, 6200, 16, 16).ctas == 6 && fwd_key_splits(64, 1, 5200, 20, 20).ctas == 5,
+  expect(fwd_key_splits(64, 1, 6200, 16, 16).runs == 6 && fwd_key_splits(64, 1, 5200, 20, 20).runs == 5,
          "MHA 16 / 20 heads: clusters of 6 / 5", 16, 20, 0);
-  expect(fwd_key_splits(128, 128, 16384, 32, 8).ctas == 3, "128 queries, GQA 32/8: clusters of 3", 32, 8, 128);
+  expect(fwd_key_splits(128, 128, 16384, 32, 8).runs == 3, "128 queries, GQA 32/8: clusters of 3", 32, 8, 128);
   expect(fwd_key_split_tiles(128, 32, 8) == 32 && fwd_key_split_tiles(1, 32, 8) == 8, "tiles of a sequence", 32, 8, 0);
   // (heads_q, heads_kv, packed): the largest power of two dividing the group, at most 64.
   const int packs[][3] = {{32, 32, 1}, {32, 8, 4}, {8, 1, 8}, {12, 2, 2}, {6, 2, 1}, {96, 1, 32}, {128, 1, 64},
