@@ -691,12 +691,16 @@ const char* build_info_json() {
                     kernels::bwd_causal_paired_min_group(head_dim));
       causal_pairs += entry;
     }
-    char tail[256];
+    char tail[512];
     std::snprintf(tail, sizeof tail,
                   "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld, "
-                  "\"key_split_min_blocks\": %d, \"key_split_max_ctas\": %d",
+                  "\"key_split_min_blocks\": %d, \"key_split_max_ctas\": %d, \"key_split_max_runs\": "
+                  "{\"64\": %d, \"128\": %d, \"256\": %d}, \"key_split_narrow_rows\": %d, "
+                  "\"key_split_stream_ctas\": %d, \"key_split_wave_blocks\": %d",
                   kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes, kernels::kKeySplitMinBlocks,
-                  kernels::kKeySplitMaxCtas);
+                  kernels::kKeySplitMaxCtas, kernels::fwd_key_split_max_runs(64), kernels::fwd_key_split_max_runs(128),
+                  kernels::fwd_key_split_max_runs(256), kernels::kKeySplitNarrowRows, kernels::kKeySplitStreamCtas,
+                  kernels::kKeySplitWaveBlocks);
     std::string waves;
     for (const kernels::KeySplitWave& w : kernels::kKeySplitWaves) {
       char entry[32];

@@ -25,21 +25,56 @@ SEQLENS = [
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
 
-def key_split_ctas(info, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
-    """CTAs a tile's key blocks are split over (fwd_config.h, fwd_key_splits; 1: none), ignoring the head_dim: at most
-    the largest cluster of "key_split_waves" of which the sequence's tiles (packed heads x 128-row tiles) all run at
-    once, at least "key_split_min_blocks" 128-key blocks a CTA."""
+def key_split_pack(heads_q, heads_kv):
+    """Query heads a key-split tile packs into its rows (fwd_config.h, fwd_key_split_pack)."""
+    group = heads_q // heads_kv
+    return min(group & -group, 64)
+
+
+def key_splits(info, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
+    """(runs, 128-key blocks a run) of a tile's key blocks (fwd_config.h, fwd_key_splits; one run: no splits), ignoring
+    the head_dim: at most the largest cluster of "key_split_waves" of which the sequence's tiles (packed heads x 128-row
+    tiles) all run at once, at least "key_split_min_blocks" 128-key blocks a run."""
     blocks, least = -(-seqlen_k // 128), info["key_split_min_blocks"]
     limit = next(t["max_seqlen_q"] for t in info["forward_tiles"] if t["key_splits"])
-    group = heads_q // heads_kv
-    pack = min(group & -group, 64)
+    pack = key_split_pack(heads_q, heads_kv)
     tiles = heads_q // pack * -(-seqlen_q * pack // 128)
     wave = next((ctas for ctas, clusters in info["key_split_waves"] if tiles <= clusters), 1)
     wanted = min(blocks // least, wave)
     if seqlen_q > limit or wanted < 2:
+        return 1, blocks
+    per_run = -(-blocks // wanted)
+    return -(-blocks // per_run), per_run
+
+
+def key_split_runs(info, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
+    return key_splits(info, seqlen_q, seqlen_k, heads_q, heads_kv)[0]
+
+
+def key_split_runs_a_cta(info, head_dim, batch, seqlen_q, seqlen_k, heads_q, heads_kv):
+    """Runs of a tile a CTA takes (fwd_config.h, fwd_key_split_runs): 1 but for tiles of at most
+    "key_split_narrow_rows" packed rows, there the count of least time up to the head_dim's "key_split_max_runs" by the
+    model of the waves (in key blocks: a wave lasts as its slowest CTA or as its clusters' blocks at
+    "key_split_stream_ctas" CTAs' speed, plus "key_split_wave_blocks")."""
+    runs, per_run = key_splits(info, seqlen_q, seqlen_k, heads_q, heads_kv)
+    pack = key_split_pack(heads_q, heads_kv)
+    if seqlen_q * pack > info["key_split_narrow_rows"]:
         return 1
-    per_cta = -(-blocks // wanted)
-    return -(-blocks // per_cta)
+    tiles = batch * heads_q // pack * -(-seqlen_q * pack // 128)
+    stream, start = info["key_split_stream_ctas"], info["key_split_wave_blocks"]
+
+    def wave(clusters, per_cta):
+        return max(per_cta * per_run * stream, clusters * runs * per_run) + start * stream
+
+    best, best_time = 1, None
+    for most in range(1, info["key_split_max_runs"][str(head_dim)] + 1):
+        ctas = -(-runs // most)
+        per_cta = -(-runs // ctas)
+        at_once = next(clusters for size, clusters in reversed(info["key_split_waves"]) if size >= ctas)
+        time = tiles // at_once * wave(at_once, per_cta) + (wave(tiles % at_once, per_cta) if tiles % at_once else 0)
+        if best_time is None or time < best_time:
+            best, best_time = per_cta, time
+    return best
 
 
 def tier_of(info, head_dim, causal, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
@@ -48,7 +83,7 @@ def tier_of(info, head_dim, causal, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
     else the main tier."""
     family = [t for t in info["forward_tiles"] if (t["head_dim"], t["causal"]) == (head_dim, causal)]
     for t in family:
-        if t["key_splits"] and key_split_ctas(info, seqlen_q, seqlen_k, heads_q, heads_kv) > 1:
+        if t["key_splits"] and key_split_runs(info, seqlen_q, seqlen_k, heads_q, heads_kv) > 1:
             return t["tier"]
     for t in family:
         if t["max_seqlen_k"] is not None and seqlen_k <= t["max_seqlen_k"]:
@@ -123,8 +158,8 @@ def test_seqlens_reach_every_key_split_tier(ext):
     for tile in (t for t in info["forward_tiles"] if t["key_splits"]):
         family = (tile["head_dim"], tile["causal"])
         reached = [(q, k) for q, k in SEQLENS if tier_of(info, *family, q, k) == tile["tier"]]
-        ctas = {key_split_ctas(info, q, k) for q, k in reached}
-        assert {2, info["key_split_max_ctas"]} <= ctas, (tile, reached)
+        runs = {key_split_runs(info, q, k) for q, k in reached}
+        assert {2, info["key_split_max_ctas"]} <= runs, (tile, reached)
         assert any(k % 128 for _, k in reached) and any(q > 1 for q, _ in reached), (tile, reached)
         assert any(q <= 64 for q, _ in reached) and any(q > 64 for q, _ in reached), (tile, reached)
     assert {hq // hkv for hq, hkv in HEADS.values()} == {1, 2, 8}
@@ -184,8 +219,8 @@ def test_key_split_waves_reach_every_cluster(ext):
     """KEY_SPLIT_WAVES take clusters of every size below the largest (a sequence of 16, 20, 24 or 40 tiles, or of 32
     with 128 packed queries: "key_split_waves") and no splits at all (72 tiles: no cluster lets them all run at once)."""
     info = dhp.build_info()
-    ctas = [key_split_ctas(info, q, k, hq, hkv) for (hq, hkv, q, k), _ in KEY_SPLIT_WAVES]
-    assert ctas == [c for _, c in KEY_SPLIT_WAVES], ctas
+    runs = [key_split_runs(info, q, k, hq, hkv) for (hq, hkv, q, k), _ in KEY_SPLIT_WAVES]
+    assert runs == [c for _, c in KEY_SPLIT_WAVES], runs
     assert {c for _, c in KEY_SPLIT_WAVES} >= {c for c, _ in info["key_split_waves"][1:]} | {1}
 
 
@@ -202,6 +237,39 @@ def test_key_split_waves(torch_cuda, dtype_name, head_dim, causal, shape):
         out, lse = run_and_check(torch, q, k, v, causal)
         for b in range(2):
             alone, alone_lse = dhp.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal=causal, return_lse=True)
+            assert_bitwise_equal(torch, out[b:b + 1], alone)
+            assert_bitwise_equal(torch, lse[b:b + 1], alone_lse)
+
+
+KEY_SPLIT_RUNS = [  # (batch, heads_q, heads_kv, seqlen_q, seqlen_k): a batch whose CTAs take several runs of a tile
+    (8, 32, 8, 1, 8192), (8, 32, 8, 1, 4000), (4, 32, 8, 1, 16000), (8, 32, 32, 1, 8192), (8, 64, 8, 1, 9000),
+]
+
+
+def test_key_split_runs_reach_every_count(ext):
+    """KEY_SPLIT_RUNS give CTAs of head_dim 64 and 128 two, three and four runs of a tile (fwd_key_split_runs), with a
+    CTA left one run short (16k keys: 8 runs over 3 CTAs), clusters of one CTA (MHA 32 heads: 3 runs) and eight
+    packed rows (GQA 64/8); alone, each of those sequences gives a CTA one run."""
+    info = dhp.build_info()
+    for head_dim in (64, 128):
+        counts = [key_split_runs_a_cta(info, head_dim, *shape) for shape in KEY_SPLIT_RUNS]
+        assert counts == [4, 2, 3, 3, 4], (head_dim, counts)
+        assert all(key_split_runs_a_cta(info, head_dim, 1, *shape[1:]) == 1 for shape in KEY_SPLIT_RUNS)
+    assert key_split_runs(info, 1, 16000, 32, 8) == 8 and key_split_runs(info, 1, 8192, 32, 32) == 3
+    assert info["key_split_max_runs"]["256"] == 1
+
+
+@pytest.mark.parametrize("shape", KEY_SPLIT_RUNS, ids=[f"b{a}_h{b}_{c}_sq{d}_sk{e}" for a, b, c, d, e in KEY_SPLIT_RUNS])
+def test_key_split_runs(torch_cuda, dtype_name, head_dim, shape):
+    """A batch whose CTAs take several runs of a tile (key_split_runs_a_cta): checked against the reference, and each
+    sequence equal to the bit to itself alone (one run a CTA): the runs a CTA follow the batch, the bits do not."""
+    torch = torch_cuda
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k = shape
+    q, k, v = inputs(torch, dtype_name, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, seed=batch + seqlen_k)
+    with torch.no_grad():
+        out, lse = run_and_check(torch, q, k, v, False)
+        for b in range(batch):
+            alone, alone_lse = dhp.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], return_lse=True)
             assert_bitwise_equal(torch, out[b:b + 1], alone)
             assert_bitwise_equal(torch, lse[b:b + 1], alone_lse)
 

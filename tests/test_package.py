@@ -84,8 +84,11 @@ def test_build_info_lists_the_forward_tiles(ext):
     assert info["persistent_causal_max_seqlen_k"] > 0
     assert info["causal_section_bytes"] >= 1 << 20
     assert info["key_split_min_blocks"] >= 1 and 2 <= info["key_split_max_ctas"] <= 8
-    waves = info["key_split_waves"]  # [cluster size, clusters at once]: from the largest cluster down, each wave whole
-    assert waves[0][0] == info["key_split_max_ctas"] and all(c >= 2 for c, _ in waves), waves
+    waves = info["key_split_waves"]  # [cluster size, clusters at once]: from the largest cluster down to one CTA
+    assert waves[0][0] == info["key_split_max_ctas"] and waves[-1][0] == 1, waves
+    assert set(info["key_split_max_runs"]) == {str(d) for d in info["head_dims"]}, info["key_split_max_runs"]
+    assert all(1 <= r <= 8 for r in info["key_split_max_runs"].values()) and info["key_split_narrow_rows"] == 8
+    assert info["key_split_stream_ctas"] >= 1 and info["key_split_wave_blocks"] >= 0
     assert all(a[0] > b[0] and a[1] < b[1] for a, b in zip(waves, waves[1:])), waves
     backward = {str(d) for d in info["backward_head_dims"]}
     assert set(info["backward_two_dq_chains_max_seqlen_k"]) == backward

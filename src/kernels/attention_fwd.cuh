@@ -134,8 +134,9 @@ struct KeySplitBarriers<false> {};
 
 // A narrow key-split tile's partial results (at most kKeySplitNarrowRows packed rows: row half 0 of the first warp),
 // one slot a run of the CTA's: row half 0's O registers, the raw row maximum and the thread's share of the row sum,
-// register by register, thread-contiguous. A CTA's runs but its last wait beside the ring while it reads the next
-// (KeySplitSlots); the last's goes over the first warpgroup's Q rows (FwdKernel::run_slot).
+// register by register, thread-contiguous. A CTA takes its runs last first: those it takes before run 0 wait beside
+// the ring while it reads the next (KeySplitSlots), run 0's goes over the first warpgroup's Q rows (FwdKernel::run_slot).
+static_assert(kKeySplitNarrowRows <= 8, "a narrow tile's rows: row half 0 of the first warp");
 template <int HeadDim>
 struct KeySplitSlot {
   float o[HeadDim / 4][32];
@@ -213,10 +214,10 @@ struct FwdKernel {
 
   static_assert(!kKeySplit || sizeof(KeySplitSlot<HeadDim>) <= sizeof(Smem::q[0][0]),
                 "a narrow tile's last run's partial goes over the first warpgroup's Q rows");
-  // The slot of the CTA's run `run` (KeySplitSlot). A CTA takes its runs last first (consume), so run 0's comes last
-  // and goes over the first warpgroup's Q rows, which its QK^Ts have all read by then (a split tile's other
-  // warpgroups read Q rows of their own); run r > 0 waits in slot r - 1 beside the ring.
-  // Its shared-window address, thread t's element of each array `t` floats further (store_slot, join_peer_o).
+  // The shared-window address of the slot of the CTA's run `run` (KeySplitSlot; thread t's elements 4 t bytes further:
+  // store_slot, join_peer_o). A CTA takes its runs last first (consume), so run 0's comes last and goes over the first
+  // warpgroup's Q rows, which its QK^Ts have all read by then (a split tile's other warpgroups read Q rows of their
+  // own); run r > 0 waits in slot r - 1 beside the ring.
   __device__ static uint32_t run_slot(Smem& s, int run) {
     const uint32_t q = static_cast<uint32_t>(__cvta_generic_to_shared(s.q[0][0]));
     if constexpr (kMaxRuns > 1) return run == 0 ? q : static_cast<uint32_t>(__cvta_generic_to_shared(&s.slot[run - 1]));
@@ -938,7 +939,7 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   const int64_t num_m_blocks = (int64_t(prm.seqlen_q) * pack + K::kBlockM - 1) / K::kBlockM;
   const int64_t num_tiles = num_m_blocks * kp.heads_q * prm.batch;
   // A narrow tile's runs may go several to a CTA: how many follows the batch (fwd_key_split_runs), the bits do not.
-  const int runs_a_cta = K::kKeySplit ? fwd_key_split_runs(HeadDim, splits.runs, num_tiles, int64_t(prm.seqlen_q) * pack) : 1;
+  const int runs_a_cta = K::kKeySplit ? fwd_key_split_runs(HeadDim, splits, num_tiles, int64_t(prm.seqlen_q) * pack) : 1;
   kp.split_runs = runs_a_cta;
   kp.split_count = K::kKeySplit ? splits.runs : 1;
   kp.key_splits = K::kKeySplit ? (splits.runs + runs_a_cta - 1) / runs_a_cta : 1;

@@ -127,24 +127,34 @@ constexpr int fwd_key_split_clusters(int ctas) {
   return clusters;
 }
 // Runs a CTA takes in a row. A tile's runs are fixed by its sequence (fwd_key_splits: they are the bits); where a
-// tile's packed rows are few (kKeySplitNarrowRows, decoding: its partials fit slots beside the ring), a CTA may take
-// up to kKeySplitMaxRuns of them, so a batch of many tiles runs in fewer waves of smaller clusters. The count follows
-// the launch's tiles (the batch), which changes no bit: rank 0 joins the tile's runs in order either way. Chosen
-// by the waves' critical path: waves of clusters times the runs a CTA, the fewer runs on a tie.
+// tile's packed rows are few (kKeySplitNarrowRows: decoding, whose partials fit slots beside the ring) a CTA may take
+// up to fwd_key_split_max_runs of them, so a batch of many tiles runs in fewer waves of smaller clusters. The count
+// follows the launch's tiles (the batch) and changes no bit: rank 0 joins the tile's runs in order either way. It is
+// the count of least time by a model of the waves, in key blocks, fitted on an H100 (bf16, 2026-11-27, runs a CTA
+// forced 1-4 over 13 decode shapes, bench/results/2026-11-27-h100-fwd-key-split-runs.txt): decoding streams K and V,
+// a CTA at about 1/kKeySplitStreamCtas of what the HBM gives, so a wave lasts as long as its slowest CTA's blocks or
+// as its clusters' blocks at kKeySplitStreamCtas CTAs' speed, whichever is longer, plus kKeySplitWaveBlocks of start.
 // Head_dim 256's key-split kernel has no registers left for the loop over runs (ptxas spilled): one run a CTA.
 constexpr int kKeySplitMaxRuns = 4;
 constexpr int kKeySplitNarrowRows = 8;
+constexpr int kKeySplitStreamCtas = 64;
+constexpr int kKeySplitWaveBlocks = 2;
 constexpr int fwd_key_split_max_runs(int head_dim) { return head_dim <= 128 ? kKeySplitMaxRuns : 1; }
-constexpr int fwd_key_split_runs(int head_dim, int runs, long long tiles, long long packed_rows) {
+constexpr int fwd_key_split_runs(int head_dim, KeySplits splits, long long tiles, long long packed_rows) {
   if (packed_rows > kKeySplitNarrowRows) return 1;
+  const long long tile_blocks = (long long)splits.runs * splits.blocks;
+  auto wave = [&](long long clusters, int per_cta) {  // in key blocks, times kKeySplitStreamCtas
+    const long long slowest = (long long)per_cta * splits.blocks * kKeySplitStreamCtas, all = clusters * tile_blocks;
+    return (slowest > all ? slowest : all) + kKeySplitWaveBlocks * kKeySplitStreamCtas;
+  };
   int best = 1;
-  long long best_cost = -1;
+  long long best_time = -1;
   for (int most = 1; most <= fwd_key_split_max_runs(head_dim); ++most) {
-    const int ctas = (runs + most - 1) / most;
-    const int per_cta = (runs + ctas - 1) / ctas;  // as even as the CTAs allow
-    const long long clusters = fwd_key_split_clusters(ctas);
-    const long long cost = (tiles + clusters - 1) / clusters * per_cta;
-    if (best_cost < 0 || cost < best_cost) best = per_cta, best_cost = cost;
+    const int ctas = (splits.runs + most - 1) / most;
+    const int per_cta = (splits.runs + ctas - 1) / ctas;  // as even as the CTAs allow
+    const long long at_once = fwd_key_split_clusters(ctas);
+    const long long time = tiles / at_once * wave(at_once, per_cta) + (tiles % at_once ? wave(tiles % at_once, per_cta) : 0);
+    if (best_time < 0 || time < best_time) best = per_cta, best_time = time;
   }
   return best;
 }

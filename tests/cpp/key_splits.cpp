@@ -1,5 +1,6 @@
-// The forward's key-split rule (src/kernels/fwd_config.h, fwd_key_splits and fwd_key_split_pack) on the host: which
-// shapes split, into how many CTAs of how many 128-key blocks, and how many query heads a tile packs. Needs no GPU.
+// The forward's key-split rule (src/kernels/fwd_config.h: fwd_key_splits, fwd_key_split_pack, fwd_key_split_runs) on
+// the host: which shapes split, into how many runs of how many 128-key blocks, how many query heads a tile packs, and
+// how many runs a CTA takes. Needs no GPU.
 #include <cstdio>
 
 #include "kernels/fwd_config.h"
@@ -26,17 +27,38 @@ void check_splits(int head_dim, long long seqlen_q, long long seqlen_k, int head
   expect(splits == (s.runs > 1), "splits where the rule says", head_dim, seqlen_q, seqlen_k);
   if (!splits) return;
   expect(s.runs <= kKeySplitMaxCtas, "at most a portable cluster", seqlen_q, seqlen_k, s.runs);
-  // A cluster for each of the sequence's tiles runs at once: the wave's cluster size bounds the CTAs.
+  // A cluster of a run a CTA for each of the sequence's tiles runs at once: the wave's cluster size bounds the runs.
   expect(s.runs <= wave, "at most the wave's cluster", tiles, s.runs, wave);
-  expect(s.blocks >= kKeySplitMinBlocks, "at least the minimum run a CTA", seqlen_q, seqlen_k, s.blocks);
+  expect(s.blocks >= kKeySplitMinBlocks, "at least the minimum run", seqlen_q, seqlen_k, s.blocks);
   expect(s.runs * (long long)s.blocks >= blocks, "every block taken", seqlen_k, s.runs, s.blocks);
-  expect((s.runs - 1) * (long long)s.blocks < blocks, "no CTA without a block", seqlen_k, s.runs, s.blocks);
-  // As many CTAs as the minimum run and the wave allow: a longer seqlen_k never splits into fewer, more heads never
+  expect((s.runs - 1) * (long long)s.blocks < blocks, "no run without a block", seqlen_k, s.runs, s.blocks);
+  // As many runs as the minimum run and the wave allow: a longer seqlen_k never splits into fewer, more heads never
   // into more.
   const KeySplits longer = fwd_key_splits(head_dim, seqlen_q, seqlen_k + 128, heads_q, heads_kv);
-  expect(longer.runs >= s.runs, "fewer CTAs for more keys", seqlen_k, s.runs, longer.runs);
+  expect(longer.runs >= s.runs, "fewer runs for more keys", seqlen_k, s.runs, longer.runs);
   const KeySplits more_heads = fwd_key_splits(head_dim, seqlen_q, seqlen_k, 2 * heads_q, 2 * heads_kv);
-  expect(more_heads.runs <= s.runs, "more CTAs for more heads", heads_q, s.runs, more_heads.runs);
+  expect(more_heads.runs <= s.runs, "more runs for more heads", heads_q, s.runs, more_heads.runs);
+}
+
+// The runs a CTA takes in a batch of `batch` such sequences (fwd_key_split_runs).
+int runs_a_cta(int head_dim, long long seqlen_q, long long seqlen_k, int heads_q, int heads_kv, long long batch) {
+  const KeySplits s = fwd_key_splits(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv);
+  return fwd_key_split_runs(head_dim, s, batch * fwd_key_split_tiles(seqlen_q, heads_q, heads_kv),
+                            seqlen_q * fwd_key_split_pack(heads_q, heads_kv));
+}
+
+void check_runs(int head_dim, long long seqlen_q, long long seqlen_k, int heads_q, int heads_kv, long long batch) {
+  const KeySplits s = fwd_key_splits(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv);
+  if (s.runs < 2) return;
+  const int per_cta = runs_a_cta(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv, batch);
+  expect(per_cta >= 1 && per_cta <= fwd_key_split_max_runs(head_dim), "at most the head_dim's runs a CTA", head_dim,
+         batch, per_cta);
+  expect(per_cta == 1 || seqlen_q * fwd_key_split_pack(heads_q, heads_kv) <= kKeySplitNarrowRows,
+         "several runs a CTA in narrow tiles alone", seqlen_q, heads_q, per_cta);
+  const int ctas = (s.runs + per_cta - 1) / per_cta;
+  expect(ctas <= kKeySplitMaxCtas && (ctas - 1) * per_cta < s.runs, "a portable cluster, no CTA without a run", s.runs,
+         per_cta, ctas);
+  expect(per_cta == (s.runs + ctas - 1) / ctas, "the runs as even over the CTAs as they allow", s.runs, per_cta, ctas);
 }
 
 }  // namespace
@@ -46,7 +68,12 @@ int main() {
   for (int head_dim : {64, 128, 256})
     for (long long seqlen_q : {1, 2, 16, 64, 127, 128, 129, 1000})
       for (long long seqlen_k = 1; seqlen_k <= 70000; seqlen_k += seqlen_k < 4096 ? 1 : 97)
-        for (const auto& [heads_q, heads_kv] : heads) check_splits(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv);
+        for (const auto& [heads_q, heads_kv] : heads) {
+          check_splits(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv);
+          if (seqlen_k % 7 == 0)
+            for (long long batch : {1, 2, 3, 8, 16, 100, 1000})
+              check_runs(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv, batch);
+        }
   expect(fwd_key_splits(128, 1, 16384, 32, 8).runs == kKeySplitMaxCtas, "decoding 16k keys, GQA 32/8: the whole cluster",
          1, 16384, 0);
   expect(fwd_key_splits(128, 1, 1920, 1, 1).runs == 1 && fwd_key_splits(128, 1, 1921, 1, 1).runs == 2,
@@ -63,6 +90,16 @@ int main() {
          "MHA 16 / 20 heads: clusters of 6 / 5", 16, 20, 0);
   expect(fwd_key_splits(128, 128, 16384, 32, 8).runs == 3, "128 queries, GQA 32/8: clusters of 3", 32, 8, 128);
   expect(fwd_key_split_tiles(128, 32, 8) == 32 && fwd_key_split_tiles(1, 32, 8) == 8, "tiles of a sequence", 32, 8, 0);
+  // Runs a CTA, decoding GQA 32/8 (8 runs at 8k and 16k keys, 4 at 4k): one sequence 1; a batch of 8 at 8k 4 (64
+  // tiles in clusters of 2, one wave), at 4k 2; 2 sequences at 8k 2; 4 at 16k 3; head_dim 256 and 16 queries 1.
+  expect(runs_a_cta(128, 1, 8192, 32, 8, 1) == 1 && runs_a_cta(128, 1, 8192, 32, 8, 8) == 4, "8k keys: 1, batch 8: 4",
+         1, 8, 0);
+  expect(runs_a_cta(128, 1, 4096, 32, 8, 8) == 2 && runs_a_cta(64, 1, 4096, 32, 8, 8) == 2, "4k keys, batch 8: 2",
+         128, 64, 0);
+  expect(runs_a_cta(128, 1, 8192, 32, 8, 2) == 2 && runs_a_cta(128, 1, 16384, 32, 8, 4) == 3, "batch 2 at 8k, 4 at 16k",
+         2, 4, 0);
+  expect(runs_a_cta(256, 1, 8192, 16, 8, 8) == 1 && runs_a_cta(128, 16, 8192, 32, 8, 8) == 1,
+         "head_dim 256, 64 packed rows: 1", 256, 16, 0);
   // (heads_q, heads_kv, packed): the largest power of two dividing the group, at most 64.
   const int packs[][3] = {{32, 32, 1}, {32, 8, 4}, {8, 1, 8}, {12, 2, 2}, {6, 2, 1}, {96, 1, 32}, {128, 1, 64},
                           {256, 2, 64}, {40, 8, 1}, {48, 4, 4}};
