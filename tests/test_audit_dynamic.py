@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dhp.audit import counters, determinism, inputs, timing
+from key_split_rule import key_split_runs_a_cta
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ncu"
 
@@ -460,6 +461,19 @@ def test_audit_shapes_reach_the_key_splits(ext, tool):
     shapes = [(s[1], s[-1], s[2] // s[3]) for s in counters.SHAPES] if tool == "counters" else \
         [(s[0], s[-1], s[1] // s[2]) for s in determinism.SHAPES]
     assert any(q <= limit and -(-k // 128) >= 2 * info["key_split_min_blocks"] and g > 1 for q, k, g in shapes)
+
+
+def test_determinism_batches_change_the_runs_a_cta(ext):
+    """The determinism audit's batches of 3 and 8 give the CTAs of a key-split shape more runs of a tile than the
+    sequence alone (fwd_key_split_runs: they follow the batch, the bits must not), at every head_dim that has them."""
+    from dhp import _native
+
+    info = _native.build_info()
+    for head_dim, most in info["key_split_max_runs"].items():
+        if most > 1:
+            counts = {tuple(key_split_runs_a_cta(info, int(head_dim), batch, q, k, hq, hkv) for batch in (1, 3, 8))
+                      for q, hq, hkv, k in (s for s in determinism.SHAPES if len(s) > 3)}
+            assert any(alone == 1 and 1 < three < eight for alone, three, eight in counts), (head_dim, counts)
 
 
 def test_determinism_shapes_fall_on_both_sides_of_the_backward_dq_chains_limits(ext):

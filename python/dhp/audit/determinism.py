@@ -1,6 +1,6 @@
 """Determinism and batch invariance: same inputs give the same bits, whatever else runs or sits in the batch.
 
-Method. For every compiled variant, causal and not, on six shapes with sequence tails and GQA (SHAPES: the
+Method. For every compiled variant, causal and not, on nine shapes with sequence tails and GQA (SHAPES: the
 forward's tiles and grid and the backward's dQ chains depend on shapes; the shapes run each of them), and for
 both passes (fwd: the forward's out and lse; bwd, for the head_dims build_info lists under "backward_head_dims": the
 backward's dq, dk and dv), the reference is the sha256 of the raw bytes of each output from one call on the
@@ -47,9 +47,11 @@ import sys
 # backward's and between them (pairs with two chains), and pairs with an odd number of key blocks; MHA on both
 # sides of the causal backward's "backward_causal_split_walks_over"; and GQA on both sides of its
 # "backward_causal_heavy_first_min_group" and "backward_causal_head_halves_min_group". A fourth number is seqlen_k
-# where it differs from seqlen_q: 16 queries against 4500 keys take the forward's key-split tier.
+# where it differs from seqlen_q: 16 queries against 4500 keys take the forward's key-split tier, and one query of GQA
+# 32/8 against 8200 keys its narrow tiles, whose CTAs take one run of a tile alone, two in the batches of 3 and four in
+# those of 8 ("key_split_max_runs" of head_dim 64 and 128).
 SHAPES = ((500, 2, 2), (1000, 2, 2), (2100, 2, 2), (2100, 4, 2), (4200, 4, 1), (8300, 1, 1), (1100, 8, 1),
-          (16, 8, 2, 4500))
+          (16, 8, 2, 4500), (1, 32, 8, 8200))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
 SPECIAL_NEIGHBOURS = ("zeros", "huge", "nan", "inf")  # classes of the batches' special neighbours
 OUTPUTS = {"fwd": ("out", "lse"), "bwd": ("dq", "dk", "dv")}  # what each pass's checks hash
