@@ -201,9 +201,9 @@ def test_key_split_runs_reach_every_count(ext):
     packed rows (GQA 64/8); alone, each of those sequences gives a CTA one run."""
     info = dhp.build_info()
     for head_dim in (64, 128):
-        counts = [key_split_runs_a_cta(info, head_dim, *shape) for shape in KEY_SPLIT_RUNS]
+        counts = [key_split_runs_a_cta(info, head_dim, b, q, k, hq, hkv) for b, hq, hkv, q, k in KEY_SPLIT_RUNS]
         assert counts == [4, 2, 3, 3, 4], (head_dim, counts)
-        assert all(key_split_runs_a_cta(info, head_dim, 1, *shape[1:]) == 1 for shape in KEY_SPLIT_RUNS)
+        assert all(key_split_runs_a_cta(info, head_dim, 1, q, k, hq, hkv) == 1 for _, hq, hkv, q, k in KEY_SPLIT_RUNS)
     assert key_split_runs(info, 1, 16000, 32, 8) == 8 and key_split_runs(info, 1, 8192, 32, 32) == 3
     assert info["key_split_max_runs"]["256"] == 1
 
