@@ -34,7 +34,7 @@ def key_split_runs_a_cta(info, head_dim, batch, seqlen_q, seqlen_k, heads_q, hea
     """Runs of a tile a CTA takes (fwd_config.h, fwd_key_split_runs): 1 but for tiles of at most
     "key_split_narrow_rows" packed rows, there the count of least time up to the head_dim's "key_split_max_runs" by the
     model of the waves (in key blocks: a wave lasts as its slowest CTA or as its clusters' blocks at
-    "key_split_stream_ctas" CTAs' speed, plus "key_split_wave_blocks")."""
+    "key_split_stream_ctas" CTAs' speed, plus "key_split_wave_blocks"; on a tie the CTAs all as busy, then the fewer runs)."""
     runs, per_run = key_splits(info, seqlen_q, seqlen_k, heads_q, heads_kv)
     pack = key_split_pack(heads_q, heads_kv)
     if seqlen_q * pack > info["key_split_narrow_rows"]:
@@ -45,12 +45,13 @@ def key_split_runs_a_cta(info, head_dim, batch, seqlen_q, seqlen_k, heads_q, hea
     def wave(clusters, per_cta):
         return max(per_cta * per_run * stream, clusters * runs * per_run) + start * stream
 
-    best, best_time = 1, None
+    best, best_key = 1, None
     for most in range(1, info["key_split_max_runs"][str(head_dim)] + 1):
         ctas = -(-runs // most)
         per_cta = -(-runs // ctas)
         at_once = next(clusters for size, clusters in reversed(info["key_split_waves"]) if size >= ctas)
         time = tiles // at_once * wave(at_once, per_cta) + (wave(tiles % at_once, per_cta) if tiles % at_once else 0)
-        if best_time is None or time < best_time:
-            best, best_time = per_cta, time
+        key = (time, ctas * per_cta - runs)  # on a tie, the CTAs all as busy, then the fewer runs a CTA
+        if best_key is None or key < best_key:
+            best, best_key = per_cta, key
     return best

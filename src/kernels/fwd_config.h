@@ -133,7 +133,9 @@ constexpr int fwd_key_split_clusters(int ctas) {
 // the count of least time by a model of the waves, in key blocks, fitted on an H100 (bf16, 2026-11-27, runs a CTA
 // forced 1-4 over 13 decode shapes, bench/results/2026-11-27-h100-fwd-key-split-runs.txt): decoding streams K and V,
 // a CTA at about 1/kKeySplitStreamCtas of what the HBM gives, so a wave lasts as long as its slowest CTA's blocks or
-// as its clusters' blocks at kKeySplitStreamCtas CTAs' speed, whichever is longer, plus kKeySplitWaveBlocks of start.
+// as its clusters' blocks at kKeySplitStreamCtas CTAs' speed, whichever is longer, plus kKeySplitWaveBlocks of start;
+// on a tie, the CTAs all as busy (batch 4 at 16k keys: 3, 3 and 2 runs took 113 us, 4 and 4 took 107), then the fewer
+// runs a CTA.
 // Head_dim 256's key-split kernel has no registers left for the loop over runs (ptxas spilled): one run a CTA.
 constexpr int kKeySplitMaxRuns = 4;
 constexpr int kKeySplitNarrowRows = 8;
@@ -147,14 +149,16 @@ constexpr int fwd_key_split_runs(int head_dim, KeySplits splits, long long tiles
     const long long slowest = (long long)per_cta * splits.blocks * kKeySplitStreamCtas, all = clusters * tile_blocks;
     return (slowest > all ? slowest : all) + kKeySplitWaveBlocks * kKeySplitStreamCtas;
   };
-  int best = 1;
+  int best = 1, best_idle = 0;
   long long best_time = -1;
   for (int most = 1; most <= fwd_key_split_max_runs(head_dim); ++most) {
     const int ctas = (splits.runs + most - 1) / most;
     const int per_cta = (splits.runs + ctas - 1) / ctas;  // as even as the CTAs allow
+    const int idle = ctas * per_cta - splits.runs;        // runs the last CTA is short
     const long long at_once = fwd_key_split_clusters(ctas);
     const long long time = tiles / at_once * wave(at_once, per_cta) + (tiles % at_once ? wave(tiles % at_once, per_cta) : 0);
-    if (best_time < 0 || time < best_time) best = per_cta, best_time = time;
+    if (best_time < 0 || time < best_time || (time == best_time && idle < best_idle))
+      best = per_cta, best_time = time, best_idle = idle;
   }
   return best;
 }
