@@ -45,6 +45,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "error.h"
 #include "hopper/smem.cuh"
@@ -76,6 +77,7 @@ struct FwdKernelParams {
   int split_count;   // runs of a tile (key_splits * split_runs or a few less: the last CTA's may be empty)
   int split_blocks;
   int q_pack_shift;  // with key splits: log2 of the query heads of a K/V head packed into a tile's rows (pos)
+  int rotate;        // split tiles: the persistent grid's rounds rotated (1) or in the snake (0) (tile_of_round)
 };
 
 enum class FwdBarrier : int {
@@ -251,15 +253,15 @@ struct FwdKernel {
   // The CTA's tile of round k (G = gridDim.x tiles per round): position c = blockIdx.x in even rounds and
   // G-1-c in odd ones, so a CTA that drew an expensive causal tile in one round draws a cheap one in the
   // next even when G is a multiple of the number of query blocks. With split tiles (FwdConfig::split_tile: one a
-  // head, its first in the list, taking about a third of a tile's time) position (c + k) mod G instead: where G is a
-  // multiple of the query blocks (132 SMs, 6 or 22 tiles a head) the snake gives every split tile to the same few
-  // CTAs, the rotation deals them to all in turn (counted by list scheduling, head_dim 64 at 1k: the busiest CTA's
-  // 24 tiles either way with the snake, 21.8 tile times with the rotation). -1 once past the list (only the last
-  // round can be partial, so the first -1 ends the CTA's work).
+  // head, its first in the list, taking about a third of a tile's time) position (c + k) mod G instead where
+  // p.rotate says (launch_forward_tier): where G is a multiple of the query blocks (132 SMs, 6 or 22 tiles a head)
+  // the snake gives every split tile to the same few CTAs, the rotation deals them to all in turn (counted by list
+  // scheduling, head_dim 64 at 1k: the busiest CTA's 24 tiles either way with the snake, 21.8 tile times with the
+  // rotation). -1 once past the list (only the last round can be partial, so the first -1 ends the CTA's work).
   __device__ static int tile_of_round(const FwdKernelParams& p, int k) {
     if constexpr (kKeySplit) return k == 0 ? int(blockIdx.x) / p.key_splits : -1;  // one tile a CTA, a cluster a tile
-    const int64_t t = int64_t(k) * gridDim.x + (kSplitTile ? (blockIdx.x + k) % gridDim.x
-                                                            : (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
+    const int64_t t = int64_t(k) * gridDim.x + (kSplitTile && p.rotate ? (blockIdx.x + k) % gridDim.x
+                                                : (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
     return t < p.num_tiles ? int(t) : -1;
   }
 
@@ -992,8 +994,20 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
     return fail(DHP_ERROR_CUDA, "could not read the multiprocessor count of device %d: %s", device,
                 cudaGetErrorString(err));
 
+  // The split tier's persistent rounds (tile_of_round): rotated without a mask. Under one the tiles cost from one key
+  // block to all, and which order leaves the busiest CTA less work depends on the counts (list scheduling, tile cost
+  // its key blocks + 1, the split tile's a warpgroup's share: head_dim 64 at 4096 keys, 32 heads the snake's busiest
+  // CTA 111 blocks and the rotation's 174, 128 heads 407 and 385): the one that does, the snake on ties and on lists
+  // of more than kSplitOrderRounds rounds (host time).
+  const int64_t grid = persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles * kp.key_splits;
+  kp.rotate = K::kSplitTile && persistent && !Causal;
+  if (K::kSplitTile && persistent && Causal && num_tiles <= kSplitOrderRounds * grid) {
+    const std::vector<long long> cost =
+        causal_split_costs(prm.seqlen_q, prm.seqlen_k, K::kBlockM, K::kBlockN, K::kConsumers);
+    kp.rotate = persistent_busiest(num_tiles, int(grid), cost, true) < persistent_busiest(num_tiles, int(grid), cost, false);
+  }
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles * kp.key_splits));
+  config.gridDim = dim3(unsigned(grid));
   config.blockDim = dim3(K::kCfg.threads());
   config.dynamicSmemBytes = K::kSmemBytes;
   config.stream = stream;

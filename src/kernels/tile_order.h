@@ -6,6 +6,8 @@
 // Host and device: tests/cpp/tile_order.cpp checks it.
 #pragma once
 
+#include <vector>
+
 #include "kernels/fast_div.h"
 
 namespace dhp::kernels {
@@ -30,6 +32,38 @@ struct TileOrder {
     return {head, num_m_blocks - 1 - rank};
   }
 };
+
+// The persistent grid deals the list in rounds of `grid` positions: position c of round k to CTA c, or grid - 1 - c in
+// odd rounds (the snake), or to CTA (c - k) mod grid (the rotation). The work of the busiest CTA either way, a list
+// of `tiles` positions whose costs repeat every `period` (position t costs cost[t % period]: one head's query blocks).
+// Host only; O(tiles).
+inline long long persistent_busiest(long long tiles, int grid, const std::vector<long long>& cost, bool rotate) {
+  std::vector<long long> load(size_t(grid), 0);
+  const long long period = (long long)cost.size();
+  for (long long t = 0; t < tiles; ++t) {
+    const long long k = t / grid, c = t % grid;
+    const long long cta = rotate ? (c - k % grid + grid) % grid : (k % 2 == 0 ? c : grid - 1 - c);
+    load[size_t(cta)] += cost[size_t(t % period)];
+  }
+  long long busiest = 0;
+  for (long long l : load) busiest = l > busiest ? l : busiest;
+  return busiest;
+}
+
+// A head's causal split-tier tiles in list order (query blocks from the last), each costing its key blocks + 1, the
+// split tile (its last, of at most 64 rows) a warpgroup's share of them + 1 (FwdConfig::split_tile). Host only.
+inline std::vector<long long> causal_split_costs(long long seqlen_q, long long seqlen_k, int block_m, int block_n,
+                                                 int consumers) {
+  const long long m_blocks = (seqlen_q + block_m - 1) / block_m, all = (seqlen_k + block_n - 1) / block_n;
+  std::vector<long long> cost(static_cast<size_t>(m_blocks), 0);
+  for (long long m = 0; m < m_blocks; ++m) {
+    const long long last_col = (m + 1) * block_m - 1 + seqlen_k - seqlen_q;
+    const long long blocks = last_col < 0 ? 0 : last_col / block_n + 1 < all ? last_col / block_n + 1 : all;
+    const bool split = m * block_m + 64 >= seqlen_q;
+    cost[static_cast<size_t>(m_blocks - 1 - m)] = (split ? (blocks + consumers - 1) / consumers : blocks) + 1;
+  }
+  return cost;
+}
 
 // On the grid of one CTA per causal tile the hardware hands tiles to SMs in list order. Head by head, the last
 // head's heaviest tile starts when little else is left and runs on alone (bench/grid_model.py: 0.90-0.96 of the

@@ -2,7 +2,8 @@
 // block) exactly once; sections of section_heads heads in head order; within one, query blocks from last to
 // first with the section's heads in turn; one head per section is the plain head-by-head list. And
 // the section sizes: fwd_section_heads (the largest divisor of the head count whose K/V fit the section budget)
-// and bwd_causal_section_heads (the causal backward heavy first, within its dQ budget). Needs no GPU.
+// and bwd_causal_section_heads (the causal backward heavy first, within its dQ budget). And the persistent grid's two
+// orders of the split tier (persistent_busiest, causal_split_costs). Needs no GPU.
 #include <cstdio>
 #include <vector>
 
@@ -77,6 +78,27 @@ int main() {
   for (const auto& [kv_heads, dq_bytes, expected] : bwd)
     expect(dhp::kernels::bwd_causal_section_heads(kv_heads, dq_bytes) == expected, "bwd_causal_section_heads",
            kv_heads, expected, dhp::kernels::bwd_causal_section_heads(kv_heads, dq_bytes));
+  // The persistent grid's orders: equal costs give the busiest CTA ceil(tiles / grid) of them either way; head_dim 64's
+  // causal split tier (192 x 128 tiles, 3 warpgroups) at 4096 keys, whose first tile is the split one (32 key blocks,
+  // 11 a warpgroup): 32 heads favour the snake (111 against 174), 128 heads and 48 heads at 2368 keys the rotation
+  // (tests/test_forward.py runs the first and the last).
+  const std::vector<long long> even(5, 3);
+  for (bool rotate : {false, true})
+    for (long long tiles : {1ll, 131ll, 132ll, 133ll, 1000ll})
+      expect(dhp::kernels::persistent_busiest(tiles, 132, even, rotate) == (tiles + 131) / 132 * 3, "equal costs",
+             tiles, rotate, 0);
+  const std::vector<long long> d64_4096 = dhp::kernels::causal_split_costs(4096, 4096, 192, 128, 3);
+  expect(d64_4096.size() == 22 && d64_4096[0] == 12 && d64_4096[1] == 33 && d64_4096[21] == 3, "causal split costs",
+         (long long)d64_4096.size(), d64_4096[0], d64_4096[21]);
+  const long long orders[][4] = {{32, 4096, 111, 174}, {128, 4096, 407, 385}, {48, 2368, 69, 63}};
+  for (const auto& [heads, seqlen, snake, rotation] : orders) {
+    const std::vector<long long> cost = dhp::kernels::causal_split_costs(seqlen, seqlen, 192, 128, 3);
+    const long long tiles = heads * (long long)cost.size();
+    expect(dhp::kernels::persistent_busiest(tiles, 132, cost, false) == snake, "the snake's busiest CTA", heads, seqlen,
+           dhp::kernels::persistent_busiest(tiles, 132, cost, false));
+    expect(dhp::kernels::persistent_busiest(tiles, 132, cost, true) == rotation, "the rotation's busiest CTA", heads,
+           seqlen, dhp::kernels::persistent_busiest(tiles, 132, cost, true));
+  }
   std::printf("tile_order: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
 }
