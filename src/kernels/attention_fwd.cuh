@@ -253,14 +253,15 @@ struct FwdKernel {
   // The CTA's tile of round k (G = gridDim.x tiles per round): position c = blockIdx.x in even rounds and
   // G-1-c in odd ones, so a CTA that drew an expensive causal tile in one round draws a cheap one in the
   // next even when G is a multiple of the number of query blocks. With split tiles (FwdConfig::split_tile: one a
-  // head, its first in the list, taking about a third of a tile's time) position (c + k) mod G instead where
-  // p.rotate says (launch_forward_tier): where G is a multiple of the query blocks (132 SMs, 6 or 22 tiles a head)
-  // the snake gives every split tile to the same few CTAs, the rotation deals them to all in turn (counted by list
-  // scheduling, head_dim 64 at 1k: the busiest CTA's 24 tiles either way with the snake, 21.8 tile times with the
-  // rotation). -1 once past the list (only the last round can be partial, so the first -1 ends the CTA's work).
+  // head, its first in the list, taking about a third of a tile's time) position (c + k) mod G instead, always without
+  // a mask and under one where p.rotate says (launch_forward_tier): where G is a multiple of the query blocks (132
+  // SMs, 6 or 22 tiles a head) the snake gives every split tile to the same few CTAs, the rotation deals them to all
+  // in turn (counted by list scheduling, head_dim 64 at 1k: the busiest CTA's 24 tiles either way with the snake, 21.8
+  // tile times with the rotation). -1 once past the list (only the last round can be partial, so the first -1 ends the
+  // CTA's work).
   __device__ static int tile_of_round(const FwdKernelParams& p, int k) {
     if constexpr (kKeySplit) return k == 0 ? int(blockIdx.x) / p.key_splits : -1;  // one tile a CTA, a cluster a tile
-    const int64_t t = int64_t(k) * gridDim.x + (kSplitTile && p.rotate ? (blockIdx.x + k) % gridDim.x
+    const int64_t t = int64_t(k) * gridDim.x + (kSplitTile && (!Causal || p.rotate) ? (blockIdx.x + k) % gridDim.x
                                                 : (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
     return t < p.num_tiles ? int(t) : -1;
   }
@@ -998,7 +999,9 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // block to all, and which order leaves the busiest CTA less work depends on the counts (list scheduling, tile cost
   // its key blocks + 1, the split tile's a warpgroup's share: head_dim 64 at 4096 keys, 32 heads the snake's busiest
   // CTA 111 blocks and the rotation's 174, 128 heads 407 and 385): the one that does, the snake on ties and on lists
-  // of more than kSplitOrderRounds rounds (host time).
+  // of more than kSplitOrderRounds rounds (host time). H100, bf16, 2026-11-27, against the rotation everywhere
+  // (bench/results/2026-11-27-h100-fwd-causal-split-order.txt): 32 heads at 4096 keys 256 -> 172 us, 3520 keys 209 ->
+  // 161, 16 heads at 4096 142 -> 110, 64 heads at 2113 130 -> 108; where the rotation stays, even.
   const int64_t grid = persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles * kp.key_splits;
   kp.rotate = K::kSplitTile && persistent && !Causal;
   if (K::kSplitTile && persistent && Causal && num_tiles <= kSplitOrderRounds * grid) {
