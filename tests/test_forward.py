@@ -223,23 +223,23 @@ def test_key_split_runs(torch_cuda, dtype_name, head_dim, shape):
             assert_bitwise_equal(torch, lse[b:b + 1], alone_lse)
 
 
-SPLIT_ORDERS = [(1, 32, 4096), (3, 16, 2368)]  # (batch, heads, seqlen): the snake, the rotation (tests/cpp/tile_order.cpp)
+PERSISTENT_ORDERS = {  # (batch, heads, seqlen) a causal persistent grid takes in each order (tests/cpp/tile_order.cpp)
+    "snake": {64: (1, 32, 4096), 128: (4, 16, 4096), 256: (2, 16, 4096)},
+    "rotation": {64: (3, 16, 2368)},  # the split tier alone rotates
+    "sections": {64: (1, 16, 3520), 128: (1, 8, 4096), 256: (8, 8, 2368)},
+}
 
 
-@pytest.mark.parametrize("shape", SPLIT_ORDERS, ids=["snake", "rotation"])
-def test_causal_split_tier_orders(torch_cuda, dtype_name, head_dim, shape):
-    """A causal split tier on the persistent grid takes its rounds in the snake or rotated, whichever leaves the busiest
-    CTA less work (launch_forward_tier); SPLIT_ORDERS take one each at head_dim 64, every tile once, checked against the
-    reference."""
+@pytest.mark.parametrize("order", list(PERSISTENT_ORDERS))
+def test_causal_persistent_orders(torch_cuda, dtype_name, head_dim, order):
+    """The causal persistent grid lists its tiles head by head or in sections and deals them in the snake or rotated,
+    whichever leaves the busiest CTA less work (launch_forward_tier); PERSISTENT_ORDERS take each order, every tile
+    once, checked against the reference."""
     torch = torch_cuda
-    info = dhp.build_info()
-    split = [t for t in info["forward_tiles"] if (t["head_dim"], t["causal"]) == (head_dim, True) and t["split_tile"]
-             and not t["key_splits"]]
-    if not split:
-        pytest.skip(f"head_dim {head_dim} has no causal split tier")
-    batch, heads, seqlen = shape
-    assert tier_of(info, head_dim, True, seqlen, seqlen, heads, heads) == split[0]["tier"]
-    assert seqlen <= info["persistent_causal_max_seqlen_k"]
+    if head_dim not in PERSISTENT_ORDERS[order]:
+        pytest.skip(f"head_dim {head_dim} has no {order} order (no split tier)")
+    batch, heads, seqlen = PERSISTENT_ORDERS[order][head_dim]
+    assert seqlen <= dhp.build_info()["persistent_causal_max_seqlen_k"]
     q, k, v = inputs(torch, dtype_name, batch, seqlen, seqlen, heads, heads, head_dim, seed=seqlen)
     with torch.no_grad():
         run_and_check(torch, q, k, v, True)

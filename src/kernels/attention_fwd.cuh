@@ -966,11 +966,9 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // per tile and the hardware hands tiles, heaviest first within a section of heads, to SMs as they free up.
   // The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
   const bool persistent = !K::kKeySplit && (!Causal || prm.seqlen_k <= kPersistentCausalKeys);
-  const int section_heads =
-      persistent || K::kKeySplit ? 1
-                 : fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv,
-                                     int64_t(prm.seqlen_k) * HeadDim * 2 * int64_t(sizeof(T)));
-  kp.order = TileOrder::make(int(num_m_blocks), section_heads);
+  const int budget_heads = fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv,
+                                             int64_t(prm.seqlen_k) * HeadDim * 2 * int64_t(sizeof(T)));
+  int section_heads = persistent || K::kKeySplit ? 1 : budget_heads;
   kp.by_heads_q = FastDiv::make(uint32_t(kp.heads_q));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = prm.softmax_scale * kLog2e;
@@ -995,20 +993,25 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
     return fail(DHP_ERROR_CUDA, "could not read the multiprocessor count of device %d: %s", device,
                 cudaGetErrorString(err));
 
-  // The split tier's persistent rounds (tile_of_round): rotated without a mask. Under one the tiles cost from one key
-  // block to all, and which order leaves the busiest CTA less work depends on the counts (list scheduling, tile cost
-  // its key blocks + 1, the split tile's a warpgroup's share: head_dim 64 at 4096 keys, 32 heads the snake's busiest
-  // CTA 111 blocks and the rotation's 174, 128 heads 407 and 385): the one that does, the snake on ties and on lists
-  // of more than kSplitOrderRounds rounds (host time). H100, bf16, 2026-11-27, against the rotation everywhere
+  // The persistent grid's list under a causal mask, where tiles cost from one key block to all: head by head (the K and
+  // V of the heads running at once shared in L2) or in the sections of kCausalSectionBytes (as the grid of one CTA a
+  // tile), dealt in the snake or (the split tier, tile_of_round) rotated: persistent_causal_order (tile_order.h) by
+  // list scheduling, on lists of up to kPersistentOrderRounds rounds (host time: up to 33 us for four orders of 64
+  // rounds on a 2-core build machine, against the kernel's milliseconds there). Without a mask, head by head (the
+  // split tier rotated). Head_dim 64's split tier at 4096 keys: 32 heads, the snake's busiest CTA 111 blocks and the
+  // rotation's 174, 128 heads 407 and 385. H100, bf16, 2026-11-27, against the rotation head by head everywhere
   // (bench/results/2026-11-27-h100-fwd-causal-split-order.txt): 32 heads at 4096 keys 256 -> 172 us, 3520 keys 209 ->
   // 161, 16 heads at 4096 142 -> 110, 64 heads at 2113 130 -> 108; where the rotation stays, even.
   const int64_t grid = persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles * kp.key_splits;
   kp.rotate = K::kSplitTile && persistent && !Causal;
-  if (K::kSplitTile && persistent && Causal && num_tiles <= kSplitOrderRounds * grid) {
+  if (persistent && Causal && num_tiles <= kPersistentOrderRounds * grid) {
     const std::vector<long long> cost =
-        causal_split_costs(prm.seqlen_q, prm.seqlen_k, K::kBlockM, K::kBlockN, K::kConsumers);
-    kp.rotate = persistent_busiest(num_tiles, int(grid), cost, true) < persistent_busiest(num_tiles, int(grid), cost, false);
+        causal_tile_costs(prm.seqlen_q, prm.seqlen_k, K::kBlockM, K::kBlockN, K::kConsumers, K::kSplitTile);
+    const PersistentOrder order = persistent_causal_order(num_tiles, int(grid), cost, budget_heads, K::kSplitTile);
+    section_heads = order.section_heads;
+    kp.rotate = order.rotate;
   }
+  kp.order = TileOrder::make(int(num_m_blocks), section_heads);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(grid));
   config.blockDim = dim3(K::kCfg.threads());

@@ -163,9 +163,9 @@ constexpr int fwd_key_split_runs(int head_dim, KeySplits splits, long long tiles
   return best;
 }
 
-// The split tier's persistent order under a causal mask is chosen by list scheduling for lists of up to this many
-// rounds of the grid (attention_fwd.cuh, launch_forward_tier), the snake beyond.
-constexpr int kSplitOrderRounds = 64;
+// The persistent grid's order under a causal mask is chosen by list scheduling for lists of up to this many rounds of
+// the grid (attention_fwd.cuh, launch_forward_tier), head by head in the snake beyond.
+constexpr int kPersistentOrderRounds = 64;
 
 // Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond
 // (attention_fwd.cuh, launch_forward_tier, says why).

@@ -34,35 +34,57 @@ struct TileOrder {
 };
 
 // The persistent grid deals the list in rounds of `grid` positions: position c of round k to CTA c, or grid - 1 - c in
-// odd rounds (the snake), or to CTA (c - k) mod grid (the rotation). The work of the busiest CTA either way, a list
-// of `tiles` positions whose costs repeat every `period` (position t costs cost[t % period]: one head's query blocks).
-// Host only; O(tiles).
-inline long long persistent_busiest(long long tiles, int grid, const std::vector<long long>& cost, bool rotate) {
+// odd rounds (the snake), or to CTA (c - k) mod grid (the rotation). The work of the busiest CTA either way, for a
+// list of `tiles` positions in sections of `section_heads` heads (TileOrder), a head's query blocks costing `cost` in
+// list order. Host only; O(tiles).
+inline long long persistent_busiest(long long tiles, int grid, const std::vector<long long>& cost, int section_heads,
+                                    bool rotate) {
   std::vector<long long> load(size_t(grid), 0);
-  const long long period = (long long)cost.size();
-  for (long long t = 0; t < tiles; ++t) {
-    const long long k = t / grid, c = t % grid;
-    const long long cta = rotate ? (c - k % grid + grid) % grid : (k % 2 == 0 ? c : grid - 1 - c);
-    load[size_t(cta)] += cost[size_t(t % period)];
-  }
+  size_t rank = 0;  // of position t's query block in its head (list order); `turn` its head within the section
+  for (long long t = 0, k = 0, turn = 0; t < tiles; ++k)
+    for (long long c = 0; c < grid && t < tiles; ++c, ++t) {
+      const long long cta = rotate ? (c + grid - k % grid) % grid : (k % 2 == 0 ? c : grid - 1 - c);
+      load[size_t(cta)] += cost[rank];
+      if (++turn == section_heads) turn = 0, rank = rank + 1 == cost.size() ? 0 : rank + 1;
+    }
   long long busiest = 0;
   for (long long l : load) busiest = l > busiest ? l : busiest;
   return busiest;
 }
 
-// A head's causal split-tier tiles in list order (query blocks from the last), each costing its key blocks + 1, the
-// split tile (its last, of at most 64 rows) a warpgroup's share of them + 1 (FwdConfig::split_tile). Host only.
-inline std::vector<long long> causal_split_costs(long long seqlen_q, long long seqlen_k, int block_m, int block_n,
-                                                 int consumers) {
+// A head's causal tiles in list order (query blocks from the last), each costing its key blocks + 1; with split tiles
+// (FwdConfig::split_tile) the last query block's, where it holds at most 64 rows, a warpgroup's share of them + 1.
+// Host only.
+inline std::vector<long long> causal_tile_costs(long long seqlen_q, long long seqlen_k, int block_m, int block_n,
+                                                int consumers, bool split_tiles) {
   const long long m_blocks = (seqlen_q + block_m - 1) / block_m, all = (seqlen_k + block_n - 1) / block_n;
   std::vector<long long> cost(static_cast<size_t>(m_blocks), 0);
   for (long long m = 0; m < m_blocks; ++m) {
     const long long last_col = (m + 1) * block_m - 1 + seqlen_k - seqlen_q;
     const long long blocks = last_col < 0 ? 0 : last_col / block_n + 1 < all ? last_col / block_n + 1 : all;
-    const bool split = m * block_m + 64 >= seqlen_q;
+    const bool split = split_tiles && m * block_m + 64 >= seqlen_q;
     cost[static_cast<size_t>(m_blocks - 1 - m)] = (split ? (blocks + consumers - 1) / consumers : blocks) + 1;
   }
   return cost;
+}
+
+// The causal persistent grid's list and dealing (attention_fwd.cuh, launch_forward_tier): head by head or in sections
+// of `budget_heads`, in the snake or (with split tiles) rotated, whichever leaves the busiest CTA the least work and by
+// 2% at least, else the first of those (head by head in the snake). Host only.
+struct PersistentOrder {
+  int section_heads;
+  bool rotate;
+};
+inline PersistentOrder persistent_causal_order(long long tiles, int grid, const std::vector<long long>& cost,
+                                               int budget_heads, bool split_tiles) {
+  PersistentOrder best{1, false};
+  long long least = -1;
+  for (int heads : {1, budget_heads})
+    for (int rotate = 0; rotate <= int(split_tiles) && (heads == 1 || budget_heads > 1); ++rotate) {
+      const long long busiest = persistent_busiest(tiles, grid, cost, heads, rotate != 0);
+      if (least < 0 || busiest * 50 < least * 49) least = busiest, best = {heads, rotate != 0};
+    }
+  return best;
 }
 
 // On the grid of one CTA per causal tile the hardware hands tiles to SMs in list order. Head by head, the last

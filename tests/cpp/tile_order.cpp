@@ -3,7 +3,7 @@
 // first with the section's heads in turn; one head per section is the plain head-by-head list. And
 // the section sizes: fwd_section_heads (the largest divisor of the head count whose K/V fit the section budget)
 // and bwd_causal_section_heads (the causal backward heavy first, within its dQ budget). And the persistent grid's two
-// orders of the split tier (persistent_busiest, causal_split_costs). Needs no GPU.
+// orders under a causal mask (persistent_busiest, causal_tile_costs). Needs no GPU.
 #include <cstdio>
 #include <vector>
 
@@ -85,19 +85,42 @@ int main() {
   const std::vector<long long> even(5, 3);
   for (bool rotate : {false, true})
     for (long long tiles : {1ll, 131ll, 132ll, 133ll, 1000ll})
-      expect(dhp::kernels::persistent_busiest(tiles, 132, even, rotate) == (tiles + 131) / 132 * 3, "equal costs",
+      expect(dhp::kernels::persistent_busiest(tiles, 132, even, 1, rotate) == (tiles + 131) / 132 * 3, "equal costs",
              tiles, rotate, 0);
-  const std::vector<long long> d64_4096 = dhp::kernels::causal_split_costs(4096, 4096, 192, 128, 3);
+  const std::vector<long long> d64_4096 = dhp::kernels::causal_tile_costs(4096, 4096, 192, 128, 3, true);
   expect(d64_4096.size() == 22 && d64_4096[0] == 12 && d64_4096[1] == 33 && d64_4096[21] == 3, "causal split costs",
          (long long)d64_4096.size(), d64_4096[0], d64_4096[21]);
   const long long orders[][4] = {{32, 4096, 111, 174}, {128, 4096, 407, 385}, {48, 2368, 69, 63}};
   for (const auto& [heads, seqlen, snake, rotation] : orders) {
-    const std::vector<long long> cost = dhp::kernels::causal_split_costs(seqlen, seqlen, 192, 128, 3);
+    const std::vector<long long> cost = dhp::kernels::causal_tile_costs(seqlen, seqlen, 192, 128, 3, true);
     const long long tiles = heads * (long long)cost.size();
-    expect(dhp::kernels::persistent_busiest(tiles, 132, cost, false) == snake, "the snake's busiest CTA", heads, seqlen,
-           dhp::kernels::persistent_busiest(tiles, 132, cost, false));
-    expect(dhp::kernels::persistent_busiest(tiles, 132, cost, true) == rotation, "the rotation's busiest CTA", heads,
-           seqlen, dhp::kernels::persistent_busiest(tiles, 132, cost, true));
+    expect(dhp::kernels::persistent_busiest(tiles, 132, cost, 1, false) == snake, "the snake's busiest CTA", heads, seqlen,
+           dhp::kernels::persistent_busiest(tiles, 132, cost, 1, false));
+    expect(dhp::kernels::persistent_busiest(tiles, 132, cost, 1, true) == rotation, "the rotation's busiest CTA", heads,
+           seqlen, dhp::kernels::persistent_busiest(tiles, 132, cost, 1, true));
+  }
+  // The orders test_forward's test_causal_persistent_orders runs (16 MB sections: 1 MB of K/V a head at head_dim 64 and
+  // 4096 keys, 2 MB at 128, 2.3 MB at 256 and 2368 keys).
+  struct OrderCase {
+    long long seqlen, heads;
+    int block_m, block_n, consumers, budget_heads;
+    bool split;
+    dhp::kernels::PersistentOrder order;
+  };
+  const OrderCase order_cases[] = {
+      {4096, 32, 192, 128, 3, 16, true, {1, false}},  {2368, 48, 192, 128, 3, 16, true, {1, true}},
+      {3520, 16, 192, 128, 3, 16, true, {16, false}}, {4096, 64, 128, 128, 2, 8, false, {1, false}},
+      {4096, 8, 128, 128, 2, 8, false, {8, false}},   {4096, 32, 128, 80, 2, 4, false, {1, false}},
+      {2368, 64, 128, 80, 2, 4, false, {4, false}},
+  };
+  for (const OrderCase& o : order_cases) {
+    const std::vector<long long> cost =
+        dhp::kernels::causal_tile_costs(o.seqlen, o.seqlen, o.block_m, o.block_n, o.consumers, o.split);
+    const long long tiles = o.heads * (long long)cost.size();
+    const dhp::kernels::PersistentOrder got = dhp::kernels::persistent_causal_order(
+        tiles, int(tiles < 132 ? tiles : 132), cost, o.budget_heads, o.split);
+    expect(got.section_heads == o.order.section_heads && got.rotate == o.order.rotate, "persistent_causal_order",
+           o.seqlen, o.heads, got.section_heads * 2 + got.rotate);
   }
   std::printf("tile_order: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
