@@ -71,13 +71,13 @@ constexpr int fwd_key_split_tier(int head_dim, bool causal) { return fwd_split_m
 constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_key_split_tier(head_dim, causal) + 1; }
 
 // Key splits (the key-split tier): where seqlen_q fits one query tile (decoding, short chunks of queries against a
-// long cache), the tile's keys are split over up to kKeySplitMaxCtas CTAs of a cluster, each taking at least
-// kKeySplitMinBlocks 128-key blocks: a grid of (batch x heads_q) CTAs would leave most SMs idle. The tier also packs
-// the query heads of a K/V head into a tile's rows (fwd_key_split_pack; attention_fwd.cuh, pos). The CTAs a tile
-// gets are bounded by a wave: a sequence's tiles, each a cluster, must all run at once (kKeySplitWaves), so a
-// sequence of many tiles (MHA, 128 queries of GQA) takes smaller clusters rather than waves with a tail. A function
-// of seqlen_q, seqlen_k and the head counts, never of the batch: a sequence's bits do not depend on what else is in
-// the batch. H100, bf16, 2026-11-27 (bench/results/2026-11-27-h100-fwd-key-splits.txt), head_dim 128, GQA 32/8, seqlen_q 1, against main: batch 1 at
+// long cache), the tile's keys are split into up to kKeySplitMaxCtas runs of at least kKeySplitMinBlocks 128-key
+// blocks, on the CTAs of a cluster (one run a CTA, or several: fwd_key_split_runs): a grid of (batch x heads_q) CTAs
+// would leave most SMs idle. The tier also packs the query heads of a K/V head into a tile's rows
+// (fwd_key_split_pack; attention_fwd.cuh, pos). The runs a tile gets are bounded by a wave: a sequence's tiles, each
+// a cluster of a run a CTA, must all run at once (kKeySplitWaves), so a sequence of many tiles (MHA, 128 queries of
+// GQA) takes fewer runs rather than waves with a tail. A function of seqlen_q, seqlen_k and the head counts, never of
+// the batch: a sequence's bits do not depend on what else is in the batch. H100, bf16, 2026-11-27 (bench/results/2026-11-27-h100-fwd-key-splits.txt), head_dim 128, GQA 32/8, seqlen_q 1, against main: batch 1 at
 // 4k / 16k / 64k keys 50.6 / 181 / 682 -> 21.5 / 41.3 / 110 us (cuDNN 18.4 / 39.6 / 106), batch 8 at 8k 192 -> 129
 // (cuDNN 106), MHA 32 heads 16k 187 -> 129; seqlen_q 16 / 128 at 8k 95 / 96 -> 31 / 83. Four blocks a CTA and no
 // packing lost at batch 8 (192 -> 462 us: each query head streamed its K/V again). Its split tile (64 packed rows or
