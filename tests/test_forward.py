@@ -47,9 +47,11 @@ def tier_of(info, head_dim, causal, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
 def first_block_unseen(tile, seqlen_q, seqlen_k):
     """Whether some warpgroup of some query tile skips its tile's first key block (attention_fwd.cuh, block_unseen):
     causal, none of its 64 rows sees a key of it. The kernel's rule, on shapes alone; a split tier's last query tile
-    takes the split path instead."""
+    takes the split path instead (a query tile of at most split_rows rows: the last)."""
     block_m, block_n = tile["block_m"], tile["block_n"]
-    for m_block in range(-(-seqlen_q // block_m) - (1 if tile["split_tile"] else 0)):
+    for m_block in range(-(-seqlen_q // block_m)):
+        if tile["split_tile"] and m_block * block_m + tile["split_rows"] >= seqlen_q:
+            continue
         last_col = (m_block + 1) * block_m - 1 + seqlen_k - seqlen_q
         n_blocks = 0 if last_col < 0 else min(-(-seqlen_k // block_n), last_col // block_n + 1)
         for consumer in range(tile["consumer_warpgroups"] - 1):
@@ -102,7 +104,7 @@ def test_seqlens_reach_every_split_tier(ext):
 def test_seqlens_reach_every_key_split_tier(ext):
     """Each key-split tier runs on SEQLENS with two CTAs a tile and with the most, with a partial last key block, and
     (under a causal mask) with seqlen_q > 1; HEADS pack 1, 2 and 8 query heads into its tiles' rows; and with a last
-    query tile of at most 64 packed rows (where split_tile, its warpgroups split the key blocks) and of more."""
+    query tile of at most split_rows packed rows (its warpgroups split the key blocks) and of more."""
     info = dhp.build_info()
     for tile in (t for t in info["forward_tiles"] if t["key_splits"]):
         family = (tile["head_dim"], tile["causal"])
@@ -110,7 +112,8 @@ def test_seqlens_reach_every_key_split_tier(ext):
         runs = {key_split_runs(info, q, k) for q, k in reached}
         assert {2, info["key_split_max_ctas"]} <= runs, (tile, reached)
         assert any(k % 128 for _, k in reached) and any(q > 1 for q, _ in reached), (tile, reached)
-        assert any(q <= 64 for q, _ in reached) and any(q > 64 for q, _ in reached), (tile, reached)
+        rows = tile["split_rows"]
+        assert tile["split_tile"] and any(q <= rows for q, _ in reached) and any(q > rows for q, _ in reached), tile
     assert {hq // hkv for hq, hkv in HEADS.values()} == {1, 2, 8}
 
 
@@ -196,16 +199,15 @@ KEY_SPLIT_RUNS = [  # (batch, heads_q, heads_kv, seqlen_q, seqlen_k): a batch wh
 
 
 def test_key_split_runs_reach_every_count(ext):
-    """KEY_SPLIT_RUNS give CTAs of head_dim 64 and 128 two, three and four runs of a tile (fwd_key_split_runs), with a
-    CTA left runs short (7500 keys: 7 runs over 3 CTAs), clusters of one CTA (MHA 32 heads: 3 runs) and eight packed
-    rows (GQA 64/8); alone, each of those sequences gives a CTA one run."""
+    """KEY_SPLIT_RUNS give CTAs of every head_dim two, three and four runs of a tile (fwd_key_split_runs), with a CTA
+    left runs short (7500 keys: 7 runs over 3 CTAs), clusters of one CTA (MHA 32 heads: 3 runs) and eight packed rows
+    (GQA 64/8); alone, each of those sequences gives a CTA one run."""
     info = dhp.build_info()
-    for head_dim in (64, 128):
+    for head_dim in (64, 128, 256):
         counts = [key_split_runs_a_cta(info, head_dim, b, q, k, hq, hkv) for b, hq, hkv, q, k in KEY_SPLIT_RUNS]
         assert counts == [4, 2, 3, 3, 4], (head_dim, counts)
         assert all(key_split_runs_a_cta(info, head_dim, 1, q, k, hq, hkv) == 1 for _, hq, hkv, q, k in KEY_SPLIT_RUNS)
     assert key_split_runs(info, 1, 7500, 32, 8) == 7 and key_split_runs(info, 1, 8192, 32, 32) == 3
-    assert info["key_split_max_runs"]["256"] == 1
 
 
 @pytest.mark.parametrize("shape", KEY_SPLIT_RUNS, ids=[f"b{a}_h{b}_{c}_sq{d}_sk{e}" for a, b, c, d, e in KEY_SPLIT_RUNS])

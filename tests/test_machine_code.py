@@ -365,14 +365,27 @@ def test_uniformity_report_pattern():
     assert uniformity_report(sass) == {"_ZN3dhp7kernels20attention_fwd_kernelIiEEvv": (1, 1, 1)}
 
 
+# Head_dim 256's key-split kernels (R235-R237 of 240 registers): ptxas builds the K and V descriptors of the narrow
+# split path's key blocks (decoding) from the shared-memory base in vector registers and fences each block's two wgmma
+# groups with a WARPSYNC; measured (docs/performance.md, "Head_dim 256's narrow tiles split over both warpgroups"), that
+# path is bound by K and V's stream. Those kernels may have that many, no other kernel any.
+KEY_SPLIT_WARPSYNCS = {256: 2}
+
+
 def test_collective_operands_are_warp_uniform():
     """wgmma, TMA and the named barriers take warp-uniform operands. Anything derived from threadIdx.x / 128 is not
     provably uniform to ptxas (it does not assume a 1-D block), so it kept such values in vector registers, moved
     them with R2UR before every use and fenced some uses with WARPSYNC; the kernels read the warpgroup index
-    through __shfl_sync instead. And a wgmma descriptor is encoded once per GEMM and advanced by one add
-    (hopper::advance), not re-encoded per k16 step: encodes stay far below the wgmma count."""
+    through __shfl_sync instead (KEY_SPLIT_WARPSYNCS: the one exception). And a wgmma descriptor is encoded once per
+    GEMM and advanced by one add (hopper::advance), not re-encoded per k16 step: encodes stay far below the wgmma
+    count."""
     report = uniformity_report(cuobjdump("-sass"))
     assert report, "no attention kernel found"
-    for name, (warpsyncs, encodes, wgmmas) in zip(demangle(list(report)), report.values()):
-        assert warpsyncs == 0, f"{name}: {warpsyncs} WARPSYNC (an operand not provably warp-uniform)"
+    tiles = build_info()["forward_tiles"]
+    for (mangled, (warpsyncs, encodes, wgmmas)), name in zip(report.items(), demangle(list(report))):
+        m = FWD_KERNEL.search(mangled)
+        tier = m and next(t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) ==
+                          (int(m.group(1)), m.group(2) == "1", int(m.group(3))))
+        allowed = KEY_SPLIT_WARPSYNCS.get(tier["head_dim"], 0) if tier and tier["key_splits"] else 0
+        assert warpsyncs <= allowed, f"{name}: {warpsyncs} WARPSYNC (an operand not provably warp-uniform)"
         assert encodes * 4 <= wgmmas, f"{name}: {encodes} descriptor encodes for {wgmmas} wgmmas"

@@ -52,12 +52,13 @@ def test_version_and_build_info(ext):
 def test_build_info_lists_the_forward_tiles(ext):
     """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier, one
     split tier (the main tier's tiles with split_tile, up to max_seqlen_q) and one key-split tier (128-row tiles with
-    key_splits, up to max_seqlen_q; split tiles too where shared memory allows)."""
+    key_splits, up to max_seqlen_q; split tiles of 64 rows, or of "key_split_narrow_rows" where shared memory holds no
+    more)."""
     info = dhp.build_info()
     tiles = info["forward_tiles"]
     keys = {"head_dim", "causal", "tier", "max_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages", "q_buffers",
             "consumer_warpgroups", "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes",
-            "masked_loop", "split_tile", "key_splits"}
+            "masked_loop", "split_tile", "split_rows", "key_splits"}
     assert tiles and all(set(t) == keys for t in tiles)
     for head_dim in info["head_dims"]:
         for causal in (False, True):
@@ -67,11 +68,15 @@ def test_build_info_lists_the_forward_tiles(ext):
             assert len(main) == 1 and not main[0]["split_tile"], family
             split = [t for t in family if t["split_tile"] and not t["key_splits"]]
             assert all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in split) and len(split) <= 1
-            assert all({**t, "tier": 0, "max_seqlen_q": None, "split_tile": False} == main[0] for t in split), family
+            assert all({**t, "tier": 0, "max_seqlen_q": None, "split_tile": False, "split_rows": None} == main[0]
+                       for t in split), family
+            assert all(t["split_rows"] == 64 for t in split) and all(t["split_rows"] is None for t in family
+                                                                     if not t["split_tile"]), family
             keys_split = [t for t in family if t["key_splits"]]
             assert len(keys_split) <= 1 and all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in keys_split)
             assert all((t["block_m"], t["consumer_warpgroups"], t["o_stage_boxes"], 128 % t["block_n"]) == (128, 2, 0, 0)
-                       and t["split_tile"] == (head_dim <= 128) for t in keys_split), family
+                       and t["split_tile"] for t in keys_split), family
+            assert all(t["split_rows"] in (64, info["key_split_narrow_rows"]) for t in keys_split), family
             assert all((t["max_seqlen_q"] is None) == (not t["split_tile"] and not t["key_splits"]) for t in family)
             assert len(family) <= 4 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
             assert all(t["block_m"] == 64 * t["consumer_warpgroups"] and t["block_n"] % 16 == 0 for t in family)

@@ -53,7 +53,7 @@ DHP_API const char* dhp_version(void);
  * seqlen_k; else the short-key tier's limit, which takes precedence up to it), "max_seqlen_q" (null; else the split
  * tier's limit: up to it, a seqlen_q whose last query tile holds at most 64 rows takes that tier where the main tier
  * would run; for the key-split tier, the seqlen_q up to which it runs), "block_m", "block_n", "stages", "q_buffers",
- * "consumer_warpgroups", "split_tile", "key_splits", ...}.
+ * "consumer_warpgroups", "split_tile", "split_rows" (null; else the most rows of a split tile), "key_splits", ...}.
  * Key splits: where seqlen_q is at most the key-split tier's "max_seqlen_q" and seqlen_k spans at least
  * 2 x "key_split_min_blocks" 128-key blocks, the query heads that share a K/V head are packed into a tile's rows (as
  * many as the largest power of two dividing heads_q / heads_kv, at most 64) and each tile's key blocks are split into

@@ -173,6 +173,10 @@ struct FwdKernel {
   static constexpr bool kSplitTile = kCfg.split_tile;  // split_tile
   static constexpr bool kKeySplit = kCfg.key_splits;   // key_range
   static constexpr int kMaxRuns = kKeySplit ? fwd_key_split_max_runs(HeadDim) : 1;  // runs a CTA (join_key_splits)
+  // A split tile of at most 8 rows (FwdConfig::split_rows) joins its warpgroups through row half 0's partials alone, in
+  // a key split's slot (split_join_slot).
+  static constexpr bool kNarrowSplit = kSplitTile && kCfg.split_rows <= 8;
+  static_assert(!kNarrowSplit || (kKeySplit && kConsumers == 2), "narrow split tiles: key splits' two warpgroups");
   static constexpr int kBoxBytesQ = kWgRows * 128;         // one box of a warpgroup's Q (or O) rows
   static constexpr int kBoxBytesKV = kBlockN * 128;        // one box of a K or V block
   // With a staging buffer of its own, O leaves in passes of kOPassBoxes boxes, and a warpgroup's Q rows are free
@@ -184,7 +188,7 @@ struct FwdKernel {
   static constexpr uint32_t kKVBytes = kCfg.tile_bytes(kBlockN, sizeof(T));
 
   struct alignas(1024) Smem : OStage<kOwnOStage ? kConsumers * kOPassBoxes : 0, kBoxBytesQ>,
-                              SplitPartials<kSplitTile ? kConsumers - 1 : 0, HeadDim / 2>,
+                              SplitPartials<kSplitTile && !kNarrowSplit ? kConsumers - 1 : 0, HeadDim / 2>,
                               KeySplitBarriers<kCfg.key_splits>,
                               KeySplitSlots<kMaxRuns - 1, HeadDim> {
     alignas(1024) uint8_t q[kQBuffers][kConsumers][kBoxes][kBoxBytesQ];  // reused for the O tile in the epilogue
@@ -224,6 +228,12 @@ struct FwdKernel {
     const uint32_t q = static_cast<uint32_t>(__cvta_generic_to_shared(s.q[0][0]));
     if constexpr (kMaxRuns > 1) return run == 0 ? q : static_cast<uint32_t>(__cvta_generic_to_shared(&s.slot[run - 1]));
     return q;
+  }
+  // A narrow split tile's join (kNarrowSplit) of the CTA's run `run`: the second warpgroup's partial goes to the run's
+  // own slot, which takes the joined partial after it (run > 0), or for run 0, the last the CTA takes, over the second
+  // warpgroup's Q rows, which it reads no more.
+  __device__ static uint32_t split_join_slot(Smem& s, int run) {
+    return run == 0 ? static_cast<uint32_t>(__cvta_generic_to_shared(s.q[0][kConsumers - 1])) : run_slot(s, run);
   }
   static constexpr int kSlotMax = int(offsetof(KeySplitSlot<HeadDim>, max));
   static constexpr int kSlotSum = int(offsetof(KeySplitSlot<HeadDim>, sum));
@@ -276,9 +286,13 @@ struct FwdKernel {
   // rows or fewer; with key splits, 64 packed rows or fewer), so every warpgroup takes those rows, against every
   // kConsumers-th of the key blocks, and the first joins their results in warpgroup order. Shapes only: a row's result
   // depends on seqlen_q (and the packing) through it, never on values or on the rest of the batch.
+  // A key-split tile of at most kKeySplitNarrowRows packed rows (join_key_splits); a split tile.
+  __device__ static bool narrow_tile(const FwdKernelParams& p) {
+    return (int64_t(p.seqlen_q) << p.q_pack_shift) <= kKeySplitNarrowRows;
+  }
   __device__ static bool split_tile(const FwdKernelParams& p, int m_block) {
     const int64_t rows = kKeySplit ? int64_t(p.seqlen_q) << p.q_pack_shift : int64_t(p.seqlen_q);
-    return kSplitTile && int64_t(m_block) * kBlockM + kWgRows >= rows;
+    return kSplitTile && int64_t(m_block) * kBlockM + kCfg.split_rows >= rows;
   }
 
   // Position in the K/V ring, counted over all key blocks of all the CTA's tiles.
@@ -420,14 +434,14 @@ struct FwdKernel {
     int tile_count = 0;
     PendingStore pending;
     if constexpr (kMaxRuns > 1) {
-      // One tile, the CTA's runs of it one after another on the same Q, the last first: the producer's blocks run
-      // from the CTA's last key down.
+      // One tile. A narrow one (narrow_tile: a split tile) takes the CTA's runs of it one after another on the same
+      // Q, the last first (the producer's blocks run from the CTA's last key down), in code of its own
+      // (consume_tile's Narrow: the split path alone; with the pipelined path beside it, head_dim 256 spilled).
       const Tile tile = tile_at(p, tile_of_round(p, 0));
-      for (int run = p.split_runs - 1; run >= 0; --run) {
-        const KeyRange keys = run_range(p, tile.m_block, run);
-        pending = consume_tile(p, s, consumer, tile, keys, run, ring, 0, PendingStore{});
-        ring.count += keys.count;
-      }
+      const int last = narrow_tile(p) ? p.split_runs - 1 : 0;
+      const KeyRange keys = run_range(p, tile.m_block, last);
+      pending = narrow_tile(p) ? consume_tile<true>(p, s, consumer, tile, keys, last, ring, 0, PendingStore{})
+                               : consume_tile(p, s, consumer, tile, keys, last, ring, 0, PendingStore{});
     }
     for (int k = 0; kMaxRuns == 1; ++k) {
       const int t = tile_of_round(p, k);
@@ -469,18 +483,16 @@ struct FwdKernel {
   // its own (run_slot) but rank 0's run 0, the last it takes, and rank 0 joins the tile's runs into that one in order.
   // The joins are the same arithmetic on the same partials whatever the runs a CTA: the bits do not depend on
   // split_runs.
-  template <class Softmax>
+  template <bool Narrow, class Softmax>
   __device__ static bool join_key_splits(const FwdKernelParams& p, Smem& s, int consumer, int row, bool split, int run,
                                          float (&acc_o)[HeadDim / 2], Softmax& softmax) {
     using FragO = AccFragment<HeadDim>;
     const int t = threadIdx.x % 128;
     const int threads = split ? 128 : 128 * kConsumers;  // a split tile's other warpgroups are done
     const bool live = row < p.seqlen_q;
-    const bool narrow = kMaxRuns > 1 && (int64_t(p.seqlen_q) << p.q_pack_shift) <= kKeySplitNarrowRows;
-    if (narrow) {
-      if (live && (run > 0 || hopper::cluster_rank() != 0))
-        store_slot(run_slot(s, run) + 4 * t, acc_o, softmax, std::make_integer_sequence<int, HeadDim / 4>{});
-      if (run > 0) return false;  // the CTA's next run
+    if constexpr (Narrow) {
+      if (live && hopper::cluster_rank() != 0)  // runs 1.. are in their slots (consume_tile)
+        store_slot(run_slot(s, 0) + 4 * t, acc_o, softmax, std::make_integer_sequence<int, HeadDim / 4>{});
     } else {
       hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every K/V block has been read
       KeySplitPartials& part = *reinterpret_cast<KeySplitPartials*>(s.q);
@@ -506,10 +518,10 @@ struct FwdKernel {
     hopper::mbarrier_wait_cluster(&s.split_ready, 0);
     // The tile's run r: CTA `rank`'s run `run` (a tile that is not narrow has a run a CTA).
     for (int r = 1, rank = 0, run = 0; live && r < p.split_count; ++r) {
-      if (++run == (kMaxRuns > 1 ? p.split_runs : 1)) run = 0, ++rank;
+      if (++run == (Narrow ? p.split_runs : 1)) run = 0, ++rank;
       float other_max[2], other_sum[2];
       uint32_t peer_o;
-      if (narrow) {
+      if constexpr (Narrow) {
         peer_o = hopper::map_to_rank(run_slot(s, run) + 4 * t, uint32_t(rank));
         other_max[0] = other_max[1] = hopper::load_peer_f32<kSlotMax>(peer_o);
         other_sum[0] = other_sum[1] = hopper::load_peer_f32<kSlotSum>(peer_o);
@@ -527,10 +539,7 @@ struct FwdKernel {
       }
       float mine[2], theirs[2];
       softmax.join(other_max, other_sum, mine, theirs);
-      if (narrow)
-        join_peer_o<true>(acc_o, peer_o, mine, theirs, std::make_integer_sequence<int, HeadDim / 4>{});
-      else
-        join_peer_o<false>(acc_o, peer_o, mine, theirs, std::make_integer_sequence<int, HeadDim / 2>{});
+      join_peer_o<Narrow>(acc_o, peer_o, mine, theirs, std::make_integer_sequence<int, HeadDim / (Narrow ? 4 : 2)>{});
     }
     hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), threads);  // every peer's partials have been read
     if (threadIdx.x == 128)
@@ -543,6 +552,10 @@ struct FwdKernel {
   // ring from `ring` on), then the epilogue, which frees the Q buffer for the producer (at once, or under the
   // next tile's first QK^T: the returned PendingStore, kDeferStoreWait). `previous` is the last tile's. With key
   // splits, one of the CTA's runs (`run`, keys) of the tile, of which the last joins them.
+  // Narrow: a narrow key-split tile (narrow_tile), a split tile: the CTA's runs `run` (keys) down to 0, each run's
+  // partial but run 0's left in its slot (run_slot) for join_key_splits. The loop over runs stays inside the split
+  // path: around the whole of consume_tile, ptxas kept the ring's position in vector registers (WARPSYNC).
+  template <bool Narrow = false>
   __device__ static PendingStore consume_tile(const FwdKernelParams& p, Smem& s, int consumer, const Tile& tile,
                                               KeyRange keys, int run, RingPos ring, int tile_count,
                                               PendingStore previous) {
@@ -551,7 +564,7 @@ struct FwdKernel {
     const int t = threadIdx.x % 128;
     const int lane = t % 32;
     int n_blocks = keys.count, key_end = keys.end;  // the blocks run from key_end - 1 down
-    const bool split = split_tile(p, tile.m_block);
+    const bool split = Narrow || (!kNarrowSplit && split_tile(p, tile.m_block));
     const int wg_row0 = tile.m_block * kBlockM + (split ? 0 : consumer * kWgRows);  // a split tile: WG 0's rows
     const int row_in_wg = 16 * (t / 32) + lane / 4;  // row half 0; half 1 is 8 rows below
     const int qb = tile_count % kQBuffers;
@@ -656,49 +669,75 @@ struct FwdKernel {
             hopper::mbarrier_arrive(&s.v_empty[ring.stage()]);
           }
         };
-        const int first = ring.count;
-        for (int it = consumer; it < n_blocks; it += kConsumers) {
-          pass_blocks(first + it);
-          const int stage = ring.stage();
-          hopper::mbarrier_wait(&s.k_full[stage], ring.phase());
-          issue_qk(stage);
-          hopper::wgmma_wait<0>();
-          hopper::fence_registers(acc_s);
-          hopper::mbarrier_arrive(&s.k_empty[stage]);
-          float rescale[2];
-          mask_and_softmax(key_end - 1 - it, rescale, AllCols{});
-          rescale_o(rescale);
-          pack_p();
-          hopper::mbarrier_wait(&s.v_full[stage], ring.phase());
-          issue_pv(stage);
-          retire_pv(stage);
-          ++ring.count;
-        }
-        pass_blocks(first + n_blocks);
-        // The join: warpgroups 1.. leave O, the row maxima and sums in shared memory; warpgroup 0 takes them in order.
-        if (consumer > 0) {
-#pragma unroll
-          for (int i = 0; i < FragO::kRegs; ++i) s.split_o[consumer - 1][i][t] = acc_o[i];
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            s.split_max[consumer - 1][h][t] = softmax.row_max[h];
-            s.split_sum[consumer - 1][h][t] = softmax.row_sum[h];
+        for (;; --run) {
+          const int first = ring.count;
+          for (int it = consumer; it < n_blocks; it += kConsumers) {
+            pass_blocks(first + it);
+            const int stage = ring.stage();
+            hopper::mbarrier_wait(&s.k_full[stage], ring.phase());
+            issue_qk(stage);
+            hopper::wgmma_wait<0>();
+            hopper::fence_registers(acc_s);
+            hopper::mbarrier_arrive(&s.k_empty[stage]);
+            float rescale[2];
+            mask_and_softmax(key_end - 1 - it, rescale, AllCols{});
+            rescale_o(rescale);
+            pack_p();
+            hopper::mbarrier_wait(&s.v_full[stage], ring.phase());
+            issue_pv(stage);
+            retire_pv(stage);
+            ++ring.count;
           }
-        }
-        hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), 128 * kConsumers);
-        if (consumer == 0) {
+          pass_blocks(first + n_blocks);
+          // The join: warpgroups 1.. leave O, the row maxima and sums in shared memory; warpgroup 0 takes them in
+          // order. With narrow partials (kNarrowSplit) the first warp's row half 0 alone, the tile's only rows.
+          if constexpr (kNarrowSplit) {
+            if (consumer > 0 && t < 32)
+              store_slot(split_join_slot(s, run) + 4 * t, acc_o, softmax,
+                         std::make_integer_sequence<int, HeadDim / 4>{});
+          } else if (consumer > 0) {
 #pragma unroll
-          for (int w = 0; w < kConsumers - 1; ++w) {
-            const float other_max[2] = {s.split_max[w][0][t], s.split_max[w][1][t]};
-            const float other_sum[2] = {s.split_sum[w][0][t], s.split_sum[w][1][t]};
-            float mine[2], theirs[2];
-            softmax.join(other_max, other_sum, mine, theirs);
+            for (int i = 0; i < FragO::kRegs; ++i) s.split_o[consumer - 1][i][t] = acc_o[i];
 #pragma unroll
-            for (int i = 0; i < FragO::kRegs; ++i)
-              acc_o[i] = fmaf(s.split_o[w][i][t], theirs[FragO::row_half(i)], acc_o[i] * mine[FragO::row_half(i)]);
+            for (int h = 0; h < 2; ++h) {
+              s.split_max[consumer - 1][h][t] = softmax.row_max[h];
+              s.split_sum[consumer - 1][h][t] = softmax.row_sum[h];
+            }
           }
+          hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), 128 * kConsumers);
+          if (consumer == 0 && (!kNarrowSplit || t < 32)) {
+#pragma unroll
+            for (int w = 0; w < kConsumers - 1; ++w) {
+              float mine[2], theirs[2];
+              if constexpr (kNarrowSplit) {
+                const uint32_t slot = hopper::map_to_rank(split_join_slot(s, run) + 4 * t, hopper::cluster_rank());
+                const float other_max[2] = {hopper::load_peer_f32<kSlotMax>(slot),
+                                            hopper::load_peer_f32<kSlotMax>(slot)};
+                const float other_sum[2] = {hopper::load_peer_f32<kSlotSum>(slot),
+                                            hopper::load_peer_f32<kSlotSum>(slot)};
+                softmax.join(other_max, other_sum, mine, theirs);
+                join_peer_o<true>(acc_o, slot, mine, theirs, std::make_integer_sequence<int, HeadDim / 4>{});
+              } else {
+                const float other_max[2] = {s.split_max[w][0][t], s.split_max[w][1][t]};
+                const float other_sum[2] = {s.split_sum[w][0][t], s.split_sum[w][1][t]};
+                softmax.join(other_max, other_sum, mine, theirs);
+#pragma unroll
+                for (int i = 0; i < FragO::kRegs; ++i)
+                  acc_o[i] = fmaf(s.split_o[w][i][t], theirs[FragO::row_half(i)], acc_o[i] * mine[FragO::row_half(i)]);
+              }
+            }
+          }
+          hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), 128 * kConsumers);  // read before the next split tile
+          if (!Narrow || run == 0) break;
+          // The run's partial to its slot (the tile's rows: row half 0 of the first warp), and the CTA's next run.
+          if (consumer == 0 && pos(p, wg_row0 + row_in_wg) < p.seqlen_q)
+            store_slot(run_slot(s, run) + 4 * t, acc_o, softmax, std::make_integer_sequence<int, HeadDim / 4>{});
+          keys = run_range(p, tile.m_block, run - 1);
+          n_blocks = keys.count, key_end = keys.end;
+#pragma unroll
+          for (int i = 0; i < HeadDim / 2; ++i) acc_o[i] = 0.f;
+          softmax = OnlineSoftmax<kCfg.softmax_chains>(p.scale_log2);
         }
-        hopper::named_barrier_sync(int(FwdBarrier::kSplitJoin), 128 * kConsumers);  // read before the next split tile
         if (consumer > 0) return PendingStore{qb, false};  // its rows are past seqlen_q: nothing to store
       }
     } else if (n_blocks > 0) {
@@ -798,7 +837,7 @@ struct FwdKernel {
     }
 
     if constexpr (kKeySplit) {
-      if (!join_key_splits(p, s, consumer, int(pos(p, wg_row0 + row_in_wg)), split, run, acc_o, softmax))
+      if (!join_key_splits<Narrow>(p, s, consumer, int(pos(p, wg_row0 + row_in_wg)), split, run, acc_o, softmax))
         return PendingStore{};  // rank 0 stores the tile
     }
     float inv_sum[2], lse[2];

@@ -32,6 +32,8 @@ struct FwdConfig {
   bool key_splits;          // a tile's key blocks are split over the CTAs of a cluster, each with a softmax and O of its
                             // own, joined in rank order through distributed shared memory (attention_fwd.cuh,
                             // key_range): one CTA per (tile, split), for few query tiles against many keys
+  int split_rows = 64;      // split_tile: the most rows a split tile holds; 8 (row half 0 of the first warp) keeps the
+                            // warpgroups' partials to that half (KeySplitSlot): 8 KB where 64 rows take 66 KB
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -136,12 +138,11 @@ constexpr int fwd_key_split_clusters(int ctas) {
 // as its clusters' blocks at kKeySplitStreamCtas CTAs' speed, whichever is longer, plus kKeySplitWaveBlocks of start;
 // on a tie, the CTAs all as busy (batch 4 at 16k keys: 3, 3 and 2 runs took 113 us, 4 and 4 took 107), then the fewer
 // runs a CTA.
-// Head_dim 256's key-split kernel has no registers left for the loop over runs (ptxas spilled): one run a CTA.
 constexpr int kKeySplitMaxRuns = 4;
 constexpr int kKeySplitNarrowRows = 8;
 constexpr int kKeySplitStreamCtas = 64;
 constexpr int kKeySplitWaveBlocks = 2;
-constexpr int fwd_key_split_max_runs(int head_dim) { return head_dim <= 128 ? kKeySplitMaxRuns : 1; }
+constexpr int fwd_key_split_max_runs(int) { return kKeySplitMaxRuns; }
 constexpr int fwd_key_split_runs(int head_dim, KeySplits splits, long long tiles, long long packed_rows) {
   if (packed_rows > kKeySplitNarrowRows) return 1;
   const long long tile_blocks = (long long)splits.runs * splits.blocks;
@@ -234,10 +235,10 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // key_splits: the short tier's tile, one Q buffer (a CTA has one tile), O through the Q rows; the partial results
   // take the Q and K/V memory of the CTAs that do not store once every key block has been read. With split_tile a tile
   // of at most 64 packed rows (decoding) runs them on both warpgroups, each over every second key block, instead of
-  // one over padding; head_dim 256 has no shared memory left for the split tile's partials (64-key blocks, 192 KB).
+  // one over padding; head_dim 256 (64-key blocks, 192 KB) has shared memory left for a split tile of 8 rows alone.
   if (key_split)
     return FwdConfig{head_dim, kKeySplitTileRows, head_dim == 256 ? 64 : 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop,
-                     head_dim <= 128, true};
+                     true, true, head_dim == 256 ? kKeySplitNarrowRows : 64};
   if (head_dim == 64)
     return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false}
                       : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split, false};

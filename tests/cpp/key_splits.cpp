@@ -92,7 +92,7 @@ int main() {
   expect(fwd_key_split_tiles(128, 32, 8) == 32 && fwd_key_split_tiles(1, 32, 8) == 8, "tiles of a sequence", 32, 8, 0);
   // Runs a CTA, decoding GQA 32/8 (8 runs at 8k and 16k keys, 7 at 7500, 4 at 4k): one sequence 1; a batch of 8 at
   // 8k 4 (64 tiles in clusters of 2, one wave), at 4k 2; 2 sequences at 8k 2; 4 at 16k 4 (a tie with 3, 3 and 2); 4 at
-  // 7500 3 (3, 3 and 1); head_dim 256 and 16 queries 1.
+  // 7500 3 (3, 3 and 1); 16 queries 1; head_dim 256 as the others (GQA 16/8 at 8k keys: batch 2 2, batch 8 4).
   expect(runs_a_cta(128, 1, 8192, 32, 8, 1) == 1 && runs_a_cta(128, 1, 8192, 32, 8, 8) == 4, "8k keys: 1, batch 8: 4",
          1, 8, 0);
   expect(runs_a_cta(128, 1, 4096, 32, 8, 8) == 2 && runs_a_cta(64, 1, 4096, 32, 8, 8) == 2, "4k keys, batch 8: 2",
@@ -100,8 +100,9 @@ int main() {
   expect(runs_a_cta(128, 1, 8192, 32, 8, 2) == 2 && runs_a_cta(128, 1, 16384, 32, 8, 4) == 4, "batch 2 at 8k, 4 at 16k",
          2, 4, 0);
   expect(runs_a_cta(128, 1, 7500, 32, 8, 4) == 3, "batch 4 at 7500 keys: 3 runs a CTA, the last CTA's 1", 4, 7500, 0);
-  expect(runs_a_cta(256, 1, 8192, 16, 8, 8) == 1 && runs_a_cta(128, 16, 8192, 32, 8, 8) == 1,
-         "head_dim 256, 64 packed rows: 1", 256, 16, 0);
+  expect(runs_a_cta(256, 1, 8192, 16, 8, 2) == 2 && runs_a_cta(256, 1, 8192, 16, 8, 8) == 4,
+         "head_dim 256 at 8k keys, batch 2: 2, batch 8: 4", 2, 8, 0);
+  expect(runs_a_cta(128, 16, 8192, 32, 8, 8) == 1, "64 packed rows: 1", 128, 16, 0);
   // (heads_q, heads_kv, packed): the largest power of two dividing the group, at most 64.
   const int packs[][3] = {{32, 32, 1}, {32, 8, 4}, {8, 1, 8}, {12, 2, 2}, {6, 2, 1}, {96, 1, 32}, {128, 1, 64},
                           {256, 2, 64}, {40, 8, 1}, {48, 4, 4}};

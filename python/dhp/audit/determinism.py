@@ -49,7 +49,7 @@ import sys
 # "backward_causal_heavy_first_min_group" and "backward_causal_head_halves_min_group". A fourth number is seqlen_k
 # where it differs from seqlen_q: 16 queries against 4500 keys take the forward's key-split tier, and one query of GQA
 # 32/8 against 8200 keys its narrow tiles, whose CTAs take one run of a tile alone, two in the batches of 3 and four in
-# those of 8 ("key_split_max_runs" of head_dim 64 and 128).
+# those of 8 ("key_split_max_runs", every head_dim).
 SHAPES = ((500, 2, 2), (1000, 2, 2), (2100, 2, 2), (2100, 4, 2), (4200, 4, 1), (8300, 1, 1), (1100, 8, 1),
           (16, 8, 2, 4500), (1, 32, 8, 8200))
 POOL = 8  # distinct random sequences to build batches from; the target is sequence 0
