@@ -13,14 +13,17 @@ def key_split_pack(heads_q, heads_kv):
 def key_splits(info, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
     """(runs, 128-key blocks a run) of a tile's key blocks (fwd_config.h, fwd_key_splits; one run: no splits), ignoring
     the head_dim: at most the largest cluster of "key_split_waves" of which the sequence's tiles (packed heads x 128-row
-    tiles) all run at once, at least "key_split_min_blocks" 128-key blocks a run."""
-    blocks, least = -(-seqlen_k // 128), info["key_split_min_blocks"]
+    tiles) all run at once, at least "key_split_min_blocks" 128-key blocks a run ("key_split_narrow_min_blocks" for a
+    tile of at most "key_split_narrow_rows" packed rows), splits from 2 x "key_split_min_blocks" blocks."""
+    blocks = -(-seqlen_k // 128)
     limit = next(t["max_seqlen_q"] for t in info["forward_tiles"] if t["key_splits"])
     pack = key_split_pack(heads_q, heads_kv)
+    narrow = seqlen_q * pack <= info["key_split_narrow_rows"]
+    least = info["key_split_narrow_min_blocks" if narrow else "key_split_min_blocks"]
     tiles = heads_q // pack * -(-seqlen_q * pack // 128)
     wave = next((ctas for ctas, clusters in info["key_split_waves"] if tiles <= clusters), 1)
     wanted = min(blocks // least, wave)
-    if seqlen_q > limit or wanted < 2:
+    if seqlen_q > limit or blocks < 2 * info["key_split_min_blocks"] or wanted < 2:
         return 1, blocks
     per_run = -(-blocks // wanted)
     return -(-blocks // per_run), per_run

@@ -194,20 +194,20 @@ def test_key_split_waves(torch_cuda, dtype_name, head_dim, causal, shape):
 
 
 KEY_SPLIT_RUNS = [  # (batch, heads_q, heads_kv, seqlen_q, seqlen_k): a batch whose CTAs take several runs of a tile
-    (8, 32, 8, 1, 8192), (8, 32, 8, 1, 4000), (4, 32, 8, 1, 7500), (8, 32, 32, 1, 8192), (8, 64, 8, 1, 9000),
+    (8, 32, 8, 1, 8192), (2, 32, 8, 1, 8192), (4, 32, 8, 1, 3584), (8, 32, 32, 1, 8192), (8, 64, 8, 1, 9000),
 ]
 
 
 def test_key_split_runs_reach_every_count(ext):
     """KEY_SPLIT_RUNS give CTAs of every head_dim two, three and four runs of a tile (fwd_key_split_runs), with a CTA
-    left runs short (7500 keys: 7 runs over 3 CTAs), clusters of one CTA (MHA 32 heads: 3 runs) and eight packed rows
+    left runs short (3584 keys: 7 runs over 3 CTAs), clusters of one CTA (MHA 32 heads: 3 runs) and eight packed rows
     (GQA 64/8); alone, each of those sequences gives a CTA one run."""
     info = dhp.build_info()
     for head_dim in (64, 128, 256):
         counts = [key_split_runs_a_cta(info, head_dim, b, q, k, hq, hkv) for b, hq, hkv, q, k in KEY_SPLIT_RUNS]
         assert counts == [4, 2, 3, 3, 4], (head_dim, counts)
         assert all(key_split_runs_a_cta(info, head_dim, 1, q, k, hq, hkv) == 1 for _, hq, hkv, q, k in KEY_SPLIT_RUNS)
-    assert key_split_runs(info, 1, 7500, 32, 8) == 7 and key_split_runs(info, 1, 8192, 32, 32) == 3
+    assert key_split_runs(info, 1, 3584, 32, 8) == 7 and key_split_runs(info, 1, 8192, 32, 32) == 3
 
 
 @pytest.mark.parametrize("shape", KEY_SPLIT_RUNS, ids=[f"b{a}_h{b}_{c}_sq{d}_sk{e}" for a, b, c, d, e in KEY_SPLIT_RUNS])

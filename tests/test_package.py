@@ -88,7 +88,8 @@ def test_build_info_lists_the_forward_tiles(ext):
     assert {t["head_dim"] for t in tiles} == set(info["head_dims"])
     assert info["persistent_causal_max_seqlen_k"] > 0
     assert info["causal_section_bytes"] >= 1 << 20
-    assert info["key_split_min_blocks"] >= 1 and 2 <= info["key_split_max_ctas"] <= 8
+    assert 1 <= info["key_split_narrow_min_blocks"] <= info["key_split_min_blocks"]
+    assert 2 <= info["key_split_max_ctas"] <= 8
     waves = info["key_split_waves"]  # [cluster size, clusters at once]: from the largest cluster down to one CTA
     assert waves[0][0] == info["key_split_max_ctas"] and waves[-1][0] == 1, waves
     assert set(info["key_split_max_runs"]) == {str(d) for d in info["head_dims"]}, info["key_split_max_runs"]

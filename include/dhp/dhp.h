@@ -44,7 +44,7 @@ DHP_API const char* dhp_version(void);
 
 /* How this library was built, as one JSON object: {"version", "cuda", "arch", "dtypes", "head_dims",
  * "backward_head_dims", "forward_tiles", "persistent_causal_max_seqlen_k", "causal_section_bytes",
- * "key_split_min_blocks", "key_split_max_ctas", "key_split_waves", "key_split_max_runs", "key_split_narrow_rows",
+ * "key_split_min_blocks", "key_split_narrow_min_blocks", "key_split_max_ctas", "key_split_waves", "key_split_max_runs", "key_split_narrow_rows",
  * "key_split_stream_ctas", "key_split_wave_blocks",
  * "backward_two_dq_chains_max_seqlen_k", "backward_two_dq_chains_min_seqlen_k", "backward_paired_key_blocks_head_dims",
  * "backward_unpaired_max_seqlen_k", "backward_causal_paired_min_group", "backward_causal_split_walks_over",
@@ -57,7 +57,8 @@ DHP_API const char* dhp_version(void);
  * Key splits: where seqlen_q is at most the key-split tier's "max_seqlen_q" and seqlen_k spans at least
  * 2 x "key_split_min_blocks" 128-key blocks, the query heads that share a K/V head are packed into a tile's rows (as
  * many as the largest power of two dividing heads_q / heads_kv, at most 64) and each tile's key blocks are split into
- * min(blocks / "key_split_min_blocks", c) runs, whose partial results are joined in a fixed order; c is the first
+ * min(blocks / m, c) runs, m = "key_split_narrow_min_blocks" for a tile of at most "key_split_narrow_rows" packed rows
+ * and "key_split_min_blocks" for the others, whose partial results are joined in a fixed order; c is the first
  * cluster size of "key_split_waves" ([cluster size, clusters at once], from "key_split_max_ctas" down) whose clusters
  * at once hold one cluster for each of the sequence's tiles (heads_q / packed heads x tiles of 128 packed rows), else 1
  * (no splits); the runs depend on seqlen_q, seqlen_k and the head counts, never on the batch. A tile's runs go to the

@@ -88,6 +88,14 @@ constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_key_split_tier(h
 constexpr int kKeySplitMaxSeqlenQ = 128;
 constexpr int kKeySplitTileRows = 128;  // the key-split tier's tile (fwd_config)
 constexpr int kKeySplitMinBlocks = 8;
+// A narrow tile (kKeySplitNarrowRows packed rows or fewer: one query of a K/V head's group) takes runs of half that once
+// its keys split at all (2 x kKeySplitMinBlocks blocks), so one sequence's decoding at 2k-8k keys runs on up to twice
+// the CTAs. H100, bf16, 2026-11-27 (bench/results/2026-11-27-h100-fwd-key-split-narrow-runs.txt): one query of GQA
+// 32/8 at 2k / 3k / 4k / 6k keys 17.5 / 18.3 / 19.5 / 23.2 -> 15.0 / 16.9 / 19.2 / 23.4 us (cuDNN 14.9 / 17.3 / 20.1 /
+// 24.1), head_dim 64 and 256 at 4k +7%, batches of 4 and 8 at 4k -1..-1.6%; with 16 queries (64 packed rows) runs of
+// 4 blocks lost 8%: those keep kKeySplitMinBlocks.
+constexpr int kKeySplitNarrowMinBlocks = 4;
+constexpr int kKeySplitNarrowRows = 8;
 constexpr int kKeySplitMaxCtas = 8;  // the portable cluster size
 // Clusters of a key-split kernel (one CTA an SM) that run at once on an H100 SXM (132 SMs), by cluster size:
 // cudaOccupancyMaxActiveClusters, H100 80GB HBM3, 2026-11-27 (7 CTAs: 15 clusters, as 8; 16: 7).
@@ -116,8 +124,11 @@ constexpr KeySplits fwd_key_splits(int head_dim, long long seqlen_q, long long s
   const long long tiles = fwd_key_split_tiles(seqlen_q, heads_q, heads_kv);
   for (const KeySplitWave& w : kKeySplitWaves)
     if (wave == 1 && tiles <= w.clusters) wave = w.ctas;
-  const long long wanted = blocks / kKeySplitMinBlocks < wave ? blocks / kKeySplitMinBlocks : wave;
-  if (head_dim % 64 != 0 || seqlen_q > kKeySplitMaxSeqlenQ || wanted < 2) return {1, int(blocks)};
+  const long long rows = seqlen_q * fwd_key_split_pack(heads_q, heads_kv);
+  const long long least = rows <= kKeySplitNarrowRows ? kKeySplitNarrowMinBlocks : kKeySplitMinBlocks;
+  const long long wanted = blocks / least < wave ? blocks / least : wave;
+  if (head_dim % 64 != 0 || seqlen_q > kKeySplitMaxSeqlenQ || blocks < 2 * kKeySplitMinBlocks || wanted < 2)
+    return {1, int(blocks)};
   const long long per_cta = (blocks + wanted - 1) / wanted;
   return {int((blocks + per_cta - 1) / per_cta), int(per_cta)};  // no run without a block
 }
@@ -139,7 +150,6 @@ constexpr int fwd_key_split_clusters(int ctas) {
 // on a tie, the CTAs all as busy (batch 4 at 16k keys: 3, 3 and 2 runs took 113 us, 4 and 4 took 107), then the fewer
 // runs a CTA.
 constexpr int kKeySplitMaxRuns = 4;
-constexpr int kKeySplitNarrowRows = 8;
 constexpr int kKeySplitStreamCtas = 64;
 constexpr int kKeySplitWaveBlocks = 2;
 constexpr int fwd_key_split_max_runs(int) { return kKeySplitMaxRuns; }

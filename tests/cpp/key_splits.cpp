@@ -1,6 +1,7 @@
 // The forward's key-split rule (src/kernels/fwd_config.h: fwd_key_splits, fwd_key_split_pack, fwd_key_split_runs) on
 // the host: which shapes split, into how many runs of how many 128-key blocks, how many query heads a tile packs, and
 // how many runs a CTA takes. Needs no GPU.
+#include <algorithm>
 #include <cstdio>
 
 #include "kernels/fwd_config.h"
@@ -29,13 +30,16 @@ void check_splits(int head_dim, long long seqlen_q, long long seqlen_k, int head
   expect(s.runs <= kKeySplitMaxCtas, "at most a portable cluster", seqlen_q, seqlen_k, s.runs);
   // A cluster of a run a CTA for each of the sequence's tiles runs at once: the wave's cluster size bounds the runs.
   expect(s.runs <= wave, "at most the wave's cluster", tiles, s.runs, wave);
-  expect(s.blocks >= kKeySplitMinBlocks, "at least the minimum run", seqlen_q, seqlen_k, s.blocks);
+  const bool narrow = seqlen_q * fwd_key_split_pack(heads_q, heads_kv) <= kKeySplitNarrowRows;
+  expect(s.blocks >= (narrow ? kKeySplitNarrowMinBlocks : kKeySplitMinBlocks), "at least the minimum run", seqlen_q,
+         seqlen_k, s.blocks);
   expect(s.runs * (long long)s.blocks >= blocks, "every block taken", seqlen_k, s.runs, s.blocks);
   expect((s.runs - 1) * (long long)s.blocks < blocks, "no run without a block", seqlen_k, s.runs, s.blocks);
-  // As many runs as the minimum run and the wave allow: a longer seqlen_k never splits into fewer, more heads never
+  // As many runs as the minimum run and the wave allow, each as long as that many runs need: more heads never split
   // into more.
-  const KeySplits longer = fwd_key_splits(head_dim, seqlen_q, seqlen_k + 128, heads_q, heads_kv);
-  expect(longer.runs >= s.runs, "fewer runs for more keys", seqlen_k, s.runs, longer.runs);
+  const long long wanted = std::min<long long>(blocks / (narrow ? kKeySplitNarrowMinBlocks : kKeySplitMinBlocks), wave);
+  expect(s.blocks == (blocks + wanted - 1) / wanted, "runs as short as the wave and the minimum run allow", seqlen_k,
+         s.runs, s.blocks);
   const KeySplits more_heads = fwd_key_splits(head_dim, seqlen_q, seqlen_k, 2 * heads_q, 2 * heads_kv);
   expect(more_heads.runs <= s.runs, "more runs for more heads", heads_q, s.runs, more_heads.runs);
 }
@@ -76,8 +80,10 @@ int main() {
         }
   expect(fwd_key_splits(128, 1, 16384, 32, 8).runs == kKeySplitMaxCtas, "decoding 16k keys, GQA 32/8: the whole cluster",
          1, 16384, 0);
-  expect(fwd_key_splits(128, 1, 1920, 1, 1).runs == 1 && fwd_key_splits(128, 1, 1921, 1, 1).runs == 2,
-         "first split at 16 blocks", 1920, 1921, 0);
+  expect(fwd_key_splits(128, 1, 1920, 1, 1).runs == 1 && fwd_key_splits(128, 1, 1921, 1, 1).runs == 4,
+         "first split at 16 blocks, a narrow tile's in runs of 4", 1920, 1921, 0);
+  expect(fwd_key_splits(128, 16, 1920, 32, 8).runs == 1 && fwd_key_splits(128, 16, 1921, 32, 8).runs == 2,
+         "first split at 16 blocks, 64 packed rows' in runs of 8", 1920, 1921, 0);
   // The waves: MHA with 16 heads takes clusters of 6, 24 heads of 4, 32 heads of 3, 40 of 2, 72 none; 128 queries of
   // GQA 32/8 pack into 4 tiles a K/V head, 32 in all: clusters of 3.
   expect(fwd_key_splits(128, 1, 16384, 16, 16).runs == 6, "MHA 16 heads: clusters of 6", 16, 16, 0);
@@ -90,16 +96,16 @@ int main() {
          "MHA 16 / 20 heads: clusters of 6 / 5", 16, 20, 0);
   expect(fwd_key_splits(128, 128, 16384, 32, 8).runs == 3, "128 queries, GQA 32/8: clusters of 3", 32, 8, 128);
   expect(fwd_key_split_tiles(128, 32, 8) == 32 && fwd_key_split_tiles(1, 32, 8) == 8, "tiles of a sequence", 32, 8, 0);
-  // Runs a CTA, decoding GQA 32/8 (8 runs at 8k and 16k keys, 7 at 7500, 4 at 4k): one sequence 1; a batch of 8 at
-  // 8k 4 (64 tiles in clusters of 2, one wave), at 4k 2; 2 sequences at 8k 2; 4 at 16k 4 (a tie with 3, 3 and 2); 4 at
-  // 7500 3 (3, 3 and 1); 16 queries 1; head_dim 256 as the others (GQA 16/8 at 8k keys: batch 2 2, batch 8 4).
+  // Runs a CTA, decoding GQA 32/8 (8 runs at 4k-16k keys, 7 at 3584): one sequence 1; a batch of 8 at 8k 4 (64 tiles
+  // in clusters of 2, one wave), at 4k 4; 2 sequences at 8k 2; 4 at 16k 4 (a tie with 3, 3 and 2); 4 at 3584 3 (3, 3
+  // and 1); 16 queries 1; head_dim 256 as the others (GQA 16/8 at 8k keys: batch 2 2, batch 8 4).
   expect(runs_a_cta(128, 1, 8192, 32, 8, 1) == 1 && runs_a_cta(128, 1, 8192, 32, 8, 8) == 4, "8k keys: 1, batch 8: 4",
          1, 8, 0);
-  expect(runs_a_cta(128, 1, 4096, 32, 8, 8) == 2 && runs_a_cta(64, 1, 4096, 32, 8, 8) == 2, "4k keys, batch 8: 2",
+  expect(runs_a_cta(128, 1, 4096, 32, 8, 8) == 4 && runs_a_cta(64, 1, 4096, 32, 8, 8) == 4, "4k keys, batch 8: 4",
          128, 64, 0);
   expect(runs_a_cta(128, 1, 8192, 32, 8, 2) == 2 && runs_a_cta(128, 1, 16384, 32, 8, 4) == 4, "batch 2 at 8k, 4 at 16k",
          2, 4, 0);
-  expect(runs_a_cta(128, 1, 7500, 32, 8, 4) == 3, "batch 4 at 7500 keys: 3 runs a CTA, the last CTA's 1", 4, 7500, 0);
+  expect(runs_a_cta(128, 1, 3584, 32, 8, 4) == 3, "batch 4 at 3584 keys: 3 runs a CTA, the last CTA's 1", 4, 3584, 0);
   expect(runs_a_cta(256, 1, 8192, 16, 8, 2) == 2 && runs_a_cta(256, 1, 8192, 16, 8, 8) == 4,
          "head_dim 256 at 8k keys, batch 2: 2, batch 8: 4", 2, 8, 0);
   expect(runs_a_cta(128, 16, 8192, 32, 8, 8) == 1, "64 packed rows: 1", 128, 16, 0);
