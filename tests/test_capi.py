@@ -94,6 +94,27 @@ def test_capi_ctest(cpp_build):
         assert f"{host_check}: 0 failures" in result.stdout
 
 
+def test_key_split_rule_in_python_matches_the_library(cpp_build, ext):
+    """tests/key_split_rule.py, the key-split rule by which the GPU suites choose their shapes (test_forward,
+    test_audit_dynamic), gives what the library's rule (fwd_config.h) gives on the 20,000 shapes of `key_splits
+    --table`: the runs of a tile, their length and the runs a CTA takes. A mirror that drifted would leave those suites
+    testing other paths than they name."""
+    from dhp import _native
+    from key_split_rule import key_split_runs_a_cta, key_splits
+
+    build, _ = cpp_build
+    result = subprocess.run([str(build / "key_splits"), "--table"], capture_output=True, text=True, check=True)
+    info = _native.build_info()
+    rows = [[int(x) for x in line.split()] for line in result.stdout.splitlines()]
+    assert len(rows) == 20000
+    wrong = [row for row in rows
+             if key_splits(info, *row[1:5]) != (row[6], row[7])
+             or key_split_runs_a_cta(info, row[0], row[5], *row[1:5]) != row[8]]
+    assert not wrong, f"{len(wrong)} shapes differ, e.g. (head_dim seqlen_q seqlen_k heads_q heads_kv batch runs " \
+                      f"blocks runs_a_cta) {wrong[:3]}"
+    assert {row[6] for row in rows} >= {1, 2, 8} and {row[8] for row in rows} >= {1, 2, 3, 4}
+
+
 SKIP_EXIT = 77  # compressible_memory's exit status when this machine cannot run it
 
 

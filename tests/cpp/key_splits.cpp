@@ -3,6 +3,8 @@
 // how many runs a CTA takes. Needs no GPU.
 #include <algorithm>
 #include <cstdio>
+#include <random>
+#include <string_view>
 
 #include "kernels/fwd_config.h"
 
@@ -65,9 +67,30 @@ void check_runs(int head_dim, long long seqlen_q, long long seqlen_k, int heads_
   expect(per_cta == (s.runs + ctas - 1) / ctas, "the runs as even over the CTAs as they allow", s.runs, per_cta, ctas);
 }
 
+// With --table: the rule on 20,000 shapes drawn from a fixed seed, a line each (head_dim seqlen_q seqlen_k heads_q
+// heads_kv batch runs blocks runs_a_cta), for tests/test_capi.py to hold tests/key_split_rule.py, the rule in Python
+// that the GPU suites choose shapes by, to this one.
+void print_table() {
+  std::mt19937 draw(1);
+  const int heads[][2] = {{1, 1}, {32, 8}, {24, 24}, {40, 40}, {72, 72}, {8, 1}, {16, 8}, {64, 8}, {32, 32}, {12, 2}};
+  for (int i = 0; i < 20000; ++i) {
+    const int head_dim = 64 << (draw() % 3);
+    const auto& [heads_q, heads_kv] = heads[draw() % 10];
+    const long long seqlen_q = draw() % 2 ? 1 + draw() % 8 : 1 + draw() % 160, seqlen_k = 1 + draw() % 70000;
+    const long long batch = 1 + draw() % 20;
+    const KeySplits s = fwd_key_splits(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv);
+    std::printf("%d %lld %lld %d %d %lld %d %d %d\n", head_dim, seqlen_q, seqlen_k, heads_q, heads_kv, batch, s.runs,
+                s.blocks, runs_a_cta(head_dim, seqlen_q, seqlen_k, heads_q, heads_kv, batch));
+  }
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc > 1 && std::string_view(argv[1]) == "--table") {
+    print_table();
+    return 0;
+  }
   const int heads[][2] = {{1, 1}, {32, 8}, {24, 24}, {40, 40}, {72, 72}, {8, 1}};
   for (int head_dim : {64, 128, 256})
     for (long long seqlen_q : {1, 2, 16, 64, 127, 128, 129, 1000})
