@@ -637,22 +637,24 @@ const char* build_info_json() {
       for (bool causal : {false, true}) {
         for (int tier = 0; tier < kernels::fwd_tiers(head_dim, causal); ++tier) {
           const kernels::FwdConfig c = kernels::fwd_config(head_dim, causal, tier);
-          char limit[16] = "null", limit_q[16] = "null", split_rows[16] = "null";
+          char limit[16] = "null", limit_q[16] = "null", split_rows[16] = "null", least[16] = "null";
           if (tier == kernels::kTierShortKeys)
             std::snprintf(limit, sizeof limit, "%d", kernels::fwd_short_keys(head_dim, causal));
-          if (tier == kernels::kTierSplitTile)
+          if (tier == kernels::fwd_split_tier(head_dim, causal))
             std::snprintf(limit_q, sizeof limit_q, "%d", kernels::fwd_split_max_seqlen_q(head_dim, causal));
+          if (tier == kernels::fwd_long_tier(head_dim, causal))
+            std::snprintf(least, sizeof least, "%d", kernels::fwd_long_keys(head_dim, causal));
           if (c.key_splits) std::snprintf(limit_q, sizeof limit_q, "%d", kernels::kKeySplitMaxSeqlenQ);
           if (c.split_tile) std::snprintf(split_rows, sizeof split_rows, "%d", c.split_rows);
-          char entry[512];
+          char entry[640];
           std::snprintf(entry, sizeof entry,
                         "%s{\"head_dim\": %d, \"causal\": %s, \"tier\": %d, \"max_seqlen_k\": %s, "
-                        "\"max_seqlen_q\": %s, \"block_m\": %d, "
+                        "\"min_seqlen_k\": %s, \"max_seqlen_q\": %s, \"block_m\": %d, "
                         "\"block_n\": %d, \"stages\": %d, \"q_buffers\": %d, \"consumer_warpgroups\": %d, "
                         "\"softmax_under_pv\": %d, \"softmax_chains\": %d, \"half_first_block\": %s, "
                         "\"o_stage_boxes\": %d, \"masked_loop\": %s, \"split_tile\": %s, \"split_rows\": %s, "
                         "\"key_splits\": %s}",
-                        tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", tier, limit, limit_q,
+                        tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", tier, limit, least, limit_q,
                         c.block_m, c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups, c.softmax_under_pv,
                         c.softmax_chains, c.half_first_block ? "true" : "false", c.o_stage_boxes,
                         c.masked_loop ? "true" : "false", c.split_tile ? "true" : "false", split_rows,

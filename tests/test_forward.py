@@ -22,6 +22,7 @@ SEQLENS = [
     (40, 700), (200, 1200),  # split tiers: one query tile; two, the second split, over 10 key blocks
     (200, 2700), (200, 2304),  # and under a causal mask: 22 and 18 key blocks
     (40, 2300), (1, 4500), (100, 2000), (3, 8300),  # key splits: 2, 4, 2 and 8 CTAs, the last one's blocks fewer
+    (300, 8300),  # long-key tiers: two query tiles, a partial last key block
 ]
 HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 
@@ -29,7 +30,7 @@ HEADS = {"mha": (2, 2), "gqa2": (4, 2), "mqa": (8, 1)}  # (heads_q, heads_kv)
 def tier_of(info, head_dim, causal, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
     """The tier run_forward takes (attention_fwd.cuh): the key-split tier where it splits, else the short-key tier up
     to its seqlen_k limit, else the split tier up to its seqlen_q limit where the last query tile holds at most 64 rows,
-    else the main tier."""
+    else the long-key tier from its seqlen_k limit, else the main tier."""
     family = [t for t in info["forward_tiles"] if (t["head_dim"], t["causal"]) == (head_dim, causal)]
     for t in family:
         if t["key_splits"] and key_split_runs(info, seqlen_q, seqlen_k, heads_q, heads_kv) > 1:
@@ -41,7 +42,11 @@ def tier_of(info, head_dim, causal, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
         split = t["split_tile"] and not t["key_splits"]
         if split and seqlen_q <= t["max_seqlen_q"] and (seqlen_q - 1) % t["block_m"] < 64:
             return t["tier"]
-    return next(t["tier"] for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None)
+    for t in family:
+        if t["min_seqlen_k"] is not None and seqlen_k >= t["min_seqlen_k"]:
+            return t["tier"]
+    return next(t["tier"] for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None
+                and t["min_seqlen_k"] is None)
 
 
 def first_block_unseen(tile, seqlen_q, seqlen_k):
@@ -98,6 +103,17 @@ def test_seqlens_reach_every_split_tier(ext):
         assert tile["causal"] or {k % tile["block_n"] == 0 for _, k in reached} == {True, False}, (tile, reached)
         blocks = {split_tile_blocks(tile, q, k) % tile["consumer_warpgroups"] for q, k in reached}
         assert blocks == set(range(tile["consumer_warpgroups"])), (tile, reached)
+        assert any(tier_of(info, *family, q, k) == 0 for q, k in SEQLENS), tile
+
+
+def test_seqlens_reach_every_long_key_tier(ext):
+    """Each long-key tier runs on SEQLENS with several query tiles and a partial last key block, and its family's main
+    tier on seqlens short of its limit."""
+    info = dhp.build_info()
+    for tile in (t for t in info["forward_tiles"] if t["min_seqlen_k"] is not None):
+        family = (tile["head_dim"], tile["causal"])
+        reached = [(q, k) for q, k in SEQLENS if tier_of(info, *family, q, k) == tile["tier"]]
+        assert any(q > tile["block_m"] and k % tile["block_n"] for q, k in reached), (tile, reached)
         assert any(tier_of(info, *family, q, k) == 0 for q, k in SEQLENS), tile
 
 

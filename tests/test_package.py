@@ -51,12 +51,13 @@ def test_version_and_build_info(ext):
 
 def test_build_info_lists_the_forward_tiles(ext):
     """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier, one
-    split tier (the main tier's tiles with split_tile, up to max_seqlen_q) and one key-split tier (128-row tiles with
-    key_splits, up to max_seqlen_q; split tiles of 64 rows, or of "key_split_narrow_rows" where shared memory holds no
-    more)."""
+    split tier (the main tier's tiles with split_tile, up to max_seqlen_q), one long-key tier (from min_seqlen_k, past
+    the short tier's limit) and one key-split tier (128-row tiles with key_splits, up to max_seqlen_q; split tiles of 64
+    rows, or of "key_split_narrow_rows" where shared memory holds no more)."""
     info = dhp.build_info()
     tiles = info["forward_tiles"]
-    keys = {"head_dim", "causal", "tier", "max_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages", "q_buffers",
+    keys = {"head_dim", "causal", "tier", "max_seqlen_k", "min_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages",
+            "q_buffers",
             "consumer_warpgroups", "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes",
             "masked_loop", "split_tile", "split_rows", "key_splits"}
     assert tiles and all(set(t) == keys for t in tiles)
@@ -64,8 +65,13 @@ def test_build_info_lists_the_forward_tiles(ext):
         for causal in (False, True):
             family = [t for t in tiles if t["head_dim"] == head_dim and t["causal"] == causal]
             assert [t["tier"] for t in family] == list(range(len(family))), family
-            main = [t for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None]
+            main = [t for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None and
+                    t["min_seqlen_k"] is None]
             assert len(main) == 1 and not main[0]["split_tile"], family
+            long_keys = [t for t in family if t["min_seqlen_k"] is not None]
+            short = max((t["max_seqlen_k"] for t in family if t["max_seqlen_k"] is not None), default=0)
+            assert len(long_keys) <= 1 and all(t["min_seqlen_k"] > short and t["max_seqlen_k"] is None and
+                                               not t["split_tile"] and not t["key_splits"] for t in long_keys), family
             split = [t for t in family if t["split_tile"] and not t["key_splits"]]
             assert all(t["max_seqlen_q"] > 0 and t["max_seqlen_k"] is None for t in split) and len(split) <= 1
             assert all({**t, "tier": 0, "max_seqlen_q": None, "split_tile": False, "split_rows": None} == main[0]
@@ -78,7 +84,7 @@ def test_build_info_lists_the_forward_tiles(ext):
                        and t["split_tile"] for t in keys_split), family
             assert all(t["split_rows"] in (64, info["key_split_narrow_rows"]) for t in keys_split), family
             assert all((t["max_seqlen_q"] is None) == (not t["split_tile"] and not t["key_splits"]) for t in family)
-            assert len(family) <= 4 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
+            assert len(family) <= 5 and all(t["max_seqlen_k"] is None or t["max_seqlen_k"] > 0 for t in family)
             assert all(t["block_m"] == 64 * t["consumer_warpgroups"] and t["block_n"] % 16 == 0 for t in family)
             assert all(t["stages"] >= 2 for t in family if t["softmax_under_pv"])
             assert all(t["softmax_chains"] in (1, 2, 4, 8) for t in family)

@@ -7,7 +7,7 @@ after changing SHAPES; tests/test_generated.py checks that the committed file is
 from pathlib import Path
 
 # (operand A source, N): "ss" reads A from shared memory, "rs" from registers. B is always in shared memory.
-SHAPES = [("ss", 32), ("ss", 64), ("ss", 80), ("ss", 128), ("ss", 160), ("rs", 64), ("rs", 128), ("rs", 256)]
+SHAPES = [("ss", 32), ("ss", 64), ("ss", 80), ("ss", 128), ("ss", 160), ("ss", 192), ("rs", 64), ("rs", 128), ("rs", 256)]
 TYPES = [("__nv_bfloat16", "bf16"), ("__half", "f16")]
 
 HEADER = """\

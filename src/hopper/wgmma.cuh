@@ -65,6 +65,7 @@ __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t desc_a, uint6
   else if constexpr (N == 80) mma_ss_m64n80k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 128) mma_ss_m64n128k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 160) mma_ss_m64n160k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
+  else if constexpr (N == 192) mma_ss_m64n192k16<T, TransA, TransB>(d, desc_a, desc_b, scale_d);
   else static_assert(N == 64, "no generated wgmma (ss) for this N: add it to tools/gen_wgmma.py");
 }
 

@@ -1069,7 +1069,8 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   return succeed();
 }
 
-// The family's tier (fwd_config.h) by seqlen_k and, for the split tiles and key splits, seqlen_q.
+// The family's tier (fwd_config.h) by seqlen_k and, for the split tiles and key splits, seqlen_q: key splits, short
+// keys, split tile, long keys, else the main tier.
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   if constexpr (fwd_key_split_tier(HeadDim, Causal) >= 0) {
@@ -1080,10 +1081,14 @@ dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
     if (prm.seqlen_k <= fwd_short_keys(HeadDim, Causal))
       return launch_forward_tier<DT, HeadDim, Causal, kTierShortKeys>(prm, stream);
   }
-  if constexpr (fwd_split_max_seqlen_q(HeadDim, Causal) > 0) {
+  if constexpr (fwd_split_tier(HeadDim, Causal) >= 0) {
     constexpr int kRows = fwd_config(HeadDim, Causal, kTierSplitTile).block_m;
     if (prm.seqlen_q <= fwd_split_max_seqlen_q(HeadDim, Causal) && (prm.seqlen_q - 1) % kRows < 64)
       return launch_forward_tier<DT, HeadDim, Causal, kTierSplitTile>(prm, stream);
+  }
+  if constexpr (fwd_long_tier(HeadDim, Causal) >= 0) {
+    if (prm.seqlen_k >= fwd_long_keys(HeadDim, Causal))
+      return launch_forward_tier<DT, HeadDim, Causal, fwd_long_tier(HeadDim, Causal)>(prm, stream);
   }
   return launch_forward_tier<DT, HeadDim, Causal, kTierMain>(prm, stream);
 }

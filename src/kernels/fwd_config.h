@@ -45,7 +45,8 @@ struct FwdConfig {
 // through it (as they do through the key count itself), never on values or on the rest of the batch.
 constexpr int kTierMain = 0;
 constexpr int kTierShortKeys = 1;
-// A third, kTierSplitTile: the main tier's tiles with split_tile, for seqlen_q up to fwd_split_max_seqlen_q(...) > 0
+// Where a family has them (their indices follow on: fwd_split_tier, fwd_long_tier, then fwd_key_split_tier), a
+// split tier, kTierSplitTile: the main tier's tiles with split_tile, for seqlen_q up to fwd_split_max_seqlen_q(...) > 0
 // whose last query tile holds at most 64 rows (fwd_takes_split_tier), a public shape as well. Its kernel is a kernel
 // of its own: with the split tile's code beside it ptxas schedules the main tier's key-block loop differently (nine
 // more uniform-datapath instructions a block, its QK^T descriptors rebuilt between the wgmmas; head_dim 64, 8k keys
@@ -67,9 +68,25 @@ constexpr int fwd_short_keys(int head_dim, bool causal) {
 // +16%, 1000 / 1024 +11..+12%, 4k +3%; at 16k (one tile in 86) it lost 0.7%. Under a causal mask the split tile is the
 // tile with the most key blocks (same file, call s31f): causal 4k +3.9%, 2305 +9.9%, 16k +1.3%.
 constexpr int fwd_split_max_seqlen_q(int head_dim, bool causal) { return head_dim == 64 ? (causal ? 16384 : 4096) : 0; }
+constexpr int fwd_split_tier(int head_dim, bool causal) {
+  return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? kTierSplitTile : -1;
+}
+// A long-key tier (seqlen_k >= fwd_long_keys(...) > 0): wider key blocks where a tile has so many of them that its
+// boundary matters little. Head_dim 128 without a mask on 192-key blocks, which leave room for one Q buffer alone
+// (the next tile's Q loads after the O store): a block costs its latency chain (QK^T wait, softmax, the turn) more
+// than its width, so fewer blocks a tile pay from about 8k keys. H100, bf16, 2026-11-27, against 160-key blocks with
+// two Q buffers (bench/results/2026-11-27-h100-fwd-d128-kb192-ab.txt, two calls with an A/A tree): 8k +1.0 / +2.0%,
+// 12k +1.4%, 24k +2.8%, 32k +3.2%, GQA 32/8 8k / 16k -0.3 / +0.6%, MHA 16k -1.4 / -1.6% (both trees' rounds bimodal);
+// at 4k it lost 2.6% (GQA 32/8 5.5%): 22 blocks a tile and an exposed Q load at each boundary.
+constexpr int fwd_long_keys(int head_dim, bool causal) { return head_dim == 128 && !causal ? 8192 : 0; }
+constexpr int fwd_long_tier(int head_dim, bool causal) {
+  return fwd_long_keys(head_dim, causal) > 0 ? 2 + (fwd_split_tier(head_dim, causal) >= 0) : -1;
+}
 // The last tier of every family, kernels of their own: the short-key tier's tile with its key blocks split over a
 // cluster of CTAs (key_splits), where seqlen_q fits one query tile (fwd_key_splits).
-constexpr int fwd_key_split_tier(int head_dim, bool causal) { return fwd_split_max_seqlen_q(head_dim, causal) > 0 ? 3 : 2; }
+constexpr int fwd_key_split_tier(int head_dim, bool causal) {
+  return 2 + (fwd_split_tier(head_dim, causal) >= 0) + (fwd_long_tier(head_dim, causal) >= 0);
+}
 constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_key_split_tier(head_dim, causal) + 1; }
 
 // Key splits (the key-split tier): where seqlen_q fits one query tile (decoding, short chunks of queries against a
@@ -241,7 +258,7 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // split_tile: in kTierSplitTile alone. Head_dim 64's main tier has four K/V stages (two before; H100, bf16,
   // 2026-11-27, alternating builds in one call: 640-16k +1.3..+3.8%, causal 4k / 8k even); the split tile gains the
   // same beside either (1k: two stages +9.5% over two, four +8.4% over four).
-  const bool split = tier == kTierSplitTile;
+  const bool split = tier == fwd_split_tier(head_dim, causal);
   // key_splits: the short tier's tile, one Q buffer (a CTA has one tile), O through the Q rows; the partial results
   // take the Q and K/V memory of the CTAs that do not store once every key block has been read. With split_tile a tile
   // of at most 64 packed rows (decoding) runs them on both warpgroups, each over every second key block, instead of
@@ -255,7 +272,9 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   if (head_dim == 128)
     return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0,
                                   masked_loop, false, false}
-                      : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
+                : tier == fwd_long_tier(128, causal)
+                    ? FwdConfig{128, 128, 192, 2, 2, 24, 240, 1, 1, 1, half_first, 0, masked_loop, false, false}
+                    : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
   return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false, false}
                     : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop, false, false};
 }

@@ -91,10 +91,11 @@ DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", 
 # ("backward_causal_split_walks_over"), and head_dim 64's forward on seqlen_q (its split tiers, "max_seqlen_q":
 # seqlen 2305, one row past twelve 192-row tiles): the shapes fall on both sides of every such limit, so each
 # compiled kernel, grid and walk runs (tests check this). A fifth number is seqlen_k where it differs from seqlen_q:
-# 16 queries against 4500 keys take the forward's key-split tier (four CTAs a tile, four query heads packed), and a
-# batch of 8 single queries of GQA 32/8 against 8200 keys its narrow tiles with four runs a CTA (every head_dim).
+# 16 queries against 4500 keys take the forward's key-split tier (four CTAs a tile, four query heads packed), a
+# batch of 8 single queries of GQA 32/8 against 8200 keys its narrow tiles with four runs a CTA (every head_dim), and
+# 300 queries against 8300 keys head_dim 128's long-key tier without a mask ("min_seqlen_k").
 SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 2305, 4, 1), (1, 16, 8, 2, 4500),
-          (8, 1, 32, 8, 8200))
+          (8, 1, 32, 8, 8200), (1, 300, 2, 1, 8300))
 KERNEL_REGEX = "attention_fwd_kernel"
 BACKWARD_KERNEL_REGEX = "attention_bwd_kernel"  # the backward's main kernel (not its prep and post kernels)
 
