@@ -269,12 +269,14 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   if (head_dim == 64)
     return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false}
                       : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split, false};
-  if (head_dim == 128)
-    return short_keys ? FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0,
-                                  masked_loop, false, false}
-                : tier == fwd_long_tier(128, causal)
-                    ? FwdConfig{128, 128, 192, 2, 2, 24, 240, 1, 1, 1, half_first, 0, masked_loop, false, false}
-                    : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
+  const bool long_keys = tier == fwd_long_tier(head_dim, causal);  // (fwd_long_keys)
+  if (head_dim == 128) {
+    if (short_keys)
+      return FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0, masked_loop,
+                       false, false};
+    return long_keys ? FwdConfig{128, 128, 192, 2, 2, 24, 240, 1, 1, 1, half_first, 0, masked_loop, false, false}
+                     : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
+  }
   return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false, false}
                     : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop, false, false};
 }
