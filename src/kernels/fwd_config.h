@@ -274,8 +274,13 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
     if (short_keys)
       return FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0, masked_loop,
                        false, false};
-    return long_keys ? FwdConfig{128, 128, 192, 2, 2, 24, 240, 1, 1, 1, half_first, 0, masked_loop, false, false}
-                     : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
+    // Under a causal mask beyond 4k keys a CTA runs one tile (attention_fwd.cuh), so a second Q buffer is never
+    // used: the main tier takes the long-key tier's tile, 192-key blocks with one Q buffer. H100, bf16, 2026-11-27,
+    // against 160-key blocks with two Q buffers (bench/results/2026-11-27-h100-fwd-d128-causal-kb192-ab.txt, 8
+    // rounds with an A/A tree): causal 5000 / 8k / 16k +1.5 / +1.6 / +2.0%, GQA 32/8 8k / 16k +2.7 / +0.7%.
+    return long_keys || causal
+               ? FwdConfig{128, 128, 192, 2, 2, 24, 240, 1, 1, 1, half_first, 0, masked_loop, false, false}
+               : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
   }
   return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false, false}
                     : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop, false, false};
