@@ -561,6 +561,32 @@ def test_audit_shapes_fall_on_both_sides_of_the_causal_pairs_limit(ext, tool):
                 assert any(group <= g < paired_from for _, g in gqa), (tool, head_dim, group, paired_from, gqa)
 
 
+def test_shapes_option_narrows_the_ncu_checks(monkeypatch, capsys):
+    """--shapes (counters, instructions) profiles the shapes given instead of SHAPES, --quick the first of them;
+    a malformed shape is argparse's error (exit 2) naming it."""
+    from dhp import _native
+    from dhp.audit.__main__ import main
+
+    assert counters.parse_shapes("1,300,2,1,8300; 1,4200,2,2") == ((1, 300, 2, 1, 8300), (1, 4200, 2, 2))
+    for bad in ("1,300,2", "1,300,2,1,8300,7", "1,0,2,2", "1,300,3,2", "1,x,2,2", ""):
+        with pytest.raises(ValueError, match="is not batch,seqlen,heads_q,heads_kv"):
+            counters.parse_shapes(bad)
+    monkeypatch.setattr(counters, "find_ncu", lambda: "ncu")
+    monkeypatch.setattr(inputs, "gpu_variants", lambda args: (["bfloat16"], [128]))
+    monkeypatch.setattr(_native, "ext", lambda: argparse.Namespace(build_info=lambda: json.dumps({})))
+    shapes = ((1, 300, 2, 1, 8300), (1, 4200, 2, 2))
+    args = argparse.Namespace(dtypes=None, head_dims=None, quick=False, order=None, causal="false", shapes=shapes)
+    assert [c["shape"] for c in counters.plan(args)[1]] == [list(s) for s in shapes]
+    args.quick = True
+    assert [c["shape"] for c in counters.plan(args)[1]] == [[1, 300, 2, 1, 8300]]
+    args.shapes, args.quick = None, False
+    assert [tuple(c["shape"]) for c in counters.plan(args)[1]] == list(counters.SHAPES)
+    for check in ("counters", "instructions"):
+        with pytest.raises(SystemExit) as exit_:
+            main([check, "--shapes", "1,300,3,2"])
+        assert exit_.value.code == 2 and "argument --shapes: '1,300,3,2' is not" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])
 def test_cli_exit_2_without_what_it_needs(check):
     """Where the GPU tool cannot run here, it exits 2 with a sentence (and never 0)."""

@@ -54,6 +54,14 @@ def _sass(args) -> int:
     return 0 if passed else 1
 
 
+def shapes_argument(text: str) -> tuple[tuple[int, ...], ...]:
+    """--shapes of the ncu checks (counters.parse_shapes), its error as argparse's."""
+    try:
+        return counters.parse_shapes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dhp.audit", description=__doc__.split("\n\n")[0])
     checks = parser.add_subparsers(dest="check", required=True)
@@ -80,6 +88,8 @@ def main(argv=None) -> int:
         p = checks.add_parser(name, help=help_text)
         variant_filters(p)
         p.add_argument("--quick", action="store_true", help="first variant and first shape only")
+        p.add_argument("--shapes", type=shapes_argument, metavar="B,S,HQ,HKV[,SK];...",
+                       help="profile these shapes instead of the audit's own (dhp.audit.counters.SHAPES)")
         pass_and_mask(p)
         p.add_argument("--order", help=f"launch order of classes (default {','.join(counters.DEFAULT_ORDER)}; "
                                        "random runs are the noise baseline)")

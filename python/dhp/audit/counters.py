@@ -97,6 +97,23 @@ DEFAULT_ORDER = ("random", "zeros", "ones", "random", "huge", "tiny", "random", 
 SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1, 2305, 4, 1), (1, 16, 8, 2, 4500),
           (8, 1, 32, 8, 8200), (1, 300, 2, 1, 8300))
 KERNEL_REGEX = "attention_fwd_kernel"
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
+    """--shapes: semicolon-separated shapes as SHAPES writes them, batch,seqlen,heads_q,heads_kv[,seqlen_k]
+    ("1,300,2,1,8300;1,4200,2,2"): to profile the shapes that reach a given kernel alone. ValueError names the
+    shape that is not one."""
+    shapes = []
+    for item in text.split(";"):
+        try:
+            shape = tuple(int(n) for n in item.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) not in (4, 5) or min(shape) < 1 or shape[2] % shape[3]:
+            raise ValueError(f"{item.strip()!r} is not batch,seqlen,heads_q,heads_kv[,seqlen_k] with "
+                             "positive integers and heads_q a multiple of heads_kv")
+        shapes.append(shape)
+    return tuple(shapes)
 BACKWARD_KERNEL_REGEX = "attention_bwd_kernel"  # the backward's main kernel (not its prep and post kernels)
 
 _WAIT_OPCODE = re.compile(r"^SYNCS(\.PHASECHK.*)?$")
@@ -429,7 +446,8 @@ def plan(args) -> tuple[str, list[dict]] | None:
     if variants is None:
         return None
     dtypes, head_dims = variants
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = getattr(args, "shapes", None) or SHAPES
+    shapes = shapes[:1] if args.quick else shapes
     if args.quick:
         dtypes, head_dims = dtypes[:1], head_dims[:1]
     order = args.order.split(",") if args.order else list(DEFAULT_ORDER)
