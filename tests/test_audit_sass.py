@@ -229,6 +229,28 @@ def test_first_tries_through_a_landing_pad():
     assert [n for n in v.notes if "no recognised spin loop" in n] == [n for n in v.notes if "0x0040" in n] != []
 
 
+def test_first_try_whose_branch_lies_hundreds_of_instructions_later():
+    """ptxas may schedule a whole row half's softmax between a first try and its branch into the retry loop (257
+    instructions in head_dim 128's causal main forward tier): still a first try, within FIRST_TRY_WINDOW."""
+    from dhp.audit.disasm import parse_sass
+    from dhp.audit.sass import FIRST_TRY_WINDOW, analyse_sass, first_try_branches
+
+    def listing(gap):
+        body = ["SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR20+0x38030], R12"] + ["FADD R2, R2, R3"] * gap
+        retry = 16 * (gap + 3)  # after the branch and an EXIT
+        body += [f"@!P1 BRA 0x{retry:x}", "EXIT", "SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR20+0x38030], R12",
+                 f"@!P1 BRA 0x{retry:x}", f"BRA 0x{16 * (gap + 2):x}"]
+        lines = [f"        /*{16 * i:04x}*/                   {text} ;" for i, text in enumerate(body)]
+        return "\t\tFunction : far_first_try\n" + "\n".join(lines) + "\n", 16 * (gap + 1)
+
+    for gap, recognised in ((300, True), (FIRST_TRY_WINDOW, False)):
+        text, branch = listing(gap)
+        v = analyse_sass(text)[0]
+        instructions = parse_sass(text)[0].instructions
+        assert (branch in first_try_branches(instructions, v.spin_loops)) == recognised, gap
+        assert any("no recognised spin loop" in n for n in v.notes) != recognised, (gap, v.notes)
+
+
 def test_a_wait_without_a_retry_loop_is_noted():
     v = verdicts("spin.sass")["spin_lone_wait"]
     assert v.spin_loops == [] and v.passed

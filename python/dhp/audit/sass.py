@@ -268,7 +268,8 @@ def spin_loops(instructions: list[Instruction]) -> list[SpinLoop]:
     return loops
 
 
-FIRST_TRY_WINDOW = 256  # ptxas schedules dozens of instructions between an inline first try and its branch
+FIRST_TRY_WINDOW = 512  # ptxas schedules up to hundreds of instructions between an inline first try and its branch
+# (257 in head_dim 128's causal main tier on 192-key blocks: a row half's softmax; the search stops at any branch)
 
 
 MAX_LANDING_PAD = 4  # register-only instructions ptxas may put between a first try's branch target and its loop
