@@ -11,13 +11,15 @@ its kernels under the same conditions. (Timing a peer inside the first tree's pr
 shapes, biased the first tree by up to 5-8% on some rows: bench/results/2026-11-27-h100-fwd-skip-unseen-block-ab.txt.)
 Listing the same tree twice gives an A/A pair, the noise floor of the call. Prints the device and one row per shape:
 TFLOP/s, the median of the rounds' medians, and the ratio to the first tree. With JSON=path it also writes every
-round's milliseconds, the device, driver and versions, and each tree's build_info (its tile table) to that file.
+round's milliseconds, the device, driver and versions, and each tree's build_info (its tile table) to that file,
+rewritten after every round. Stopped by SIGTERM (`timeout`) or Ctrl-C, it reports the whole rounds it has.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -79,37 +81,72 @@ def format_row(row: dict, trees: list[tuple[str, str]], peers: list[str]) -> str
     return text
 
 
-def main() -> None:
-    trees = [tuple(t.split("=", 1)) for t in os.environ["TREES"].split()]
-    peers = os.environ.get("PEERS", "")
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    environments: dict[str, dict] = {}
-    for name, path, times_peers in schedule(trees, int(os.environ.get("ROUNDS", 8)), bool(peers)):
-        env = dict(os.environ, AB_WORKER="1", AB_PEERS=peers if times_peers else "",
-                   PYTHONPATH=os.pathsep.join(p for p in [os.path.join(path, "python"), os.environ.get("PYTHONPATH")] if p))
-        done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
-        lines = dict(l.split(" ", 1) for l in done.stdout.splitlines() if l.startswith(("JSON ", "ENV ")))
-        if "JSON" not in lines:
-            sys.exit(f"{name}: no result\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        environments.setdefault(name, json.loads(lines["ENV"]))
-        for key, (ms, flops) in json.loads(lines["JSON"]).items():
-            results.setdefault((key, name), []).append((ms, flops))
+class Stopped(Exception):
+    """SIGTERM: report the whole rounds so far."""
+
+
+def _stop(signum, frame):
+    raise Stopped
+
+
+def report(results: dict, environments: dict, trees: list[tuple[str, str]], peers: str, rounds: int,
+           table: bool) -> None:
+    """The rows of the rounds in results (and with table, the device line and the rows on stdout); JSON= file."""
     peer_names = [p for p in peers.split(",") if p]
     machine = environments[trees[0][0]]
-    print(f"{machine['device']}, driver {machine['driver']}, torch {machine['torch']}, cuDNN {machine['cudnn']}, "
-          f"{machine['date']}")
     rows = summarize(results, trees, peer_names)
-    for row in rows:
-        print(format_row(row, trees, peer_names), flush=True)
+    if table:
+        print(f"{machine['device']}, driver {machine['driver']}, torch {machine['torch']}, cuDNN {machine['cudnn']}, "
+              f"{machine['date']}")
+        for row in rows:
+            print(format_row(row, trees, peer_names), flush=True)
     if os.environ.get("JSON"):
         document = {"method": "bench/ab.py", "trees": dict(trees), "peers": peer_names,
-                    "rounds": int(os.environ.get("ROUNDS", 8)), "reps": int(os.environ.get("REPS", 20)),
+                    "rounds": rounds, "reps": int(os.environ.get("REPS", 20)),
                     "environment": {k: v for k, v in machine.items() if k != "dhp_build"},
                     "builds": {name: environments[name].get("dhp_build") for name, _ in trees},
                     "rows": rows,
                     "rounds_ms": {f"{key}|{name}": [ms for ms, _ in values] for (key, name), values in results.items()}}
         with open(os.environ["JSON"], "w") as f:
             json.dump(document, f, indent=1)
+
+
+def main() -> None:
+    trees = [tuple(t.split("=", 1)) for t in os.environ["TREES"].split()]
+    peers = os.environ.get("PEERS", "")
+    rounds = int(os.environ.get("ROUNDS", 8))
+    runs = schedule(trees, rounds, bool(peers))
+    per_round = len(runs) // rounds
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    environments: dict[str, dict] = {}
+    whole: dict = {}  # results as of the last whole round
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        for i, (name, path, times_peers) in enumerate(runs):
+            env = dict(os.environ, AB_WORKER="1", AB_PEERS=peers if times_peers else "",
+                       PYTHONPATH=os.pathsep.join(p for p in [os.path.join(path, "python"), os.environ.get("PYTHONPATH")]
+                                                  if p))
+            done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
+            lines = dict(l.split(" ", 1) for l in done.stdout.splitlines() if l.startswith(("JSON ", "ENV ")))
+            if "JSON" not in lines:
+                sys.exit(f"{name}: no result\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+            environments.setdefault(name, json.loads(lines["ENV"]))
+            for key, (ms, flops) in json.loads(lines["JSON"]).items():
+                results.setdefault((key, name), []).append((ms, flops))
+            if (i + 1) % per_round == 0:
+                whole = {key: list(values) for key, values in results.items()}
+                print(f"round {(i + 1) // per_round} of {rounds} done", file=sys.stderr, flush=True)
+                report(whole, environments, trees, peers, (i + 1) // per_round, table=False)
+    except (Stopped, KeyboardInterrupt):
+        print(f"stopped: the rows below are of the {len(next(iter(whole.values()), []))} whole rounds done",
+              file=sys.stderr, flush=True)
+        if not whole:
+            sys.exit(1)
+        report(whole, environments, trees, peers, len(next(iter(whole.values()))), table=True)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report(results, environments, trees, peers, rounds, table=True)
 
 
 if __name__ == "__main__":

@@ -941,3 +941,44 @@ def test_ab_summarizes_rounds_and_writes_json(monkeypatch, tmp_path, capsys):
     assert doc["builds"] == {"main": {"tree": "main"}, "fast": {"tree": "fast"}}
     assert doc["rows"][0]["ratio"] == {"main": 1.0, "fast": 2.0}
     assert doc["environment"]["device"] == "GPU X" and "dhp_build" not in doc["environment"]
+
+
+def test_ab_stopped_reports_its_whole_rounds(monkeypatch, tmp_path, capsys):
+    """bench/ab.py stopped in its third round (SIGTERM from `timeout`): the table and JSON hold the two whole rounds,
+    the JSON was written after each, and the exit status is 1."""
+    ab = _ab_module()
+    times = {"main": [1.0, 1.2, 9.0], "fast": [0.5, 0.7, 9.0]}
+    calls = {"main": 0, "fast": 0, "all": 0}
+    path = tmp_path / "ab.json"
+    written = []
+
+    def fake_run(argv, env, capture_output, text):
+        calls["all"] += 1
+        if calls["all"] == 8:  # round 3's second process
+            raise ab.Stopped
+        written.append(json.loads(path.read_text())["rounds"] if path.exists() else None)
+        tree = Path(env["PYTHONPATH"].split(os.pathsep)[0]).parent.name
+        machine = {"device": "GPU X", "driver": "1.2", "torch": "t", "cudnn": 9, "date": "d"}
+        if env["AB_PEERS"]:
+            out = {"bf16 case|cudnn": [2.0, 4e9]}
+        else:
+            out = {"bf16 case|dhp": [times[tree][calls[tree]], 4e9]}
+            calls[tree] += 1
+        return SimpleNamespace(stdout=f"ENV {json.dumps(machine)}\nJSON {json.dumps(out)}\n", stderr="")
+
+    monkeypatch.setattr(ab.subprocess, "run", fake_run)
+    monkeypatch.setenv("TREES", f"main={tmp_path}/main fast={tmp_path}/fast")
+    monkeypatch.setenv("SHAPES", "unused")
+    monkeypatch.setenv("PEERS", "cudnn")
+    monkeypatch.setenv("ROUNDS", "3")
+    monkeypatch.setenv("JSON", str(path))
+    with pytest.raises(SystemExit) as stopped:
+        ab.main()
+    assert stopped.value.code == 1
+    assert written == [None, None, None, 1, 1, 1, 2]
+    captured = capsys.readouterr()
+    assert "2 whole rounds" in captured.err
+    assert captured.out.splitlines()[1].split() == ["bf16", "case", "main", "3.6", "(1.000)", "fast", "6.7", "(1.833)",
+                                                    "cudnn", "2.0"]
+    doc = json.loads(path.read_text())
+    assert doc["rounds"] == 2 and doc["rounds_ms"]["bf16 case|dhp|fast"] == [0.5, 0.7]
