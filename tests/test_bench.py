@@ -907,14 +907,17 @@ def test_ab_schedule_times_every_tree_alike():
     assert len(schedule(trees, 3, peers=False)) == 9
 
 
-def test_ab_summarizes_rounds_and_writes_json(monkeypatch, tmp_path, capsys):
-    """bench/ab.py end to end with the worker processes replaced: each tree's TFLOP/s is the median of its rounds, the
-    ratio is to the first tree's time, and JSON= keeps every round, the device and each tree's build."""
-    ab = _ab_module()
-    times = {"main": [1.0, 1.3, 1.1], "fast": [0.5, 0.55, 0.7]}  # ms per round (medians 1.1, 0.55); peers 2.0
-    calls = {"main": 0, "fast": 0}
+def _fake_ab_call(monkeypatch, tmp_path, ab, times: dict, before=None) -> Path:
+    """bench/ab.py's worker processes replaced: tree <name> (TREES main and fast under tmp_path) times its dhp at
+    times[name][round] ms, the peers' cuDNN at 2 ms, each on 4 GFLOP; before(call index) runs ahead of each call.
+    Three rounds; returns the JSON= path."""
+    calls = {name: 0 for name in times}
+    count = [0]
 
     def fake_run(argv, env, capture_output, text):
+        count[0] += 1
+        if before:
+            before(count[0])
         tree = Path(env["PYTHONPATH"].split(os.pathsep)[0]).parent.name
         machine = {"device": "GPU X", "driver": "1.2", "torch": "t", "cudnn": 9, "date": "d",
                    "dhp_build": {"tree": tree}}
@@ -932,6 +935,15 @@ def test_ab_summarizes_rounds_and_writes_json(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PEERS", "cudnn")
     monkeypatch.setenv("ROUNDS", "3")
     monkeypatch.setenv("JSON", str(path))
+    return path
+
+
+def test_ab_summarizes_rounds_and_writes_json(monkeypatch, tmp_path, capsys):
+    """bench/ab.py end to end with the worker processes replaced: each tree's TFLOP/s is the median of its rounds, the
+    ratio is to the first tree's time, and JSON= keeps every round, the device and each tree's build."""
+    ab = _ab_module()
+    # ms per round (medians 1.1, 0.55); peers 2.0
+    path = _fake_ab_call(monkeypatch, tmp_path, ab, {"main": [1.0, 1.3, 1.1], "fast": [0.5, 0.55, 0.7]})
     ab.main()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("GPU X, driver 1.2")
@@ -947,31 +959,14 @@ def test_ab_stopped_reports_its_whole_rounds(monkeypatch, tmp_path, capsys):
     """bench/ab.py stopped in its third round (SIGTERM from `timeout`): the table and JSON hold the two whole rounds,
     the JSON was written after each, and the exit status is 1."""
     ab = _ab_module()
-    times = {"main": [1.0, 1.2, 9.0], "fast": [0.5, 0.7, 9.0]}
-    calls = {"main": 0, "fast": 0, "all": 0}
-    path = tmp_path / "ab.json"
     written = []
 
-    def fake_run(argv, env, capture_output, text):
-        calls["all"] += 1
-        if calls["all"] == 8:  # round 3's second process
+    def before(call):
+        if call == 8:  # round 3's second process
             raise ab.Stopped
         written.append(json.loads(path.read_text())["rounds"] if path.exists() else None)
-        tree = Path(env["PYTHONPATH"].split(os.pathsep)[0]).parent.name
-        machine = {"device": "GPU X", "driver": "1.2", "torch": "t", "cudnn": 9, "date": "d"}
-        if env["AB_PEERS"]:
-            out = {"bf16 case|cudnn": [2.0, 4e9]}
-        else:
-            out = {"bf16 case|dhp": [times[tree][calls[tree]], 4e9]}
-            calls[tree] += 1
-        return SimpleNamespace(stdout=f"ENV {json.dumps(machine)}\nJSON {json.dumps(out)}\n", stderr="")
 
-    monkeypatch.setattr(ab.subprocess, "run", fake_run)
-    monkeypatch.setenv("TREES", f"main={tmp_path}/main fast={tmp_path}/fast")
-    monkeypatch.setenv("SHAPES", "unused")
-    monkeypatch.setenv("PEERS", "cudnn")
-    monkeypatch.setenv("ROUNDS", "3")
-    monkeypatch.setenv("JSON", str(path))
+    path = _fake_ab_call(monkeypatch, tmp_path, ab, {"main": [1.0, 1.2, 9.0], "fast": [0.5, 0.7, 9.0]}, before)
     with pytest.raises(SystemExit) as stopped:
         ab.main()
     assert stopped.value.code == 1
