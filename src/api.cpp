@@ -697,11 +697,13 @@ const char* build_info_json() {
     }
     char tail[512];
     std::snprintf(tail, sizeof tail,
-                  "], \"persistent_causal_max_seqlen_k\": %d, \"causal_section_bytes\": %lld, "
+                  "], \"persistent_causal_max_seqlen_k\": {\"64\": %d, \"128\": %d, \"256\": %d}, "
+                  "\"causal_section_bytes\": %lld, "
                   "\"key_split_min_blocks\": %d, \"key_split_narrow_min_blocks\": %d, \"key_split_max_ctas\": %d, "
                   "\"key_split_max_runs\": {\"64\": %d, \"128\": %d, \"256\": %d}, \"key_split_narrow_rows\": %d, "
                   "\"key_split_stream_ctas\": %d, \"key_split_wave_blocks\": %d",
-                  kernels::kPersistentCausalKeys, kernels::kCausalSectionBytes, kernels::kKeySplitMinBlocks,
+                  kernels::fwd_persistent_causal_keys(64), kernels::fwd_persistent_causal_keys(128),
+                  kernels::fwd_persistent_causal_keys(256), kernels::kCausalSectionBytes, kernels::kKeySplitMinBlocks,
                   kernels::kKeySplitNarrowMinBlocks, kernels::kKeySplitMaxCtas, kernels::fwd_key_split_max_runs(64), kernels::fwd_key_split_max_runs(128),
                   kernels::fwd_key_split_max_runs(256), kernels::kKeySplitNarrowRows, kernels::kKeySplitStreamCtas,
                   kernels::kKeySplitWaveBlocks);

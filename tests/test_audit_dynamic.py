@@ -438,7 +438,7 @@ def test_audit_shapes_fall_on_both_sides_of_every_launch_limit(ext, tool):
     info = _native.build_info()
     limits = {t["max_seqlen_k"] for t in info["forward_tiles"] if t["max_seqlen_k"] is not None}
     limits |= {t["min_seqlen_k"] - 1 for t in info["forward_tiles"] if t["min_seqlen_k"] is not None}
-    limits.add(info["persistent_causal_max_seqlen_k"])
+    limits |= set(info["persistent_causal_max_seqlen_k"].values())
     seqlens = [s[-1] if len(s) > 4 else s[1] for s in counters.SHAPES] if tool == "counters" else \
         [s[-1] if len(s) > 3 else s[0] for s in determinism.SHAPES]  # seqlen_k
     for limit in sorted(limits):

@@ -92,7 +92,8 @@ def test_build_info_lists_the_forward_tiles(ext):
             assert causal or not any(t["half_first_block"] or t["masked_loop"] for t in family)
             assert all(t["o_stage_boxes"] == 0 or head_dim // 64 % t["o_stage_boxes"] == 0 for t in family)
     assert {t["head_dim"] for t in tiles} == set(info["head_dims"])
-    assert info["persistent_causal_max_seqlen_k"] > 0
+    assert {str(d) for d in info["head_dims"]} <= set(info["persistent_causal_max_seqlen_k"])
+    assert all(limit > 0 for limit in info["persistent_causal_max_seqlen_k"].values())
     assert info["causal_section_bytes"] >= 1 << 20
     assert 1 <= info["key_split_narrow_min_blocks"] <= info["key_split_min_blocks"]
     assert 2 <= info["key_split_max_ctas"] <= 8

@@ -66,7 +66,7 @@ DHP_API const char* dhp_version(void);
  * CTAs of a cluster, one each, or for a tile of at most "key_split_narrow_rows" packed rows up to
  * "key_split_max_runs" (by head_dim) each, as a model of the waves with "key_split_stream_ctas" and
  * "key_split_wave_blocks" finds fastest for the launch's tiles (so with the batch): that changes no bit.
- * Causal forwards with seqlen_k <= "persistent_causal_max_seqlen_k" run on a persistent grid; longer ones take
+ * Causal forwards with seqlen_k <= "persistent_causal_max_seqlen_k" (by head_dim) run on a persistent grid; longer ones take
  * the heads in sections whose K and V fit "causal_section_bytes", heaviest query blocks first (tile order only:
  * the results do not depend on it).
  * "backward_two_dq_chains_max_seqlen_k" maps each backward head_dim to the longest seqlen_k whose non-causal MHA

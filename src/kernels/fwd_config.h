@@ -196,8 +196,13 @@ constexpr int fwd_key_split_runs(int head_dim, KeySplits splits, long long tiles
 constexpr int kPersistentOrderRounds = 64;
 
 // Causal kernels run on the persistent grid up to this many keys and with one CTA per tile beyond
-// (attention_fwd.cuh, launch_forward_tier, says why).
-constexpr int kPersistentCausalKeys = 4096;
+// (attention_fwd.cuh, launch_forward_tier, says why). Head_dim 256's limit is its short tier's: its main tier holds one
+// Q buffer, so a CTA's next tile gains no overlap on the persistent grid, and one CTA per tile balances better. H100,
+// bf16, 2026-11-27, against the persistent grid up to 4096 keys, 8 rounds with an A/A tree at 0.999-1.004
+// (bench/results/2026-11-27-h100-fwd-d256-causal-grid-ab.txt): causal 1500 / 2048 / 3000 / 4096 keys +0.9 / +0.1 /
+// +4.6 / +1.4%, 16 heads at 4096 +1.3%, GQA 16/4 +2.9%, fp16 4096 +0.8%. Head_dim 64 lost the same way (2048: 3000 keys
+// -5.2%, 4096 -1.6%).
+constexpr int fwd_persistent_causal_keys(int head_dim) { return head_dim == 256 ? fwd_short_keys(256, true) : 4096; }
 
 constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // Main tier: per head_dim, the largest key block whose S, P and O fragments fit the consumer register

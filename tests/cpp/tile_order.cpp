@@ -100,7 +100,8 @@ int main() {
            seqlen, dhp::kernels::persistent_busiest(tiles, 132, cost, 1, true));
   }
   // The orders test_forward's test_causal_persistent_orders runs (16 MB sections: 1 MB of K/V a head at head_dim 64 and
-  // 4096 keys, 2 MB at 128, 2.3 MB at 256 and 2368 keys).
+  // 4096 keys, 2 MB at 128; head_dim 256's persistent grid is its short tier's, 128 x 64 tiles up to 1024 keys, 1 MB a
+  // head at 1024 keys, 0.65 MB at 664).
   struct OrderCase {
     long long seqlen, heads;
     int block_m, block_n, consumers, budget_heads;
@@ -110,8 +111,8 @@ int main() {
   const OrderCase order_cases[] = {
       {4096, 32, 192, 128, 3, 16, true, {1, false}},  {2368, 48, 192, 128, 3, 16, true, {1, true}},
       {3520, 16, 192, 128, 3, 16, true, {16, false}}, {4096, 64, 128, 128, 2, 8, false, {1, false}},
-      {4096, 8, 128, 128, 2, 8, false, {8, false}},   {4096, 32, 128, 80, 2, 4, false, {1, false}},
-      {2368, 64, 128, 80, 2, 4, false, {4, false}},
+      {4096, 8, 128, 128, 2, 8, false, {8, false}},   {1024, 16, 128, 64, 2, 16, false, {1, false}},
+      {664, 24, 128, 64, 2, 24, false, {24, false}},
   };
   for (const OrderCase& o : order_cases) {
     const std::vector<long long> cost =
