@@ -1000,7 +1000,8 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // and the K/V loads of a CTA's next tile (and its Q, with two Q buffers) overlap its epilogue. Causal
   // tiles cost 1..n key blocks: up to fwd_persistent_causal_keys keys the snake order of
   // tile_of_round balances them well enough and the overlap wins (H100 bf16, alternating builds: d64 512
-  // 177 -> 217 TFLOP/s, d128 512 256 -> 302, 2k 472 -> 513, d256 4k 610 -> 650; d256 512 290 -> 281);
+  // 177 -> 217 TFLOP/s, d128 512 256 -> 302, 2k 472 -> 513; head_dim 256's main tier, with one Q buffer and no
+  // overlap to gain, lost there since: fwd_config.h);
   // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
   // per tile and the hardware hands tiles, heaviest first within a section of heads, to SMs as they free up.
   // The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.

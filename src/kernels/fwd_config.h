@@ -200,8 +200,9 @@ constexpr int kPersistentOrderRounds = 64;
 // Q buffer, so a CTA's next tile gains no overlap on the persistent grid, and one CTA per tile balances better. H100,
 // bf16, 2026-11-27, against the persistent grid up to 4096 keys, 8 rounds with an A/A tree at 0.999-1.004
 // (bench/results/2026-11-27-h100-fwd-d256-causal-grid-ab.txt): causal 1500 / 2048 / 3000 / 4096 keys +0.9 / +0.1 /
-// +4.6 / +1.4%, 16 heads at 4096 +1.3%, GQA 16/4 +2.9%, fp16 4096 +0.8%. Head_dim 64 lost the same way (2048: 3000 keys
-// -5.2%, 4096 -1.6%).
+// +4.6 / +1.4%, 16 heads at 4096 +1.3%, GQA 16/4 +2.9%, fp16 4096 +0.8%, 8 x 8 heads at 2368 +8.3%, one sequence of 8
+// heads at 4096 +50% (256 tiles on 132 persistent CTAs); launches of fewer tiles than SMs -1..-2%. Head_dim 64 lost the
+// same way (from 2048: 3000 keys -5.2%, 4096 -1.6%; its main tier's two Q buffers overlap on the persistent grid).
 constexpr int fwd_persistent_causal_keys(int head_dim) { return head_dim == 256 ? fwd_short_keys(256, true) : 4096; }
 
 constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
