@@ -241,18 +241,22 @@ def test_key_split_runs(torch_cuda, dtype_name, head_dim, shape):
             assert_bitwise_equal(torch, lse[b:b + 1], alone_lse)
 
 
-PERSISTENT_ORDERS = {  # (batch, heads, seqlen) a causal persistent grid takes in each order (tests/cpp/tile_order.cpp)
-    "snake": {64: (1, 32, 4096), 128: (4, 16, 4096), 256: (2, 8, 1024)},
-    "rotation": {64: (3, 16, 2368)},  # the split tier alone rotates
-    "sections": {64: (1, 16, 3520), 128: (1, 8, 4096), 256: (3, 8, 664)},
+PERSISTENT_ORDERS = {  # (batch, heads, seqlen) a causal launch takes in each order (tests/cpp/tile_order.cpp)
+    "snake": {64: (1, 12, 4096), 128: (1, 32, 1000), 256: (4, 32, 264)},
+    "rotation": {64: (2, 48, 2120)},  # the split tier alone rotates
+    "sections": {64: (1, 16, 2368), 128: (1, 8, 4096), 256: (3, 48, 264)},
+    "all_heads": {64: (1, 32, 4096), 128: (1, 16, 4096), 256: (3, 12, 520)},
+    # one CTA per tile where the chosen order leaves its busiest CTA 15% above the mean
+    "one_cta_per_tile": {64: (1, 12, 2120), 128: (1, 24, 4096), 256: (1, 48, 264)},
 }
 
 
 @pytest.mark.parametrize("order", list(PERSISTENT_ORDERS))
 def test_causal_persistent_orders(torch_cuda, dtype_name, head_dim, order):
-    """The causal persistent grid lists its tiles head by head or in sections and deals them in the snake or rotated,
-    whichever leaves the busiest CTA less work (launch_forward_tier); PERSISTENT_ORDERS take each order, every tile
-    once, checked against the reference."""
+    """The causal persistent grid lists its tiles head by head, in sections or in one section of every head, and deals
+    them in the snake or rotated, whichever leaves the busiest CTA less work (persistent_causal_order), or gives way to
+    one CTA per tile (persistent_causal_balanced); PERSISTENT_ORDERS take each, every tile once, checked against the
+    reference."""
     torch = torch_cuda
     if head_dim not in PERSISTENT_ORDERS[order]:
         pytest.skip(f"head_dim {head_dim} has no {order} order (no split tier)")

@@ -251,9 +251,9 @@ struct FwdKernel {
     int m_block, head, batch;
   };
 
-  // The tile at list position t (tile_order.h): sections of one head on the persistent grid and without a
-  // causal mask (the list goes head by head and concurrently running CTAs share K/V in L2), of several on the
-  // causal grid of one CTA per tile (launch_forward_tier).
+  // The tile at list position t (tile_order.h): sections of one head on the persistent grid without a causal mask
+  // (the list goes head by head and concurrently running CTAs share K/V in L2), of one head, several or all under a
+  // causal mask (launch_forward_tier).
   __device__ static Tile tile_at(const FwdKernelParams& p, int t) {
     const TileOrder::Position pos = p.order.at(t);
     const int batch = p.by_heads_q.div(pos.head);
@@ -1005,9 +1005,9 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
   // per tile and the hardware hands tiles, heaviest first within a section of heads, to SMs as they free up.
   // The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
-  const bool persistent = !K::kKeySplit && (!Causal || prm.seqlen_k <= fwd_persistent_causal_keys(HeadDim));
-  const int budget_heads = fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv,
-                                             int64_t(prm.seqlen_k) * HeadDim * 2 * int64_t(sizeof(T)));
+  bool persistent = !K::kKeySplit && (!Causal || prm.seqlen_k <= fwd_persistent_causal_keys(HeadDim));
+  const int64_t kv_head_bytes = int64_t(prm.seqlen_k) * HeadDim * 2 * int64_t(sizeof(T));
+  const int budget_heads = fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv, kv_head_bytes);
   int section_heads = persistent || K::kKeySplit ? 1 : budget_heads;
   kp.by_heads_q = FastDiv::make(uint32_t(kp.heads_q));
   constexpr float kLog2e = 1.4426950408889634f;
@@ -1034,23 +1034,30 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
                 cudaGetErrorString(err));
 
   // The persistent grid's list under a causal mask, where tiles cost from one key block to all: head by head (the K and
-  // V of the heads running at once shared in L2) or in the sections of kCausalSectionBytes (as the grid of one CTA a
-  // tile), dealt in the snake or (the split tier, tile_of_round) rotated: persistent_causal_order (tile_order.h) by
+  // V of the heads running at once shared in L2), in the sections of kCausalSectionBytes (as the grid of one CTA a
+  // tile) or, where every head's K and V fit kAllHeadsSectionBytes, in one section of every head, dealt in the snake
+  // or (the split tier, tile_of_round) rotated: persistent_causal_order (tile_order.h) by
   // list scheduling, on lists of up to kPersistentOrderRounds rounds (host time: up to 33 us for four orders of 64
   // rounds on a 2-core build machine, against the kernel's milliseconds there). Without a mask, head by head (the
   // split tier rotated). Head_dim 64's split tier at 4096 keys: 32 heads, the snake's busiest CTA 111 blocks and the
   // rotation's 174, 128 heads 407 and 385. H100, bf16, 2026-11-27, against the rotation head by head everywhere
   // (bench/results/2026-11-27-h100-fwd-causal-split-order.txt): 32 heads at 4096 keys 256 -> 172 us, 3520 keys 209 ->
   // 161, 16 heads at 4096 142 -> 110, 64 heads at 2113 130 -> 108; where the rotation stays, even.
-  const int64_t grid = persistent ? std::min(num_tiles, int64_t{multiprocessors}) : num_tiles * kp.key_splits;
+  // Where the chosen order leaves the busiest CTA far above the mean, one CTA per tile (persistent_causal_balanced).
+  const int64_t persistent_grid = std::min(num_tiles, int64_t{multiprocessors});
   kp.rotate = K::kSplitTile && persistent && !Causal;
-  if (persistent && Causal && num_tiles <= kPersistentOrderRounds * grid) {
+  if (persistent && Causal && num_tiles <= kPersistentOrderRounds * persistent_grid) {
     const std::vector<long long> cost =
         causal_tile_costs(prm.seqlen_q, prm.seqlen_k, K::kBlockM, K::kBlockN, K::kConsumers, K::kSplitTile);
-    const PersistentOrder order = persistent_causal_order(num_tiles, int(grid), cost, budget_heads, K::kSplitTile);
-    section_heads = order.section_heads;
-    kp.rotate = order.rotate;
+    const bool all_heads_fit =
+        int64_t(prm.batch) * prm.heads_q / kp.q_heads_per_kv * kv_head_bytes <= kAllHeadsSectionBytes;
+    const PersistentOrder order =
+        persistent_causal_order(num_tiles, int(persistent_grid), cost, budget_heads, all_heads_fit, K::kSplitTile);
+    persistent = persistent_causal_balanced(order.busiest, num_tiles, int(persistent_grid), cost);
+    section_heads = persistent ? order.section_heads : budget_heads;
+    kp.rotate = persistent && order.rotate;
   }
+  const int64_t grid = persistent ? persistent_grid : num_tiles * kp.key_splits;
   kp.order = TileOrder::make(int(num_m_blocks), section_heads);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(grid));

@@ -70,21 +70,57 @@ inline std::vector<long long> causal_tile_costs(long long seqlen_q, long long se
 
 // The causal persistent grid's list and dealing (attention_fwd.cuh, launch_forward_tier): head by head or in sections
 // of `budget_heads`, in the snake or (with split tiles) rotated, whichever leaves the busiest CTA the least work and by
-// 2% at least, else the first of those (head by head in the snake). Host only.
+// kOrderGainPercent at least, else the first of those (head by head in the snake). On launches of a few rounds both
+// can leave the busiest CTA far above the mean: the snake pairs a round's heavy tiles with the next round's light ones
+// only where the rounds fall on like tiles, and a head's tiles span fewer rounds than it takes to even out (head_dim
+// 128, one sequence of 16 heads at 4096 keys: 98 key blocks against a mean of 68). One section of every head lists
+// every head's heaviest tile first, then every head's next, so a round holds tiles of about one cost and the snake
+// pairs heavy rounds with light ones (68 there). It takes every head's K and V into L2 at once, so it is a candidate
+// only where they fit kAllHeadsSectionBytes (`all_heads_fit`), and taken where it cuts the busiest CTA's work by
+// kAllHeadsGainPercent. H100, bf16, 2026-11-27, against head by head or sections (6 rounds, alternating builds,
+// bench/results/2026-11-27-h100-fwd-causal-all-heads-ab.txt): head_dim 128, one sequence of 16 heads at 4096 keys
+// (32 MB of K/V) +33%, 12 heads +27%, 16 heads at 3000 +18%, three of 16 heads at 1024 +1.5%; head_dim 64, 32 heads
+// at 2368 +19%, at 4096 (model: 9.9% less) +10%;
+// with 48 MB, one sequence of 24 heads at 4096 +16% but two of 24 heads at 2048 -0.6% (model: 14% less); with 64 MB
+// or more it lost where the model gained 3%: two sequences of 16 heads at 4096 -3.7%, GQA 32/8 -2.2%, four of 16
+// heads -18%. Host only.
 struct PersistentOrder {
   int section_heads;
   bool rotate;
+  long long busiest;  // the busiest CTA's work (persistent_busiest)
 };
+constexpr int kOrderGainPercent = 2;
+constexpr int kAllHeadsGainPercent = 5;
+constexpr long long kAllHeadsSectionBytes = 32ll << 20;
 inline PersistentOrder persistent_causal_order(long long tiles, int grid, const std::vector<long long>& cost,
-                                               int budget_heads, bool split_tiles) {
-  PersistentOrder best{1, false};
-  long long least = -1;
-  for (int heads : {1, budget_heads})
-    for (int rotate = 0; rotate <= int(split_tiles) && (heads == 1 || budget_heads > 1); ++rotate) {
+                                               int budget_heads, bool all_heads_fit, bool split_tiles) {
+  PersistentOrder best{1, false, -1};
+  auto consider = [&](int heads, int gain_percent) {
+    for (int rotate = 0; rotate <= int(split_tiles); ++rotate) {
       const long long busiest = persistent_busiest(tiles, grid, cost, heads, rotate != 0);
-      if (least < 0 || busiest * 50 < least * 49) least = busiest, best = {heads, rotate != 0};
+      if (best.busiest < 0 || busiest * 100 < best.busiest * (100 - gain_percent)) best = {heads, rotate != 0, busiest};
     }
+  };
+  consider(1, kOrderGainPercent);
+  if (budget_heads > 1) consider(budget_heads, kOrderGainPercent);
+  const long long all_heads = tiles / (long long)cost.size();
+  if (all_heads_fit && all_heads > budget_heads) consider(int(all_heads), kAllHeadsGainPercent);
   return best;
+}
+
+// Whether the persistent grid keeps a causal launch of more tiles than CTAs: where the chosen order still leaves its
+// busiest CTA more than kPersistentImbalancePercent above the mean, the launch takes one CTA per tile instead, as
+// beyond fwd_persistent_causal_keys, and the hardware balances it. H100, bf16, 2026-11-27 (same file): head_dim 128,
+// two sequences of 24 heads at 2048 keys (busiest 65 key blocks against a mean of 55) +3.3%, one of 24 heads at 4096
+// (129 against 102) +15%, 40 heads at 4096 +8.4%; head_dim 64, two of 16 heads at 2120 +6.1%; head_dim 256, 24 heads
+// at 1024 (192 tiles) +10%, three of 8 heads at 664 (144 tiles) even. The benchmark's shapes (within 3% of the mean)
+// keep the persistent grid. Host only.
+constexpr int kPersistentImbalancePercent = 15;
+inline bool persistent_causal_balanced(long long busiest, long long tiles, int grid, const std::vector<long long>& cost) {
+  long long head = 0;
+  for (long long c : cost) head += c;
+  const long long total = head * (tiles / (long long)cost.size());
+  return tiles <= grid || busiest * grid * 100 <= total * (100 + kPersistentImbalancePercent);
 }
 
 // On the grid of one CTA per causal tile the hardware hands tiles to SMs in list order. Head by head, the last

@@ -81,7 +81,7 @@ int main() {
   // The persistent grid's orders: equal costs give the busiest CTA ceil(tiles / grid) of them either way; head_dim 64's
   // causal split tier (192 x 128 tiles, 3 warpgroups) at 4096 keys, whose first tile is the split one (32 key blocks,
   // 11 a warpgroup): 32 heads favour the snake (111 against 174), 128 heads and 48 heads at 2368 keys the rotation
-  // (tests/test_forward.py runs the first and the last).
+  // (tests/test_forward.py runs the first).
   const std::vector<long long> even(5, 3);
   for (bool rotate : {false, true})
     for (long long tiles : {1ll, 131ll, 132ll, 133ll, 1000ll})
@@ -99,29 +99,55 @@ int main() {
     expect(dhp::kernels::persistent_busiest(tiles, 132, cost, 1, true) == rotation, "the rotation's busiest CTA", heads,
            seqlen, dhp::kernels::persistent_busiest(tiles, 132, cost, 1, true));
   }
-  // The orders test_forward's test_causal_persistent_orders runs (16 MB sections: 1 MB of K/V a head at head_dim 64 and
-  // 4096 keys, 2 MB at 128; head_dim 256's persistent grid is its short tier's, 128 x 64 tiles up to 1024 keys, 1 MB a
-  // head at 1024 keys, 0.65 MB at 664).
+  // The orders test_forward's test_causal_persistent_orders runs, and a few more (16 MB sections: 1 MB of K/V a head at
+  // head_dim 64 and 4096 keys, 2 MB at 128; head_dim 256's persistent grid is its short tier's, 128 x 64 tiles up to
+  // 1024 keys). One section of every head, where their K/V fit 32 MB and it cuts the busiest CTA's work by 5%: head_dim
+  // 64, 32 heads at 4096 keys 100 key blocks against the snake's 111; 48 heads at 2368 56 against the rotation's 63;
+  // head_dim 128, 16 heads at 4096 68 against 8 heads a section's 98. One CTA per tile where the busiest CTA of the
+  // chosen order is 15% above the mean: head_dim 128, 24 heads at 4096 (48 MB of K/V), 129 against 101.8; head_dim 64,
+  // 12 heads at 2120 (144 tiles), 18 against 10.9.
   struct OrderCase {
     long long seqlen, heads;
     int block_m, block_n, consumers, budget_heads;
-    bool split;
-    dhp::kernels::PersistentOrder order;
+    bool all_heads_fit, split;
+    dhp::kernels::PersistentOrder order;  // busiest: the busiest CTA's work
+    bool persistent;
   };
   const OrderCase order_cases[] = {
-      {4096, 32, 192, 128, 3, 16, true, {1, false}},  {2368, 48, 192, 128, 3, 16, true, {1, true}},
-      {3520, 16, 192, 128, 3, 16, true, {16, false}}, {4096, 64, 128, 128, 2, 8, false, {1, false}},
-      {4096, 8, 128, 128, 2, 8, false, {8, false}},   {1024, 16, 128, 64, 2, 16, false, {1, false}},
-      {664, 24, 128, 64, 2, 24, false, {24, false}},
+      // head_dim 64's split tier (192 x 128, three warpgroups)
+      {4096, 32, 192, 128, 3, 16, false, true, {1, false, 111}, false},
+      {4096, 32, 192, 128, 3, 16, true, true, {32, false, 100}, true},
+      {4096, 12, 192, 128, 3, 12, true, true, {1, false, 37}, true},
+      {2368, 48, 192, 128, 3, 16, false, true, {1, true, 63}, false},
+      {2368, 48, 192, 128, 3, 16, true, true, {48, false, 56}, true},
+      {2120, 96, 192, 128, 3, 24, false, true, {24, true, 100}, true},
+      {2368, 16, 192, 128, 3, 16, true, true, {16, false, 19}, true},
+      {2120, 12, 192, 128, 3, 12, true, true, {12, false, 18}, false},
+      // head_dim 128's causal short tier (128 x 128)
+      {4096, 64, 128, 128, 2, 8, false, false, {1, false, 280}, true},
+      {1000, 32, 128, 128, 2, 32, true, false, {1, false, 11}, true},
+      {4096, 8, 128, 128, 2, 8, true, false, {8, false, 34}, true},
+      {4096, 16, 128, 128, 2, 8, true, false, {16, false, 68}, true},
+      {4096, 24, 128, 128, 2, 8, false, false, {1, false, 129}, false},
+      // head_dim 256's short tier (128 x 64)
+      {264, 128, 128, 64, 2, 32, false, false, {1, false, 15}, true},
+      {264, 144, 128, 64, 2, 48, false, false, {48, false, 17}, true},
+      {520, 36, 128, 64, 2, 18, true, false, {36, false, 10}, true},
+      {264, 48, 128, 64, 2, 48, true, false, {48, false, 6}, false},
+      {1024, 16, 128, 64, 2, 16, true, false, {1, false, 17}, true},  // 128 tiles: one a CTA, balanced
   };
   for (const OrderCase& o : order_cases) {
     const std::vector<long long> cost =
         dhp::kernels::causal_tile_costs(o.seqlen, o.seqlen, o.block_m, o.block_n, o.consumers, o.split);
     const long long tiles = o.heads * (long long)cost.size();
-    const dhp::kernels::PersistentOrder got = dhp::kernels::persistent_causal_order(
-        tiles, int(tiles < 132 ? tiles : 132), cost, o.budget_heads, o.split);
+    const int grid = int(tiles < 132 ? tiles : 132);
+    const dhp::kernels::PersistentOrder got =
+        dhp::kernels::persistent_causal_order(tiles, grid, cost, o.budget_heads, o.all_heads_fit, o.split);
     expect(got.section_heads == o.order.section_heads && got.rotate == o.order.rotate, "persistent_causal_order",
            o.seqlen, o.heads, got.section_heads * 2 + got.rotate);
+    expect(got.busiest == o.order.busiest, "persistent_causal_order's busiest CTA", o.seqlen, o.heads, got.busiest);
+    expect(dhp::kernels::persistent_causal_balanced(got.busiest, tiles, grid, cost) == o.persistent,
+           "persistent_causal_balanced", o.seqlen, o.heads, o.persistent);
   }
   std::printf("tile_order: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;
