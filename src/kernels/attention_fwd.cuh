@@ -1036,9 +1036,10 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // The persistent grid's list under a causal mask, where tiles cost from one key block to all: head by head (the K and
   // V of the heads running at once shared in L2), in the sections of kCausalSectionBytes (as the grid of one CTA a
   // tile) or, where every head's K and V fit kAllHeadsSectionBytes, in one section of every head, dealt in the snake
-  // or (the split tier, tile_of_round) rotated: persistent_causal_order (tile_order.h) by
-  // list scheduling, on lists of up to kPersistentOrderRounds rounds (host time: up to 33 us for four orders of 64
-  // rounds on a 2-core build machine, against the kernel's milliseconds there). Without a mask, head by head (the
+  // or (the split tier, tile_of_round) rotated: persistent_causal_order (tile_order.h) by list scheduling, on lists of
+  // up to kPersistentOrderRounds rounds (host time, 2-core build machine, g++ -O2: 48 us for four orders of 64 rounds,
+  // 8448 tiles, against the kernel's milliseconds there; one section of every head adds two orders of at most 1024
+  // tiles, since their K and V must fit 32 MB). Without a mask, head by head (the
   // split tier rotated). Head_dim 64's split tier at 4096 keys: 32 heads, the snake's busiest CTA 111 blocks and the
   // rotation's 174, 128 heads 407 and 385. H100, bf16, 2026-11-27, against the rotation head by head everywhere
   // (bench/results/2026-11-27-h100-fwd-causal-split-order.txt): 32 heads at 4096 keys 256 -> 172 us, 3520 keys 209 ->

@@ -41,12 +41,15 @@ inline long long persistent_busiest(long long tiles, int grid, const std::vector
                                     bool rotate) {
   std::vector<long long> load(size_t(grid), 0);
   size_t rank = 0;  // of position t's query block in its head (list order); `turn` its head within the section
-  for (long long t = 0, k = 0, turn = 0; t < tiles; ++k)
+  for (long long t = 0, k = 0, turn = 0; t < tiles; ++k) {
+    const long long shift = rotate ? (grid - k % grid) % grid : 0;  // the rotation: position c to CTA c + shift
     for (long long c = 0; c < grid && t < tiles; ++c, ++t) {
-      const long long cta = rotate ? (c + grid - k % grid) % grid : (k % 2 == 0 ? c : grid - 1 - c);
+      long long cta = rotate ? c + shift : (k % 2 == 0 ? c : grid - 1 - c);
+      if (cta >= grid) cta -= grid;
       load[size_t(cta)] += cost[rank];
       if (++turn == section_heads) turn = 0, rank = rank + 1 == cost.size() ? 0 : rank + 1;
     }
+  }
   long long busiest = 0;
   for (long long l : load) busiest = l > busiest ? l : busiest;
   return busiest;
