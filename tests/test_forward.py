@@ -242,24 +242,27 @@ def test_key_split_runs(torch_cuda, dtype_name, head_dim, shape):
 
 
 PERSISTENT_ORDERS = {  # (batch, heads, seqlen) a causal launch takes in each order (tests/cpp/tile_order.cpp)
-    "snake": {64: (1, 12, 4096), 128: (1, 32, 1000), 256: (4, 32, 264)},
-    "rotation": {64: (2, 48, 2120)},  # the split tier alone rotates
+    "snake": {64: (1, 32, 1000), 128: (1, 32, 1000), 256: (4, 32, 264)},
     "sections": {64: (1, 16, 2368), 128: (1, 8, 4096), 256: (3, 48, 264)},
-    "all_heads": {64: (1, 32, 4096), 128: (1, 16, 4096), 256: (3, 12, 520)},
-    # one CTA per tile where the chosen order leaves its busiest CTA 15% above the mean
-    "one_cta_per_tile": {64: (1, 12, 2120), 128: (1, 24, 4096), 256: (1, 48, 264)},
+    "all_heads": {64: (4, 32, 520), 128: (1, 16, 4096), 256: (3, 12, 520)},
+    # list_schedule: head_dim 64's tiers from 2049 keys, where the K/V of all heads exceed 32 MB (the causal split tier's
+    # rotation, which the schedule took over up to 4096 tiles, is left to tests/cpp/tile_order.cpp: the next launch
+    # that takes it is 512 heads at 2120 keys)
+    "schedule": {64: (3, 16, 4096)},
+    # one CTA per tile where no order or schedule leaves the busiest CTA within 15% of the mean
+    "one_cta_per_tile": {64: (1, 12, 2120), 128: (2, 24, 264), 256: (1, 48, 264)},
 }
 
 
 @pytest.mark.parametrize("order", list(PERSISTENT_ORDERS))
 def test_causal_persistent_orders(torch_cuda, dtype_name, head_dim, order):
     """The causal persistent grid lists its tiles head by head, in sections or in one section of every head, and deals
-    them in the snake or rotated, whichever leaves the busiest CTA less work (persistent_causal_order), or gives way to
-    one CTA per tile (persistent_causal_balanced); PERSISTENT_ORDERS take each, every tile once, checked against the
-    reference."""
+    them in the snake or rotated (persistent_causal_order) or by a static schedule (list_schedule), whichever leaves the
+    busiest CTA less work, or gives way to one CTA per tile (persistent_causal_balanced); PERSISTENT_ORDERS take each,
+    every tile once, checked against the reference."""
     torch = torch_cuda
     if head_dim not in PERSISTENT_ORDERS[order]:
-        pytest.skip(f"head_dim {head_dim} has no {order} order (no split tier)")
+        pytest.skip(f"head_dim {head_dim} has no launch in the {order} order")
     batch, heads, seqlen = PERSISTENT_ORDERS[order][head_dim]
     assert seqlen <= dhp.build_info()["persistent_causal_max_seqlen_k"][str(head_dim)]
     q, k, v = inputs(torch, dtype_name, batch, seqlen, seqlen, heads, heads, head_dim, seed=seqlen)

@@ -67,8 +67,9 @@ DHP_API const char* dhp_version(void);
  * "key_split_max_runs" (by head_dim) each, as a model of the waves with "key_split_stream_ctas" and
  * "key_split_wave_blocks" finds fastest for the launch's tiles (so with the batch): that changes no bit.
  * Causal forwards with seqlen_k <= "persistent_causal_max_seqlen_k" (by head_dim) run on a persistent grid, their tiles
- * listed as a model of the grid balances best (head by head, in sections of heads or all heads at once), or, where no
- * such list balances a launch of a few rounds, one CTA per tile; longer ones take the heads in sections whose K and V
+ * listed as a model of the grid balances best (head by head, in sections of heads or all heads at once) or dealt by a
+ * static schedule computed from the shapes, or, where none balances a launch of a few rounds, one CTA per tile; longer
+ * ones take the heads in sections whose K and V
  * fit "causal_section_bytes", heaviest query blocks first (grid and tile order only: the results depend on neither).
  * "backward_two_dq_chains_max_seqlen_k" maps each backward head_dim to the longest seqlen_k whose non-causal MHA
  * backward keeps two dQ sums, "backward_two_dq_chains_min_seqlen_k" to the seqlen_k above which it does (0: from 1);

@@ -1,9 +1,9 @@
 // Forward attention, sm_90a: O = softmax(Q K^T * scale [+ causal mask]) V, plus the row log-sum-exp.
 //
 // Persistent: the grid is one CTA per SM (at most one per tile), and the CTAs take a fixed tile list
-// (tile_at) round by round, in snake order (tile_of_round); a tile is a block_m x head_dim output block
-// of one (batch, query head). The K/V ring and its barriers run on across a CTA's tiles, so the loads of the
-// next tile overlap the epilogue of the current one. Warp specialisation:
+// (tile_at) round by round, in snake order, or by a static schedule computed on the host (tile_of_round); a tile is a
+// block_m x head_dim output block of one (batch, query head). The K/V ring and its barriers run on across a CTA's
+// tiles, so the loads of the next tile overlap the epilogue of the current one. Warp specialisation:
 //   warpgroup 0 (producer): one thread issues TMA loads — per tile Q (once the consumers have freed its
 //     buffer), then K and V blocks into a ring of `stages` shared-memory slots, each slot guarded by a
 //     full/empty mbarrier pair per operand; the warpgroup gives registers back (setmaxnreg.dec).
@@ -78,6 +78,12 @@ struct FwdKernelParams {
   int split_blocks;
   int q_pack_shift;  // with key splits: log2 of the query heads of a K/V head packed into a tile's rows (pos)
   int rotate;        // split tiles: the persistent grid's rounds rotated (1) or in the snake (0) (tile_of_round)
+};
+
+// The causal kernels' parameters (but the key splits'): FwdKernelParams and a static schedule of the persistent grid
+// (tile_order.h, list_schedule; launch_forward_tier chooses it), read by tile_of_round where schedule.ctas > 0.
+struct FwdScheduledParams : FwdKernelParams {
+  TileSchedule schedule;
 };
 
 enum class FwdBarrier : int {
@@ -173,6 +179,14 @@ struct FwdKernel {
   static constexpr bool kSplitTile = kCfg.split_tile;  // split_tile
   static constexpr bool kKeySplit = kCfg.key_splits;   // key_range
   static constexpr int kMaxRuns = kKeySplit ? fwd_key_split_max_runs(HeadDim) : 1;  // runs a CTA (join_key_splits)
+  // A causal tier that may run on the persistent grid but never below kScheduleMinSeqlenK keys takes a static schedule
+  // in its parameters (FwdScheduledParams, tile_of_round); the others keep the small parameters (tile_order.h,
+  // TileSchedule, says why).
+  static constexpr int kLeastKeys = Tier == kTierShortKeys || fwd_tiers(HeadDim, Causal) < 2
+                                        ? 1 : fwd_short_keys(HeadDim, Causal) + 1;  // run_forward
+  static constexpr bool kScheduled = Causal && !kKeySplit && kLeastKeys >= kScheduleMinSeqlenK &&
+                                     kLeastKeys <= fwd_persistent_causal_keys(HeadDim);
+  using Params = std::conditional_t<kScheduled, FwdScheduledParams, FwdKernelParams>;
   // A split tile of at most 8 rows (FwdConfig::split_rows) joins its warpgroups through row half 0's partials alone, in
   // a key split's slot (split_join_slot).
   static constexpr bool kNarrowSplit = kSplitTile && kCfg.split_rows <= 8;
@@ -267,10 +281,18 @@ struct FwdKernel {
   // a mask and under one where p.rotate says (launch_forward_tier): where G is a multiple of the query blocks (132
   // SMs, 6 or 22 tiles a head) the snake gives every split tile to the same few CTAs, the rotation deals them to all
   // in turn (counted by list scheduling, head_dim 64 at 1k: the busiest CTA's 24 tiles either way with the snake, 21.8
-  // tile times with the rotation). -1 once past the list (only the last round can be partial, so the first -1 ends the
-  // CTA's work).
+  // tile times with the rotation). With a static schedule (kScheduled, schedule.ctas > 0), the CTA's k-th position of
+  // it. -1 once past the list or the CTA's part of the schedule (only the last round can be partial, so the first -1
+  // ends the CTA's work).
   __device__ static int tile_of_round(const FwdKernelParams& p, int k) {
     if constexpr (kKeySplit) return k == 0 ? int(blockIdx.x) / p.key_splits : -1;  // one tile a CTA, a cluster a tile
+    if constexpr (kScheduled) {  // a static schedule: the CTA's k-th position of it
+      const TileSchedule& schedule = static_cast<const FwdScheduledParams&>(p).schedule;
+      if (schedule.ctas > 0) {
+        const int i = schedule.start[blockIdx.x] + k;
+        return i < schedule.start[blockIdx.x + 1] ? int(schedule.tile[i]) : -1;
+      }
+    }
     const int64_t t = int64_t(k) * gridDim.x + (kSplitTile && (!Causal || p.rotate) ? (blockIdx.x + k) % gridDim.x
                                                 : (k & 1) ? gridDim.x - 1 - blockIdx.x : blockIdx.x);
     return t < p.num_tiles ? int(t) : -1;
@@ -901,7 +923,7 @@ struct FwdKernel {
 
 template <class T, int HeadDim, bool Causal, int Tier>
 __global__ void __launch_bounds__(fwd_config(HeadDim, Causal, Tier).threads(), 1)
-    attention_fwd_kernel(const __grid_constant__ FwdKernelParams p) {
+    attention_fwd_kernel(const __grid_constant__ typename FwdKernel<T, HeadDim, Causal, Tier>::Params p) {
   using K = FwdKernel<T, HeadDim, Causal, Tier>;
   auto& s = hopper::aligned_dynamic_smem<typename K::Smem>();
 
@@ -949,7 +971,7 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   using T = std::conditional_t<DT == DType::bf16, __nv_bfloat16, __half>;
   using K = FwdKernel<T, HeadDim, Causal, Tier>;
 
-  FwdKernelParams kp{};
+  typename K::Params kp{};
   const TensorMapShape q_shape{HeadDim, prm.seqlen_q, prm.heads_q, prm.batch};
   const TensorMapShape kv_shape{HeadDim, prm.seqlen_k, prm.heads_kv, prm.batch};
   // Key splits pack the query heads of a K/V head into a tile's rows, as many as a power of two divides, at most 64:
@@ -1054,9 +1076,23 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
         int64_t(prm.batch) * prm.heads_q / kp.q_heads_per_kv * kv_head_bytes <= kAllHeadsSectionBytes;
     const PersistentOrder order =
         persistent_causal_order(num_tiles, int(persistent_grid), cost, budget_heads, all_heads_fit, K::kSplitTile);
-    persistent = persistent_causal_balanced(order.busiest, num_tiles, int(persistent_grid), cost);
-    section_heads = persistent ? order.section_heads : budget_heads;
-    kp.rotate = persistent && order.rotate;
+    long long busiest = order.busiest;
+    section_heads = order.section_heads;
+    kp.rotate = order.rotate;
+    if constexpr (K::kScheduled) {  // where every head's K and V fit, one section of them did as well or better
+      if (!all_heads_fit && num_tiles <= kScheduleTiles && persistent_grid <= kScheduleCtas) {
+        const long long listed = list_schedule(num_tiles, int(persistent_grid), cost, budget_heads, kp.schedule);
+        if (listed * 100 < busiest * (100 - kScheduleGainPercent))
+          busiest = listed, section_heads = budget_heads, kp.rotate = 0;
+        else
+          kp.schedule.ctas = 0;
+      }
+    }
+    persistent = persistent_causal_balanced(busiest, num_tiles, int(persistent_grid), cost);
+    if (!persistent) section_heads = budget_heads, kp.rotate = 0;
+    if constexpr (K::kScheduled) {
+      if (!persistent) kp.schedule.ctas = 0;
+    }
   }
   const int64_t grid = persistent ? persistent_grid : num_tiles * kp.key_splits;
   kp.order = TileOrder::make(int(num_m_blocks), section_heads);

@@ -6,6 +6,7 @@
 // Host and device: tests/cpp/tile_order.cpp checks it.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "kernels/fast_div.h"
@@ -124,6 +125,73 @@ inline bool persistent_causal_balanced(long long busiest, long long tiles, int g
   for (long long c : cost) head += c;
   const long long total = head * (tiles / (long long)cost.size());
   return tiles <= grid || busiest * grid * 100 <= total * (100 + kPersistentImbalancePercent);
+}
+
+// A static schedule of the persistent grid: CTA c runs the list positions tile[start[c]] .. tile[start[c + 1] - 1], in
+// that order; ctas == 0: no schedule (the rounds of tile_of_round). The snake leaves the busiest CTA of the benchmark's
+// causal launches about 3% above the mean (the last, partial round; 2048 tiles on 132 CTAs), list scheduling (below)
+// 0.2-1%. The schedule travels in the kernel's parameters (attention_fwd.cuh, FwdScheduledParams: at most
+// kScheduleTiles positions on at most kScheduleCtas CTAs, 8.7 KB), which costs the short causal launches 0.8-3% (512
+// to 2048 keys, H100), so only kernels that never run below kScheduleMinSeqlenK keys carry it: head_dim 64's causal
+// main and split tiers. It is taken where its busiest CTA has kScheduleGainPercent less work than the chosen order's
+// and the K/V of all heads exceed kAllHeadsSectionBytes (within them, one section of every head measured as well or
+// better). H100, bf16, 2026-11-27, against the snake or rotation (8 rounds, alternating builds with an A/A tree,
+// bench/results/2026-11-27-h100-fwd-causal-list-schedule-ab.txt): head_dim 64, 4 x 32 heads at 4096 keys +2.1..+2.6%,
+// 6 x 32 at 2368 +3.0 / +3.2%, 3 x 16 at 4096 +1.3%. Head_dim 128's causal short tier (1 to 4096 keys) with the table:
+// 4096 keys +1.1..+1.5%, GQA 32/8 +2.7..+3.2%, but 512 keys -0.9% with no schedule taken there; it would need a tier
+// of its own from 2049 keys.
+constexpr int kScheduleTiles = 4096;
+constexpr int kScheduleCtas = 256;
+constexpr int kScheduleGainPercent = 1;
+constexpr int kScheduleMinSeqlenK = 2049;
+struct TileSchedule {
+  int ctas;
+  uint16_t start[kScheduleCtas + 1];
+  uint16_t tile[kScheduleTiles];
+};
+
+// List scheduling of the list in sections of `section_heads` heads (TileOrder; a head's query blocks costing `cost` in
+// list order): each position in turn to the CTA with the least work so far, the lowest-numbered among equals, as a
+// grid of one CTA per tile hands tiles to SMs as they free up, here decided on the host from shapes alone. Writes the
+// schedule (tiles <= kScheduleTiles, grid <= kScheduleCtas) and returns its busiest CTA's work. Host only; O(tiles):
+// every CTA's work lies within the largest cost of the least, so the CTAs sit in a ring of that many buckets by work,
+// each a bit set.
+inline long long list_schedule(long long tiles, int grid, const std::vector<long long>& cost, int section_heads,
+                               TileSchedule& out) {
+  constexpr int kWords = (kScheduleCtas + 63) / 64;
+  long long ring = 1;
+  for (long long c : cost) ring = c + 1 > ring ? c + 1 : ring;
+  std::vector<uint64_t> bucket(static_cast<size_t>(ring) * kWords, 0);  // bucket w % ring: the CTAs with work w
+  for (int c = 0; c < grid; ++c) bucket[size_t(c / 64)] |= uint64_t{1} << (c % 64);
+  std::vector<uint16_t> owner(static_cast<size_t>(tiles));
+  int count[kScheduleCtas + 1] = {};
+  long long least = 0, busiest = 0, at = 0;  // at: least % ring
+  size_t rank = 0;                           // as in persistent_busiest
+  for (long long t = 0, turn = 0; t < tiles; ++t) {
+    uint64_t* ctas = &bucket[size_t(at) * kWords];
+    int word = 0;
+    while (word < kWords && ctas[word] == 0) ++word;
+    while (word == kWords) {  // no CTA with the least work left: the next
+      ++least, at = at + 1 == ring ? 0 : at + 1;
+      ctas = &bucket[size_t(at) * kWords];
+      for (word = 0; word < kWords && ctas[word] == 0;) ++word;
+    }
+    const int bit = __builtin_ctzll(ctas[word]);
+    ctas[word] &= ctas[word] - 1;
+    const int cta = word * 64 + bit;
+    const long long work = least + cost[rank];
+    const long long to = at + cost[rank] < ring ? at + cost[rank] : at + cost[rank] - ring;
+    bucket[size_t(to) * kWords + size_t(word)] |= uint64_t{1} << bit;
+    busiest = work > busiest ? work : busiest;
+    owner[size_t(t)] = uint16_t(cta);
+    ++count[cta + 1];
+    if (++turn == section_heads) turn = 0, rank = rank + 1 == cost.size() ? 0 : rank + 1;
+  }
+  out.ctas = grid;
+  for (int c = 0; c < grid; ++c) count[c + 1] += count[c];
+  for (int c = 0; c <= grid; ++c) out.start[c] = uint16_t(count[c]);
+  for (long long t = 0; t < tiles; ++t) out.tile[count[owner[size_t(t)]]++] = uint16_t(t);
+  return busiest;
 }
 
 // On the grid of one CTA per causal tile the hardware hands tiles to SMs in list order. Head by head, the last
