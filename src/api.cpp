@@ -638,8 +638,10 @@ const char* build_info_json() {
         for (int tier = 0; tier < kernels::fwd_tiers(head_dim, causal); ++tier) {
           const kernels::FwdConfig c = kernels::fwd_config(head_dim, causal, tier);
           char limit[16] = "null", limit_q[16] = "null", split_rows[16] = "null", least[16] = "null";
-          if (tier == kernels::kTierShortKeys)
+          if (tier == kernels::kTierShortKeys || tier == kernels::fwd_scheduled_tier(head_dim, causal))
             std::snprintf(limit, sizeof limit, "%d", kernels::fwd_short_keys(head_dim, causal));
+          if (tier == kernels::fwd_scheduled_tier(head_dim, causal))
+            std::snprintf(least, sizeof least, "%d", kernels::fwd_scheduled_keys(head_dim, causal));
           if (tier == kernels::fwd_split_tier(head_dim, causal))
             std::snprintf(limit_q, sizeof limit_q, "%d", kernels::fwd_split_max_seqlen_q(head_dim, causal));
           if (tier == kernels::fwd_long_tier(head_dim, causal))

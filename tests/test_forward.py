@@ -35,15 +35,19 @@ def tier_of(info, head_dim, causal, seqlen_q, seqlen_k, heads_q=1, heads_kv=1):
     for t in family:
         if t["key_splits"] and key_split_runs(info, seqlen_q, seqlen_k, heads_q, heads_kv) > 1:
             return t["tier"]
+    for t in family:  # the scheduled short tier (both limits) first, then the short-key tier
+        if t["max_seqlen_k"] is not None and t["min_seqlen_k"] is not None and \
+                t["min_seqlen_k"] <= seqlen_k <= t["max_seqlen_k"]:
+            return t["tier"]
     for t in family:
-        if t["max_seqlen_k"] is not None and seqlen_k <= t["max_seqlen_k"]:
+        if t["max_seqlen_k"] is not None and t["min_seqlen_k"] is None and seqlen_k <= t["max_seqlen_k"]:
             return t["tier"]
     for t in family:
         split = t["split_tile"] and not t["key_splits"]
         if split and seqlen_q <= t["max_seqlen_q"] and (seqlen_q - 1) % t["block_m"] < 64:
             return t["tier"]
     for t in family:
-        if t["min_seqlen_k"] is not None and seqlen_k >= t["min_seqlen_k"]:
+        if t["min_seqlen_k"] is not None and t["max_seqlen_k"] is None and seqlen_k >= t["min_seqlen_k"]:
             return t["tier"]
     return next(t["tier"] for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None
                 and t["min_seqlen_k"] is None)
@@ -110,7 +114,7 @@ def test_seqlens_reach_every_long_key_tier(ext):
     """Each long-key tier runs on SEQLENS with several query tiles and a partial last key block, and its family's main
     tier on seqlens short of its limit."""
     info = dhp.build_info()
-    for tile in (t for t in info["forward_tiles"] if t["min_seqlen_k"] is not None):
+    for tile in (t for t in info["forward_tiles"] if t["min_seqlen_k"] is not None and t["max_seqlen_k"] is None):
         family = (tile["head_dim"], tile["causal"])
         reached = [(q, k) for q, k in SEQLENS if tier_of(info, *family, q, k) == tile["tier"]]
         assert any(q > tile["block_m"] and k % tile["block_n"] for q, k in reached), (tile, reached)
@@ -245,10 +249,11 @@ PERSISTENT_ORDERS = {  # (batch, heads, seqlen) a causal launch takes in each or
     "snake": {64: (1, 32, 1000), 128: (1, 32, 1000), 256: (4, 32, 264)},
     "sections": {64: (1, 16, 2368), 128: (1, 8, 4096), 256: (3, 48, 264)},
     "all_heads": {64: (4, 32, 520), 128: (1, 16, 4096), 256: (3, 12, 520)},
-    # list_schedule: head_dim 64's tiers from 2049 keys, where the K/V of all heads exceed 32 MB (the causal split tier's
+    # list_schedule: head_dim 64's tiers and head_dim 128's scheduled short tier from 2049 keys, where the K/V of all
+    # heads exceed 32 MB (the causal split tier's
     # rotation, which the schedule took over up to 4096 tiles, is left to tests/cpp/tile_order.cpp: the next launch
     # that takes it is 512 heads at 2120 keys)
-    "schedule": {64: (3, 16, 4096)},
+    "schedule": {64: (3, 16, 4096), 128: (1, 24, 4096)},
     # one CTA per tile where no order or schedule leaves the busiest CTA within 15% of the mean
     "one_cta_per_tile": {64: (1, 12, 2120), 128: (2, 24, 264), 256: (1, 48, 264)},
 }

@@ -51,9 +51,10 @@ def test_version_and_build_info(ext):
 
 def test_build_info_lists_the_forward_tiles(ext):
     """One main tile configuration (any seqlen_k) per compiled head_dim and mask, at most one short-key tier, one
-    split tier (the main tier's tiles with split_tile, up to max_seqlen_q), one long-key tier (from min_seqlen_k, past
-    the short tier's limit) and one key-split tier (128-row tiles with key_splits, up to max_seqlen_q; split tiles of 64
-    rows, or of "key_split_narrow_rows" where shared memory holds no more)."""
+    scheduled short tier (the short tier's tile from min_seqlen_k up to its max_seqlen_k), one split tier (the main
+    tier's tiles with split_tile, up to max_seqlen_q), one long-key tier (from min_seqlen_k, past the short tier's limit)
+    and one key-split tier (128-row tiles with key_splits, up to max_seqlen_q; split tiles of 64 rows, or of
+    "key_split_narrow_rows" where shared memory holds no more)."""
     info = dhp.build_info()
     tiles = info["forward_tiles"]
     keys = {"head_dim", "causal", "tier", "max_seqlen_k", "min_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages",
@@ -68,8 +69,14 @@ def test_build_info_lists_the_forward_tiles(ext):
             main = [t for t in family if t["max_seqlen_k"] is None and t["max_seqlen_q"] is None and
                     t["min_seqlen_k"] is None]
             assert len(main) == 1 and not main[0]["split_tile"], family
-            long_keys = [t for t in family if t["min_seqlen_k"] is not None]
+            long_keys = [t for t in family if t["min_seqlen_k"] is not None and t["max_seqlen_k"] is None]
             short = max((t["max_seqlen_k"] for t in family if t["max_seqlen_k"] is not None), default=0)
+            # the scheduled short tier: the short tier's tile from min_seqlen_k up to its limit
+            short_tier = [t for t in family if t["max_seqlen_k"] is not None and t["min_seqlen_k"] is None]
+            scheduled = [t for t in family if t["max_seqlen_k"] is not None and t["min_seqlen_k"] is not None]
+            assert len(scheduled) <= 1 and all(
+                len(short_tier) == 1 and 1 < t["min_seqlen_k"] <= t["max_seqlen_k"] == short_tier[0]["max_seqlen_k"]
+                and {**t, "tier": 1, "min_seqlen_k": None} == short_tier[0] for t in scheduled), family
             assert len(long_keys) <= 1 and all(t["min_seqlen_k"] > short and t["max_seqlen_k"] is None and
                                                not t["split_tile"] and not t["key_splits"] for t in long_keys), family
             split = [t for t in family if t["split_tile"] and not t["key_splits"]]

@@ -51,7 +51,8 @@ DHP_API const char* dhp_version(void);
  * "backward_causal_head_halves_min_group"}.
  * "forward_tiles" lists the forward's tile configurations: {"head_dim", "causal", "tier", "max_seqlen_k" (null: any
  * seqlen_k; else the short-key tier's limit, which takes precedence up to it), "min_seqlen_k" (null; else the
- * long-key tier's: from it on, that tier takes what the main tier would run), "max_seqlen_q" (null; else the split
+ * long-key tier's: from it on, that tier takes what the main tier would run; with a "max_seqlen_k" too, the scheduled
+ * short tier's: from it up to that limit, it takes what the short-key tier would run), "max_seqlen_q" (null; else the split
  * tier's limit: up to it, a seqlen_q whose last query tile holds at most 64 rows takes that tier where the main tier
  * would run; for the key-split tier, the seqlen_q up to which it runs), "block_m", "block_n", "stages", "q_buffers",
  * "consumer_warpgroups", "split_tile", "split_rows" (null; else the most rows of a split tile), "key_splits", ...}.

@@ -182,8 +182,10 @@ struct FwdKernel {
   // A causal tier that may run on the persistent grid but never below kScheduleMinSeqlenK keys takes a static schedule
   // in its parameters (FwdScheduledParams, tile_of_round); the others keep the small parameters (tile_order.h,
   // TileSchedule, says why).
-  static constexpr int kLeastKeys = Tier == kTierShortKeys || fwd_tiers(HeadDim, Causal) < 2
-                                        ? 1 : fwd_short_keys(HeadDim, Causal) + 1;  // run_forward
+  static constexpr int kLeastKeys = Tier == fwd_scheduled_tier(HeadDim, Causal) ? fwd_scheduled_keys(HeadDim, Causal)
+                                    : Tier == kTierShortKeys || fwd_tiers(HeadDim, Causal) < 2
+                                        ? 1
+                                        : fwd_short_keys(HeadDim, Causal) + 1;  // run_forward
   static constexpr bool kScheduled = Causal && !kKeySplit && kLeastKeys >= kScheduleMinSeqlenK &&
                                      kLeastKeys <= fwd_persistent_causal_keys(HeadDim);
   using Params = std::conditional_t<kScheduled, FwdScheduledParams, FwdKernelParams>;
@@ -1115,7 +1117,7 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
 }
 
 // The family's tier (fwd_config.h) by seqlen_k and, for the split tiles and key splits, seqlen_q: key splits, short
-// keys, split tile, long keys, else the main tier.
+// keys (the scheduled short tier from its limit), split tile, long keys, else the main tier.
 template <DType DT, int HeadDim, bool Causal>
 dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
   if constexpr (fwd_key_split_tier(HeadDim, Causal) >= 0) {
@@ -1123,6 +1125,10 @@ dhp_status run_forward(const FwdParams& prm, cudaStream_t stream) {
       return launch_forward_tier<DT, HeadDim, Causal, fwd_key_split_tier(HeadDim, Causal)>(prm, stream);
   }
   if constexpr (fwd_tiers(HeadDim, Causal) >= 2) {
+    if constexpr (fwd_scheduled_tier(HeadDim, Causal) >= 0) {
+      if (prm.seqlen_k >= fwd_scheduled_keys(HeadDim, Causal) && prm.seqlen_k <= fwd_short_keys(HeadDim, Causal))
+        return launch_forward_tier<DT, HeadDim, Causal, fwd_scheduled_tier(HeadDim, Causal)>(prm, stream);
+    }
     if (prm.seqlen_k <= fwd_short_keys(HeadDim, Causal))
       return launch_forward_tier<DT, HeadDim, Causal, kTierShortKeys>(prm, stream);
   }

@@ -82,10 +82,22 @@ constexpr int fwd_long_keys(int head_dim, bool causal) { return head_dim == 128 
 constexpr int fwd_long_tier(int head_dim, bool causal) {
   return fwd_long_keys(head_dim, causal) > 0 ? 2 + (fwd_split_tier(head_dim, causal) >= 0) : -1;
 }
+// A scheduled short tier (seqlen_k from fwd_scheduled_keys(...) > 0 up to the short tier's limit): the short tier's
+// tile, so the same bits, in a kernel of its own whose parameters carry a static schedule of the persistent grid
+// (tile_order.h, TileSchedule, says why the short launches must not carry it). Head_dim 128 under a causal mask: H100,
+// bf16, 2026-11-27, against main (bench/results/2026-11-27-h100-fwd-causal-list-schedule-ab.txt, call s39n): 4 x 16
+// heads at 4096 keys +1.3%, GQA 32/8 +2.8%, one sequence of 24 heads at 4096 +3.7%, 2048 and 512 keys unchanged.
+constexpr int fwd_scheduled_keys(int head_dim, bool causal) { return head_dim == 128 && causal ? 2049 : 0; }
+constexpr int fwd_scheduled_tier(int head_dim, bool causal) {
+  return fwd_scheduled_keys(head_dim, causal) > 0
+             ? 2 + (fwd_split_tier(head_dim, causal) >= 0) + (fwd_long_tier(head_dim, causal) >= 0)
+             : -1;
+}
 // The last tier of every family, kernels of their own: the short-key tier's tile with its key blocks split over a
 // cluster of CTAs (key_splits), where seqlen_q fits one query tile (fwd_key_splits).
 constexpr int fwd_key_split_tier(int head_dim, bool causal) {
-  return 2 + (fwd_split_tier(head_dim, causal) >= 0) + (fwd_long_tier(head_dim, causal) >= 0);
+  return 2 + (fwd_split_tier(head_dim, causal) >= 0) + (fwd_long_tier(head_dim, causal) >= 0) +
+         (fwd_scheduled_tier(head_dim, causal) >= 0);
 }
 constexpr int fwd_tiers(int head_dim, bool causal) { return fwd_key_split_tier(head_dim, causal) + 1; }
 
@@ -254,7 +266,8 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // (d64 main 8k -6%, causal short tier 1k-2k -4..-5%; d256 main causal 8k -4.6%, short tiers -2..+1%), so they
   // keep 2 and 0.
   const bool key_split = tier == fwd_key_split_tier(head_dim, causal);
-  const bool short_keys = tier == kTierShortKeys || key_split;  // the key-split tier takes the short tier's tile
+  const bool short_keys = tier == kTierShortKeys || key_split ||  // the key-split and scheduled tiers: the short tile
+                          tier == fwd_scheduled_tier(head_dim, causal);
   const bool half_first = causal && (short_keys || head_dim == 64);
   // masked_loop, measured on an H100 (bf16, 2026-11-27, alternating builds with an A/A tree): d128 causal 5000-16k
   // +2.3..+2.5%, GQA 32/8 8k +1.4%, its short tier 2k-4k +0.8..+1.3% (1k even); d64 main 4k-16k +2.7..+3.6%; d256 8k

@@ -133,13 +133,14 @@ inline bool persistent_causal_balanced(long long busiest, long long tiles, int g
 // 0.2-1%. The schedule travels in the kernel's parameters (attention_fwd.cuh, FwdScheduledParams: at most
 // kScheduleTiles positions on at most kScheduleCtas CTAs, 8.7 KB), which costs the short causal launches 0.8-3% (512
 // to 2048 keys, H100), so only kernels that never run below kScheduleMinSeqlenK keys carry it: head_dim 64's causal
-// main and split tiers. It is taken where its busiest CTA has kScheduleGainPercent less work than the chosen order's
-// and the K/V of all heads exceed kAllHeadsSectionBytes (within them, one section of every head measured as well or
-// better). H100, bf16, 2026-11-27, against the snake or rotation (8 rounds, alternating builds with an A/A tree,
+// main and split tiers, and head_dim 128's scheduled short tier (fwd_config.h, fwd_scheduled_keys: its causal short
+// tile from 2049 keys in a kernel of its own). It is taken where its busiest CTA has kScheduleGainPercent less work
+// than the chosen order's and the K/V of all heads exceed kAllHeadsSectionBytes (within them, one section of every
+// head measured as well or better). H100, bf16, 2026-11-27, against the snake or rotation (8 rounds, alternating builds with an A/A tree,
 // bench/results/2026-11-27-h100-fwd-causal-list-schedule-ab.txt): head_dim 64, 4 x 32 heads at 4096 keys +2.1..+2.6%,
 // 6 x 32 at 2368 +3.0 / +3.2%, 3 x 16 at 4096 +1.3%. Head_dim 128's causal short tier (1 to 4096 keys) with the table:
-// 4096 keys +1.1..+1.5%, GQA 32/8 +2.7..+3.2%, but 512 keys -0.9% with no schedule taken there; it would need a tier
-// of its own from 2049 keys.
+// 4096 keys +1.1..+1.5%, GQA 32/8 +2.7..+3.2%, but 512 keys -0.9% with no schedule taken there: hence its scheduled
+// tier from 2049 keys.
 constexpr int kScheduleTiles = 4096;
 constexpr int kScheduleCtas = 256;
 constexpr int kScheduleGainPercent = 1;
