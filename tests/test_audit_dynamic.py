@@ -10,10 +10,12 @@ for the counters).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -585,6 +587,36 @@ def test_shapes_option_narrows_the_ncu_checks(monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_:
             main([check, "--shapes", "1,300,3,2"])
         assert exit_.value.code == 2 and "argument --shapes: '1,300,3,2' is not" in capsys.readouterr().err
+
+
+def test_shapes_option_of_the_determinism_check(monkeypatch, capsys):
+    """determinism --shapes checks the sequences given (no batch: the check builds its batches) instead of SHAPES,
+    --causal one mask alone; a malformed sequence is argparse's error (exit 2) naming it."""
+    from dhp import _native
+    from dhp.audit.__main__ import main
+
+    assert counters.parse_shapes("4096,16,16; 16,8,2,4500", batch=False) == ((4096, 16, 16), (16, 8, 2, 4500))
+    for bad in ("4096,16", "1,4096,16,16,4096", "0,2,2", "300,3,2"):
+        with pytest.raises(ValueError, match="is not seqlen,heads_q,heads_kv"):
+            counters.parse_shapes(bad, batch=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["determinism", "--shapes", "300,3,2"])
+    assert exit_.value.code == 2 and "argument --shapes: '300,3,2' is not seqlen" in capsys.readouterr().err
+
+    calls = []
+    monkeypatch.setattr(inputs, "gpu_variants", lambda args: (["bfloat16"], [128]))
+    monkeypatch.setattr(inputs, "backward_head_dims", lambda: [])
+    monkeypatch.setattr(_native, "ext", lambda: None)
+    monkeypatch.setattr(determinism, "run_case", lambda torch, ext, direction, dtype, head_dim, causal, repeats,
+                        seed, shapes: calls.append((direction, causal, shapes)) or [
+                            determinism.compare("repeat", "run 1", {"out": "a"}, {"out": "a"})])
+    cuda = types.SimpleNamespace(get_device_name=lambda: "test", empty_cache=lambda: None)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(no_grad=contextlib.nullcontext, cuda=cuda))
+    assert main(["determinism", "--shapes", "4096,16,16;8192,32,32", "--causal", "true"]) == 0
+    assert calls == [("fwd", True, ((4096, 16, 16), (8192, 32, 32)))]
+    calls.clear()
+    assert main(["determinism"]) == 0
+    assert calls == [("fwd", False, determinism.SHAPES), ("fwd", True, determinism.SHAPES)]
 
 
 @pytest.mark.parametrize("check", ["counters", "instructions", "timing", "determinism"])

@@ -256,6 +256,10 @@ PERSISTENT_ORDERS = {  # (batch, heads, seqlen) a causal launch takes in each or
     "schedule": {64: (3, 16, 4096), 128: (1, 24, 4096)},
     # one CTA per tile where no order or schedule leaves the busiest CTA within 15% of the mean
     "one_cta_per_tile": {64: (1, 12, 2120), 128: (2, 24, 264), 256: (1, 48, 264)},
+    # beyond persistent_causal_max_seqlen_k, the persistent grid in a scheduled tier where the busiest CTA is within 2%
+    # of the mean: in the snake, and by the static schedule
+    "beyond_snake": {64: (1, 48, 4200)},
+    "beyond_schedule": {64: (1, 64, 4608)},
 }
 
 
@@ -269,7 +273,13 @@ def test_causal_persistent_orders(torch_cuda, dtype_name, head_dim, order):
     if head_dim not in PERSISTENT_ORDERS[order]:
         pytest.skip(f"head_dim {head_dim} has no launch in the {order} order")
     batch, heads, seqlen = PERSISTENT_ORDERS[order][head_dim]
-    assert seqlen <= dhp.build_info()["persistent_causal_max_seqlen_k"][str(head_dim)]
+    info = dhp.build_info()
+    if order.startswith("beyond"):
+        assert seqlen > info["persistent_causal_max_seqlen_k"][str(head_dim)]
+        assert [t["scheduled"] for t in info["forward_tiles"] if t["head_dim"] == head_dim and t["causal"] and
+                t["max_seqlen_k"] is None and t["max_seqlen_q"] is None and t["min_seqlen_k"] is None] == [True]
+    else:
+        assert seqlen <= info["persistent_causal_max_seqlen_k"][str(head_dim)]
     q, k, v = inputs(torch, dtype_name, batch, seqlen, seqlen, heads, heads, head_dim, seed=seqlen)
     with torch.no_grad():
         out, lse = run_and_check(torch, q, k, v, True)

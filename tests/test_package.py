@@ -54,13 +54,14 @@ def test_build_info_lists_the_forward_tiles(ext):
     scheduled short tier (the short tier's tile from min_seqlen_k up to its max_seqlen_k), one split tier (the main
     tier's tiles with split_tile, up to max_seqlen_q), one long-key tier (from min_seqlen_k, past the short tier's limit)
     and one key-split tier (128-row tiles with key_splits, up to max_seqlen_q; split tiles of 64 rows, or of
-    "key_split_narrow_rows" where shared memory holds no more)."""
+    "key_split_narrow_rows" where shared memory holds no more); "scheduled" only on causal tiers that never run below
+    2049 keys."""
     info = dhp.build_info()
     tiles = info["forward_tiles"]
     keys = {"head_dim", "causal", "tier", "max_seqlen_k", "min_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages",
             "q_buffers",
             "consumer_warpgroups", "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes",
-            "masked_loop", "split_tile", "split_rows", "key_splits"}
+            "masked_loop", "split_tile", "split_rows", "key_splits", "scheduled"}
     assert tiles and all(set(t) == keys for t in tiles)
     for head_dim in info["head_dims"]:
         for causal in (False, True):
@@ -76,7 +77,11 @@ def test_build_info_lists_the_forward_tiles(ext):
             scheduled = [t for t in family if t["max_seqlen_k"] is not None and t["min_seqlen_k"] is not None]
             assert len(scheduled) <= 1 and all(
                 len(short_tier) == 1 and 1 < t["min_seqlen_k"] <= t["max_seqlen_k"] == short_tier[0]["max_seqlen_k"]
-                and {**t, "tier": 1, "min_seqlen_k": None} == short_tier[0] for t in scheduled), family
+                and {**t, "tier": 1, "min_seqlen_k": None, "scheduled": False} == short_tier[0] and t["scheduled"]
+                for t in scheduled), family
+            # a static schedule of the causal persistent grid only in tiers that never run below 2049 keys (fwd_scheduled)
+            least = {t["tier"]: t["min_seqlen_k"] or (1 if t in short_tier else short + 1) for t in family}
+            assert all(causal and not t["key_splits"] and least[t["tier"]] >= 2049 for t in family if t["scheduled"]), family
             assert len(long_keys) <= 1 and all(t["min_seqlen_k"] > short and t["max_seqlen_k"] is None and
                                                not t["split_tile"] and not t["key_splits"] for t in long_keys), family
             split = [t for t in family if t["split_tile"] and not t["key_splits"]]

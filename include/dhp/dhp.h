@@ -55,7 +55,8 @@ DHP_API const char* dhp_version(void);
  * short tier's: from it up to that limit, it takes what the short-key tier would run), "max_seqlen_q" (null; else the split
  * tier's limit: up to it, a seqlen_q whose last query tile holds at most 64 rows takes that tier where the main tier
  * would run; for the key-split tier, the seqlen_q up to which it runs), "block_m", "block_n", "stages", "q_buffers",
- * "consumer_warpgroups", "split_tile", "split_rows" (null; else the most rows of a split tile), "key_splits", ...}.
+ * "consumer_warpgroups", "split_tile", "split_rows" (null; else the most rows of a split tile), "key_splits",
+ * "scheduled" (a causal tier whose launches may take a static schedule of the persistent grid), ...}.
  * Key splits: where seqlen_q is at most the key-split tier's "max_seqlen_q" and seqlen_k spans at least
  * 2 x "key_split_min_blocks" 128-key blocks, the query heads that share a K/V head are packed into a tile's rows (as
  * many as the largest power of two dividing heads_q / heads_kv, at most 64) and each tile's key blocks are split into
@@ -69,8 +70,9 @@ DHP_API const char* dhp_version(void);
  * "key_split_wave_blocks" finds fastest for the launch's tiles (so with the batch): that changes no bit.
  * Causal forwards with seqlen_k <= "persistent_causal_max_seqlen_k" (by head_dim) run on a persistent grid, their tiles
  * listed as a model of the grid balances best (head by head, in sections of heads or all heads at once) or dealt by a
- * static schedule computed from the shapes, or, where none balances a launch of a few rounds, one CTA per tile; longer
- * ones take the heads in sections whose K and V
+ * static schedule computed from the shapes (in the tiers whose "forward_tiles" entry has "scheduled": true), or,
+ * where none balances a launch of a few rounds, one CTA per tile; longer ones keep the persistent grid where a
+ * scheduled tier takes its schedule, else take the heads in sections whose K and V
  * fit "causal_section_bytes", heaviest query blocks first (grid and tile order only: the results depend on neither).
  * "backward_two_dq_chains_max_seqlen_k" maps each backward head_dim to the longest seqlen_k whose non-causal MHA
  * backward keeps two dQ sums, "backward_two_dq_chains_min_seqlen_k" to the seqlen_k above which it does (0: from 1);

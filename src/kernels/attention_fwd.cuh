@@ -179,15 +179,9 @@ struct FwdKernel {
   static constexpr bool kSplitTile = kCfg.split_tile;  // split_tile
   static constexpr bool kKeySplit = kCfg.key_splits;   // key_range
   static constexpr int kMaxRuns = kKeySplit ? fwd_key_split_max_runs(HeadDim) : 1;  // runs a CTA (join_key_splits)
-  // A causal tier that may run on the persistent grid but never below kScheduleMinSeqlenK keys takes a static schedule
-  // in its parameters (FwdScheduledParams, tile_of_round); the others keep the small parameters (tile_order.h,
-  // TileSchedule, says why).
-  static constexpr int kLeastKeys = Tier == fwd_scheduled_tier(HeadDim, Causal) ? fwd_scheduled_keys(HeadDim, Causal)
-                                    : Tier == kTierShortKeys || fwd_tiers(HeadDim, Causal) < 2
-                                        ? 1
-                                        : fwd_short_keys(HeadDim, Causal) + 1;  // run_forward
-  static constexpr bool kScheduled = Causal && !kKeySplit && kLeastKeys >= kScheduleMinSeqlenK &&
-                                     kLeastKeys <= fwd_persistent_causal_keys(HeadDim);
+  // A static schedule in the parameters (FwdScheduledParams, tile_of_round; fwd_config.h, fwd_scheduled), or the small
+  // parameters (tile_order.h, TileSchedule, says why).
+  static constexpr bool kScheduled = fwd_scheduled(HeadDim, Causal, Tier);
   using Params = std::conditional_t<kScheduled, FwdScheduledParams, FwdKernelParams>;
   // A split tile of at most 8 rows (FwdConfig::split_rows) joins its warpgroups through row half 0's partials alone, in
   // a key split's slot (split_join_slot).
@@ -1029,10 +1023,14 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // beyond that a static round-robin cannot balance them (d128 16k: 467 vs 646), so the grid has one CTA
   // per tile and the hardware hands tiles, heaviest first within a section of heads, to SMs as they free up.
   // The tile -> CTA assignment never changes a tile's arithmetic: results do not depend on the grid.
-  bool persistent = !K::kKeySplit && (!Causal || prm.seqlen_k <= fwd_persistent_causal_keys(HeadDim));
+  // A scheduled kernel (kScheduled) keeps the persistent grid beyond fwd_persistent_causal_keys where its order or
+  // static schedule leaves the busiest CTA within kBeyondImbalancePercent of the mean (below; fwd_config.h,
+  // fwd_scheduled).
+  const bool beyond = Causal && prm.seqlen_k > fwd_persistent_causal_keys(HeadDim);
+  bool persistent = !K::kKeySplit && (!beyond || K::kScheduled);
   const int64_t kv_head_bytes = int64_t(prm.seqlen_k) * HeadDim * 2 * int64_t(sizeof(T));
   const int budget_heads = fwd_section_heads(int64_t(prm.heads_q) * prm.batch, kp.q_heads_per_kv, kv_head_bytes);
-  int section_heads = persistent || K::kKeySplit ? 1 : budget_heads;
+  int section_heads = 1;  // one CTA per tile: budget_heads (below)
   kp.by_heads_q = FastDiv::make(uint32_t(kp.heads_q));
   constexpr float kLog2e = 1.4426950408889634f;
   kp.scale_log2 = prm.softmax_scale * kLog2e;
@@ -1071,7 +1069,9 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
   // Where the chosen order leaves the busiest CTA far above the mean, one CTA per tile (persistent_causal_balanced).
   const int64_t persistent_grid = std::min(num_tiles, int64_t{multiprocessors});
   kp.rotate = K::kSplitTile && persistent && !Causal;
-  if (persistent && Causal && num_tiles <= kPersistentOrderRounds * persistent_grid) {
+  if (persistent && Causal && num_tiles > kPersistentOrderRounds * persistent_grid) {
+    persistent = !beyond;  // the snake, unmodelled: only up to fwd_persistent_causal_keys
+  } else if (persistent && Causal) {
     const std::vector<long long> cost =
         causal_tile_costs(prm.seqlen_q, prm.seqlen_k, K::kBlockM, K::kBlockN, K::kConsumers, K::kSplitTile);
     const bool all_heads_fit =
@@ -1090,12 +1090,13 @@ dhp_status launch_forward_tier(const FwdParams& prm, cudaStream_t stream) {
           kp.schedule.ctas = 0;
       }
     }
-    persistent = persistent_causal_balanced(busiest, num_tiles, int(persistent_grid), cost);
-    if (!persistent) section_heads = budget_heads, kp.rotate = 0;
+    persistent = persistent_causal_balanced(busiest, num_tiles, int(persistent_grid), cost,
+                                            beyond ? kBeyondImbalancePercent : kPersistentImbalancePercent);
     if constexpr (K::kScheduled) {
       if (!persistent) kp.schedule.ctas = 0;
     }
   }
+  if (!persistent && !K::kKeySplit) section_heads = budget_heads, kp.rotate = 0;
   const int64_t grid = persistent ? persistent_grid : num_tiles * kp.key_splits;
   kp.order = TileOrder::make(int(num_m_blocks), section_heads);
   cudaLaunchConfig_t config{};

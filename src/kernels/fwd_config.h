@@ -217,6 +217,22 @@ constexpr int kPersistentOrderRounds = 64;
 // same way (from 2048: 3000 keys -5.2%, 4096 -1.6%; its main tier's two Q buffers overlap on the persistent grid).
 constexpr int fwd_persistent_causal_keys(int head_dim) { return head_dim == 256 ? fwd_short_keys(256, true) : 4096; }
 
+// A causal tier that may run on the persistent grid and never runs below kScheduleMinSeqlenK keys carries a static
+// schedule of that grid in its kernel's parameters (tile_order.h, TileSchedule, says why the shorter launches must
+// not). Such a kernel also keeps the persistent grid beyond fwd_persistent_causal_keys where its schedule is taken
+// (attention_fwd.cuh, launch_forward_tier): list scheduling balances what the snake could not there. Head_dim 64's
+// causal main and split tiers, H100, bf16, 2026-11-27, against one CTA per tile (6 rounds with an A/A tree at
+// 0.979-0.997, bench/results/2026-11-27-h100-fwd-d64-causal-scheduled-beyond-ab.txt): 2 x 32 heads at 8192 keys +2.5%
+// (every round), 2 x 16 heads at 8192 +4.0%, 2 x 32 at 6144 +3.5%, one sequence of 32 heads at 16384 even.
+constexpr int kScheduleMinSeqlenK = 2049;
+constexpr bool fwd_scheduled(int head_dim, bool causal, int tier) {
+  const int least = tier == fwd_scheduled_tier(head_dim, causal) ? fwd_scheduled_keys(head_dim, causal)
+                    : tier == kTierShortKeys                     ? 1
+                                                                 : fwd_short_keys(head_dim, causal) + 1;  // run_forward
+  return causal && tier != fwd_key_split_tier(head_dim, causal) && least >= kScheduleMinSeqlenK &&
+         least <= fwd_persistent_causal_keys(head_dim);
+}
+
 constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // Main tier: per head_dim, the largest key block whose S, P and O fragments fit the consumer register
   // budget and whose K/V stages fit shared memory; head_dim 64 has cheap GEMMs next to its softmax, so a

@@ -146,7 +146,8 @@ int main() {
     expect(got.section_heads == o.order.section_heads && got.rotate == o.order.rotate, "persistent_causal_order",
            o.seqlen, o.heads, got.section_heads * 2 + got.rotate);
     expect(got.busiest == o.order.busiest, "persistent_causal_order's busiest CTA", o.seqlen, o.heads, got.busiest);
-    expect(dhp::kernels::persistent_causal_balanced(got.busiest, tiles, grid, cost) == o.persistent,
+    expect(dhp::kernels::persistent_causal_balanced(got.busiest, tiles, grid, cost,
+                                                    dhp::kernels::kPersistentImbalancePercent) == o.persistent,
            "persistent_causal_balanced", o.seqlen, o.heads, o.persistent);
   }
   // The static schedule by list scheduling (list_schedule): every list position once, each CTA's in list order, the
@@ -188,6 +189,31 @@ int main() {
     expect(schedule.start[0] == 0 && schedule.start[grid] == tiles, "schedule bounds", o.seqlen, schedule.start[grid], tiles);
     expect(most == busiest, "the schedule's loads", o.seqlen, most, busiest);
     for (int count : seen) expect(count == 1, "a position not scheduled exactly once", o.seqlen, o.heads, count);
+  }
+  // Beyond fwd_persistent_causal_keys head_dim 64's scheduled tiers keep the persistent grid where the busiest CTA is
+  // within kBeyondImbalancePercent of the mean: 2 x 32 heads at 8192 keys (16 MB sections of 8 heads), the schedule's
+  // 719 against a mean of 713.7 and the snake's 773; one sequence of 48 heads at 4200, the snake's 148, the mean; 64 heads
+  // at 4608, the schedule's 237 against 232.7 (the snake's 240). Not: 32 heads at 4200 (the schedule's 104 against 98.7);
+  // 16 heads at 8192 (their K/V fit 32 MB: one section of all, 183 against 178.4).
+  struct BeyondCase {
+    long long seqlen, heads;
+    int section_heads;
+    bool all_heads_fit, persistent;
+  };
+  const BeyondCase beyond_cases[] = {{8192, 64, 8, false, true}, {4200, 48, 48, false, true}, {4608, 64, 8, false, true},
+                                     {8192, 16, 16, true, false}, {4200, 32, 8, false, false}};
+  for (const BeyondCase& o : beyond_cases) {
+    const std::vector<long long> cost = dhp::kernels::causal_tile_costs(o.seqlen, o.seqlen, 192, 128, 3, false);
+    const long long tiles = o.heads * (long long)cost.size();
+    const int grid = int(tiles < 132 ? tiles : 132);
+    const dhp::kernels::PersistentOrder order =
+        dhp::kernels::persistent_causal_order(tiles, grid, cost, o.section_heads, o.all_heads_fit, false);
+    static dhp::kernels::TileSchedule schedule;
+    const long long listed = o.all_heads_fit ? order.busiest : dhp::kernels::list_schedule(tiles, grid, cost, o.section_heads, schedule);
+    const long long busiest = listed < order.busiest ? listed : order.busiest;
+    expect(dhp::kernels::persistent_causal_balanced(busiest, tiles, grid, cost, dhp::kernels::kBeyondImbalancePercent) ==
+               o.persistent,
+           "persistent beyond fwd_persistent_causal_keys", o.seqlen, o.heads, busiest);
   }
   std::printf("tile_order: %ld failures\n", failures);
   return failures == 0 ? 0 : 1;

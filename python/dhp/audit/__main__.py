@@ -54,12 +54,17 @@ def _sass(args) -> int:
     return 0 if passed else 1
 
 
-def shapes_argument(text: str) -> tuple[tuple[int, ...], ...]:
+def shapes_argument(text: str, batch: bool = True) -> tuple[tuple[int, ...], ...]:
     """--shapes of the ncu checks (counters.parse_shapes), its error as argparse's."""
     try:
-        return counters.parse_shapes(text)
+        return counters.parse_shapes(text, batch)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def sequence_shapes_argument(text: str) -> tuple[tuple[int, ...], ...]:
+    """--shapes of the determinism check: single sequences, without a batch."""
+    return shapes_argument(text, batch=False)
 
 
 def main(argv=None) -> int:
@@ -114,8 +119,9 @@ def main(argv=None) -> int:
     p = checks.add_parser("determinism", help="bitwise determinism and batch invariance (GPU)")
     variant_filters(p)
     p.add_argument("--repeats", type=int, default=20, help="repeated runs per check (default 20)")
-    p.add_argument("--pass", dest="passes", choices=["both", "fwd", "bwd"], default="both",
-                   help="forward, backward or both (default; the backward where the build has one)")
+    p.add_argument("--shapes", type=sequence_shapes_argument, metavar="S,HQ,HKV[,SK];...",
+                   help="check these sequences instead of the audit's own (dhp.audit.determinism.SHAPES)")
+    pass_and_mask(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write every check's result to this JSON file")
 

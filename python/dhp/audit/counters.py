@@ -99,18 +99,21 @@ SHAPES = ((1, 256, 2, 2), (1, 2100, 4, 2), (1, 4200, 2, 2), (1, 1100, 8, 1), (1,
 KERNEL_REGEX = "attention_fwd_kernel"
 
 
-def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
+def parse_shapes(text: str, batch: bool = True) -> tuple[tuple[int, ...], ...]:
     """--shapes: semicolon-separated shapes as SHAPES writes them, batch,seqlen,heads_q,heads_kv[,seqlen_k]
-    ("1,300,2,1,8300;1,4200,2,2"): to profile the shapes that reach a given kernel alone. ValueError names the
-    shape that is not one."""
+    ("1,300,2,1,8300;1,4200,2,2"): to profile the shapes that reach a given kernel alone. Without `batch`, as the
+    determinism check's SHAPES write them (it builds its own batches): seqlen,heads_q,heads_kv[,seqlen_k]. ValueError
+    names the shape that is not one."""
+    lead = int(batch)
+    fields = ("batch," if batch else "") + "seqlen,heads_q,heads_kv[,seqlen_k]"
     shapes = []
     for item in text.split(";"):
         try:
             shape = tuple(int(n) for n in item.split(","))
         except ValueError:
             shape = ()
-        if len(shape) not in (4, 5) or min(shape) < 1 or shape[2] % shape[3]:
-            raise ValueError(f"{item.strip()!r} is not batch,seqlen,heads_q,heads_kv[,seqlen_k] with "
+        if len(shape) not in (3 + lead, 4 + lead) or min(shape) < 1 or shape[1 + lead] % shape[2 + lead]:
+            raise ValueError(f"{item.strip()!r} is not {fields} with "
                              "positive integers and heads_q a multiple of heads_kv")
         shapes.append(shape)
     return tuple(shapes)

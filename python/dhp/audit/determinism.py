@@ -25,6 +25,10 @@ of the backward concatenates these, so the target's inputs are the same bits in 
 backward is under test (the forward's batch invariance is the fwd case's). dk and dv of a sequence depend on
 that sequence only (GQA sums query heads within a batch element), so the target's slices are compared.
 
+`--shapes` checks other sequences instead of SHAPES (seqlen,heads_q,heads_kv[,seqlen_k]), e.g. ones whose batches of
+3 and 8 take another grid than the sequence alone (the causal persistent grid's orders and static schedule depend on
+the launch's tiles), and `--causal` one mask alone.
+
 Each comparison is one check; the verdict is pass when every check's hashes equal the reference's.
 The hashing, poison, batching and verdict logic are unit-tested on the CPU; results of GPU runs are in
 docs/audit/.
@@ -179,11 +183,11 @@ def launch(torch, ext, direction: str, causal: bool, tensors: dict, call: int) -
 
 
 def run_case(torch, ext, direction: str, dtype: str, head_dim: int, causal: bool, repeats: int,
-             seed: int) -> list[dict]:
+             seed: int, shapes: tuple = SHAPES) -> list[dict]:
     """Every check of one case (one pass of one variant), per shape, against that shape's reference call; see
     the module docstring. Labels start with the shape's seqlen."""
     return [{**check, "label": f"s{shape[0]} {check['label']}"}
-            for shape in SHAPES
+            for shape in shapes
             for check in run_shape(torch, ext, direction, dtype, head_dim, causal, shape, repeats, seed)]
 
 
@@ -242,6 +246,7 @@ def run(args) -> int:
         backward_head_dims,
         gpu_variants,
         plan,
+        selected_causals,
         selected_passes,
     )
 
@@ -251,7 +256,9 @@ def run(args) -> int:
     import torch
 
     ext = _native.ext()
-    planned = plan(*variants, backward_head_dims(), selected_passes(getattr(args, "passes", None)))
+    planned = plan(*variants, backward_head_dims(), selected_passes(getattr(args, "passes", None)),
+                   selected_causals(getattr(args, "causal", None)))
+    shapes = getattr(args, "shapes", None) or SHAPES
     if not planned:
         print("cannot run: no case to check (this build has no backward for the selected head_dims)",
               file=sys.stderr)
@@ -261,7 +268,7 @@ def run(args) -> int:
         for case in planned:
             print(f"determinism {case['name']} ...", file=sys.stderr, flush=True)
             checks = run_case(torch, ext, case["pass"], case["dtype"], case["head_dim"], case["causal"],
-                              args.repeats, args.seed)
+                              args.repeats, args.seed, shapes)
             cases.append({**case, "pass": PASS_NAMES[case["pass"]], "outputs": list(OUTPUTS[case["pass"]]),
                           "verdict": verdict(checks), "checks": checks})
             torch.cuda.empty_cache()
@@ -271,7 +278,7 @@ def run(args) -> int:
     print(report(cases))
     if args.json:
         document = {"check": "determinism", "verdict": overall, "device": torch.cuda.get_device_name(),
-                    "shapes": [list(shape) for shape in SHAPES], "repeats": args.repeats, "seed": args.seed, "cases": cases}
+                    "shapes": [list(shape) for shape in shapes], "repeats": args.repeats, "seed": args.seed, "cases": cases}
         with open(args.json, "w") as out:
             out.write(json.dumps(document, indent=1) + "\n")
     return 0 if overall == "pass" else 1
