@@ -648,19 +648,20 @@ const char* build_info_json() {
             std::snprintf(least, sizeof least, "%d", kernels::fwd_long_keys(head_dim, causal));
           if (c.key_splits) std::snprintf(limit_q, sizeof limit_q, "%d", kernels::kKeySplitMaxSeqlenQ);
           if (c.split_tile) std::snprintf(split_rows, sizeof split_rows, "%d", c.split_rows);
-          char entry[640];
+          char entry[768];
           std::snprintf(entry, sizeof entry,
                         "%s{\"head_dim\": %d, \"causal\": %s, \"tier\": %d, \"max_seqlen_k\": %s, "
                         "\"min_seqlen_k\": %s, \"max_seqlen_q\": %s, \"block_m\": %d, "
                         "\"block_n\": %d, \"stages\": %d, \"q_buffers\": %d, \"consumer_warpgroups\": %d, "
                         "\"softmax_under_pv\": %d, \"softmax_chains\": %d, \"half_first_block\": %s, "
                         "\"o_stage_boxes\": %d, \"masked_loop\": %s, \"split_tile\": %s, \"split_rows\": %s, "
-                        "\"key_splits\": %s, \"scheduled\": %s}",
+                        "\"key_splits\": %s, \"scheduled\": %s, \"q_registers\": %s}",
                         tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", tier, limit, least, limit_q,
                         c.block_m, c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups, c.softmax_under_pv,
                         c.softmax_chains, c.half_first_block ? "true" : "false", c.o_stage_boxes,
                         c.masked_loop ? "true" : "false", c.split_tile ? "true" : "false", split_rows,
-                        c.key_splits ? "true" : "false", kernels::fwd_scheduled(head_dim, causal, tier) ? "true" : "false");
+                        c.key_splits ? "true" : "false", kernels::fwd_scheduled(head_dim, causal, tier) ? "true" : "false",
+                        c.q_registers ? "true" : "false");
           tiles += entry;
         }
       }

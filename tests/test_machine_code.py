@@ -6,6 +6,8 @@
   UTMALDG (TMA loads);
 - no kernel makes a generic load or store (LD/ST): shared memory goes through LDS/STS, global memory through
   LDG/STG or TMA;
+- forward kernels: the softmax's place around the P V wait, mask code only in causal loops, and Q's fragments
+  (`q_registers` tiles) never overwritten inside a loop whose QK^Ts read them;
 - the library exports only the C API and needs neither libcuda nor a shared CUDA runtime.
 
 cuobjdump comes from PATH, /usr/local/cuda*/bin or the pip packages nvidia-cuda-cuobjdump and
@@ -254,9 +256,14 @@ SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;", re.MULTILINE)
 
 
 def key_block_loops(sass):
-    """The instructions of each innermost loop that holds a `wgmma.wait_group 1`, in address order: a conditional
-    backward branch's range holding no other such range (the unconditional jumps back from the out-of-line retry
-    stubs of barrier waits close no loop)."""
+    """The instructions of each innermost loop that holds a `wgmma.wait_group 1`, in address order (the unconditional
+    jumps back from the out-of-line retry stubs of barrier waits close no loop)."""
+    return innermost_loops_with(sass, re.compile(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1"))
+
+
+def innermost_loops_with(sass, pattern):
+    """The instructions of each innermost loop (a conditional backward branch's range holding no other such range)
+    that holds an instruction matching `pattern`, in address order."""
     lines = [(int(a, 16), text) for a, text in SASS_LINE.findall(sass)]
     index = {address: i for i, (address, _) in enumerate(lines)}
     ranges = []
@@ -265,7 +272,7 @@ def key_block_loops(sass):
         if not m or int(m.group(1), 16) >= address or int(m.group(1), 16) not in index:
             continue
         start = index[int(m.group(1), 16)]
-        if any("WARPGROUP.DEPBAR.LE gsb0, 0x1" in t for _, t in lines[start:i + 1]):
+        if any(pattern.search(t) for _, t in lines[start:i + 1]):
             ranges.append((start, i))
     innermost = [(a, b) for a, b in ranges if not any((c, d) != (a, b) and a <= c and d <= b for c, d in ranges)]
     return [[t for _, t in lines[a:b + 1]] for a, b in sorted(innermost)]
@@ -389,3 +396,66 @@ def test_collective_operands_are_warp_uniform():
         allowed = KEY_SPLIT_WARPSYNCS.get(tier["head_dim"], 0) if tier and tier["key_splits"] else 0
         assert warpsyncs <= allowed, f"{name}: {warpsyncs} WARPSYNC (an operand not provably warp-uniform)"
         assert encodes * 4 <= wgmmas, f"{name}: {encodes} descriptor encodes for {wgmmas} wgmmas"
+
+
+# A QK^T wgmma with Q from registers: A a register quad, B (K) not transposed.
+QK_FROM_REGISTERS = re.compile(r"HGMMA\.\S+ R\d+, R(\d+), gdesc\[UR\d+\](?!\.tnspB)")
+
+
+def q_fragment_writes(body):
+    """(registers the QK^Ts of `body` read Q from, the instructions of `body` that write one of them)."""
+    q = set()
+    for t in body:
+        m = QK_FROM_REGISTERS.search(t)
+        if m:
+            q.update(range(int(m.group(1)), int(m.group(1)) + 4))
+    writes = []
+    for t in body:
+        m = re.match(r"(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s+R(\d+)\b", t)
+        if not m or m.group(1).startswith(("HGMMA", "ST")):
+            continue
+        width = 4 if m.group(1).startswith("LDSM") or ".128" in m.group(1) else 2 if ".64" in m.group(1) else 1
+        if q & set(range(int(m.group(2)), int(m.group(2)) + width)):
+            writes.append(t)
+    return q, writes
+
+
+def test_q_fragment_writes_pattern():
+    sass = """
+        /*0000*/                   LDSM.16.M88.4 R180, [R6] ;
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, R180, gdesc[UR12], RZ, !UPT ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R88, R152, gdesc[UR12].tnspB, R88 ;
+        /*0030*/                   FFMA R182, R24, UR6, -R10 ;
+        /*0040*/                   F2FP.BF16.F32.PACK_AB R152, R25, R24 ;
+        /*0050*/              @!P0 BRA 0x10 ;
+    """
+    (body,) = innermost_loops_with(sass, QK_FROM_REGISTERS)
+    q, writes = q_fragment_writes(body)
+    assert q == {180, 181, 182, 183} and writes == ["FFMA R182, R24, UR6, -R10"]
+
+
+def test_forward_q_fragments_stay_in_their_registers():
+    """Tiles with `q_registers` keep Q's k16 fragments in registers across their key-block loop, loaded once a tile
+    (LDSM), and their QK^T wgmmas read them there: no instruction of a loop that reads them may write one of those
+    registers. ptxas did, once (the key-split tier's split loop: the softmax took the fragments' registers, and the next
+    QK^T read its values; attention_fwd.cuh), so this is checked on the machine code. Tiles without `q_registers`
+    read Q from shared memory alone."""
+    tiles = build_info()["forward_tiles"]
+    checked = 0
+    for name, sass in functions(cuobjdump("-sass")).items():
+        m = FWD_KERNEL.search(name)
+        if not m:
+            continue
+        head_dim, causal, tier = int(m.group(1)), m.group(2) == "1", int(m.group(3))
+        (tile,) = (t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) == (head_dim, causal, tier))
+        loops = innermost_loops_with(sass, QK_FROM_REGISTERS)
+        if not tile["q_registers"]:
+            assert not QK_FROM_REGISTERS.search(sass), f"{name}: QK^T from registers, tile says shared memory"
+            continue
+        assert loops, f"{name}: no loop with a QK^T from registers (tile {tile})"
+        for body in loops:
+            q, writes = q_fragment_writes(body)
+            assert len(q) == head_dim // 16 * 4, f"{name}: QK^T reads {len(q)} registers of Q, not {head_dim // 4}"
+            assert not writes, f"{name}: a loop writes Q's fragment registers: {writes[:4]}"
+        checked += 1
+    assert checked, "no forward kernel with q_registers found"

@@ -16,4 +16,15 @@ __device__ __forceinline__ T& aligned_dynamic_smem() {
   return *reinterpret_cast<T*>(smem_raw + (Align - misalignment) % Align);
 }
 
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16 [PTX 9.7.14.5.15]: four 8x8 matrices of 16-bit elements. Lane l gives the
+// shared-window address of row l % 8 of matrix l / 8 (16 contiguous bytes); register i receives row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 of matrix i. Volatile, with a memory clobber: it stays after the barrier wait that
+// makes the data visible.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
 }  // namespace dhp::hopper

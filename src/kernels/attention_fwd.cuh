@@ -640,10 +640,31 @@ struct FwdKernel {
       for (int i = 0; i < FragO::kRegs; ++i) acc_o[i] *= rescale[FragO::row_half(i)];
     };
     // Each issue is one wgmma group: fence (registers touched since), the k16 steps, commit.
-    auto issue_qk = [&](int stage) {
+    // With kCfg.q_registers, the pipelined key-block loop's QK^Ts read Q from registers (q_frag), which load_q fills
+    // under the tile's first QK^T (from shared memory, as every QK^T of a split tile: in the key-split tier's split
+    // loop ptxas gave the fragments' registers to the softmax, whose values the next QK^T then read;
+    // test_machine_code checks every loop that reads them).
+    using QInRegisters = std::bool_constant<kCfg.q_registers>;
+    uint32_t q_frag[HeadDim / 16][4];  // unused, so no registers, without kCfg.q_registers
+    // k16 step j's fragment: four 8 x 8 matrices (ldmatrix_x4), rows 0-7 / 8-15 of the warp's 16 by columns 16 j to
+    // 16 j + 7 / + 15; lane l gives row l % 8 of matrix l / 8, its 16-byte chunk swizzled (chunk c ^ (row % 8)).
+    auto load_q = [&] {
+      if constexpr (kCfg.q_registers) {
+        const int row = 16 * (t / 32) + lane % 8 + 8 * (lane / 8 % 2);
+#pragma unroll
+        for (int j = 0; j < HeadDim / 16; ++j) {
+          const int chunk = (16 * j % 64) / 8 + lane / 16;
+          hopper::ldmatrix_x4(q_frag[j], q_base + (16 * j / 64) * kBoxBytesQ + row * 128 + ((chunk ^ (row % 8)) * 16));
+        }
+      }
+    };
+    auto issue_qk = [&](int stage, auto q_in_registers) {
       hopper::wgmma_fence();
-      gemm_kmajor<T, HeadDim, kBlockN, kBoxBytesQ, kBoxBytesKV>(
-          acc_s, q_base, static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0])));
+      const uint32_t k_base = static_cast<uint32_t>(__cvta_generic_to_shared(s.k[stage][0]));
+      if constexpr (decltype(q_in_registers)::value)
+        gemm_rs_kmajor<T, HeadDim, kBlockN, kBoxBytesKV>(acc_s, q_frag, k_base);
+      else
+        gemm_kmajor<T, HeadDim, kBlockN, kBoxBytesQ, kBoxBytesKV>(acc_s, q_base, k_base);
       hopper::wgmma_commit();
     };
     auto issue_pv = [&](int stage) {
@@ -693,7 +714,7 @@ struct FwdKernel {
             pass_blocks(first + it);
             const int stage = ring.stage();
             hopper::mbarrier_wait(&s.k_full[stage], ring.phase());
-            issue_qk(stage);
+            issue_qk(stage, std::false_type{});
             hopper::wgmma_wait<0>();
             hopper::fence_registers(acc_s);
             hopper::mbarrier_arrive(&s.k_empty[stage]);
@@ -782,9 +803,10 @@ struct FwdKernel {
       turns.first();
       hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
       turns.wait();
-      issue_qk(ring.stage());
+      issue_qk(ring.stage(), std::false_type{});
       turns.pass(false);
       if (t == 0) free_q_buffer(s, previous);
+      load_q();
       hopper::wgmma_wait<0>();
       hopper::fence_registers(acc_s);
       hopper::mbarrier_arrive(&s.k_empty[ring.stage()]);
@@ -811,7 +833,7 @@ struct FwdKernel {
         hopper::mbarrier_wait(&s.k_full[ring.stage()], ring.phase());
         if constexpr (!kEarlyV) hopper::mbarrier_wait(&s.v_full[prev.stage()], prev.phase());
         turns.wait();
-        issue_qk(ring.stage());
+        issue_qk(ring.stage(), QInRegisters{});
         if constexpr (!kSplitSoftmax) rescale_o(rescale);
         issue_pv(prev.stage());
         turns.pass(false);

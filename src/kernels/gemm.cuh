@@ -22,6 +22,17 @@ __device__ __forceinline__ void gemm_kmajor(float (&acc)[N / 2], uint32_t a_base
   }
 }
 
+// acc (64 x N) (+)= A (64 rows, registers: one k16 fragment per step) * B^T (N rows), B K-major as in gemm_kmajor.
+// The first step overwrites acc.
+template <class T, int HeadDim, int N, int BBox>
+__device__ __forceinline__ void gemm_rs_kmajor(float (&acc)[N / 2], const uint32_t (&a)[HeadDim / 16][4],
+                                               uint32_t b_base) {
+  const uint64_t b0 = hopper::SmemDescriptor{b_base, 16, 1024}.encode();
+#pragma unroll
+  for (int t = 0; t < HeadDim / 16; ++t)
+    hopper::mma_rs<T, N, 0>(acc, a[t], hopper::advance(b0, (t / 4) * BBox + (t % 4) * 32), t > 0);
+}
+
 // acc (64 x N) += A (64 x K, registers: one k16 fragment per step) * B (K rows x N), B N-major (N contiguous) in
 // 64-column boxes of BBox bytes: LBO = box stride, SBO = 8 rows, +16 rows (2048 B) per k16 step.
 template <class T, int K, int N, int BBox>
