@@ -200,6 +200,17 @@ def functions(sass):
     return dict(zip(parts[1::2], parts[2::2]))
 
 
+def forward_kernels():
+    """(name, SASS, its entry of the build info's forward_tiles) of every forward kernel in the library."""
+    tiles = build_info()["forward_tiles"]
+    for name, sass in functions(cuobjdump("-sass")).items():
+        m = FWD_KERNEL.search(name)
+        if m:
+            key = (int(m.group(1)), m.group(2) == "1", int(m.group(3)))
+            (tile,) = (t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) == key)
+            yield name, sass, tile
+
+
 def exp2_between_waits(sass):
     """MUFU.EX2 count in each stretch from a `wgmma.wait_group 1` to the next `wait_group 0`."""
     counts, inside = [], False
@@ -233,14 +244,8 @@ def test_forward_softmax_runs_under_its_pv():
     and for PV (wait_group 0), and with fewer than two some follow the second wait. ptxas hoists the second wait
     above the softmax unless a branch separates them, so this is checked on the machine code, where a source
     change or a new ptxas could silently undo it."""
-    tiles = build_info()["forward_tiles"]
     checked = 0
-    for name, sass in functions(cuobjdump("-sass")).items():
-        m = FWD_KERNEL.search(name)
-        if not m:
-            continue
-        head_dim, causal, tier = int(m.group(1)), m.group(2) == "1", int(m.group(3))
-        (tile,) = (t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) == (head_dim, causal, tier))
+    for name, sass, tile in forward_kernels():
         per_block = tile["block_n"] // 2  # exponentials of one key block per thread (its S fragment)
         counts = exp2_between_waits(sass)
         assert counts, f"{name}: no wgmma wait_group 1 in its SASS"
@@ -302,22 +307,16 @@ def test_forward_loop_masks_only_under_a_causal_mask():
     of the key-block loop: the loop must hold no mask code at all (a never-taken branch around it cost 1-4%,
     docs/performance.md). Causal tiles mask the diagonal blocks they reach: with `masked_loop` in a loop of their own
     beside a loop without mask code, otherwise in their one loop."""
-    tiles = build_info()["forward_tiles"]
     checked = 0
-    for name, sass in functions(cuobjdump("-sass")).items():
-        m = FWD_KERNEL.search(name)
-        if not m:
-            continue
-        head_dim, causal, tier = int(m.group(1)), m.group(2) == "1", int(m.group(3))
-        (tile,) = (t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) == (head_dim, causal, tier))
+    for name, sass, tile in forward_kernels():
         selects = sorted(masking_selects(body) for body in key_block_loops(sass))
-        if not causal:
+        if not tile["causal"]:
             ok = selects == [0]
         elif tile["masked_loop"]:
             ok = len(selects) == 2 and selects[0] == 0 < selects[1]
         else:
             ok = len(selects) == 1 and selects[0] > 0
-        assert ok, f"{name}: masking selects per key-block loop {selects} (causal {causal}, tile {tile})"
+        assert ok, f"{name}: masking selects per key-block loop {selects} (tile {tile})"
         checked += 1
     assert checked, "no forward kernel found"
 
@@ -440,14 +439,9 @@ def test_forward_q_fragments_stay_in_their_registers():
     registers. ptxas did, once (the key-split tier's split loop: the softmax took the fragments' registers, and the next
     QK^T read its values; attention_fwd.cuh), so this is checked on the machine code. Tiles without `q_registers`
     read Q from shared memory alone."""
-    tiles = build_info()["forward_tiles"]
     checked = 0
-    for name, sass in functions(cuobjdump("-sass")).items():
-        m = FWD_KERNEL.search(name)
-        if not m:
-            continue
-        head_dim, causal, tier = int(m.group(1)), m.group(2) == "1", int(m.group(3))
-        (tile,) = (t for t in tiles if (t["head_dim"], t["causal"], t["tier"]) == (head_dim, causal, tier))
+    for name, sass, tile in forward_kernels():
+        checked += 1
         loops = innermost_loops_with(sass, QK_FROM_REGISTERS)
         if not tile["q_registers"]:
             assert not QK_FROM_REGISTERS.search(sass), f"{name}: QK^T from registers, tile says shared memory"
@@ -455,7 +449,7 @@ def test_forward_q_fragments_stay_in_their_registers():
         assert loops, f"{name}: no loop with a QK^T from registers (tile {tile})"
         for body in loops:
             q, writes = q_fragment_writes(body)
-            assert len(q) == head_dim // 16 * 4, f"{name}: QK^T reads {len(q)} registers of Q, not {head_dim // 4}"
+            expected = tile["head_dim"] // 4  # head_dim / 16 k16 steps of four registers
+            assert len(q) == expected, f"{name}: QK^T reads {len(q)} registers of Q, not {expected}"
             assert not writes, f"{name}: a loop writes Q's fragment registers: {writes[:4]}"
-        checked += 1
-    assert checked, "no forward kernel with q_registers found"
+    assert checked, "no forward kernel found"

@@ -290,11 +290,11 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
                           tier == fwd_scheduled_tier(head_dim, causal);
   const bool half_first = causal && (short_keys || head_dim == 64);
   // q_registers, measured on an H100 (bf16, 2026-11-27, three calls of 5-8 alternating rounds with an A/A tree at
-  // 0.995-1.005; bench/results/2026-11-27-h100-fwd-q-registers-ab.txt): the causal short tiers, head_dim 128 2k / 3000 /
-  // 4k / GQA 32/8 4k +0.5 / +1.1 / +0.7 / +1.0% (512 and 1k even), head_dim 64 512 / 1k / 2k +1.4 / +1.7 / +1.9%; the
-  // non-causal short tier of head_dim 128 lost 1.2-1.6% at 512 and 1k in two calls and keeps Q in shared memory. The
-  // main tiers' wider blocks have no 32 registers to spare: head_dim 128 spilled 32-312 bytes, head_dim 64's three
-  // warpgroups at 160 registers 96-144.
+  // 0.995-1.005; bench/results/2026-11-27-h100-fwd-q-registers-ab.txt): the causal short tiers, head_dim 128 2k /
+  // 3000 / 4k / GQA 32/8 4k +0.5 / +1.1 / +0.7 / +1.0% (512 and 1k even), head_dim 64 512 / 1k / 2k +1.4 / +1.7 /
+  // +1.9%; the non-causal short tier of head_dim 128 lost 1.2-1.6% at 512 and 1k in two calls and keeps Q in shared
+  // memory. The main tiers have no registers to spare: head_dim 128's wider blocks spilled 32-312 bytes, head_dim 64's
+  // three warpgroups at 160 registers 96-144.
   // masked_loop, measured on an H100 (bf16, 2026-11-27, alternating builds with an A/A tree): d128 causal 5000-16k
   // +2.3..+2.5%, GQA 32/8 8k +1.4%, its short tier 2k-4k +0.8..+1.3% (1k even); d64 main 4k-16k +2.7..+3.6%; d256 8k
   // +1.8%, 2k even. Head_dim 64's short tier lost (1k -3.1..-3.8%, 2k -5.0%) and head_dim 256's (1k +3.0%, 512 even)
@@ -312,8 +312,9 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
     return FwdConfig{head_dim, kKeySplitTileRows, head_dim == 256 ? 64 : 128, 2, 2, 24, 240, 1, 0, 4, half_first, 0, masked_loop,
                      true, true, head_dim == 256 ? kKeySplitNarrowRows : 64};
   if (head_dim == 64)
-    return short_keys ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false, 64, causal}
-                      : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split, false};
+    return short_keys
+               ? FwdConfig{64, 128, 128, 2, 2, 24, 240, 2, 0, 4, half_first, 0, masked_loop, false, false, 64, causal}
+               : FwdConfig{64, 192, 128, 4, 3, 32, 160, 2, 2, 4, half_first, 0, masked_loop, split, false};
   const bool long_keys = tier == fwd_long_tier(head_dim, causal);  // (fwd_long_keys)
   if (head_dim == 128) {
     if (short_keys)
