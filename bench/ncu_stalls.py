@@ -10,7 +10,12 @@ Every launch on the pages (a "Kernel Name" line, an "Address" header, then one r
 column group, in order; --kernel keeps the launches whose kernel name matches. The first table gives each stall
 reason's share of the launch's samples (all samples: a sample names the reason its warp was not issuing, or
 "selected" when it was); the second, per opcode (its root, HGMMA, or with --by opcode its full name), the
-instructions executed (millions, warp level) and the share of samples, with the two largest reasons.
+instructions executed (millions, warp level) and the share of samples, with the two largest reasons. With --loop, a
+third table splits each launch's key-block loop (the instructions executed as often as most of the kernel's, within
+10%) into the stretches an attention forward's loop is made of, at their first instruction: the GEMM turn and issue
+(from a BAR.SYNC), the QK^T wait and the maximum (from `WARPGROUP.DEPBAR.LE gsb0, 0x1`), the exponentials (from the
+next MUFU), and what follows the P V wait (`WARPGROUP.DEPBAR.LE gsb0, 0x0`); each with its instructions and its
+samples per thousand passes of the loop, so kernels of different lengths compare block for block.
 """
 
 from __future__ import annotations
@@ -66,6 +71,48 @@ def summarize(launch: dict, by: str = "root") -> dict:
             "executed": sum(op["executed"] for op in ops.values()), "reasons": reasons, "ops": ops}
 
 
+LOOP_REGIONS = ("before the turn", "turn and GEMM issue", "QK^T wait, maximum", "exponentials", "after the P V wait")
+
+
+def loop_regions(launch: dict) -> dict:
+    """{"passes": the loop's executed count, "regions": {name: {"instructions", "samples"}}} of the launch's hot loop:
+    the rows executed within 10% of the count that the most executed instructions share (weighted by instructions)."""
+    counts = Counter(row["executed"] for row in launch["rows"] if row["executed"])
+    passes = max(counts, key=lambda n: n * counts[n]) if counts else 0
+    regions = {name: {"instructions": 0, "samples": 0} for name in LOOP_REGIONS}
+    region = LOOP_REGIONS[0]
+    for row in launch["rows"]:
+        if not passes or not 0.9 * passes <= row["executed"] <= 1.1 * passes:
+            continue
+        root = parse_instruction(0, row["sass"]).root
+        if root == "BAR" and "BAR.SYNC" in row["sass"]:
+            region = LOOP_REGIONS[1]
+        elif "DEPBAR.LE gsb0, 0x1" in row["sass"]:
+            region = LOOP_REGIONS[2]
+        elif root == "MUFU" and region == LOOP_REGIONS[2]:
+            region = LOOP_REGIONS[3]
+        elif "DEPBAR.LE gsb0, 0x0" in row["sass"]:
+            region = LOOP_REGIONS[4]
+        regions[region]["instructions"] += 1
+        regions[region]["samples"] += row["samples"]
+    return {"passes": passes, "regions": regions}
+
+
+def format_loop_table(launches: list[dict]) -> list[str]:
+    loops = [loop_regions(launch) for launch in launches]
+    lines = ["", f"{'key-block loop':<28}" + "".join(f"{f'[{i}] instructions, samples / 1k passes':>40}"
+                                                     for i in range(len(loops)))]
+    for name in LOOP_REGIONS + ("whole loop",):
+        cells = []
+        for loop in loops:
+            parts = loop["regions"].values() if name == "whole loop" else [loop["regions"][name]]
+            n, samples = sum(p["instructions"] for p in parts), sum(p["samples"] for p in parts)
+            per_k = 1000.0 * samples / loop["passes"] if loop["passes"] else 0.0
+            cells.append(f"{n:>20} {per_k:>19.1f}")
+        lines.append(f"{name:<28}" + "".join(cells))
+    return lines
+
+
 def short_name(kernel: str, width: int = 24) -> str:
     """The kernel's function name without namespaces and template arguments, cut to width."""
     name = kernel.split("(")[0].split("<")[0].split("::")[-1].removeprefix("void ").strip()
@@ -112,6 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--by", choices=("root", "opcode"), default="root",
                         help="group by opcode root (default) or full opcode")
     parser.add_argument("--top", type=int, default=25, help="opcode rows to print (default 25)")
+    parser.add_argument("--loop", action="store_true", help="also split each launch's key-block loop into stretches")
     args = parser.parse_args(argv)
     launches = read_pages(args.pages)
     if args.kernel:
@@ -119,7 +167,8 @@ def main(argv=None) -> int:
     if not launches:
         print("ncu_stalls: no launch with a source page (and a matching kernel name) in the input", file=sys.stderr)
         return 2
-    for line in format_tables([summarize(launch, args.by) for launch in launches], args.top):
+    lines = format_tables([summarize(launch, args.by) for launch in launches], args.top)
+    for line in lines + (format_loop_table(launches) if args.loop else []):
         print(line)
     return 0
 

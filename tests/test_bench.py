@@ -881,6 +881,46 @@ def test_ncu_stalls_tables(capsys):
     assert stalls.main([str(fixture), "--kernel", "no_such_kernel"]) == 2
 
 
+def test_ncu_stalls_loop_regions(capsys):
+    """bench/ncu_stalls.py --loop: the hot loop's rows (executed within 10% of the count most instructions share) fall
+    into the forward loop's stretches at their markers, in order; cold rows stay out."""
+    stalls = _bench_script("ncu_stalls")
+
+    def row(sass, executed, samples):
+        return {"sass": sass, "executed": executed, "samples": samples, "stalls": {}}
+
+    launch = {"kernel": "k", "rows": [
+        row("MOV R1, R2", 3, 50),  # the prologue: run once a tile
+        row("SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4+0x100], R3", 100, 7),
+        row("BAR.SYNC.DEFER_BLOCKING R5, 0x100", 101, 11),
+        row("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT", 100, 13),
+        row("WARPGROUP.DEPBAR.LE gsb0, 0x1", 99, 17),
+        row("FMNMX R3, R24, R25, !PT", 100, 19),
+        row("MUFU.EX2 R24, R24", 100, 23),
+        row("FADD R6, R6, R24", 100, 29),
+        row("WARPGROUP.DEPBAR.LE gsb0, 0x0", 100, 31),
+        row("F2FP.BF16.F32.PACK_AB R40, R25, R24", 100, 37),
+        row("EXIT", 1, 41)]}
+    loop = stalls.loop_regions(launch)
+    assert loop["passes"] == 100
+    assert [(r["instructions"], r["samples"]) for r in loop["regions"].values()] == [
+        (1, 7), (2, 24), (2, 36), (2, 52), (2, 68)]
+
+    fixture = Path(__file__).parent / "fixtures" / "ncu" / "source_fwd_d64.csv.gz"
+    (page,) = stalls.read_pages([fixture])
+    loop = stalls.loop_regions(page)
+    hot = [r for r in page["rows"] if 0.9 * loop["passes"] <= r["executed"] <= 1.1 * loop["passes"]]
+    regions = loop["regions"]
+    assert sum(r["instructions"] for r in regions.values()) == len(hot) > 400
+    assert sum(r["samples"] for r in regions.values()) == sum(r["samples"] for r in hot)
+    # That build waited for P V right after QK^T (ptxas hoisted the wait above the softmax): every exponential follows it.
+    assert regions["exponentials"]["instructions"] == 0 and regions["after the P V wait"]["instructions"] > 300
+    assert stalls.main([str(fixture), "--top", "1", "--loop"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index(next(line for line in out if line.startswith("key-block loop"))) + 1:]
+    assert [line[:28].strip() for line in table] == list(stalls.LOOP_REGIONS) + ["whole loop"]
+
+
 def _ab_module():
     import importlib.util
 
