@@ -655,13 +655,13 @@ const char* build_info_json() {
                         "\"block_n\": %d, \"stages\": %d, \"q_buffers\": %d, \"consumer_warpgroups\": %d, "
                         "\"softmax_under_pv\": %d, \"softmax_chains\": %d, \"half_first_block\": %s, "
                         "\"o_stage_boxes\": %d, \"masked_loop\": %s, \"split_tile\": %s, \"split_rows\": %s, "
-                        "\"key_splits\": %s, \"scheduled\": %s, \"q_registers\": %s}",
+                        "\"key_splits\": %s, \"scheduled\": %s, \"q_registers\": %s, \"q_o_evict_first\": %s}",
                         tiles.empty() ? "" : ", ", head_dim, causal ? "true" : "false", tier, limit, least, limit_q,
                         c.block_m, c.block_n, c.stages, c.q_buffers, c.consumer_warpgroups, c.softmax_under_pv,
                         c.softmax_chains, c.half_first_block ? "true" : "false", c.o_stage_boxes,
                         c.masked_loop ? "true" : "false", c.split_tile ? "true" : "false", split_rows,
                         c.key_splits ? "true" : "false", kernels::fwd_scheduled(head_dim, causal, tier) ? "true" : "false",
-                        c.q_registers ? "true" : "false");
+                        c.q_registers ? "true" : "false", c.q_o_evict_first ? "true" : "false");
           tiles += entry;
         }
       }

@@ -61,7 +61,7 @@ def test_build_info_lists_the_forward_tiles(ext):
     keys = {"head_dim", "causal", "tier", "max_seqlen_k", "min_seqlen_k", "max_seqlen_q", "block_m", "block_n", "stages",
             "q_buffers",
             "consumer_warpgroups", "softmax_under_pv", "softmax_chains", "half_first_block", "o_stage_boxes",
-            "masked_loop", "split_tile", "split_rows", "key_splits", "scheduled", "q_registers"}
+            "masked_loop", "split_tile", "split_rows", "key_splits", "scheduled", "q_registers", "q_o_evict_first"}
     assert tiles and all(set(t) == keys for t in tiles)
     for head_dim in info["head_dims"]:
         for causal in (False, True):

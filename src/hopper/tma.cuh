@@ -23,6 +23,21 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, i
   cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_cluster, cuda::ptx::space_global, dst, map, coords, bar);
 }
 
+// The L2 cache policy evict_first (createpolicy.fractional.L2::evict_first, as CUTLASS's CacheHintSm90 encodes it),
+// for the .L2::cache_hint forms below: data touched once leaves L2 before the rest.
+inline constexpr uint64_t kL2EvictFirst = 0x12F0000000000000ull;
+
+// tma_load_4d with an L2 cache policy: cp.async.bulk.tensor...mbarrier::complete_tx::bytes.L2::cache_hint.
+__device__ __forceinline__ void tma_load_4d_hint(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                                 uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "l"(policy)
+      : "memory");
+}
+
 // The same over a 5-d map (heads packed into a box's rows, tma.h).
 __device__ __forceinline__ void tma_load_5d(void* dst, const CUtensorMap* map, int c0, int c1, int c2, int c3, int c4,
                                             uint64_t* bar) {
@@ -36,6 +51,16 @@ __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void*
                                              int c3) {
   const int32_t coords[4] = {c0, c1, c2, c3};
   cuda::ptx::cp_async_bulk_tensor(cuda::ptx::space_global, cuda::ptx::space_shared, map, coords, src);
+}
+
+// tma_store_4d with an L2 cache policy: cp.async.bulk.tensor...bulk_group.L2::cache_hint.
+__device__ __forceinline__ void tma_store_4d_hint(const CUtensorMap* map, const void* src, int c0, int c1, int c2,
+                                                  int c3, uint64_t policy) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group.L2::cache_hint [%0, {%1, %2, %3, %4}], [%5], %6;\n" ::
+                   "l"(reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(src))),
+               "l"(policy)
+               : "memory");
 }
 
 // The same over a 5-d map (heads packed into a box's rows, tma.h).

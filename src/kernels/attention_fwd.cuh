@@ -397,6 +397,9 @@ struct FwdKernel {
           if constexpr (kKeySplit)
             hopper::tma_load_5d(s.q[qb][wg][b], &p.q, b * 64, 0, tile.head, int(pos(p, row0)), tile.batch,
                                 &s.q_full[qb]);
+          else if constexpr (kCfg.q_o_evict_first)
+            hopper::tma_load_4d_hint(s.q[qb][wg][b], &p.q, b * 64, row0, tile.head, tile.batch, &s.q_full[qb],
+                                     hopper::kL2EvictFirst);
           else
             hopper::tma_load_4d(s.q[qb][wg][b], &p.q, b * 64, row0, tile.head, tile.batch, &s.q_full[qb]);
         }
@@ -914,6 +917,9 @@ struct FwdKernel {
           if constexpr (kKeySplit)
             hopper::tma_store_5d(&p.out, o_box(s, consumer, q_tile, b), b * 64, 0, tile.head, int(pos(p, wg_row0)),
                                  tile.batch);
+          else if constexpr (kCfg.q_o_evict_first)
+            hopper::tma_store_4d_hint(&p.out, o_box(s, consumer, q_tile, b), b * 64, wg_row0, tile.head, tile.batch,
+                                      hopper::kL2EvictFirst);
           else
             hopper::tma_store_4d(&p.out, o_box(s, consumer, q_tile, b), b * 64, wg_row0, tile.head, tile.batch);
         }

@@ -38,6 +38,8 @@ struct FwdConfig {
                              // read them there (register-sourced wgmmas, attention_fwd.cuh): no Q descriptor to form
                              // per k16 step, and a third less shared memory read by QK^T; 16 (head_dim 64) or 32
                              // registers more, which only the 128-key tiles have to spare
+  bool q_o_evict_first = false;  // Q's loads and O's store carry the L2 policy evict_first (each is touched once), so
+                                 // L2 keeps K and V, and O's lines go out to DRAM early (the 4-d maps; not key splits)
 
   constexpr int threads() const { return 128 * (1 + consumer_warpgroups); }
   constexpr int tile_bytes(int rows, int elem_bytes) const { return rows * head_dim * elem_bytes; }
@@ -300,6 +302,12 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   // +1.8%, 2k even. Head_dim 64's short tier lost (1k -3.1..-3.8%, 2k -5.0%) and head_dim 256's (1k +3.0%, 512 even)
   // had ptxas put WARPSYNCs before its GEMMs (test_collective_operands_are_warp_uniform): both keep one loop.
   const bool masked_loop = causal && (head_dim == 128 || !short_keys);
+  // q_o_evict_first, measured on an H100 (bf16, 2026-11-27, three calls of 5-7 alternating rounds with an A/A tree at
+  // 0.997-1.002 on these rows; bench/results/2026-11-27-h100-fwd-l2-cache-hints-ab.txt): the causal 512 rows, which
+  // move Q, K, V and O through DRAM once, head_dim 128 +1.1% (on every tier: +1.2 / +0.9%), head_dim 256 +1.1% (+1.1 /
+  // +0.7%), head_dim 256 causal 1k +0.7%; causal 1k-4k at head_dim 128 and head_dim 64's causal 512 even. Not on the
+  // other tiers: head_dim 128 at 16k keys lost 6% with O's store evict_first (not profiled; its one Q buffer waits for
+  // that store to have read O), and 4-6% with K and V evict_last (they outgrow L2).
   // split_tile: in kTierSplitTile alone. Head_dim 64's main tier has four K/V stages (two before; H100, bf16,
   // 2026-11-27, alternating builds in one call: 640-16k +1.3..+3.8%, causal 4k / 8k even); the split tile gains the
   // same beside either (1k: two stages +9.5% over two, four +8.4% over four).
@@ -319,7 +327,7 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
   if (head_dim == 128) {
     if (short_keys)
       return FwdConfig{128, 128, 128, 2, 2, 24, 240, causal ? 3 : 2, causal ? 1 : 0, 4, half_first, 0, masked_loop,
-                       false, false, 64, causal};
+                       false, false, 64, causal, causal};
     // Under a causal mask beyond 4k keys a CTA runs one tile (attention_fwd.cuh), so a second Q buffer is never
     // used: the main tier takes the long-key tier's tile, 192-key blocks with one Q buffer. H100, bf16, 2026-11-27,
     // against 160-key blocks with two Q buffers (bench/results/2026-11-27-h100-fwd-d128-causal-kb192-ab.txt, 8
@@ -328,7 +336,8 @@ constexpr FwdConfig fwd_config(int head_dim, bool causal, int tier) {
                ? FwdConfig{128, 128, 192, 2, 2, 24, 240, 1, 1, 1, half_first, 0, masked_loop, false, false}
                : FwdConfig{128, 128, 160, 2, 2, 24, 240, 2, 1, 1, half_first, 0, masked_loop, false, false};
   }
-  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false, false}
+  return short_keys ? FwdConfig{256, 128, 64, 2, 2, 24, 240, 1, 0, 4, half_first, 2, masked_loop, false, false, 64,
+                                false, causal}
                     : FwdConfig{256, 128, 80, 2, 2, 24, 240, 1, 2, 1, half_first, 0, masked_loop, false, false};
 }
 
