@@ -24,7 +24,8 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const CUtensorMap* map, i
 }
 
 // The L2 cache policy evict_first (createpolicy.fractional.L2::evict_first, as CUTLASS's CacheHintSm90 encodes it),
-// for the .L2::cache_hint forms below: data touched once leaves L2 before the rest.
+// for the .L2::cache_hint forms below (inline PTX: CCCL 13.0's cuda::ptx has no such form of cp.async.bulk.tensor):
+// data touched once leaves L2 before the rest.
 inline constexpr uint64_t kL2EvictFirst = 0x12F0000000000000ull;
 
 // tma_load_4d with an L2 cache policy: cp.async.bulk.tensor...mbarrier::complete_tx::bytes.L2::cache_hint.
